@@ -1,0 +1,1 @@
+"""flexkv.core: the control plane (config, KVManager, tiers, CLI)."""

@@ -1,0 +1,39 @@
+"""The ``flexkv`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .errors import FlexKVError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flexkv", description="FlexKV: KV-cache offloading for LLM engines")
+    parser.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING or ERROR")
+    sub = parser.add_subparsers(dest="command", required=True)
+    bench = sub.add_parser("bench", help="replay a multi-turn chat workload against cache configurations")
+    from . import bench as bench_mod
+
+    bench_mod.add_arguments(bench)
+    sub.add_parser("check-config", add_help=False, help="print a config file resolved, with the bytes each tier uses")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["check-config"]:
+        from .check_config import main as check_config_main
+
+        return check_config_main(argv[1:])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "bench":
+            return bench_mod.main(args)
+    except FlexKVError as e:
+        print(f"flexkv {args.command}: {e}", file=sys.stderr)
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,523 @@
+"""KVManager: FlexKV's task API over the CPU tier, in the engine's own process.
+
+Flow of a get: ``get_match`` hashes the token blocks, locks the leading cached
+blocks and returns a mask of the tokens it can load; ``launch`` takes the engine
+slots of those tokens and starts the copy; ``wait`` / ``try_wait`` report the end.
+A put is the same with ``put_match``: the mask marks the tokens whose blocks are
+new to the cache. Every task ends, on every path, with its blocks unlocked: a get
+unlocks what it read, a put marks what it wrote ready (or, if it failed, leaves
+it unreadable until it is rewritten or evicted).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flexkv import _core
+
+from .config import CacheConfig, ModelConfig, require_resources
+from .cpu_tier import CpuTier
+from .errors import FlexKVError, LayoutError, TaskError
+from .layout import EngineLayout, KVCacheLayout
+from .request import KVResponse, KVResponseStatus
+from .task import Task, TaskState, TaskType
+
+logger = logging.getLogger("flexkv")
+
+_MAX_FINISHED_TASKS = 100_000
+_EMPTY_IDS = np.zeros(0, dtype=np.int32)
+
+
+@dataclass
+class KVManagerStats:
+    get_requests: int = 0
+    get_query_tokens: int = 0   # tokens of whole blocks asked for by get_match
+    get_hit_tokens: int = 0     # of those, tokens found in the cache
+    put_requests: int = 0
+    put_new_tokens: int = 0     # tokens whose blocks a put stores
+    put_cached_tokens: int = 0  # tokens a put skipped because they were cached or being stored
+    put_dropped_tokens: int = 0  # tokens a put could not store: no block could be freed for them
+    tasks_failed: int = 0
+    tasks_cancelled: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        return self.get_hit_tokens / self.get_query_tokens if self.get_query_tokens else 0.0
+
+
+class KVManager:
+    """FlexKV's KV cache manager (``flexkv.KVManager``, also ``flexkv.kvmanager.KVManager``).
+
+    ``layout_tag`` names the engine's byte order inside a block; engines whose
+    blocks are laid out differently must use different tags so they never share
+    blocks. ``namespace`` is a salt shared by all of this manager's requests.
+    """
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dp_client_id: int = 0,
+                 server_recv_port: str = "", gpu_register_port: str = "", event_collector: Any = None, *,
+                 namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2) -> None:
+        if not isinstance(model_config, ModelConfig):
+            raise TypeError(f"model_config must be a flexkv ModelConfig, got {type(model_config).__name__}")
+        if not isinstance(cache_config, CacheConfig):
+            raise TypeError(f"cache_config must be a flexkv CacheConfig, got {type(cache_config).__name__}")
+        model_config.validate()
+        cache_config.validate()
+        if model_config.dp_size != 1 or dp_client_id != 0:
+            raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
+                              "not have; run one KVManager per data-parallel rank with dp_size=1")
+        if cache_config.enable_ssd:
+            raise FlexKVError("cache_config.enable_ssd: this version has no SSD tier yet; set enable_ssd to false "
+                              "(or drop ssd_cache_gb) to run with the CPU tier")
+        if cache_config.enable_remote:
+            raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
+                              "to false to run with the CPU tier")
+        self.model_config = model_config
+        self.cache_config = cache_config.resolved(model_config)
+        self.tokens_per_block = self.cache_config.tokens_per_block
+        self.block_bytes = model_config.block_bytes(self.tokens_per_block)
+        self.server_recv_port = server_recv_port
+        self.gpu_register_port = gpu_register_port
+        self.event_collector = event_collector
+        self.num_copy_threads = int(num_copy_threads)
+        self._base_namespace = "|".join(("flexkv-v1", model_config.fingerprint(), f"tpb={self.tokens_per_block}",
+                                         f"layout={layout_tag}", f"ns={namespace}"))
+        self._seeds: dict[tuple[str, ...], np.ndarray] = {}
+        self._cond = threading.Condition()
+        self._tasks: OrderedDict[int, Task] = OrderedDict()
+        self._next_task_id = 1
+        self._tier: CpuTier | None = None
+        self._copy: Any = None
+        self._engine: EngineLayout | None = None
+        self._done_queue: queue.Queue[Task | None] = queue.Queue()
+        self._completer: threading.Thread | None = None
+        self.stats = KVManagerStats()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Allocates the CPU tier and starts the copy threads. Idempotent."""
+        if self._tier is not None:
+            return
+        require_resources(self.cache_config, self.model_config)
+        self._tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
+                             self.cache_config.use_hugepage_cpu_buffer)
+        self._copy = _core.HostCopyEngine(self.num_copy_threads)
+        self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
+        self._completer.start()
+        logger.info("FlexKV CPU tier: %d blocks x %d bytes in %s", self.cache_config.num_cpu_blocks,
+                    self.block_bytes, self._tier.shm_name)
+
+    def is_ready(self) -> bool:
+        """True once started and the engine's KV memory is registered."""
+        return self._tier is not None and self._engine is not None
+
+    def shutdown(self) -> None:
+        """Cancels tasks not yet launched, waits for copies in flight, frees the CPU tier."""
+        if self._tier is None:
+            return
+        with self._cond:
+            unlaunched = [t.id for t in self._tasks.values() if t.state is TaskState.UNREADY]
+        self.cancel(unlaunched)
+        self._done_queue.put(None)
+        assert self._completer is not None
+        self._completer.join()
+        self._completer = None
+        self._copy = None
+        self._tier.close()
+        self._tier = None
+        self._engine = None
+
+    def __enter__(self) -> KVManager:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    def register_kv_caches(self, kv_caches: Any, kv_layout: KVCacheLayout | None = None) -> None:
+        """Registers the engine's KV memory.
+
+        ``kv_caches`` is a list of per-layer tensors or one tensor described by
+        ``kv_layout``, or an ``EngineLayout`` (``kv_layout`` then None) for layouts
+        that ``KVCacheLayoutType`` cannot express.
+        """
+        if isinstance(kv_caches, EngineLayout):
+            if kv_layout is not None:
+                raise LayoutError("register_kv_caches: give either an EngineLayout or tensors with a kv_layout")
+            layout = kv_caches
+        elif isinstance(kv_layout, KVCacheLayout):
+            if kv_layout.tokens_per_block != self.tokens_per_block:
+                raise LayoutError(f"kv_layout.tokens_per_block is {kv_layout.tokens_per_block} but "
+                                  f"cache_config.tokens_per_block is {self.tokens_per_block}; they must be equal")
+            if kv_layout.num_layer != self.model_config.num_layers or kv_layout.is_mla != self.model_config.use_mla:
+                raise LayoutError(f"kv_layout ({kv_layout.num_layer} layers, mla={kv_layout.is_mla}) does not match "
+                                  f"model_config ({self.model_config.num_layers} layers, "
+                                  f"use_mla={self.model_config.use_mla})")
+            layout = EngineLayout.from_kv_layout(kv_caches, kv_layout)
+        else:
+            raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
+                              f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
+        if self.model_config.tp_size != 1:
+            raise LayoutError("model_config.tp_size > 1: registering one rank's slice needs the multi-worker data "
+                              "plane, which this version does not have; use tp_size=1")
+        if layout.block_bytes != self.block_bytes:
+            raise LayoutError(f"the registered KV memory holds {layout.block_bytes} bytes per block, but model_config "
+                              f"and tokens_per_block={self.tokens_per_block} give {self.block_bytes}; check "
+                              "num_layers, num_kv_heads, head_size, dtype and use_mla")
+        self._engine = layout
+
+    # -------------------------------------------------------------------- match
+
+    def get_match(self, token_ids: Any, token_mask: Any = None, namespace: Sequence[str] | str | None = None,
+                  ) -> tuple[int, np.ndarray]:
+        """Locks the cached blocks that the masked tokens need; returns (task_id, mask of loadable tokens).
+
+        ``token_mask`` is False for tokens the engine already has (a prefix) and True for the rest.
+        The mask returned is True for the tokens of the whole cached blocks the get will load.
+        """
+        tokens, _, first = self._check_tokens(token_ids, token_mask)
+        tier = self._require_started()
+        keys = self._keys(tokens, namespace)
+        ids = tier.index.acquire(keys)
+        # The blocks the engine already holds are not loaded: unlock them now.
+        skip = min(first, len(ids))
+        if skip:
+            tier.index.release(ids[:skip])
+        load = ids[skip:]
+        mask = np.zeros(len(tokens), dtype=bool)
+        tpb = self.tokens_per_block
+        mask[first * tpb:(first + len(load)) * tpb] = True
+        task = self._new_task(TaskType.GET, mask, np.arange(first, first + len(load), dtype=np.int64), load, load)
+        with self._cond:
+            self.stats.get_requests += 1
+            self.stats.get_query_tokens += max(0, len(keys) - first) * tpb
+            self.stats.get_hit_tokens += len(load) * tpb
+        return task.id, mask
+
+    def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Sequence[str] | str | None = None,
+                  ) -> tuple[int, np.ndarray]:
+        """Reserves CPU blocks for the masked tokens' blocks that are not cached yet.
+
+        Returns (task_id, mask of the tokens to store). Blocks before the mask must already be cached
+        (they are the prefix the new blocks hang off); the put stops at the first one that is not.
+        """
+        tokens, _, first = self._check_tokens(token_ids, token_mask)
+        tier = self._require_started()
+        keys = self._keys(tokens, namespace)
+        if first >= len(keys):
+            task = self._new_task(TaskType.PUT, np.zeros(len(tokens), dtype=bool), np.zeros(0, dtype=np.int64),
+                                  _EMPTY_IDS, _EMPTY_IDS)
+            return task.id, task.mask
+        ids, is_new = tier.index.reserve(keys)
+        # A new block before the mask has no data to write; nothing after it can be stored either.
+        cut = np.flatnonzero(is_new[:first])
+        end = int(cut[0]) if len(cut) else len(ids)
+        if end < len(ids):
+            tier.index.release(ids[end:][is_new[end:]])
+        new_blocks = np.flatnonzero(is_new[:end]).astype(np.int64)
+        host_ids = ids[new_blocks]
+        tpb = self.tokens_per_block
+        mask = np.zeros(len(tokens), dtype=bool)
+        block_mask = np.zeros(len(tokens) // tpb, dtype=bool)
+        block_mask[new_blocks] = True
+        mask[: len(block_mask) * tpb] = np.repeat(block_mask, tpb)
+        task = self._new_task(TaskType.PUT, mask, new_blocks, host_ids, host_ids)
+        with self._cond:
+            self.stats.put_requests += 1
+            self.stats.put_new_tokens += len(new_blocks) * tpb
+            self.stats.put_cached_tokens += (end - len(new_blocks) - min(first, end)) * tpb
+            self.stats.put_dropped_tokens += (len(keys) - max(end, first)) * tpb
+        return task.id, mask
+
+    # ------------------------------------------------------------------- launch
+
+    def launch(self, task_ids: int | Sequence[int], slot_mappings: Any, as_batch: bool = False,
+               layerwise_transfer: bool = False, counter_id: int = 0) -> list[int]:
+        """Starts the copies of matched tasks. ``slot_mappings[i]`` holds the engine slots
+        (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks."""
+        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else list(task_ids)
+        if isinstance(slot_mappings, np.ndarray) or _is_tensor(slot_mappings):
+            slot_mappings = [slot_mappings]
+        slots_list = list(slot_mappings)
+        if len(slots_list) != len(ids):
+            raise TaskError(f"launch: {len(ids)} task ids but {len(slots_list)} slot mappings")
+        engine = self._engine
+        launched: list[int] = []
+        for task_id, slots in zip(ids, slots_list):
+            task = self._claim_for_launch(int(task_id))
+            if task is None:
+                launched.append(int(task_id))
+                continue
+            try:
+                if engine is None:
+                    raise TaskError("launch: no KV memory registered; call register_kv_caches first")
+                engine_blocks = self._engine_blocks(slots, task, engine.num_blocks)
+                direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
+                tier = self._require_started()
+                task.job_id = self._copy.submit(direction, engine.segments, engine.num_blocks, tier.base,
+                                                tier.block_bytes, tier.num_blocks, engine_blocks,
+                                                task.host_ids.astype(np.int64))
+            except Exception as e:
+                self._finish(task, TaskState.FAILED, f"launch failed: {e}")
+                raise TaskError(f"task {task.id}: {e}") from e
+            task.launched = time.monotonic()
+            self._done_queue.put(task)
+            launched.append(task.id)
+        return launched
+
+    def get_async(self, token_ids: Any, slot_mapping: Any, token_mask: Any = None,
+                  namespace: Sequence[str] | str | None = None) -> int:
+        """get_match + launch. ``slot_mapping`` holds the slots of the tokens ``token_mask`` marks."""
+        return self._match_and_launch(self.get_match, token_ids, slot_mapping, token_mask, namespace)
+
+    def put_async(self, token_ids: Any, slot_mapping: Any, token_mask: Any = None,
+                  namespace: Sequence[str] | str | None = None) -> int:
+        """put_match + launch. ``slot_mapping`` holds the slots of the tokens ``token_mask`` marks."""
+        return self._match_and_launch(self.put_match, token_ids, slot_mapping, token_mask, namespace)
+
+    def prefetch_async(self, token_ids: Any, namespace: Sequence[str] | str | None = None) -> int:
+        """Promotes blocks from slower tiers to CPU. With the CPU tier alone there is nothing to promote:
+        the task completes at once."""
+        tokens, _, _ = self._check_tokens(token_ids, None)
+        self._require_started()
+        task = self._new_task(TaskType.PREFETCH, np.zeros(len(tokens), dtype=bool), np.zeros(0, dtype=np.int64),
+                              _EMPTY_IDS, _EMPTY_IDS)
+        return task.id
+
+    # --------------------------------------------------------------------- wait
+
+    def wait(self, task_ids: int | Iterable[int], timeout: float = 20.0, completely: bool = False,
+             ) -> dict[int, KVResponse]:
+        """Waits up to ``timeout`` seconds for the tasks to end. A task that ended is reported once and
+        forgotten; an unknown id is NOTFOUND, a matched but unlaunched task UNREADY, one still running TIMEOUT."""
+        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        with self._cond:
+            while True:
+                pending = [i for i in ids if i in self._tasks and self._tasks[i].state is TaskState.RUNNING]
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    break
+                self._cond.wait(left)
+            return {i: self._report(i) for i in ids}
+
+    def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
+        """Like wait(timeout=0) but leaves out tasks that are still running."""
+        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
+        with self._cond:
+            return {i: self._report(i) for i in ids
+                    if not (i in self._tasks and self._tasks[i].state is TaskState.RUNNING)}
+
+    def cancel(self, task_ids: int | Iterable[int]) -> None:
+        """Cancels tasks not yet launched and unlocks their blocks. Running tasks finish normally."""
+        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
+        for i in ids:
+            with self._cond:
+                task = self._tasks.get(i)
+                if task is None or task.state is not TaskState.UNREADY:
+                    if task is not None and task.state is TaskState.RUNNING:
+                        logger.warning("cancel: task %d is already copying; it will complete", i)
+                    continue
+                task.state = TaskState.RUNNING  # claimed: no launch can take it now
+            self._finish(task, TaskState.CANCELLED, None)
+
+    def reset(self) -> None:
+        """Drops every cached block. Fails while any task holds blocks."""
+        tier = self._require_started()
+        with self._cond:
+            busy = [t.id for t in self._tasks.values() if t.state in (TaskState.UNREADY, TaskState.RUNNING)]
+            if busy:
+                raise TaskError(f"reset: tasks {busy[:8]} are unfinished; wait for or cancel them first")
+            tier.index.reset()
+            self._tasks.clear()
+
+    def cache_stats(self) -> dict[str, Any]:
+        """Counters of this manager and of its CPU index."""
+        tier = self._require_started()
+        with self._cond:
+            out = dict(vars(self.stats))
+        out["hit_rate"] = self.stats.hit_rate
+        out["cpu"] = tier.index.stats()
+        return out
+
+    # ---------------------------------------------------------------- internals
+
+    def _require_started(self) -> CpuTier:
+        if self._tier is None:
+            raise TaskError("KVManager is not started; call start() first")
+        return self._tier
+
+    def _check_tokens(self, token_ids: Any, token_mask: Any) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Validates a request; returns (int64 tokens, bool mask or None for all, index of the first block asked
+        for). A block partly asked for counts as asked; with nothing asked, the index is past the last block."""
+        tokens = _as_array(token_ids, "token_ids")
+        if tokens.ndim != 1:
+            raise TaskError(f"token_ids must be 1-D, got shape {tokens.shape}")
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise TaskError(f"token_ids must be integers, got dtype {tokens.dtype}")
+        tokens = np.ascontiguousarray(tokens, dtype=np.int64)
+        if token_mask is None:
+            return tokens, None, 0
+        mask = _as_array(token_mask, "token_mask")
+        if mask.dtype != np.bool_:
+            raise TaskError(f"token_mask must be a bool array, got dtype {mask.dtype}")
+        if mask.shape != tokens.shape:
+            raise TaskError(f"token_mask has shape {mask.shape}, token_ids {tokens.shape}; they must match")
+        start = int(np.argmax(mask)) if len(mask) else 0
+        if len(mask) == 0 or not mask[start]:
+            return tokens, mask, len(tokens) // self.tokens_per_block + 1
+        if not mask[start:].all():
+            raise TaskError("token_mask must be False for a prefix of tokens and True for the rest")
+        return tokens, mask, start // self.tokens_per_block
+
+    def _keys(self, tokens: np.ndarray, namespace: Sequence[str] | str | None) -> np.ndarray:
+        if namespace is None:
+            ns: tuple[str, ...] = ()
+        elif isinstance(namespace, str):
+            ns = (namespace,)
+        else:
+            ns = tuple(str(n) for n in namespace)
+        seed = self._seeds.get(ns)
+        if seed is None:
+            seed = _core.namespace_key(self._base_namespace + "|" + "\x1f".join(ns))
+            self._seeds[ns] = seed
+        return _core.chain_block_keys(seed, tokens, self.tokens_per_block)
+
+    def _new_task(self, kind: TaskType, mask: np.ndarray, copy_blocks: np.ndarray, host_ids: np.ndarray,
+                  locked: np.ndarray) -> Task:
+        with self._cond:
+            task = Task(self._next_task_id, kind, mask, copy_blocks, host_ids, locked,
+                        tokens_per_block=self.tokens_per_block)
+            self._next_task_id += 1
+            if len(host_ids) == 0:
+                task.state = TaskState.COMPLETED
+                task.finished = time.monotonic()
+            self._tasks[task.id] = task
+            self._trim_finished()
+        return task
+
+    def _trim_finished(self) -> None:
+        while len(self._tasks) > _MAX_FINISHED_TASKS:
+            oldest = next(iter(self._tasks.values()))
+            if not oldest.state.final:
+                break
+            self._tasks.popitem(last=False)
+
+    def _claim_for_launch(self, task_id: int) -> Task | None:
+        """Moves an UNREADY task to RUNNING; None for a task with nothing to copy."""
+        with self._cond:
+            task = self._tasks.get(task_id)
+            if task is None:
+                raise TaskError(f"launch: unknown task id {task_id}")
+            if task.state is TaskState.COMPLETED and len(task.host_ids) == 0:
+                return None
+            if task.state is not TaskState.UNREADY:
+                raise TaskError(f"launch: task {task_id} is {task.state.value}; a task is launched once, after "
+                                "get_match or put_match")
+            task.state = TaskState.RUNNING
+            return task
+
+    def _engine_blocks(self, slots: Any, task: Task, engine_num_blocks: int) -> np.ndarray:
+        s = _as_array(slots, "slot_mapping")
+        if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
+            raise TaskError(f"slot_mapping must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}")
+        tpb = self.tokens_per_block
+        n = task.num_tokens
+        if len(s) != n:
+            raise TaskError(f"slot_mapping has {len(s)} slots but the task's mask marks {n} tokens")
+        s = s.astype(np.int64, copy=False).reshape(-1, tpb)
+        first = s[:, 0]
+        if (first % tpb).any() or (s != first[:, None] + np.arange(tpb)).any():
+            raise TaskError("slot_mapping must give each block's tokens consecutive slots starting at a multiple "
+                            f"of tokens_per_block={tpb}")
+        blocks = first // tpb
+        if blocks.min() < 0 or blocks.max() >= engine_num_blocks:
+            raise TaskError(f"slot_mapping addresses engine blocks {int(blocks.min())}..{int(blocks.max())}, "
+                            f"the registered KV memory has blocks 0..{engine_num_blocks - 1}")
+        return np.ascontiguousarray(blocks)
+
+    def _match_and_launch(self, match: Any, token_ids: Any, slot_mapping: Any, token_mask: Any,
+                          namespace: Sequence[str] | str | None) -> int:
+        tokens, mask_in, _ = self._check_tokens(token_ids, token_mask)
+        if mask_in is None:
+            mask_in = np.ones(len(tokens), dtype=bool)
+        slots = _as_array(slot_mapping, "slot_mapping")
+        if slots.shape != (int(mask_in.sum()),):
+            raise TaskError(f"slot_mapping has shape {slots.shape}; it must hold one slot per token that "
+                            f"token_mask marks ({int(mask_in.sum())})")
+        task_id, mask = match(tokens, mask_in, namespace)
+        self.launch(task_id, slots[mask[mask_in]])
+        return task_id
+
+    def _complete_loop(self) -> None:
+        while True:
+            task = self._done_queue.get()
+            if task is None:
+                return
+            try:
+                self._copy.wait(task.job_id, -1)
+            except Exception as e:  # the copy engine lost the job: the bytes cannot be trusted
+                self._finish(task, TaskState.FAILED, f"copy failed: {e}")
+                continue
+            self._finish(task, TaskState.COMPLETED, None)
+
+    def _finish(self, task: Task, state: TaskState, error: str | None) -> None:
+        """Ends a task: a completed put makes its blocks ready, everything else unlocks them."""
+        tier = self._tier
+        try:
+            if tier is not None and len(task.locked):
+                if task.type is TaskType.PUT and state is TaskState.COMPLETED:
+                    tier.index.commit(task.locked)
+                else:
+                    tier.index.release(task.locked)
+        except Exception as e:  # an index bug must not leave the engine waiting forever
+            logger.error("task %d: unlocking its blocks failed: %s", task.id, e)
+            state, error = TaskState.FAILED, f"{error or ''} unlock failed: {e}".strip()
+        if error:
+            logger.warning("task %d (%s) %s: %s", task.id, task.type.value, state.value, error)
+        with self._cond:
+            task.state = state
+            task.error = error
+            task.finished = time.monotonic()
+            if state is TaskState.FAILED:
+                self.stats.tasks_failed += 1
+            elif state is TaskState.CANCELLED:
+                self.stats.tasks_cancelled += 1
+            self._cond.notify_all()
+
+    def _report(self, task_id: int) -> KVResponse:
+        task = self._tasks.get(task_id)
+        if task is None:
+            return KVResponse(KVResponseStatus.NOTFOUND, task_id, None)
+        if task.state is TaskState.UNREADY:
+            return KVResponse(KVResponseStatus.UNREADY, task_id, None)
+        if task.state is TaskState.RUNNING:
+            return KVResponse(KVResponseStatus.TIMEOUT, task_id, None)
+        del self._tasks[task_id]
+        return KVResponse(task.state.response_status(), task_id, task.mask, task.error)
+
+
+def _is_tensor(x: Any) -> bool:
+    return hasattr(x, "numpy") and hasattr(x, "dtype") and hasattr(x, "device")
+
+
+def _as_array(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if _is_tensor(x):
+        if str(x.device) != "cpu":
+            raise TaskError(f"{what} must be on the CPU, got a tensor on {x.device}")
+        return x.detach().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:
+        raise TaskError(f"{what} must be an array, got {type(x).__name__}") from e

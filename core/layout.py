@@ -1,0 +1,224 @@
+"""Engine KV memory layouts and how they map onto FlexKV's host block layout.
+
+A host block is one contiguous byte range: ``[layer][k|v][tokens*heads*head_size]``.
+An engine layout is reduced to *block views*: tensors whose first dimension is
+the engine block id and whose ``view[b]`` is one contiguous chunk of block ``b``.
+The chunks of a block, in order, make up the host block. Every layout reduces to
+such views: vLLM's per-layer ``[2, num_blocks, ...]`` gives two views per layer
+(K and V), a ``[num_blocks, 2, ...]`` layer gives one, a block-first pool gives
+one for all layers. Layouts that ``KVCacheLayoutType`` cannot express (vLLM's CPU
+backend, TensorRT-LLM's pool) are registered as block views directly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from .errors import LayoutError
+
+
+class KVCacheLayoutType(Enum):
+    LAYERFIRST = "LAYERFIRST"  # per layer [kv_dim, num_block, tokens_per_block, num_head, head_size]
+    BLOCKFIRST = "BLOCKFIRST"  # [num_block, num_layer, kv_dim, tokens_per_block, num_head, head_size]
+    LAYERBLOCK = "LAYERBLOCK"  # per layer [num_block, kv_dim, tokens_per_block, num_head, head_size]
+
+
+@dataclass
+class KVCacheLayout:
+    """FlexKV's description of an engine's KV cache tensors (shapes in elements)."""
+
+    type: KVCacheLayoutType
+    num_layer: int
+    num_block: int
+    tokens_per_block: int
+    num_head: int
+    head_size: int
+    is_mla: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.type, str):
+            try:
+                self.type = KVCacheLayoutType(self.type.upper())
+            except ValueError:
+                names = ", ".join(t.value for t in KVCacheLayoutType)
+                raise LayoutError(f"KVCacheLayout.type: unknown layout {self.type!r}; use one of {names}") from None
+        for name in ("num_layer", "num_block", "tokens_per_block", "num_head", "head_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LayoutError(f"KVCacheLayout.{name} must be a positive int, got {value!r}")
+
+    @property
+    def kv_dim(self) -> int:
+        return 1 if self.is_mla else 2
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """The whole cache's shape, layers included."""
+        L, B, kv, t, H, D = (self.num_layer, self.num_block, self.kv_dim,
+                             self.tokens_per_block, self.num_head, self.head_size)
+        if self.type is KVCacheLayoutType.LAYERFIRST:
+            return (L, kv, B, t, H, D)
+        if self.type is KVCacheLayoutType.BLOCKFIRST:
+            return (B, L, kv, t, H, D)
+        return (L, B, kv, t, H, D)
+
+    def get_chunk_size(self) -> int:
+        """Elements of one block of one layer's K (or V)."""
+        return self.tokens_per_block * self.num_head * self.head_size
+
+    def get_elements_per_block(self) -> int:
+        return self.num_layer * self.kv_dim * self.get_chunk_size()
+
+    def get_total_elements(self) -> int:
+        return math.prod(self.kv_shape)
+
+    def get_block_stride(self) -> int:
+        s = self.kv_shape
+        if self.type is KVCacheLayoutType.LAYERFIRST:
+            return math.prod(s[3:])
+        if self.type is KVCacheLayoutType.BLOCKFIRST:
+            return math.prod(s[1:])
+        return math.prod(s[2:])
+
+    def get_layer_stride(self) -> int:
+        s = self.kv_shape
+        if self.type is KVCacheLayoutType.BLOCKFIRST:
+            return math.prod(s[2:])
+        return math.prod(s[1:])
+
+    def get_kv_stride(self) -> int:
+        s = self.kv_shape
+        if self.type is KVCacheLayoutType.LAYERFIRST:
+            return math.prod(s[2:])
+        return math.prod(s[3:])
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """What the copy engine needs to know of a torch tensor or numpy array."""
+
+    ptr: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]  # bytes
+    itemsize: int
+    device: str
+    contiguous: bool
+
+
+def tensor_info(t: Any, what: str = "tensor") -> TensorInfo:
+    if isinstance(t, np.ndarray):
+        return TensorInfo(t.ctypes.data, tuple(t.shape), tuple(t.strides), t.itemsize, "cpu",
+                          bool(t.flags.c_contiguous))
+    if hasattr(t, "data_ptr") and hasattr(t, "element_size"):
+        es = int(t.element_size())
+        return TensorInfo(int(t.data_ptr()), tuple(int(x) for x in t.shape), tuple(int(s) * es for s in t.stride()),
+                          es, str(t.device), bool(t.is_contiguous()))
+    raise LayoutError(f"{what} must be a torch.Tensor or numpy.ndarray, got {type(t).__name__}")
+
+
+@dataclass
+class EngineLayout:
+    """An engine's KV memory as copy segments: rows of [base, block_stride, host_offset, bytes] (bytes)."""
+
+    segments: np.ndarray
+    num_blocks: int
+    block_bytes: int
+    description: str = ""
+    keepalive: list[Any] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def from_block_views(cls, views: Sequence[Any], description: str = "block views") -> EngineLayout:
+        """Builds a layout from tensors whose dim 0 is the block id and whose view[b] is contiguous."""
+        if len(views) == 0:
+            raise LayoutError("register_kv_caches: no KV tensors given")
+        rows: list[list[int]] = []
+        num_blocks = None
+        offset = 0
+        for i, v in enumerate(views):
+            info = tensor_info(v, f"kv_caches[{i}]")
+            if info.device != "cpu":
+                raise LayoutError(
+                    f"kv_caches[{i}] lives on {info.device}; this build moves bytes between CPU tensors only "
+                    "(the GPU data plane is a separate component); pass CPU tensors")
+            if len(info.shape) < 1 or info.shape[0] < 1:
+                raise LayoutError(f"kv_caches[{i}] has shape {info.shape}; dim 0 must be the block id")
+            if num_blocks is None:
+                num_blocks = info.shape[0]
+            elif info.shape[0] != num_blocks:
+                raise LayoutError(f"kv_caches[{i}] has {info.shape[0]} blocks, kv_caches[0] has {num_blocks}")
+            inner = info.shape[1:]
+            inner_bytes = math.prod(inner) * info.itemsize
+            expected = info.itemsize
+            for dim, stride in zip(reversed(inner), reversed(info.strides[1:])):
+                if dim > 1 and stride != expected:
+                    raise LayoutError(
+                        f"kv_caches[{i}]: one block is not contiguous (shape {info.shape}, byte strides "
+                        f"{info.strides}); pass a tensor whose [block] slice is contiguous")
+                expected *= dim
+            rows.append([info.ptr, info.strides[0], offset, inner_bytes])
+            offset += inner_bytes
+        return cls(_merge_adjacent(np.array(rows, dtype=np.int64)), int(num_blocks), offset, description,
+                   list(views))
+
+    @classmethod
+    def from_kv_layout(cls, kv_caches: Any, kv_layout: KVCacheLayout) -> EngineLayout:
+        """Builds a layout from FlexKV's KVCacheLayout and a list of per-layer tensors or one tensor."""
+        lay = kv_layout
+        per_layer_shape = {
+            KVCacheLayoutType.LAYERFIRST: (lay.kv_dim, lay.num_block, lay.tokens_per_block, lay.num_head,
+                                           lay.head_size),
+            KVCacheLayoutType.LAYERBLOCK: (lay.num_block, lay.kv_dim, lay.tokens_per_block, lay.num_head,
+                                           lay.head_size),
+        }
+        if isinstance(kv_caches, (list, tuple)):
+            tensors = list(kv_caches)
+        else:
+            tensors = [kv_caches]
+        infos = [tensor_info(t, f"kv_caches[{i}]") for i, t in enumerate(tensors)]
+        for i, info in enumerate(infos):
+            if not info.contiguous:
+                raise LayoutError(f"kv_caches[{i}] is not contiguous; pass contiguous KV tensors")
+
+        if lay.type is KVCacheLayoutType.BLOCKFIRST:
+            if len(tensors) != 1:
+                raise LayoutError(f"a BLOCKFIRST layout is one tensor of shape {lay.kv_shape}, got {len(tensors)}")
+            _expect_shape(infos[0], lay.kv_shape, "kv_caches")
+            return cls.from_block_views(tensors, f"BLOCKFIRST {lay.kv_shape}")
+
+        layer_shape = per_layer_shape[lay.type]
+        if len(tensors) == 1 and len(infos[0].shape) == 6:
+            _expect_shape(infos[0], lay.kv_shape, "kv_caches")
+            tensors = [tensors[0][i] for i in range(lay.num_layer)]
+        elif len(tensors) != lay.num_layer:
+            raise LayoutError(f"kv_layout says {lay.num_layer} layers, got {len(tensors)} per-layer tensors")
+        else:
+            for i, info in enumerate(infos):
+                _expect_shape(info, layer_shape, f"kv_caches[{i}]")
+        if lay.type is KVCacheLayoutType.LAYERBLOCK:
+            return cls.from_block_views(tensors, f"LAYERBLOCK {lay.num_layer} x {layer_shape}")
+        views = [t[k] for t in tensors for k in range(lay.kv_dim)]
+        return cls.from_block_views(views, f"LAYERFIRST {lay.num_layer} x {layer_shape}")
+
+
+def _expect_shape(info: TensorInfo, shape: tuple[int, ...], what: str) -> None:
+    if tuple(info.shape) != tuple(shape):
+        raise LayoutError(f"{what} has shape {tuple(info.shape)}, but kv_layout describes {tuple(shape)}")
+
+
+def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
+    """Merges segments that are contiguous both in the engine and in the host block."""
+    merged: list[list[int]] = []
+    for base, stride, off, nbytes in rows.tolist():
+        if merged:
+            pb, ps, po, pn = merged[-1]
+            if stride == ps and base == pb + pn and off == po + pn:
+                merged[-1][3] += nbytes
+                continue
+        merged.append([base, stride, off, nbytes])
+    return np.array(merged, dtype=np.int64)

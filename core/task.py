@@ -1,0 +1,68 @@
+"""Tasks: one get, put or prefetch, from match to its final state."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+import numpy as np
+
+from .request import KVResponseStatus
+
+
+class TaskType(Enum):
+    GET = "get"
+    PUT = "put"
+    PREFETCH = "prefetch"
+
+
+class TaskState(Enum):
+    UNREADY = "unready"      # matched; its blocks are locked; waits for launch() with slot mappings
+    RUNNING = "running"      # bytes are moving
+    COMPLETED = "completed"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskState.COMPLETED, TaskState.CANCELLED, TaskState.FAILED)
+
+    def response_status(self) -> KVResponseStatus:
+        return _STATUS[self]
+
+
+_STATUS = {
+    TaskState.UNREADY: KVResponseStatus.UNREADY,
+    TaskState.RUNNING: KVResponseStatus.TIMEOUT,
+    TaskState.COMPLETED: KVResponseStatus.SUCCESS,
+    TaskState.CANCELLED: KVResponseStatus.CANCELLED,
+    TaskState.FAILED: KVResponseStatus.FAILED,
+}
+
+
+@dataclass
+class Task:
+    """A task's plan. ``host_ids[i]`` is the CPU block that block ``copy_blocks[i]`` of the sequence moves
+    to or from; ``locked`` are the CPU blocks this task holds locked until it ends. ``mask`` is the array the
+    match returned to the caller (not copied); the plan never reads it back."""
+
+    id: int
+    type: TaskType
+    mask: np.ndarray
+    copy_blocks: np.ndarray
+    host_ids: np.ndarray
+    locked: np.ndarray
+    state: TaskState = TaskState.UNREADY
+    job_id: int = 0
+    error: str | None = None
+    created: float = field(default_factory=time.monotonic)
+    launched: float = 0.0
+    finished: float = 0.0
+
+    tokens_per_block: int = 1
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the task moves: whole blocks only."""
+        return len(self.copy_blocks) * self.tokens_per_block

@@ -1,0 +1,86 @@
+// HostCopyEngine: moves whole blocks between an engine's KV memory and the
+// host tier with a pool of threads.
+//
+// An engine layout is a list of segments. A segment is one contiguous chunk of
+// every engine block (for example layer 3's K for one block): it starts at
+// `engine_base + engine_block * engine_block_stride` and has `bytes` bytes; in a
+// host block it lies at `host_offset`. Adjacent chunks of a block are one
+// segment, so a block-first engine layout is a single segment per block.
+#pragma once
+
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+namespace flexkv {
+
+struct CopySegment {
+  uint64_t engine_base = 0;
+  int64_t engine_block_stride = 0;
+  uint64_t host_offset = 0;
+  uint64_t bytes = 0;
+};
+
+struct EngineLayout {
+  std::vector<CopySegment> segments;
+  int64_t num_blocks = 0;  // engine blocks 0..num_blocks-1 are addressable
+};
+
+struct HostRegion {
+  uint64_t base = 0;
+  uint64_t block_bytes = 0;  // bytes of one host block
+  int64_t num_blocks = 0;
+};
+
+enum class CopyDirection { kHostToEngine, kEngineToHost };
+
+class HostCopyEngine {
+ public:
+  explicit HostCopyEngine(int num_threads);
+  ~HostCopyEngine();
+  HostCopyEngine(const HostCopyEngine&) = delete;
+  HostCopyEngine& operator=(const HostCopyEngine&) = delete;
+
+  int num_threads() const { return static_cast<int>(workers_.size()); }
+
+  // Checks the layout against the host region (segments inside a host block,
+  // block ids in range) and queues the copy. Returns a job id for wait().
+  // Throws std::invalid_argument / std::out_of_range without queuing anything.
+  uint64_t submit(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
+                  const int64_t* engine_blocks, const int64_t* host_blocks, size_t n);
+
+  // Waits up to timeout_us (negative: forever) for a job. Returns true when it
+  // has finished, and then forgets it; false on timeout. Unknown ids throw.
+  bool wait(uint64_t job_id, int64_t timeout_us);
+  // True when the job has finished (does not forget it).
+  bool done(uint64_t job_id);
+
+  // submit + wait, on the calling thread's behalf.
+  void copy(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
+            const int64_t* engine_blocks, const int64_t* host_blocks, size_t n);
+
+  // Validates a layout against a host region once, e.g. at registration.
+  static void validate(const EngineLayout& layout, const HostRegion& host);
+
+ private:
+  struct Job;
+  void worker_loop();
+  void run_items(Job& job, size_t begin, size_t end);
+
+  std::mutex mu_;
+  std::condition_variable work_cv_;
+  std::condition_variable done_cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  std::unordered_map<uint64_t, std::shared_ptr<Job>> jobs_;
+  std::vector<std::thread> workers_;
+  uint64_t next_id_ = 1;
+  bool stopping_ = false;
+};
+
+}  // namespace flexkv

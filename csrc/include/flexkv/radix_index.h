@@ -1,0 +1,105 @@
+// RadixIndex: one tier's map from block-key chains to block ids.
+//
+// A path-compressed radix tree over block keys. Each block has a ready flag
+// (its bytes are completely written) and a lock count (a task is reading or
+// writing it). Eviction is LRU over leaves, takes blocks from the tail of a
+// leaf only (so every cached block keeps its whole prefix), never takes a
+// locked block, and frees `evict_ratio * capacity` blocks beyond what was asked
+// so that eviction is not paid on every store. All methods are thread-safe.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "flexkv/block_key.h"
+#include "flexkv/block_pool.h"
+
+namespace flexkv {
+
+struct RadixIndexStats {
+  int64_t capacity = 0;
+  int64_t num_free = 0;
+  int64_t num_cached = 0;   // blocks in the tree, ready or not
+  int64_t num_locked = 0;   // blocks with a lock count above zero
+  int64_t num_nodes = 0;
+  int64_t evicted = 0;      // blocks evicted since construction or reset
+};
+
+class RadixIndex {
+ public:
+  RadixIndex(int32_t num_blocks, double evict_ratio);
+  ~RadixIndex();
+  RadixIndex(const RadixIndex&) = delete;
+  RadixIndex& operator=(const RadixIndex&) = delete;
+
+  int32_t capacity() const { return pool_.capacity(); }
+
+  // Number of leading keys whose blocks are ready. No side effects.
+  size_t match(const BlockKey* keys, size_t n) const;
+
+  // Locks the blocks of the leading ready keys, marks them recently used and
+  // writes their ids to out_ids. Returns how many it locked.
+  size_t acquire(const BlockKey* keys, size_t n, int32_t* out_ids);
+
+  // Prepares a store of the chain keys[0..n). For each key, in order:
+  //  - a ready block, or one another store is writing: out_ids = its id, out_new = 0;
+  //  - a block left unready by a failed store: locked, out_new = 1;
+  //  - no block: one is allocated (evicting if the pool is empty), inserted
+  //    unready and locked, out_new = 1.
+  // Stops at the first key for which no block can be had and returns the number
+  // of keys handled. Every block with out_new = 1 must later be passed to
+  // commit() or release().
+  size_t reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uint8_t* out_new);
+
+  // Marks blocks ready (their bytes are written) and unlocks them.
+  void commit(const int32_t* ids, size_t n);
+  // Unlocks blocks. Unready blocks stay in the tree, unreadable, until a later
+  // reserve() rewrites them or eviction frees them.
+  void release(const int32_t* ids, size_t n);
+
+  // Frees up to n unlocked blocks, least recently used leaves first, plus the
+  // evict_ratio extra. Returns how many it freed.
+  size_t evict(size_t n);
+
+  // Drops every block. Throws if any block is locked.
+  void reset();
+
+  bool is_ready(int32_t id) const;
+  int32_t lock_count(int32_t id) const;
+  RadixIndexStats stats() const;
+  // Checks the tree's invariants (block ownership, leaf set, free list); throws
+  // std::logic_error naming the first violation. For tests.
+  void check_consistency() const;
+
+ private:
+  struct Node;
+  using LruKey = std::pair<uint64_t, const Node*>;
+
+  Node* find_child(const Node* node, const BlockKey& key) const;
+  void touch(Node* node);
+  void lru_insert(Node* node);
+  void lru_erase(Node* node);
+  size_t evict_locked(size_t n);
+  size_t allocate_locked(size_t n, int32_t* out, int32_t protect_id);
+  Node* split(Node* node, size_t offset);
+  void remove_leaf(Node* node);
+  void check_id(int32_t id) const;
+
+  mutable std::mutex mu_;
+  BlockPool pool_;
+  double evict_ratio_;
+  std::unique_ptr<Node> root_;
+  std::vector<uint8_t> ready_;
+  std::vector<int32_t> locks_;
+  std::set<LruKey> lru_leaves_;
+  uint64_t clock_ = 0;
+  int64_t num_nodes_ = 0;
+  int64_t evicted_ = 0;
+};
+
+}  // namespace flexkv

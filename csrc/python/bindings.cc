@@ -1,0 +1,210 @@
+// flexkv._core: the Python face of the C++ core. Arrays cross as numpy arrays;
+// copies and waits release the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstring>
+#include <memory>
+#include <string>
+
+#include "flexkv/block_key.h"
+#include "flexkv/host_copy_engine.h"
+#include "flexkv/radix_index.h"
+#include "flexkv/shm_region.h"
+
+namespace py = pybind11;
+using flexkv::BlockKey;
+
+namespace {
+
+using KeyArray = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
+using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+
+const BlockKey* keys_of(const KeyArray& a, size_t* n) {
+  if (a.ndim() != 2 || a.shape(1) != 2) throw py::value_error("block keys must be a (n, 2) uint64 array");
+  *n = static_cast<size_t>(a.shape(0));
+  static_assert(sizeof(BlockKey) == 16, "BlockKey must be two packed uint64");
+  return reinterpret_cast<const BlockKey*>(a.data());
+}
+
+void check_1d(const py::array& a, const char* what) {
+  if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be a 1-D array");
+}
+
+KeyArray make_keys(size_t n) { return KeyArray({static_cast<py::ssize_t>(n), py::ssize_t{2}}); }
+
+flexkv::EngineLayout layout_of(const I64Array& segments, int64_t engine_num_blocks) {
+  if (segments.ndim() != 2 || segments.shape(1) != 4) {
+    throw py::value_error("segments must be a (n, 4) int64 array of [engine_base, engine_block_stride, host_offset, bytes]");
+  }
+  flexkv::EngineLayout layout;
+  layout.num_blocks = engine_num_blocks;
+  auto s = segments.unchecked<2>();
+  for (py::ssize_t i = 0; i < segments.shape(0); ++i) {
+    if (s(i, 0) <= 0 || s(i, 2) < 0 || s(i, 3) <= 0) {
+      throw py::value_error("segment " + std::to_string(i) + " has a null base, a negative offset or no bytes");
+    }
+    layout.segments.push_back(flexkv::CopySegment{static_cast<uint64_t>(s(i, 0)), s(i, 1),
+                                                  static_cast<uint64_t>(s(i, 2)), static_cast<uint64_t>(s(i, 3))});
+  }
+  return layout;
+}
+
+flexkv::CopyDirection direction_of(const std::string& d) {
+  if (d == "host_to_engine") return flexkv::CopyDirection::kHostToEngine;
+  if (d == "engine_to_host") return flexkv::CopyDirection::kEngineToHost;
+  throw py::value_error("direction must be 'host_to_engine' or 'engine_to_host', got '" + d + "'");
+}
+
+struct CopyArgs {
+  flexkv::CopyDirection dir;
+  flexkv::EngineLayout layout;
+  flexkv::HostRegion host;
+  I64Array engine_blocks;
+  I64Array host_blocks;
+};
+
+CopyArgs copy_args(const std::string& direction, const I64Array& segments, int64_t engine_num_blocks,
+                   uint64_t host_base, uint64_t host_block_bytes, int64_t host_num_blocks,
+                   const I64Array& engine_blocks, const I64Array& host_blocks) {
+  check_1d(engine_blocks, "engine_blocks");
+  check_1d(host_blocks, "host_blocks");
+  if (engine_blocks.shape(0) != host_blocks.shape(0)) {
+    throw py::value_error("engine_blocks and host_blocks differ in length (" + std::to_string(engine_blocks.shape(0)) +
+                          " vs " + std::to_string(host_blocks.shape(0)) + ")");
+  }
+  return CopyArgs{direction_of(direction), layout_of(segments, engine_num_blocks),
+                  flexkv::HostRegion{host_base, host_block_bytes, host_num_blocks}, engine_blocks, host_blocks};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
+
+  m.def("namespace_key", [](const std::string& ns) {
+    BlockKey k = flexkv::namespace_key(ns);
+    KeyArray out(py::ssize_t{2});
+    out.mutable_at(0) = k.lo;
+    out.mutable_at(1) = k.hi;
+    return out;
+  }, py::arg("namespace"), "The 128-bit seed of the key chains of a namespace, as a uint64[2] array.");
+
+  m.def("chain_block_keys", [](const KeyArray& seed, const I64Array& tokens, size_t tokens_per_block) {
+    if (seed.ndim() != 1 || seed.shape(0) != 2) throw py::value_error("seed must be a uint64[2] array");
+    check_1d(tokens, "token_ids");
+    if (tokens_per_block == 0) throw py::value_error("tokens_per_block must be positive");
+    const size_t n_tokens = static_cast<size_t>(tokens.shape(0));
+    KeyArray out = make_keys(n_tokens / tokens_per_block);
+    BlockKey s{seed.at(0), seed.at(1)};
+    {
+      py::gil_scoped_release nogil;
+      flexkv::chain_block_keys(s, tokens.data(), n_tokens, tokens_per_block,
+                               reinterpret_cast<BlockKey*>(out.mutable_data()));
+    }
+    return out;
+  }, py::arg("seed"), py::arg("token_ids"), py::arg("tokens_per_block"),
+     "Keys of the whole blocks of token_ids, chained from seed, as a (n, 2) uint64 array.");
+
+  py::class_<flexkv::RadixIndex>(m, "RadixIndex")
+      .def(py::init<int32_t, double>(), py::arg("num_blocks"), py::arg("evict_ratio") = 0.0)
+      .def_property_readonly("capacity", &flexkv::RadixIndex::capacity)
+      .def("match", [](const flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        return self.match(k, n);
+      }, py::arg("keys"))
+      .def("acquire", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        I32Array ids(static_cast<py::ssize_t>(n));
+        size_t got = self.acquire(k, n, ids.mutable_data());
+        ids.resize({static_cast<py::ssize_t>(got)});
+        return ids;
+      }, py::arg("keys"))
+      .def("reserve", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        I32Array ids(static_cast<py::ssize_t>(n));
+        py::array_t<bool> is_new(static_cast<py::ssize_t>(n));
+        static_assert(sizeof(bool) == sizeof(uint8_t), "bool must be one byte");
+        size_t got = self.reserve(k, n, ids.mutable_data(), reinterpret_cast<uint8_t*>(is_new.mutable_data()));
+        ids.resize({static_cast<py::ssize_t>(got)});
+        is_new.resize({static_cast<py::ssize_t>(got)});
+        return py::make_tuple(ids, is_new);
+      }, py::arg("keys"))
+      .def("commit", [](flexkv::RadixIndex& self, const I32Array& ids) {
+        check_1d(ids, "ids");
+        self.commit(ids.data(), static_cast<size_t>(ids.shape(0)));
+      }, py::arg("ids"))
+      .def("release", [](flexkv::RadixIndex& self, const I32Array& ids) {
+        check_1d(ids, "ids");
+        self.release(ids.data(), static_cast<size_t>(ids.shape(0)));
+      }, py::arg("ids"))
+      .def("evict", &flexkv::RadixIndex::evict, py::arg("num_blocks"))
+      .def("reset", &flexkv::RadixIndex::reset)
+      .def("is_ready", &flexkv::RadixIndex::is_ready, py::arg("block_id"))
+      .def("lock_count", &flexkv::RadixIndex::lock_count, py::arg("block_id"))
+      .def("check_consistency", &flexkv::RadixIndex::check_consistency)
+      .def("stats", [](const flexkv::RadixIndex& self) {
+        flexkv::RadixIndexStats s = self.stats();
+        py::dict d;
+        d["capacity"] = s.capacity;
+        d["num_free"] = s.num_free;
+        d["num_cached"] = s.num_cached;
+        d["num_locked"] = s.num_locked;
+        d["num_nodes"] = s.num_nodes;
+        d["evicted"] = s.evicted;
+        return d;
+      });
+
+  py::class_<flexkv::HostCopyEngine>(m, "HostCopyEngine")
+      .def(py::init<int>(), py::arg("num_threads"))
+      .def_property_readonly("num_threads", &flexkv::HostCopyEngine::num_threads)
+      .def("submit", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
+                        int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
+                        int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks) {
+        CopyArgs a = copy_args(direction, segments, engine_num_blocks, host_base, host_block_bytes, host_num_blocks,
+                               engine_blocks, host_blocks);
+        return self.submit(a.dir, a.layout, a.host, a.engine_blocks.data(), a.host_blocks.data(),
+                           static_cast<size_t>(a.engine_blocks.shape(0)));
+      }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
+         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"))
+      .def("copy", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
+                      int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
+                      int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks) {
+        CopyArgs a = copy_args(direction, segments, engine_num_blocks, host_base, host_block_bytes, host_num_blocks,
+                               engine_blocks, host_blocks);
+        py::gil_scoped_release nogil;
+        self.copy(a.dir, a.layout, a.host, a.engine_blocks.data(), a.host_blocks.data(),
+                  static_cast<size_t>(a.engine_blocks.shape(0)));
+      }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
+         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"))
+      .def("wait", &flexkv::HostCopyEngine::wait, py::arg("job_id"), py::arg("timeout_us") = -1,
+           py::call_guard<py::gil_scoped_release>())
+      .def("done", &flexkv::HostCopyEngine::done, py::arg("job_id"));
+
+  py::class_<flexkv::ShmRegion>(m, "ShmRegion")
+      .def_static("create", &flexkv::ShmRegion::create, py::arg("name"), py::arg("size"),
+                  py::arg("huge_pages") = false, py::call_guard<py::gil_scoped_release>())
+      .def_static("open", &flexkv::ShmRegion::open, py::arg("name"))
+      .def_property_readonly("name", &flexkv::ShmRegion::name)
+      .def_property_readonly("size", &flexkv::ShmRegion::size)
+      .def_property_readonly("address", [](const flexkv::ShmRegion& r) {
+        return reinterpret_cast<uintptr_t>(r.data());
+      })
+      .def("close", &flexkv::ShmRegion::close)
+      .def("as_array", [](py::object self) {
+        auto& r = self.cast<flexkv::ShmRegion&>();
+        if (r.data() == nullptr) throw py::value_error("shared memory segment is closed");
+        // The array keeps the region object alive; close() while it is in use is the caller's error.
+        return py::array_t<uint8_t>({static_cast<py::ssize_t>(r.size())}, {py::ssize_t{1}}, r.data(), self);
+      }, "A uint8 numpy view of the whole segment.");
+
+  m.def("memcpy", [](uintptr_t dst, uintptr_t src, size_t n) {
+    py::gil_scoped_release nogil;
+    std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
+  }, py::arg("dst"), py::arg("src"), py::arg("nbytes"), "One plain memcpy: the ceiling the copy engine is measured against.");
+}

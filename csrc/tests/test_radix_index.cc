@@ -1,0 +1,235 @@
+#include <algorithm>
+#include <map>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "flexkv/block_key.h"
+#include "flexkv/radix_index.h"
+
+using flexkv::BlockKey;
+using flexkv::RadixIndex;
+
+namespace {
+
+std::vector<BlockKey> keys_for(const std::vector<int64_t>& tokens, size_t tpb = 4) {
+  std::vector<BlockKey> k(tokens.size() / tpb);
+  flexkv::chain_block_keys(flexkv::namespace_key("test"), tokens.data(), tokens.size(), tpb, k.data());
+  return k;
+}
+
+std::vector<int64_t> seq(int64_t start, size_t n) {
+  std::vector<int64_t> t(n);
+  for (size_t i = 0; i < n; ++i) t[i] = start + static_cast<int64_t>(i);
+  return t;
+}
+
+// Reserves and commits the whole chain; returns the ids.
+std::vector<int32_t> store(RadixIndex& idx, const std::vector<BlockKey>& k) {
+  std::vector<int32_t> ids(k.size());
+  std::vector<uint8_t> fresh(k.size());
+  size_t got = idx.reserve(k.data(), k.size(), ids.data(), fresh.data());
+  std::vector<int32_t> new_ids;
+  for (size_t i = 0; i < got; ++i)
+    if (fresh[i]) new_ids.push_back(ids[i]);
+  idx.commit(new_ids.data(), new_ids.size());
+  ids.resize(got);
+  return ids;
+}
+
+}  // namespace
+
+TEST(store_then_match_prefixes) {
+  RadixIndex idx(64, 0.0);
+  auto k = keys_for(seq(0, 32));  // 8 blocks
+  CHECK_EQ(idx.match(k.data(), k.size()), 0u);
+  store(idx, k);
+  CHECK_EQ(idx.match(k.data(), k.size()), 8u);
+  CHECK_EQ(idx.match(k.data(), 3), 3u);
+  auto other = seq(0, 32);
+  other[13] = 999;  // diverges inside block 3
+  auto ko = keys_for(other);
+  CHECK_EQ(idx.match(ko.data(), ko.size()), 3u);
+  idx.check_consistency();
+}
+
+TEST(divergent_store_splits_and_shares_prefix) {
+  RadixIndex idx(64, 0.0);
+  auto a = seq(0, 32);
+  auto b = a;
+  b[17] = 555;  // block 4 differs
+  auto ka = keys_for(a), kb = keys_for(b);
+  auto ida = store(idx, ka);
+  std::vector<int32_t> idb(kb.size());
+  std::vector<uint8_t> fresh(kb.size());
+  CHECK_EQ(idx.reserve(kb.data(), kb.size(), idb.data(), fresh.data()), 8u);
+  for (int i = 0; i < 4; ++i) {
+    CHECK_EQ(fresh[i], 0);
+    CHECK_EQ(idb[i], ida[i]);
+  }
+  for (int i = 4; i < 8; ++i) CHECK_EQ(fresh[i], 1);
+  CHECK_EQ(idx.match(kb.data(), kb.size()), 4u);  // new blocks are not ready yet
+  idx.commit(idb.data() + 4, 4);
+  CHECK_EQ(idx.match(kb.data(), kb.size()), 8u);
+  CHECK_EQ(idx.match(ka.data(), ka.size()), 8u);
+  CHECK_EQ(idx.stats().num_cached, 12);
+  idx.check_consistency();
+}
+
+TEST(unready_blocks_of_a_failed_store_are_rewritten) {
+  RadixIndex idx(16, 0.0);
+  auto k = keys_for(seq(0, 16));
+  std::vector<int32_t> ids(4);
+  std::vector<uint8_t> fresh(4);
+  idx.reserve(k.data(), 4, ids.data(), fresh.data());
+  // A second store while the first is in flight writes nothing new.
+  std::vector<int32_t> ids2(4);
+  std::vector<uint8_t> fresh2(4);
+  CHECK_EQ(idx.reserve(k.data(), 4, ids2.data(), fresh2.data()), 4u);
+  for (int i = 0; i < 4; ++i) CHECK_EQ(fresh2[i], 0);
+  idx.release(ids.data(), 4);  // the first store failed
+  CHECK_EQ(idx.match(k.data(), 4), 0u);
+  CHECK_EQ(idx.reserve(k.data(), 4, ids2.data(), fresh2.data()), 4u);
+  for (int i = 0; i < 4; ++i) {
+    CHECK_EQ(fresh2[i], 1);
+    CHECK_EQ(ids2[i], ids[i]);
+  }
+  idx.commit(ids2.data(), 4);
+  CHECK_EQ(idx.match(k.data(), 4), 4u);
+  idx.check_consistency();
+}
+
+TEST(eviction_is_lru_and_frees_extra) {
+  RadixIndex idx(8, 0.25);  // extra = 2 blocks
+  auto a = keys_for(seq(0, 16));      // 4 blocks
+  auto b = keys_for(seq(1000, 16));   // 4 blocks
+  store(idx, a);
+  store(idx, b);
+  std::vector<int32_t> tmp(4);
+  idx.release(tmp.data(), idx.acquire(a.data(), 4, tmp.data()));  // a is now more recent than b
+  auto c = keys_for(seq(2000, 8));    // 2 blocks: needs 2, evicts 2 + 2 extra from b
+  auto idc = store(idx, c);
+  CHECK_EQ(idc.size(), 2u);
+  CHECK_EQ(idx.match(a.data(), 4), 4u);
+  CHECK_EQ(idx.match(b.data(), 4), 0u);  // b's whole chain went, tail first
+  CHECK_EQ(idx.stats().evicted, 4);
+  idx.check_consistency();
+}
+
+TEST(locked_blocks_are_never_evicted) {
+  RadixIndex idx(8, 0.0);
+  auto a = keys_for(seq(0, 32));  // 8 blocks fill the pool
+  store(idx, a);
+  std::vector<int32_t> held(8);
+  CHECK_EQ(idx.acquire(a.data(), 8, held.data()), 8u);
+  auto b = keys_for(seq(500, 8));
+  std::vector<int32_t> ids(2);
+  std::vector<uint8_t> fresh(2);
+  CHECK_EQ(idx.reserve(b.data(), 2, ids.data(), fresh.data()), 0u);  // nothing evictable
+  CHECK_EQ(idx.match(a.data(), 8), 8u);
+  idx.release(held.data() + 6, 2);  // unlock the last two blocks only
+  CHECK_EQ(idx.reserve(b.data(), 2, ids.data(), fresh.data()), 2u);
+  CHECK_EQ(idx.match(a.data(), 8), 6u);
+  idx.release(held.data(), 6);
+  idx.check_consistency();
+}
+
+TEST(store_never_evicts_its_own_prefix) {
+  RadixIndex idx(6, 0.0);
+  auto a = keys_for(seq(0, 24));  // 6 blocks fill the pool
+  store(idx, a);
+  auto longer = keys_for(seq(0, 32));  // same 6 blocks + 2 more
+  std::vector<int32_t> ids(8);
+  std::vector<uint8_t> fresh(8);
+  // Only a's own tail could be evicted; the store must not eat its own prefix.
+  size_t got = idx.reserve(longer.data(), 8, ids.data(), fresh.data());
+  CHECK_EQ(got, 6u);
+  CHECK_EQ(idx.match(a.data(), 6), 6u);
+  idx.check_consistency();
+}
+
+TEST(release_and_commit_reject_bad_ids_atomically) {
+  RadixIndex idx(8, 0.0);
+  auto a = keys_for(seq(0, 8));
+  std::vector<int32_t> ids(2);
+  std::vector<uint8_t> fresh(2);
+  idx.reserve(a.data(), 2, ids.data(), fresh.data());
+  std::vector<int32_t> bad{ids[0], 42};
+  CHECK_THROWS(idx.release(bad.data(), 2));
+  CHECK_EQ(idx.lock_count(ids[0]), 1);  // unchanged
+  std::vector<int32_t> twice{ids[0], ids[0]};
+  CHECK_THROWS(idx.release(twice.data(), 2));
+  CHECK_EQ(idx.lock_count(ids[0]), 1);
+  CHECK_THROWS(idx.reset());  // locked blocks
+  idx.commit(ids.data(), 2);
+  CHECK_THROWS(idx.commit(ids.data(), 1));  // not locked any more
+  idx.reset();
+  CHECK_EQ(idx.match(a.data(), 2), 0u);
+  CHECK_EQ(idx.stats().num_free, 8);
+  idx.check_consistency();
+}
+
+TEST(random_operations_keep_invariants) {
+  std::mt19937 rng(1234);
+  RadixIndex idx(200, 0.05);
+  // A few shared prefixes with random continuations, like multi-turn chats.
+  std::vector<std::vector<int64_t>> prompts;
+  for (int p = 0; p < 60; ++p) {
+    std::vector<int64_t> t = seq((p % 5) * 100000, 4 * (rng() % 10));
+    const size_t extra = 4 * (1 + rng() % 20);
+    for (size_t i = 0; i < extra; ++i) t.push_back(static_cast<int64_t>(rng() % 50));
+    prompts.push_back(t);
+  }
+  std::vector<std::vector<int32_t>> held;  // acquired, not yet released
+  std::vector<std::vector<int32_t>> writing;
+  for (int step = 0; step < 4000; ++step) {
+    const auto& t = prompts[rng() % prompts.size()];
+    auto k = keys_for(t);
+    switch (rng() % 5) {
+      case 0: {
+        std::vector<int32_t> ids(k.size());
+        ids.resize(idx.acquire(k.data(), k.size(), ids.data()));
+        for (int32_t id : ids) CHECK(idx.is_ready(id));
+        held.push_back(ids);
+        break;
+      }
+      case 1: {
+        std::vector<int32_t> ids(k.size());
+        std::vector<uint8_t> fresh(k.size());
+        size_t got = idx.reserve(k.data(), k.size(), ids.data(), fresh.data());
+        std::vector<int32_t> mine;
+        for (size_t i = 0; i < got; ++i)
+          if (fresh[i]) mine.push_back(ids[i]);
+        writing.push_back(mine);
+        break;
+      }
+      case 2:
+        if (!writing.empty()) {
+          auto w = writing.back();
+          writing.pop_back();
+          if (rng() % 4 == 0) idx.release(w.data(), w.size()); else idx.commit(w.data(), w.size());
+        }
+        break;
+      case 3:
+        if (!held.empty()) {
+          const size_t pick = rng() % held.size();
+          idx.release(held[pick].data(), held[pick].size());
+          held.erase(held.begin() + static_cast<std::ptrdiff_t>(pick));
+        }
+        break;
+      default:
+        idx.evict(1 + rng() % 20);
+        break;
+    }
+    // Every held block is still ready and mapped: eviction skipped it.
+    for (const auto& h : held)
+      for (int32_t id : h) CHECK(idx.is_ready(id) && idx.lock_count(id) > 0);
+    if (step % 50 == 0) idx.check_consistency();
+  }
+  for (auto& h : held) idx.release(h.data(), h.size());
+  for (auto& w : writing) idx.commit(w.data(), w.size());
+  idx.check_consistency();
+  CHECK_EQ(idx.stats().num_locked, 0);
+}
+
+TEST_MAIN()

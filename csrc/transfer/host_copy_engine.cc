@@ -1,0 +1,196 @@
+#include "flexkv/host_copy_engine.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+namespace flexkv {
+namespace {
+
+// Copies with non-temporal stores when the destination is 16-byte aligned and
+// the chunk is large: the stores skip the read-for-ownership of every
+// destination line that plain stores pay, which is what large memcpys avoid too.
+// Callers fence (sfence) once after a batch of copies.
+constexpr size_t kStreamingMinBytes = 4096;
+
+void copy_chunk(uint8_t* dst, const uint8_t* src, size_t n) {
+#if defined(__SSE2__)
+  if (n >= kStreamingMinBytes && (reinterpret_cast<uintptr_t>(dst) & 15) == 0) {
+    const size_t vec = n & ~size_t{63};
+    for (size_t i = 0; i < vec; i += 64) {
+      const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+      const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+      const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 32));
+      const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 48));
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), a);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 16), b);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 32), c);
+      _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i + 48), d);
+    }
+    if (vec < n) std::memcpy(dst + vec, src + vec, n - vec);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, n);
+}
+
+void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace
+
+struct HostCopyEngine::Job {
+  uint64_t id = 0;
+  CopyDirection dir = CopyDirection::kHostToEngine;
+  EngineLayout layout;
+  HostRegion host;
+  std::vector<int64_t> engine_blocks;
+  std::vector<int64_t> host_blocks;
+  size_t num_items = 0;  // blocks x segments
+  size_t batch = 1;      // items claimed at a time by one worker
+  std::atomic<size_t> next{0};
+  std::atomic<size_t> finished{0};
+  bool complete = false;  // guarded by the engine's mutex
+};
+
+HostCopyEngine::HostCopyEngine(int num_threads) {
+  if (num_threads < 1) throw std::invalid_argument("HostCopyEngine: num_threads must be >= 1");
+  for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+HostCopyEngine::~HostCopyEngine() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void HostCopyEngine::validate(const EngineLayout& layout, const HostRegion& host) {
+  if (layout.segments.empty()) throw std::invalid_argument("engine layout has no segments");
+  if (layout.num_blocks <= 0) throw std::invalid_argument("engine layout has no blocks");
+  for (size_t s = 0; s < layout.segments.size(); ++s) {
+    const CopySegment& seg = layout.segments[s];
+    if (seg.engine_base == 0) throw std::invalid_argument("segment " + std::to_string(s) + " has a null base");
+    if (seg.bytes == 0) throw std::invalid_argument("segment " + std::to_string(s) + " is empty");
+    if (seg.host_offset + seg.bytes > host.block_bytes) {
+      throw std::invalid_argument("segment " + std::to_string(s) + " ends at byte " +
+                                  std::to_string(seg.host_offset + seg.bytes) +
+                                  " of a host block of " + std::to_string(host.block_bytes) + " bytes");
+    }
+  }
+}
+
+uint64_t HostCopyEngine::submit(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
+                                const int64_t* engine_blocks, const int64_t* host_blocks, size_t n) {
+  validate(layout, host);
+  for (size_t i = 0; i < n; ++i) {
+    if (engine_blocks[i] < 0 || engine_blocks[i] >= layout.num_blocks) {
+      throw std::out_of_range("engine block id " + std::to_string(engine_blocks[i]) + " outside [0, " +
+                              std::to_string(layout.num_blocks) + ")");
+    }
+    if (host_blocks[i] < 0 || host_blocks[i] >= host.num_blocks) {
+      throw std::out_of_range("host block id " + std::to_string(host_blocks[i]) + " outside [0, " +
+                              std::to_string(host.num_blocks) + ")");
+    }
+  }
+  auto job = std::make_shared<Job>();
+  job->dir = dir;
+  job->layout = layout;
+  job->host = host;
+  job->engine_blocks.assign(engine_blocks, engine_blocks + n);
+  job->host_blocks.assign(host_blocks, host_blocks + n);
+  job->num_items = n * layout.segments.size();
+  const size_t parts = workers_.size() * 4;
+  job->batch = std::max<size_t>(1, (job->num_items + parts - 1) / parts);
+  std::lock_guard<std::mutex> g(mu_);
+  job->id = next_id_++;
+  jobs_[job->id] = job;
+  if (job->num_items == 0) {
+    job->complete = true;
+  } else {
+    queue_.push_back(job);
+    work_cv_.notify_all();
+  }
+  return job->id;
+}
+
+void HostCopyEngine::run_items(Job& job, size_t begin, size_t end) {
+  const size_t nseg = job.layout.segments.size();
+  for (size_t item = begin; item < end; ++item) {
+    const size_t b = item / nseg;
+    const CopySegment& seg = job.layout.segments[item % nseg];
+    uint8_t* engine = reinterpret_cast<uint8_t*>(seg.engine_base) + job.engine_blocks[b] * seg.engine_block_stride;
+    uint8_t* host = reinterpret_cast<uint8_t*>(job.host.base) +
+                    static_cast<uint64_t>(job.host_blocks[b]) * job.host.block_bytes + seg.host_offset;
+    if (job.dir == CopyDirection::kHostToEngine) {
+      copy_chunk(engine, host, seg.bytes);
+    } else {
+      copy_chunk(host, engine, seg.bytes);
+    }
+  }
+  store_fence();  // the streaming stores are visible before the job is reported done
+}
+
+void HostCopyEngine::worker_loop() {
+  std::unique_lock<std::mutex> lk(mu_);
+  for (;;) {
+    work_cv_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
+    if (queue_.empty()) return;  // stopping, and nothing left to copy
+    std::shared_ptr<Job> job = queue_.front();
+    const size_t begin = job->next.fetch_add(job->batch);
+    if (begin >= job->num_items) {
+      if (!queue_.empty() && queue_.front() == job) queue_.pop_front();
+      continue;
+    }
+    const size_t end = std::min(job->num_items, begin + job->batch);
+    lk.unlock();
+    run_items(*job, begin, end);
+    const size_t done = job->finished.fetch_add(end - begin) + (end - begin);
+    lk.lock();
+    if (done == job->num_items) {
+      job->complete = true;
+      done_cv_.notify_all();
+    }
+  }
+}
+
+bool HostCopyEngine::wait(uint64_t job_id, int64_t timeout_us) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) throw std::out_of_range("unknown copy job " + std::to_string(job_id));
+  std::shared_ptr<Job> job = it->second;
+  auto finished = [&job] { return job->complete; };
+  if (timeout_us < 0) {
+    done_cv_.wait(lk, finished);
+  } else if (!done_cv_.wait_for(lk, std::chrono::microseconds(timeout_us), finished)) {
+    return false;
+  }
+  jobs_.erase(job_id);
+  return true;
+}
+
+bool HostCopyEngine::done(uint64_t job_id) {
+  std::lock_guard<std::mutex> g(mu_);
+  auto it = jobs_.find(job_id);
+  if (it == jobs_.end()) throw std::out_of_range("unknown copy job " + std::to_string(job_id));
+  return it->second->complete;
+}
+
+void HostCopyEngine::copy(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
+                          const int64_t* engine_blocks, const int64_t* host_blocks, size_t n) {
+  wait(submit(dir, layout, host, engine_blocks, host_blocks, n), -1);
+}
+
+}  // namespace flexkv

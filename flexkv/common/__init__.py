@@ -1,0 +1,1 @@
+"""``flexkv.common``: the module paths upstream FlexKV users and engine hooks import."""

@@ -1,0 +1,27 @@
+"""Builds the C++ core's unit tests (with AddressSanitizer and UBSan) and runs them with ctest."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_cpp_unit_tests_pass_under_sanitizers() -> None:
+    cmake = shutil.which("cmake")
+    assert cmake, "cmake is required to build the C++ tests (apt-get install cmake)"
+    build = REPO / "build" / "ctest-sanitize"
+    subprocess.run([cmake, "-S", str(REPO), "-B", str(build), "-DFLEXKV_BUILD_PYTHON=OFF",
+                    "-DFLEXKV_BUILD_TESTS=ON", "-DFLEXKV_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug"],
+                   check=True, capture_output=True, text=True)
+    subprocess.run([cmake, "--build", str(build), "-j2"], check=True, capture_output=True, text=True)
+    run = subprocess.run(["ctest", "--output-on-failure"], cwd=build, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "100% tests passed" in run.stdout
+    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "shm_region"):
+        assert f"{name} " in run.stdout, f"ctest did not run {name}"
