@@ -2,26 +2,38 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import uuid
+import weakref
 
 import numpy as np
 
 from flexkv import _core
 
+logger = logging.getLogger("flexkv")
+
+_SHM_DIR = "/dev/shm"
+_SHM_NAME = re.compile(r"^flexkv-(\d+)-[0-9a-f]{12}$")
+
 
 class CpuTier:
     """``num_blocks`` host blocks of ``block_bytes`` each, in one shared-memory segment.
 
-    The segment is named so that engine worker processes can map it; it is
-    removed when the tier closes (or its owning process exits normally).
+    The segment is named ``/flexkv-<pid>-<random>`` so that engine worker
+    processes can map it. It is removed when the tier closes or the process
+    exits; segments left by a process that was killed are removed by the next
+    tier created on the machine.
     """
 
     def __init__(self, num_blocks: int, block_bytes: int, evict_ratio: float, huge_pages: bool = False) -> None:
         self.num_blocks = int(num_blocks)
         self.block_bytes = int(block_bytes)
+        remove_orphaned_segments()
         self.shm_name = f"/flexkv-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self.region = _core.ShmRegion.create(self.shm_name, self.num_blocks * self.block_bytes, huge_pages)
+        self._finalizer = weakref.finalize(self, self.region.close)
         self.index = _core.RadixIndex(self.num_blocks, float(evict_ratio))
 
     @property
@@ -33,4 +45,35 @@ class CpuTier:
         return self.region.as_array().reshape(self.num_blocks, self.block_bytes)
 
     def close(self) -> None:
-        self.region.close()
+        self._finalizer()
+
+
+def remove_orphaned_segments(shm_dir: str = _SHM_DIR) -> list[str]:
+    """Unlinks CPU-tier segments whose creating process no longer exists; returns their names."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = _SHM_NAME.match(name)
+        if m is None or _alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(shm_dir, name))
+            removed.append(name)
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d shared-memory segment(s) left by exited processes: %s", len(removed), removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

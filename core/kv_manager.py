@@ -71,17 +71,18 @@ class KVManager:
             raise TypeError(f"cache_config must be a flexkv CacheConfig, got {type(cache_config).__name__}")
         model_config.validate()
         cache_config.validate()
+        resolved = cache_config.resolved(model_config)
         if model_config.dp_size != 1 or dp_client_id != 0:
             raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
                               "not have; run one KVManager per data-parallel rank with dp_size=1")
-        if cache_config.enable_ssd:
+        if resolved.enable_ssd:
             raise FlexKVError("cache_config.enable_ssd: this version has no SSD tier yet; set enable_ssd to false "
                               "(or drop ssd_cache_gb) to run with the CPU tier")
-        if cache_config.enable_remote:
+        if resolved.enable_remote:
             raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
                               "to false to run with the CPU tier")
         self.model_config = model_config
-        self.cache_config = cache_config.resolved(model_config)
+        self.cache_config = resolved
         self.tokens_per_block = self.cache_config.tokens_per_block
         self.block_bytes = model_config.block_bytes(self.tokens_per_block)
         self.server_recv_port = server_recv_port
@@ -244,9 +245,12 @@ class KVManager:
                layerwise_transfer: bool = False, counter_id: int = 0) -> list[int]:
         """Starts the copies of matched tasks. ``slot_mappings[i]`` holds the engine slots
         (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks."""
-        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else list(task_ids)
+        ids = _task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or _is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]
+        if not isinstance(slot_mappings, (list, tuple)):
+            raise TaskError("launch: slot_mappings must be an array of engine slots or a list of them, one per "
+                            f"task; got {type(slot_mappings).__name__}")
         slots_list = list(slot_mappings)
         if len(slots_list) != len(ids):
             raise TaskError(f"launch: {len(ids)} task ids but {len(slots_list)} slot mappings")
@@ -299,7 +303,7 @@ class KVManager:
              ) -> dict[int, KVResponse]:
         """Waits up to ``timeout`` seconds for the tasks to end. A task that ended is reported once and
         forgotten; an unknown id is NOTFOUND, a matched but unlaunched task UNREADY, one still running TIMEOUT."""
-        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
+        ids = _task_ids(task_ids)
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self._cond:
             while True:
@@ -312,15 +316,14 @@ class KVManager:
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
-        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
+        ids = _task_ids(task_ids)
         with self._cond:
             return {i: self._report(i) for i in ids
                     if not (i in self._tasks and self._tasks[i].state is TaskState.RUNNING)}
 
     def cancel(self, task_ids: int | Iterable[int]) -> None:
         """Cancels tasks not yet launched and unlocks their blocks. Running tasks finish normally."""
-        ids = [task_ids] if isinstance(task_ids, (int, np.integer)) else [int(t) for t in task_ids]
-        for i in ids:
+        for i in _task_ids(task_ids):
             with self._cond:
                 task = self._tasks.get(i)
                 if task is None or task.state is not TaskState.UNREADY:
@@ -447,15 +450,23 @@ class KVManager:
 
     def _match_and_launch(self, match: Any, token_ids: Any, slot_mapping: Any, token_mask: Any,
                           namespace: Sequence[str] | str | None) -> int:
-        tokens, mask_in, _ = self._check_tokens(token_ids, token_mask)
+        tokens, mask_in, first = self._check_tokens(token_ids, token_mask)
         if mask_in is None:
             mask_in = np.ones(len(tokens), dtype=bool)
         slots = _as_array(slot_mapping, "slot_mapping")
-        if slots.shape != (int(mask_in.sum()),):
-            raise TaskError(f"slot_mapping has shape {slots.shape}; it must hold one slot per token that "
-                            f"token_mask marks ({int(mask_in.sum())})")
+        if slots.ndim != 1 or len(slots) != int(mask_in.sum()) or not np.issubdtype(slots.dtype, np.integer):
+            raise TaskError(f"slot_mapping has shape {slots.shape} dtype {slots.dtype}; it must hold one integer "
+                            f"slot per token that token_mask marks ({int(mask_in.sum())})")
+        # Whole blocks move: when token_mask starts inside a block, that block's leading slots follow from
+        # the first given slot (a block's slots are consecutive).
+        full = np.full(len(tokens), -1, dtype=np.int64)
+        full[mask_in] = slots
+        if len(slots):
+            start = int(np.argmax(mask_in))
+            lead = np.arange(first * self.tokens_per_block, start)
+            full[lead] = full[start] - (start - lead)
         task_id, mask = match(tokens, mask_in, namespace)
-        self.launch(task_id, slots[mask[mask_in]])
+        self.launch(task_id, full[mask])
         return task_id
 
     def _complete_loop(self) -> None:
@@ -504,6 +515,17 @@ class KVManager:
             return KVResponse(KVResponseStatus.TIMEOUT, task_id, None)
         del self._tasks[task_id]
         return KVResponse(task.state.response_status(), task_id, task.mask, task.error)
+
+
+def _task_ids(task_ids: int | Iterable[int], unique: bool = True) -> list[int]:
+    """Task ids as a list in the order given, without repeats when unique."""
+    if isinstance(task_ids, (int, np.integer)):
+        return [int(task_ids)]
+    try:
+        ids = [int(t) for t in task_ids]
+        return list(dict.fromkeys(ids)) if unique else ids
+    except (TypeError, ValueError) as e:
+        raise TaskError(f"task_ids must be an int or a list of ints, got {task_ids!r}") from e
 
 
 def _is_tensor(x: Any) -> bool:
