@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .chat_workload import ChatWorkloadSpec, chat_requests
-from .config import MODEL_PRESETS, CacheConfig, ModelConfig, load_config
+from .config import MODEL_PRESETS, CacheConfig, ModelConfig
+from .config_file import load_config
 from .errors import FlexKVError
 from .kv_manager import KVManager
 from .layout import EngineLayout

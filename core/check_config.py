@@ -10,17 +10,10 @@ import dataclasses
 import os
 import sys
 
-from .config import (
-    MODEL_PRESETS,
-    ModelConfig,
-    check_resources,
-    describe,
-    env_override_names,
-    load_config,
-    model_preset,
-    resolve_config_path,
-)
+from .config import MODEL_PRESETS, ModelConfig, model_preset
+from .config_file import env_override_names, load_config, resolve_config_path
 from .errors import ConfigError
+from .resources import check_resources, describe
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,11 +24,12 @@ import numpy as np
 
 from flexkv import _core
 
-from .config import CacheConfig, ModelConfig, require_resources
+from .config import CacheConfig, ModelConfig, canonical_dtype_name
 from .cpu_tier import CpuTier
 from .errors import FlexKVError, LayoutError, TaskError
 from .layout import EngineLayout, KVCacheLayout
 from .request import KVResponse, KVResponseStatus
+from .resources import require_resources
 from .task import Task, TaskState, TaskType
 
 logger = logging.getLogger("flexkv")
@@ -164,6 +165,11 @@ class KVManager:
                                   f"model_config ({self.model_config.num_layers} layers, "
                                   f"use_mla={self.model_config.use_mla})")
             layout = EngineLayout.from_kv_layout(kv_caches, kv_layout)
+            for i, t in enumerate(kv_caches if isinstance(kv_caches, (list, tuple)) else [kv_caches]):
+                got = canonical_dtype_name(t.dtype, f"kv_caches[{i}].dtype")
+                if got != self.model_config.dtype_name:
+                    raise LayoutError(f"kv_caches[{i}] has dtype {got}, model_config.dtype is "
+                                      f"{self.model_config.dtype_name}; register the tensors the model writes")
         else:
             raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
                               f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
@@ -194,15 +200,14 @@ class KVManager:
         if skip:
             tier.index.release(ids[:skip])
         load = ids[skip:]
-        mask = np.zeros(len(tokens), dtype=bool)
+        task = self._new_task(TaskType.GET, len(tokens), np.arange(first, first + len(load), dtype=np.int64), load,
+                              load)
         tpb = self.tokens_per_block
-        mask[first * tpb:(first + len(load)) * tpb] = True
-        task = self._new_task(TaskType.GET, mask, np.arange(first, first + len(load), dtype=np.int64), load, load)
         with self._cond:
             self.stats.get_requests += 1
             self.stats.get_query_tokens += max(0, len(keys) - first) * tpb
             self.stats.get_hit_tokens += len(load) * tpb
-        return task.id, mask
+        return task.id, task.token_mask()
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Sequence[str] | str | None = None,
                   ) -> tuple[int, np.ndarray]:
@@ -215,9 +220,9 @@ class KVManager:
         tier = self._require_started()
         keys = self._keys(tokens, namespace)
         if first >= len(keys):
-            task = self._new_task(TaskType.PUT, np.zeros(len(tokens), dtype=bool), np.zeros(0, dtype=np.int64),
+            task = self._new_task(TaskType.PUT, len(tokens), np.zeros(0, dtype=np.int64),
                                   _EMPTY_IDS, _EMPTY_IDS)
-            return task.id, task.mask
+            return task.id, task.token_mask()
         ids, is_new = tier.index.reserve(keys)
         # A new block before the mask has no data to write; nothing after it can be stored either.
         cut = np.flatnonzero(is_new[:first])
@@ -227,17 +232,13 @@ class KVManager:
         new_blocks = np.flatnonzero(is_new[:end]).astype(np.int64)
         host_ids = ids[new_blocks]
         tpb = self.tokens_per_block
-        mask = np.zeros(len(tokens), dtype=bool)
-        block_mask = np.zeros(len(tokens) // tpb, dtype=bool)
-        block_mask[new_blocks] = True
-        mask[: len(block_mask) * tpb] = np.repeat(block_mask, tpb)
-        task = self._new_task(TaskType.PUT, mask, new_blocks, host_ids, host_ids)
+        task = self._new_task(TaskType.PUT, len(tokens), new_blocks, host_ids, host_ids)
         with self._cond:
             self.stats.put_requests += 1
             self.stats.put_new_tokens += len(new_blocks) * tpb
             self.stats.put_cached_tokens += (end - len(new_blocks) - min(first, end)) * tpb
             self.stats.put_dropped_tokens += (len(keys) - max(end, first)) * tpb
-        return task.id, mask
+        return task.id, task.token_mask()
 
     # ------------------------------------------------------------------- launch
 
@@ -293,7 +294,7 @@ class KVManager:
         the task completes at once."""
         tokens, _, _ = self._check_tokens(token_ids, None)
         self._require_started()
-        task = self._new_task(TaskType.PREFETCH, np.zeros(len(tokens), dtype=bool), np.zeros(0, dtype=np.int64),
+        task = self._new_task(TaskType.PREFETCH, len(tokens), np.zeros(0, dtype=np.int64),
                               _EMPTY_IDS, _EMPTY_IDS)
         return task.id
 
@@ -395,10 +396,10 @@ class KVManager:
             self._seeds[ns] = seed
         return _core.chain_block_keys(seed, tokens, self.tokens_per_block)
 
-    def _new_task(self, kind: TaskType, mask: np.ndarray, copy_blocks: np.ndarray, host_ids: np.ndarray,
+    def _new_task(self, kind: TaskType, seq_len: int, copy_blocks: np.ndarray, host_ids: np.ndarray,
                   locked: np.ndarray) -> Task:
         with self._cond:
-            task = Task(self._next_task_id, kind, mask, copy_blocks, host_ids, locked,
+            task = Task(self._next_task_id, kind, seq_len, copy_blocks, host_ids, locked,
                         tokens_per_block=self.tokens_per_block)
             self._next_task_id += 1
             if len(host_ids) == 0:
@@ -514,7 +515,7 @@ class KVManager:
         if task.state is TaskState.RUNNING:
             return KVResponse(KVResponseStatus.TIMEOUT, task_id, None)
         del self._tasks[task_id]
-        return KVResponse(task.state.response_status(), task_id, task.mask, task.error)
+        return KVResponse(task.state.response_status(), task_id, task.token_mask(), task.error)
 
 
 def _task_ids(task_ids: int | Iterable[int], unique: bool = True) -> list[int]:

@@ -44,12 +44,12 @@ _STATUS = {
 @dataclass
 class Task:
     """A task's plan. ``host_ids[i]`` is the CPU block that block ``copy_blocks[i]`` of the sequence moves
-    to or from; ``locked`` are the CPU blocks this task holds locked until it ends. ``mask`` is the array the
-    match returned to the caller (not copied); the plan never reads it back."""
+    to or from; ``locked`` are the CPU blocks this task holds locked until it ends. ``seq_len`` is the
+    number of tokens the match was asked about."""
 
     id: int
     type: TaskType
-    mask: np.ndarray
+    seq_len: int
     copy_blocks: np.ndarray
     host_ids: np.ndarray
     locked: np.ndarray
@@ -66,3 +66,11 @@ class Task:
     def num_tokens(self) -> int:
         """Tokens the task moves: whole blocks only."""
         return len(self.copy_blocks) * self.tokens_per_block
+
+    def token_mask(self) -> np.ndarray:
+        """A new bool array over the sequence, True for the tokens of the blocks the task moves."""
+        mask = np.zeros(self.seq_len, dtype=bool)
+        tpb = self.tokens_per_block
+        whole = self.seq_len // tpb
+        mask[: whole * tpb].reshape(whole, tpb)[self.copy_blocks] = True
+        return mask

@@ -3,7 +3,8 @@
 The public names; the implementation lives in ``flexkv.core``.
 """
 
-from flexkv.core.config import CacheConfig, FlexKVConfig, ModelConfig, load_config
+from flexkv.core.config import CacheConfig, FlexKVConfig, ModelConfig
+from flexkv.core.config_file import load_config
 from flexkv.core.kv_manager import KVManager
 from flexkv.core.layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 from flexkv.core.request import KVResponse, KVResponseStatus

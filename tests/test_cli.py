@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from flexkv.core.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,4 +1,4 @@
-"""Tests of flexkv.core.config (the config model, loader, env overrides, resource check) and check-config."""
+"""Tests of flexkv.core.config (the config model), config_file (loader, env overrides), resources, check-config."""
 
 from __future__ import annotations
 
@@ -10,21 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from flexkv.core import check_config
-from flexkv.core import config as cfg
-from flexkv.core.config import (
-    MODEL_PRESETS,
-    CacheConfig,
-    FlexKVConfig,
-    ModelConfig,
-    check_resources,
-    describe,
-    load_config,
-    model_preset,
-    require_resources,
-    strip_json_comments,
-)
+from flexkv.core import resources as resources_module
+from flexkv.core.config import MODEL_PRESETS, CacheConfig, FlexKVConfig, ModelConfig, model_preset
+from flexkv.core.config_file import load_config, strip_json_comments
 from flexkv.core.errors import ConfigError, FlexKVError
+from flexkv.core.resources import check_resources, describe, require_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"
@@ -774,16 +766,16 @@ def test_describe_with_model_lists_every_key_and_bytes() -> None:
 
 @pytest.fixture
 def roomy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "read_mem_available", lambda: 1024 * GiB)
-    monkeypatch.setattr(cfg, "read_shm_free", lambda: 1024 * GiB)
-    monkeypatch.setattr(cfg, "read_disk_free", lambda path: 1 << 50)
+    monkeypatch.setattr(resources_module, "read_mem_available", lambda: 1024 * GiB)
+    monkeypatch.setattr(resources_module, "read_shm_free", lambda: 1024 * GiB)
+    monkeypatch.setattr(resources_module, "read_disk_free", lambda path: 1 << 50)
 
 
 @pytest.fixture
 def small_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(cfg, "read_mem_available", lambda: 1 * GiB)
-    monkeypatch.setattr(cfg, "read_shm_free", lambda: 1 * GiB)
-    monkeypatch.setattr(cfg, "read_disk_free", lambda path: 1 * GiB)
+    monkeypatch.setattr(resources_module, "read_mem_available", lambda: 1 * GiB)
+    monkeypatch.setattr(resources_module, "read_shm_free", lambda: 1 * GiB)
+    monkeypatch.setattr(resources_module, "read_disk_free", lambda path: 1 * GiB)
 
 
 def test_check_config_good_file(capsys: pytest.CaptureFixture[str], roomy_machine: None) -> None:

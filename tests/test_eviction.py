@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from kv_helpers import assert_no_locks, bitwise_equal, poison, random_tokens, slots_for, store
 
 from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, ModelConfig
+
+from kv_helpers import assert_no_locks, bitwise_equal, poison, random_tokens, slots_for, store
 
 TPB, ENGINE_BLOCKS = 16, 64
 

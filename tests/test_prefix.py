@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from kv_helpers import assert_no_locks, bitwise_equal, load, poison, random_tokens, store
 
 from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, ModelConfig
+
+from kv_helpers import assert_no_locks, bitwise_equal, load, poison, random_tokens, store
 
 TPB, BLOCKS = 16, 32
 

@@ -7,9 +7,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from kv_helpers import assert_no_locks, bitwise_equal, load, poison, random_tokens, slots_for, store
 
 from flexkv import CacheConfig, EngineLayout, KVCacheLayout, KVCacheLayoutType, KVManager, ModelConfig
+
+from kv_helpers import assert_no_locks, bitwise_equal, load, poison, random_tokens, slots_for, store
 
 LAYERS, HEADS, HEAD, NUM_BLOCKS = 3, 2, 8, 24
 

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = [
     "flexkv", "flexkv.kvmanager", "flexkv.config", "flexkv.common.config", "flexkv.common.storage",
     "flexkv.common.request", "flexkv.adapters", "flexkv.core.kv_manager", "flexkv.core.config",
+    "flexkv.core.config_file", "flexkv.core.resources",
     "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core",
 ]
 
