@@ -5,17 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
-if ! [ -f /usr/include/xxhash.h ] && command -v apt-get >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && apt-get install -y -qq libxxhash-dev cmake g++ >/dev/null
+missing=()
+[ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+command -v cmake >/dev/null 2>&1 || missing+=(cmake)
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "build.sh: xxhash.h is missing; run: sudo apt-get install libxxhash-dev" >&2
+    echo "build.sh: missing ${missing[*]}; install them (Debian/Ubuntu: sudo apt-get install ${missing[*]})" >&2
     exit 1
   fi
 fi
 
 python -m pip install -q .
 if [ "${1:-}" = "--dev" ]; then
-  # torch is pinned to the CPU wheel the engines' CPU builds use; the core itself does not need it.
+  # torch 2.13.0 is the version vLLM's CPU build pins; the tests use it for engine tensors (the core does not).
   python -m pip install -q "torch==2.13.0" "pytest>=8" "ruff>=0.6" "matplotlib>=3.6" "build>=1.0"
 fi

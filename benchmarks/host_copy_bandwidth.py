@@ -11,20 +11,12 @@ number of bytes between two contiguous buffers, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 from flexkv import _core
 
-
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+from timing import best_of
 
 
 def run(chunk: int, total: int, threads: int, repeat: int, layers: int = 4) -> dict[str, float]:

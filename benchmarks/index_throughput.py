@@ -18,18 +18,10 @@ import numpy as np
 
 from flexkv import CacheConfig, KVManager, ModelConfig, _core
 
+from timing import best_of
+
 MATCH_BUDGET_US = 100.0
 INSERT_GOAL_PER_S = 2e6
-
-
-def best_of(fn, repeat: int) -> float:
-    """The fastest of `repeat` runs, in seconds (the least disturbed by the rest of the machine)."""
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def bench_block_size(tokens: np.ndarray, tpb: int, repeat: int) -> dict[str, float]:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .chat_workload import ChatWorkloadSpec, chat_requests
-from .config import MODEL_PRESETS, CacheConfig, ModelConfig
+from .config import MODEL_PRESETS, CacheConfig, ModelConfig, format_bytes
 from .config_file import load_config
 from .errors import FlexKVError
 from .kv_manager import KVManager
@@ -95,7 +95,7 @@ def format_table(results: list[BenchResult]) -> str:
     head = ("config", "capacity", "block size", "hit rate", "transfer p50/p99", "throughput")
     rows = [head]
     for r in results:
-        rows.append((r.name, f"{r.num_cpu_blocks} blocks ({_human(r.capacity_bytes)})", str(r.tokens_per_block),
+        rows.append((r.name, f"{r.num_cpu_blocks} blocks ({format_bytes(r.capacity_bytes)})", str(r.tokens_per_block),
                      f"{100 * r.hit_rate:.1f}%", f"{r.transfer_p50_ms:.2f} / {r.transfer_p99_ms:.2f} ms",
                      f"{r.requests_per_s:.0f} req/s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -192,10 +192,3 @@ def main(args: argparse.Namespace) -> int:
         print(f"plot: {args.plot}")
     return 0
 
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"

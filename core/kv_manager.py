@@ -11,8 +11,8 @@ it unreadable until it is rewritten or evicted).
 
 from __future__ import annotations
 
+import json
 import logging
-import queue
 import threading
 import time
 from collections import OrderedDict
@@ -26,7 +26,7 @@ from flexkv import _core
 
 from .config import CacheConfig, ModelConfig, canonical_dtype_name
 from .cpu_tier import CpuTier
-from .errors import FlexKVError, LayoutError, TaskError
+from .errors import ConfigError, FlexKVError, LayoutError, TaskError
 from .layout import EngineLayout, KVCacheLayout
 from .request import KVResponse, KVResponseStatus
 from .resources import require_resources
@@ -35,6 +35,7 @@ from .task import Task, TaskState, TaskType
 logger = logging.getLogger("flexkv")
 
 _MAX_FINISHED_TASKS = 100_000
+_MAX_BLOCKS = 2**31 - 1  # block ids are int32
 _EMPTY_IDS = np.zeros(0, dtype=np.int32)
 
 
@@ -47,6 +48,7 @@ class KVManagerStats:
     put_new_tokens: int = 0     # tokens whose blocks a put stores
     put_cached_tokens: int = 0  # tokens a put skipped because they were cached or being stored
     put_dropped_tokens: int = 0  # tokens a put could not store: no block could be freed for them
+    put_no_prefix_tokens: int = 0  # tokens a put could not store: the blocks before its mask are not cached
     tasks_failed: int = 0
     tasks_cancelled: int = 0
 
@@ -61,6 +63,8 @@ class KVManager:
     ``layout_tag`` names the engine's byte order inside a block; engines whose
     blocks are laid out differently must use different tags so they never share
     blocks. ``namespace`` is a salt shared by all of this manager's requests.
+    ``server_recv_port``, ``gpu_register_port`` and ``event_collector`` are
+    accepted for FlexKV compatibility; the in-process manager does not use them.
     """
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dp_client_id: int = 0,
@@ -82,6 +86,12 @@ class KVManager:
         if resolved.enable_remote:
             raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
                               "to false to run with the CPU tier")
+        if resolved.num_cpu_blocks > _MAX_BLOCKS:
+            raise ConfigError(f"cache_config.num_cpu_blocks = {resolved.num_cpu_blocks} exceeds {_MAX_BLOCKS}, the "
+                              "most one tier can index; use larger blocks (tokens_per_block) or fewer of them",
+                              "cache_config.num_cpu_blocks")
+        if isinstance(num_copy_threads, bool) or not isinstance(num_copy_threads, int) or num_copy_threads < 1:
+            raise TaskError(f"num_copy_threads must be a positive int, got {num_copy_threads!r}")
         self.model_config = model_config
         self.cache_config = resolved
         self.tokens_per_block = self.cache_config.tokens_per_block
@@ -89,18 +99,21 @@ class KVManager:
         self.server_recv_port = server_recv_port
         self.gpu_register_port = gpu_register_port
         self.event_collector = event_collector
-        self.num_copy_threads = int(num_copy_threads)
-        self._base_namespace = "|".join(("flexkv-v1", model_config.fingerprint(), f"tpb={self.tokens_per_block}",
-                                         f"layout={layout_tag}", f"ns={namespace}"))
+        self.num_copy_threads = num_copy_threads
+        # Namespace parts are JSON-encoded, so no choice of salt strings can make two namespaces equal.
+        self._base_namespace = ["flexkv-v1", model_config.fingerprint(), self.tokens_per_block, layout_tag,
+                                namespace]
         self._seeds: dict[tuple[str, ...], np.ndarray] = {}
         self._cond = threading.Condition()
         self._tasks: OrderedDict[int, Task] = OrderedDict()
+        self._running: dict[int, Task] = {}  # copy job id -> task
         self._next_task_id = 1
         self._tier: CpuTier | None = None
         self._copy: Any = None
         self._engine: EngineLayout | None = None
-        self._done_queue: queue.Queue[Task | None] = queue.Queue()
         self._completer: threading.Thread | None = None
+        self._closing = False   # shutdown() has begun: no launch may start
+        self._launching = 0     # launch() calls between claiming tasks and queuing their copies
         self.stats = KVManagerStats()
 
     # ----------------------------------------------------------------- lifecycle
@@ -110,28 +123,31 @@ class KVManager:
         if self._tier is not None:
             return
         require_resources(self.cache_config, self.model_config)
-        self._tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
-                             self.cache_config.use_hugepage_cpu_buffer)
-        self._copy = _core.HostCopyEngine(self.num_copy_threads)
+        copy = _core.HostCopyEngine(self.num_copy_threads)
+        tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
+                       self.cache_config.use_hugepage_cpu_buffer)
+        self._copy, self._tier, self._closing = copy, tier, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
         logger.info("FlexKV CPU tier: %d blocks x %d bytes in %s", self.cache_config.num_cpu_blocks,
-                    self.block_bytes, self._tier.shm_name)
+                    self.block_bytes, tier.shm_name)
 
     def is_ready(self) -> bool:
         """True once started and the engine's KV memory is registered."""
         return self._tier is not None and self._engine is not None
 
     def shutdown(self) -> None:
-        """Cancels tasks not yet launched, waits for copies in flight, frees the CPU tier."""
-        if self._tier is None:
-            return
+        """Refuses new launches, cancels tasks not yet launched, waits for copies in flight, frees the CPU tier."""
         with self._cond:
+            if self._tier is None or self._closing:
+                return
+            self._closing = True
+            while self._launching:
+                self._cond.wait()
             unlaunched = [t.id for t in self._tasks.values() if t.state is TaskState.UNREADY]
         self.cancel(unlaunched)
-        self._done_queue.put(None)
         assert self._completer is not None
-        self._completer.join()
+        self._completer.join()  # returns once every running copy has completed
         self._completer = None
         self._copy = None
         self._tier.close()
@@ -180,6 +196,7 @@ class KVManager:
             raise LayoutError(f"the registered KV memory holds {layout.block_bytes} bytes per block, but model_config "
                               f"and tokens_per_block={self.tokens_per_block} give {self.block_bytes}; check "
                               "num_layers, num_kv_heads, head_size, dtype and use_mla")
+        layout.validate()
         self._engine = layout
 
     # -------------------------------------------------------------------- match
@@ -194,14 +211,8 @@ class KVManager:
         tokens, _, first = self._check_tokens(token_ids, token_mask)
         tier = self._require_started()
         keys = self._keys(tokens, namespace)
-        ids = tier.index.acquire(keys)
-        # The blocks the engine already holds are not loaded: unlock them now.
-        skip = min(first, len(ids))
-        if skip:
-            tier.index.release(ids[:skip])
-        load = ids[skip:]
-        task = self._new_task(TaskType.GET, len(tokens), np.arange(first, first + len(load), dtype=np.int64), load,
-                              load)
+        _, load = tier.index.acquire(keys, min(first, len(keys)))
+        task = self._new_task(TaskType.GET, len(tokens), np.arange(first, first + len(load), dtype=np.int64), load)
         tpb = self.tokens_per_block
         with self._cond:
             self.stats.get_requests += 1
@@ -213,31 +224,28 @@ class KVManager:
                   ) -> tuple[int, np.ndarray]:
         """Reserves CPU blocks for the masked tokens' blocks that are not cached yet.
 
-        Returns (task_id, mask of the tokens to store). Blocks before the mask must already be cached
-        (they are the prefix the new blocks hang off); the put stops at the first one that is not.
+        Returns (task_id, mask of the tokens to store). The blocks before the mask must already be cached
+        (they are the prefix the new blocks hang off); if they are not, the put stores nothing.
         """
         tokens, _, first = self._check_tokens(token_ids, token_mask)
         tier = self._require_started()
         keys = self._keys(tokens, namespace)
         if first >= len(keys):
-            task = self._new_task(TaskType.PUT, len(tokens), np.zeros(0, dtype=np.int64),
-                                  _EMPTY_IDS, _EMPTY_IDS)
-            return task.id, task.token_mask()
-        ids, is_new = tier.index.reserve(keys)
-        # A new block before the mask has no data to write; nothing after it can be stored either.
-        cut = np.flatnonzero(is_new[:first])
-        end = int(cut[0]) if len(cut) else len(ids)
-        if end < len(ids):
-            tier.index.release(ids[end:][is_new[end:]])
-        new_blocks = np.flatnonzero(is_new[:end]).astype(np.int64)
-        host_ids = ids[new_blocks]
+            ids, is_new = _EMPTY_IDS, np.zeros(0, dtype=bool)
+        else:
+            ids, is_new = tier.index.reserve(keys, first)
+        new_blocks = np.flatnonzero(is_new).astype(np.int64)
+        task = self._new_task(TaskType.PUT, len(tokens), new_blocks, ids[new_blocks])
         tpb = self.tokens_per_block
-        task = self._new_task(TaskType.PUT, len(tokens), new_blocks, host_ids, host_ids)
+        asked = max(0, len(keys) - first)
         with self._cond:
             self.stats.put_requests += 1
             self.stats.put_new_tokens += len(new_blocks) * tpb
-            self.stats.put_cached_tokens += (end - len(new_blocks) - min(first, end)) * tpb
-            self.stats.put_dropped_tokens += (len(keys) - max(end, first)) * tpb
+            if len(ids) < first:
+                self.stats.put_no_prefix_tokens += asked * tpb
+            else:
+                self.stats.put_cached_tokens += (len(ids) - first - len(new_blocks)) * tpb
+                self.stats.put_dropped_tokens += (len(keys) - len(ids)) * tpb
         return task.id, task.token_mask()
 
     # ------------------------------------------------------------------- launch
@@ -245,39 +253,39 @@ class KVManager:
     def launch(self, task_ids: int | Sequence[int], slot_mappings: Any, as_batch: bool = False,
                layerwise_transfer: bool = False, counter_id: int = 0) -> list[int]:
         """Starts the copies of matched tasks. ``slot_mappings[i]`` holds the engine slots
-        (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks."""
+        (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks.
+
+        The call is all or nothing, and a TaskError names the culprit: if an id is unknown or was launched
+        before, nothing is launched and the other tasks stay as they were (launch or cancel them); if a
+        slot mapping is bad, no copy starts and every task of the call ends FAILED with its blocks unlocked.
+        """
+        if as_batch or layerwise_transfer:
+            raise TaskError("launch: as_batch and layerwise_transfer are not supported by the CPU data plane; "
+                            "launch tasks one by one")
         ids = _task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or _is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]
         if not isinstance(slot_mappings, (list, tuple)):
             raise TaskError("launch: slot_mappings must be an array of engine slots or a list of them, one per "
                             f"task; got {type(slot_mappings).__name__}")
-        slots_list = list(slot_mappings)
-        if len(slots_list) != len(ids):
-            raise TaskError(f"launch: {len(ids)} task ids but {len(slots_list)} slot mappings")
-        engine = self._engine
-        launched: list[int] = []
-        for task_id, slots in zip(ids, slots_list):
-            task = self._claim_for_launch(int(task_id))
-            if task is None:
-                launched.append(int(task_id))
-                continue
+        if len(slot_mappings) != len(ids):
+            raise TaskError(f"launch: {len(ids)} task ids but {len(slot_mappings)} slot mappings")
+        tasks = self._claim_for_launch(ids)
+        try:
             try:
-                if engine is None:
-                    raise TaskError("launch: no KV memory registered; call register_kv_caches first")
-                engine_blocks = self._engine_blocks(slots, task, engine.num_blocks)
-                direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
-                tier = self._require_started()
-                task.job_id = self._copy.submit(direction, engine.segments, engine.num_blocks, tier.base,
-                                                tier.block_bytes, tier.num_blocks, engine_blocks,
-                                                task.host_ids.astype(np.int64))
-            except Exception as e:
-                self._finish(task, TaskState.FAILED, f"launch failed: {e}")
-                raise TaskError(f"task {task.id}: {e}") from e
-            task.launched = time.monotonic()
-            self._done_queue.put(task)
-            launched.append(task.id)
-        return launched
+                engine = self._engine
+                plans = [self._engine_blocks(slots, task, engine) for task, slots in zip(tasks, slot_mappings)]
+            except TaskError as e:
+                for task in tasks:
+                    if task.state is TaskState.RUNNING:
+                        self._finish(task, TaskState.FAILED, f"launch failed: {e}")
+                raise
+            self._submit(tasks, plans)
+        finally:
+            with self._cond:
+                self._launching -= 1
+                self._cond.notify_all()
+        return ids
 
     def get_async(self, token_ids: Any, slot_mapping: Any, token_mask: Any = None,
                   namespace: Sequence[str] | str | None = None) -> int:
@@ -294,16 +302,16 @@ class KVManager:
         the task completes at once."""
         tokens, _, _ = self._check_tokens(token_ids, None)
         self._require_started()
-        task = self._new_task(TaskType.PREFETCH, len(tokens), np.zeros(0, dtype=np.int64),
-                              _EMPTY_IDS, _EMPTY_IDS)
-        return task.id
+        return self._new_task(TaskType.PREFETCH, len(tokens), np.zeros(0, dtype=np.int64), _EMPTY_IDS).id
 
     # --------------------------------------------------------------------- wait
 
     def wait(self, task_ids: int | Iterable[int], timeout: float = 20.0, completely: bool = False,
              ) -> dict[int, KVResponse]:
         """Waits up to ``timeout`` seconds for the tasks to end. A task that ended is reported once and
-        forgotten; an unknown id is NOTFOUND, a matched but unlaunched task UNREADY, one still running TIMEOUT."""
+        forgotten; an unknown id is NOTFOUND, a matched but unlaunched task UNREADY, one still running TIMEOUT.
+        ``completely`` is accepted for FlexKV compatibility: with the CPU tier alone a task is complete when
+        its copy is."""
         ids = _task_ids(task_ids)
         deadline = time.monotonic() + max(0.0, float(timeout))
         with self._cond:
@@ -341,8 +349,10 @@ class KVManager:
             busy = [t.id for t in self._tasks.values() if t.state in (TaskState.UNREADY, TaskState.RUNNING)]
             if busy:
                 raise TaskError(f"reset: tasks {busy[:8]} are unfinished; wait for or cancel them first")
-            tier.index.reset()
-            self._tasks.clear()
+            try:
+                tier.index.reset()
+            except RuntimeError as e:  # a match on another thread locked blocks just now
+                raise TaskError(f"reset: {e}; wait for or cancel the tasks holding them first") from e
 
     def cache_stats(self) -> dict[str, Any]:
         """Counters of this manager and of its CPU index."""
@@ -356,9 +366,10 @@ class KVManager:
     # ---------------------------------------------------------------- internals
 
     def _require_started(self) -> CpuTier:
-        if self._tier is None:
-            raise TaskError("KVManager is not started; call start() first")
-        return self._tier
+        tier = self._tier
+        if tier is None or self._closing:
+            raise TaskError("KVManager is not started (or is shutting down); call start() first")
+        return tier
 
     def _check_tokens(self, token_ids: Any, token_mask: Any) -> tuple[np.ndarray, np.ndarray | None, int]:
         """Validates a request; returns (int64 tokens, bool mask or None for all, index of the first block asked
@@ -392,62 +403,97 @@ class KVManager:
             ns = tuple(str(n) for n in namespace)
         seed = self._seeds.get(ns)
         if seed is None:
-            seed = _core.namespace_key(self._base_namespace + "|" + "\x1f".join(ns))
+            seed = _core.namespace_key(json.dumps([*self._base_namespace, *ns]))
             self._seeds[ns] = seed
         return _core.chain_block_keys(seed, tokens, self.tokens_per_block)
 
-    def _new_task(self, kind: TaskType, seq_len: int, copy_blocks: np.ndarray, host_ids: np.ndarray,
-                  locked: np.ndarray) -> Task:
+    def _new_task(self, kind: TaskType, seq_len: int, copy_blocks: np.ndarray, host_ids: np.ndarray) -> Task:
         with self._cond:
-            task = Task(self._next_task_id, kind, seq_len, copy_blocks, host_ids, locked,
-                        tokens_per_block=self.tokens_per_block)
+            task = Task(self._next_task_id, kind, seq_len, copy_blocks, host_ids, self.tokens_per_block)
             self._next_task_id += 1
             if len(host_ids) == 0:
                 task.state = TaskState.COMPLETED
                 task.finished = time.monotonic()
             self._tasks[task.id] = task
-            self._trim_finished()
+            if len(self._tasks) > _MAX_FINISHED_TASKS:
+                self._trim_finished()
         return task
 
     def _trim_finished(self) -> None:
-        while len(self._tasks) > _MAX_FINISHED_TASKS:
-            oldest = next(iter(self._tasks.values()))
-            if not oldest.state.final:
-                break
-            self._tasks.popitem(last=False)
+        """Forgets the oldest ended tasks nobody waited for, keeping the table bounded."""
+        excess = len(self._tasks) - _MAX_FINISHED_TASKS
+        for task_id in [t.id for t in self._tasks.values() if t.state.final][:excess]:
+            del self._tasks[task_id]
 
-    def _claim_for_launch(self, task_id: int) -> Task | None:
-        """Moves an UNREADY task to RUNNING; None for a task with nothing to copy."""
+    def _claim_for_launch(self, ids: list[int]) -> list[Task]:
+        """Takes every task of a launch (all or none) and counts the launch as in flight."""
         with self._cond:
-            task = self._tasks.get(task_id)
-            if task is None:
-                raise TaskError(f"launch: unknown task id {task_id}")
-            if task.state is TaskState.COMPLETED and len(task.host_ids) == 0:
-                return None
-            if task.state is not TaskState.UNREADY:
-                raise TaskError(f"launch: task {task_id} is {task.state.value}; a task is launched once, after "
-                                "get_match or put_match")
-            task.state = TaskState.RUNNING
-            return task
+            if self._tier is None or self._closing:
+                raise TaskError("launch: KVManager is not started (or is shutting down)")
+            tasks: list[Task] = []
+            for task_id in ids:
+                task = self._tasks.get(task_id)
+                if task is None:
+                    raise TaskError(f"launch: unknown task id {task_id}")
+                if not task.launchable() or task in tasks:
+                    raise TaskError(f"launch: task {task_id} is {task.state.value} and was launched before; a task "
+                                    "is launched once, after get_match or put_match")
+                tasks.append(task)
+            now = time.monotonic()
+            for task in tasks:
+                task.launched = now
+                if task.state is TaskState.UNREADY:
+                    task.state = TaskState.RUNNING
+            self._launching += 1
+            return tasks
 
-    def _engine_blocks(self, slots: Any, task: Task, engine_num_blocks: int) -> np.ndarray:
+    def _engine_blocks(self, slots: Any, task: Task, engine: EngineLayout | None) -> np.ndarray:
+        """The engine block of each block the task moves, from the slots of its masked tokens."""
         s = _as_array(slots, "slot_mapping")
         if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
-            raise TaskError(f"slot_mapping must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}")
-        tpb = self.tokens_per_block
+            raise TaskError(f"task {task.id}: slot_mapping must be a 1-D integer array, got shape {s.shape} "
+                            f"dtype {s.dtype}")
         n = task.num_tokens
         if len(s) != n:
-            raise TaskError(f"slot_mapping has {len(s)} slots but the task's mask marks {n} tokens")
+            raise TaskError(f"task {task.id}: slot_mapping has {len(s)} slots but the task's mask marks {n} tokens")
+        if n == 0:
+            return np.zeros(0, dtype=np.int64)
+        if engine is None:
+            raise TaskError("launch: no KV memory registered; call register_kv_caches first")
+        tpb = self.tokens_per_block
         s = s.astype(np.int64, copy=False).reshape(-1, tpb)
         first = s[:, 0]
         if (first % tpb).any() or (s != first[:, None] + np.arange(tpb)).any():
-            raise TaskError("slot_mapping must give each block's tokens consecutive slots starting at a multiple "
-                            f"of tokens_per_block={tpb}")
+            raise TaskError(f"task {task.id}: slot_mapping must give each block's tokens consecutive slots starting "
+                            f"at a multiple of tokens_per_block={tpb}")
         blocks = first // tpb
-        if blocks.min() < 0 or blocks.max() >= engine_num_blocks:
-            raise TaskError(f"slot_mapping addresses engine blocks {int(blocks.min())}..{int(blocks.max())}, "
-                            f"the registered KV memory has blocks 0..{engine_num_blocks - 1}")
+        if blocks.min() < 0 or blocks.max() >= engine.num_blocks:
+            raise TaskError(f"task {task.id}: slot_mapping addresses engine blocks {int(blocks.min())}.."
+                            f"{int(blocks.max())}, the registered KV memory has blocks 0..{engine.num_blocks - 1}")
+        if task.type is TaskType.GET and len(np.unique(blocks)) != len(blocks):
+            raise TaskError(f"task {task.id}: slot_mapping loads two blocks into the same engine block")
         return np.ascontiguousarray(blocks)
+
+    def _submit(self, tasks: list[Task], plans: list[np.ndarray]) -> None:
+        """Queues the copies of claimed, validated tasks; loads ahead of queued stores."""
+        tier, engine = self._tier, self._engine
+        assert tier is not None
+        with self._cond:  # the completer looks jobs up in _running under this lock
+            for k, (task, blocks) in enumerate(zip(tasks, plans)):
+                if task.state is not TaskState.RUNNING:
+                    continue  # nothing to copy: complete since the match
+                try:
+                    assert engine is not None
+                    direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
+                    task.job_id = self._copy.submit(direction, engine.segments, engine.num_blocks, tier.base,
+                                                    tier.block_bytes, tier.num_blocks, blocks,
+                                                    task.host_ids.astype(np.int64), task.type is TaskType.GET)
+                except Exception as e:  # the copy engine refused: end this task and those not yet queued
+                    for rest in tasks[k:]:
+                        if rest.state is TaskState.RUNNING:
+                            self._finish(rest, TaskState.FAILED, f"launch failed: {e}")  # _cond is reentrant
+                    raise TaskError(f"task {task.id}: {e}") from e
+                self._running[task.job_id] = task
 
     def _match_and_launch(self, match: Any, token_ids: Any, slot_mapping: Any, token_mask: Any,
                           namespace: Sequence[str] | str | None) -> int:
@@ -471,29 +517,33 @@ class KVManager:
         return task_id
 
     def _complete_loop(self) -> None:
+        """Ends tasks as their copies finish, in the order they finish; exits after shutdown() once idle."""
         while True:
-            task = self._done_queue.get()
-            if task is None:
-                return
-            try:
-                self._copy.wait(task.job_id, -1)
-            except Exception as e:  # the copy engine lost the job: the bytes cannot be trusted
-                self._finish(task, TaskState.FAILED, f"copy failed: {e}")
-                continue
+            job = self._copy.wait_any(50_000)
+            with self._cond:
+                task = self._running.pop(job, None) if job else None
+                if task is None:
+                    if self._closing and not self._running and not self._launching:
+                        return
+                    continue
             self._finish(task, TaskState.COMPLETED, None)
 
     def _finish(self, task: Task, state: TaskState, error: str | None) -> None:
         """Ends a task: a completed put makes its blocks ready, everything else unlocks them."""
         tier = self._tier
-        try:
-            if tier is not None and len(task.locked):
+        if tier is not None and len(task.host_ids):
+            try:
                 if task.type is TaskType.PUT and state is TaskState.COMPLETED:
-                    tier.index.commit(task.locked)
+                    tier.index.commit(task.host_ids)
                 else:
-                    tier.index.release(task.locked)
-        except Exception as e:  # an index bug must not leave the engine waiting forever
-            logger.error("task %d: unlocking its blocks failed: %s", task.id, e)
-            state, error = TaskState.FAILED, f"{error or ''} unlock failed: {e}".strip()
+                    tier.index.release(task.host_ids)
+            except Exception as e:  # an index bug: never leave the blocks locked or the engine waiting
+                logger.error("task %d: ending it in the index failed: %s", task.id, e)
+                state, error = TaskState.FAILED, f"{error or ''} index update failed: {e}".strip()
+                try:
+                    tier.index.release(task.host_ids)
+                except Exception as e2:
+                    logger.error("task %d: unlocking its blocks failed too: %s", task.id, e2)
         if error:
             logger.warning("task %d (%s) %s: %s", task.id, task.type.value, state.value, error)
         with self._cond:
@@ -515,7 +565,9 @@ class KVManager:
         if task.state is TaskState.RUNNING:
             return KVResponse(KVResponseStatus.TIMEOUT, task_id, None)
         del self._tasks[task_id]
-        return KVResponse(task.state.response_status(), task_id, task.token_mask(), task.error)
+        # Only a completed task moved its tokens; a failed or cancelled one reports none.
+        mask = task.token_mask() if task.state is TaskState.COMPLETED else np.zeros(task.seq_len, dtype=bool)
+        return KVResponse(task.response_status(), task_id, mask, task.error)
 
 
 def _task_ids(task_ids: int | Iterable[int], unique: bool = True) -> list[int]:

@@ -132,6 +132,27 @@ class EngineLayout:
     description: str = ""
     keepalive: list[Any] = field(default_factory=list, repr=False)
 
+    def validate(self) -> None:
+        """Checks that the segments tile a host block exactly and that blocks do not overlap in the engine."""
+        seg = np.asarray(self.segments, dtype=np.int64)
+        if seg.ndim != 2 or seg.shape[1] != 4 or len(seg) == 0:
+            raise LayoutError("EngineLayout.segments must be a non-empty (n, 4) array of "
+                              "[engine_base, engine_block_stride, host_offset, bytes]")
+        if self.num_blocks < 1:
+            raise LayoutError(f"EngineLayout.num_blocks must be positive, got {self.num_blocks}")
+        base, stride, offset, nbytes = seg.T
+        if (base <= 0).any() or (nbytes <= 0).any() or (offset < 0).any():
+            raise LayoutError("EngineLayout: every segment needs a non-null base, a non-negative host offset and "
+                              "a positive size")
+        if self.num_blocks > 1 and (np.abs(stride) < nbytes).any():
+            raise LayoutError("EngineLayout: a segment's block stride is smaller than its size, so engine blocks "
+                              "would overlap")
+        order = np.argsort(offset, kind="stable")
+        ends = offset[order] + nbytes[order]
+        if offset[order][0] != 0 or (offset[order][1:] != ends[:-1]).any() or ends[-1] != self.block_bytes:
+            raise LayoutError(f"EngineLayout: the segments must cover each host block's {self.block_bytes} bytes "
+                              "exactly once (no gap, no overlap), or a block could be stored half written")
+
     @classmethod
     def from_block_views(cls, views: Sequence[Any], description: str = "block views") -> EngineLayout:
         """Builds a layout from tensors whose dim 0 is the block id and whose view[b] is contiguous."""

@@ -19,22 +19,17 @@ class TaskType(Enum):
 
 class TaskState(Enum):
     UNREADY = "unready"      # matched; its blocks are locked; waits for launch() with slot mappings
-    RUNNING = "running"      # bytes are moving
+    RUNNING = "running"      # claimed by launch or cancel; bytes may be moving
     COMPLETED = "completed"
     CANCELLED = "cancelled"
     FAILED = "failed"
 
     @property
     def final(self) -> bool:
-        return self in (TaskState.COMPLETED, TaskState.CANCELLED, TaskState.FAILED)
-
-    def response_status(self) -> KVResponseStatus:
-        return _STATUS[self]
+        return self in _FINAL_STATUS
 
 
-_STATUS = {
-    TaskState.UNREADY: KVResponseStatus.UNREADY,
-    TaskState.RUNNING: KVResponseStatus.TIMEOUT,
+_FINAL_STATUS = {
     TaskState.COMPLETED: KVResponseStatus.SUCCESS,
     TaskState.CANCELLED: KVResponseStatus.CANCELLED,
     TaskState.FAILED: KVResponseStatus.FAILED,
@@ -44,28 +39,35 @@ _STATUS = {
 @dataclass
 class Task:
     """A task's plan. ``host_ids[i]`` is the CPU block that block ``copy_blocks[i]`` of the sequence moves
-    to or from; ``locked`` are the CPU blocks this task holds locked until it ends. ``seq_len`` is the
-    number of tokens the match was asked about."""
+    to or from; the task holds those CPU blocks locked until it ends. ``seq_len`` is the number of tokens
+    the match was asked about."""
 
     id: int
     type: TaskType
     seq_len: int
     copy_blocks: np.ndarray
     host_ids: np.ndarray
-    locked: np.ndarray
+    tokens_per_block: int
     state: TaskState = TaskState.UNREADY
     job_id: int = 0
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
-    launched: float = 0.0
+    launched: float = 0.0  # when launch() took it; 0 while not launched
     finished: float = 0.0
-
-    tokens_per_block: int = 1
 
     @property
     def num_tokens(self) -> int:
         """Tokens the task moves: whole blocks only."""
         return len(self.copy_blocks) * self.tokens_per_block
+
+    def launchable(self) -> bool:
+        """Matched and not launched yet (a task with nothing to copy is complete from the start)."""
+        if self.launched:
+            return False
+        return self.state is TaskState.UNREADY or (self.state is TaskState.COMPLETED and len(self.host_ids) == 0)
+
+    def response_status(self) -> KVResponseStatus:
+        return _FINAL_STATUS[self.state]
 
     def token_mask(self) -> np.ndarray:
         """A new bool array over the sequence, True for the tokens of the blocks the task moves."""

@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus, ModelConfig
+from flexkv import (
+    CacheConfig,
+    EngineLayout,
+    KVCacheLayout,
+    KVCacheLayoutType,
+    KVManager,
+    KVResponseStatus,
+    ModelConfig,
+)
 from flexkv.core.errors import ConfigError, FlexKVError, LayoutError, TaskError
 
 L, H, D, T = 2, 2, 8, 16  # layers, kv heads, head size, tokens per block
@@ -413,6 +421,9 @@ def test_same_task_twice_in_one_launch(env: Env) -> None:
     tid, _ = kv.get_match(env.ref_tokens)
     with pytest.raises(TaskError, match=f"task {tid}"):
         kv.launch([tid, tid], [slots(dst), slots([23, 24, 25])])
+    # Nothing was launched: the task is still the caller's to launch once.
+    assert kv.wait(tid, timeout=0)[tid].status is S.UNREADY
+    kv.launch(tid, slots(dst))
     assert kv.wait(tid)[tid].status is S.SUCCESS
     eng.assert_blocks(dst, env.ref_data)
     env.assert_healthy()
@@ -452,15 +463,10 @@ def test_a_bad_task_in_a_batch_launch(env: Env) -> None:
     eng.poison([20, 21, 22, 26, 27, 28])
     with pytest.raises(TaskError, match=f"task {t2}.*slot_mapping"):
         kv.launch([t1, t2, t3], [slots([20, 21, 22]), slots([23, 24]), slots([26, 27, 28])])
-    res = kv.wait([t1, t2])
-    assert res[t1].status is S.SUCCESS
-    assert res[t2].status is S.FAILED
-    eng.assert_blocks([20, 21, 22], env.ref_data)
-    # The task after the bad one was not launched by that call; it can be launched (or cancelled) now.
-    if kv.wait(t3, timeout=0)[t3].status is S.UNREADY:
-        kv.launch(t3, slots([26, 27, 28]))
-        assert kv.wait(t3)[t3].status is S.SUCCESS
-        eng.assert_blocks([26, 27, 28], env.ref_data)
+    # All or nothing: no copy started, every task of the call failed and holds no blocks.
+    res = kv.wait([t1, t2, t3])
+    assert all(res[t].status is S.FAILED and not res[t].return_mask.any() for t in (t1, t2, t3))
+    assert all(eng.is_poisoned(b) for b in [20, 21, 22, 26, 27, 28])
     env.assert_healthy()
 
 
@@ -624,3 +630,93 @@ def test_refused_configs_do_not_disturb_a_running_manager(env: Env) -> None:
         with pytest.raises(FlexKVError):
             KVManager(model_config(), cache_config(**kwargs))
     env.assert_healthy()
+
+
+# --------------------------------------------------------------------------------------------- review regressions
+
+
+def test_failed_and_cancelled_gets_report_no_tokens(env: Env) -> None:
+    kv, eng = env.kv, env.eng
+    eng.poison([20, 21, 22])
+    cancelled, _ = kv.get_match(env.ref_tokens)
+    kv.cancel(cancelled)
+    failed, _ = kv.get_match(env.ref_tokens)
+    with pytest.raises(TaskError):
+        kv.launch(failed, slots([20, 21, 10_000]))
+    res = kv.wait([cancelled, failed])
+    assert res[cancelled].status is S.CANCELLED and not res[cancelled].return_mask.any()
+    assert res[failed].status is S.FAILED and not res[failed].return_mask.any()
+    assert all(eng.is_poisoned(b) for b in [20, 21, 22])
+    env.assert_healthy()
+
+
+def test_a_get_into_the_same_engine_block_twice_is_refused(env: Env) -> None:
+    kv = env.kv
+    tid, _ = kv.get_match(env.ref_tokens)
+    with pytest.raises(TaskError, match="same engine block"):
+        kv.launch(tid, slots([20, 21, 20]))
+    assert kv.wait(tid)[tid].status is S.FAILED
+    env.assert_healthy()
+
+
+def test_a_task_with_nothing_to_copy_is_launched_once(env: Env) -> None:
+    kv = env.kv
+    tid, mask = kv.get_match(env.tokens(3 * T))  # nothing cached for these
+    assert not mask.any()
+    with pytest.raises(TaskError, match="slot_mapping has 3 slots"):
+        kv.launch(tid, np.arange(3))
+    tid, _ = kv.get_match(env.tokens(3 * T))
+    assert kv.launch(tid, np.zeros(0, dtype=np.int64)) == [tid]
+    with pytest.raises(TaskError, match="launched before"):
+        kv.launch(tid, np.zeros(0, dtype=np.int64))
+    assert kv.wait(tid)[tid].ok
+    env.assert_healthy()
+
+
+def test_unsupported_launch_options_are_refused(env: Env) -> None:
+    tid, _ = env.kv.get_match(env.ref_tokens)
+    for option in ({"as_batch": True}, {"layerwise_transfer": True}):
+        with pytest.raises(TaskError, match="not supported"):
+            env.kv.launch(tid, slots([20, 21, 22]), **option)
+    env.kv.cancel(tid)
+    env.assert_healthy()
+
+
+@pytest.mark.parametrize("case", ["gap", "overlap", "short", "zero_stride"])
+def test_engine_layouts_that_do_not_tile_a_block_are_refused(env: Env, case: str) -> None:
+    kv = env.kv
+    good = kv._engine
+    seg = good.segments.copy()
+    if case == "gap":
+        seg = seg[1:]  # the first chunk of every block would never be written
+    elif case == "overlap":
+        seg[1, 2] = seg[0, 2]
+    elif case == "short":
+        seg[-1, 3] -= 2
+    else:
+        seg[:, 1] = 0
+    bad = EngineLayout(seg, good.num_blocks, good.block_bytes, keepalive=good.keepalive)
+    with pytest.raises(LayoutError, match="EngineLayout"):
+        kv.register_kv_caches(bad)
+    assert kv._engine is good
+    env.assert_healthy()
+
+
+def test_manager_arguments_are_checked_before_anything_is_allocated() -> None:
+    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype=DTYPE)
+    with pytest.raises(TaskError, match="num_copy_threads"):
+        KVManager(model, CacheConfig(num_cpu_blocks=8, tokens_per_block=T), num_copy_threads=0)
+    with pytest.raises(ConfigError, match="num_cpu_blocks"):
+        KVManager(model, CacheConfig(num_cpu_blocks=2**31, tokens_per_block=T))
+
+
+def test_calls_after_shutdown_are_refused(make_env) -> None:
+    env = make_env()
+    kv = env.kv
+    tid, _ = kv.get_match(env.ref_tokens)
+    kv.shutdown()
+    assert kv.wait(tid)[tid].status is S.CANCELLED
+    for call in (lambda: kv.get_match(env.ref_tokens), lambda: kv.launch(tid, slots([1, 2, 3]))):
+        with pytest.raises(TaskError, match="not started"):
+            call()
+    kv.shutdown()  # idempotent

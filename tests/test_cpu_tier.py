@@ -24,9 +24,21 @@ def test_segment_is_shared_and_removed_on_close() -> None:
     other = _core.ShmRegion.open(name)  # as an engine worker process maps it
     assert np.array_equal(other.as_array().reshape(8, 4096), data)
     other.close()
+    view = tier.blocks()
     tier.close()
     assert not (SHM / name.lstrip("/")).exists()
+    assert np.array_equal(view, data)  # a view outlives close(): it holds the mapping
     tier.close()  # idempotent
+
+
+def test_segments_of_another_pid_namespace_are_never_removed() -> None:
+    foreign = SHM / "flexkv-1-999999999-0123456789ab"  # namespace inode 1: not ours; pid: not alive here
+    foreign.write_bytes(b"x")
+    try:
+        assert foreign.name not in remove_orphaned_segments()
+        assert foreign.exists()
+    finally:
+        foreign.unlink()
 
 
 def test_segment_of_a_killed_process_is_removed_by_the_next_tier() -> None:

@@ -95,3 +95,26 @@ def test_evict_ratio_frees_extra_blocks_at_once() -> None:
         assert stats["evicted"] == 6 and stats["num_free"] == 5
     finally:
         kv.shutdown()
+
+
+def test_a_put_whose_prefix_is_not_cached_evicts_nothing_and_stores_nothing() -> None:
+    """Storing the tail of a sequence whose head was evicted must not wipe the cache for nothing."""
+    kv, _ = make(cpu_blocks=8)
+    rng = np.random.default_rng(11)
+    try:
+        a = random_tokens(rng, 8 * TPB)
+        store(kv, a, range(8))
+        b = random_tokens(rng, 8 * TPB)
+        token_mask = np.zeros(len(b), dtype=bool)
+        token_mask[6 * TPB:] = True  # the engine only has blocks 6 and 7 to give
+        task_id, mask = kv.put_match(b, token_mask)
+        assert not mask.any()
+        assert kv.wait(task_id)[task_id].ok
+        stats = kv.cache_stats()
+        assert stats["cpu"]["evicted"] == 0 and stats["put_no_prefix_tokens"] == 2 * TPB
+        tid, hit = kv.get_match(a)
+        assert hit.sum() == 8 * TPB  # a is untouched
+        kv.cancel(tid)
+        assert_no_locks(kv)
+    finally:
+        kv.shutdown()

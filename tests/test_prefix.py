@@ -122,3 +122,14 @@ def test_models_with_other_layouts_get_other_keys() -> None:
         kv = KVManager(model, CacheConfig(num_cpu_blocks=8, tokens_per_block=TPB))
         keys.append(kv._keys(np.arange(TPB, dtype=np.int64), None).tobytes())
     assert len(set(keys)) == len(keys)
+
+
+def test_namespace_parts_cannot_be_forged_by_joining_them(kv_and_caches) -> None:
+    kv, _ = kv_and_caches
+    rng = np.random.default_rng(7)
+    tokens = random_tokens(rng, 2 * TPB)
+    store(kv, tokens, range(2), namespace=["tenantA", "salt"])
+    for forged in (["tenantA\x1fsalt"], ["tenantA|salt"], ["tenantA", "salt", ""], ['tenantA", "salt']):
+        task_id, mask = kv.get_match(tokens, namespace=forged)
+        assert not mask.any(), forged
+        kv.wait(task_id)

@@ -13,6 +13,7 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import torch
 
 from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus, ModelConfig
 from flexkv.core.errors import TaskError
+from flexkv.core.task import TaskState
 
 L, H, D, T = 2, 2, 8, 16  # layers, kv heads, head size, tokens per block
 NUM_ENGINE_BLOCKS = 64
@@ -194,32 +196,24 @@ def env(make_env) -> Env:
     return make_env()
 
 
-class _GatedCopy:
-    """Wraps the manager's copy engine so that its completion waits for ``gate``: a launched task then
-    stays observably RUNNING until the test opens the gate."""
-
-    def __init__(self, inner) -> None:
-        self._inner = inner
-        self.gate = threading.Event()
-
-    def submit(self, *args, **kwargs):
-        return self._inner.submit(*args, **kwargs)
-
-    def wait(self, job_id, timeout_us=-1):
-        self.gate.wait(30)
-        return self._inner.wait(job_id, timeout_us)
-
-
 @contextlib.contextmanager
-def gated(kv: KVManager) -> Iterator[_GatedCopy]:
-    inner = kv._copy
-    g = _GatedCopy(inner)
-    kv._copy = g
+def gated(kv: KVManager) -> Iterator[SimpleNamespace]:
+    """Holds the end of every completing task until the test sets ``gate``: a launched task stays
+    observably RUNNING until then (its copy may finish; the manager does not end the task)."""
+    gate = threading.Event()
+    inner = kv._finish
+
+    def finish(task, state, error):
+        if state is TaskState.COMPLETED:
+            gate.wait(30)
+        return inner(task, state, error)
+
+    kv._finish = finish
     try:
-        yield g
+        yield SimpleNamespace(gate=gate)
     finally:
-        g.gate.set()
-        kv._copy = inner
+        gate.set()
+        del kv._finish
 
 
 def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
@@ -607,7 +601,7 @@ def test_cancel_unlaunched_get_unlocks_its_blocks(env: Env) -> None:
     data = env.put(tokens, [0, 1, 2])
     tid, mask = kv.get_match(tokens)
     assert mask.sum() == 3 * T
-    ids = kv._tasks[tid].locked.copy()
+    ids = kv._tasks[tid].host_ids.copy()
     assert len(ids) == 3
     assert [env.index.lock_count(int(i)) for i in ids] == [1, 1, 1]
     assert env.locked() == 3
@@ -640,7 +634,7 @@ def test_cancel_unlaunched_put_leaves_blocks_unreadable_until_rewritten(env: Env
     eng.fill([0, 1, 2])
     tid, mask = kv.put_match(tokens)
     assert mask.sum() == 3 * T
-    ids = kv._tasks[tid].locked.copy()
+    ids = kv._tasks[tid].host_ids.copy()
     assert env.locked() == 3
     kv.cancel(tid)
     assert env.locked() == 0
@@ -680,7 +674,7 @@ def test_cancel_several_tasks_at_once(env: Env) -> None:
     tb, _ = kv.get_match(a)  # the same blocks, locked twice
     tp, _ = kv.put_match(b)
     assert env.locked() == 4
-    assert kv._tier.index.lock_count(int(kv._tasks[ta].locked[0])) == 2
+    assert kv._tier.index.lock_count(int(kv._tasks[ta].host_ids[0])) == 2
     kv.cancel(np.array([ta, tb, tp]))
     assert env.locked() == 0
     res = kv.wait([ta, tb, tp])

@@ -100,7 +100,7 @@ size_t RadixIndex::match(const BlockKey* keys, size_t n) const {
   return i;
 }
 
-size_t RadixIndex::acquire(const BlockKey* keys, size_t n, int32_t* out_ids) {
+size_t RadixIndex::acquire(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids) {
   std::lock_guard<std::mutex> g(mu_);
   ++clock_;
   Node* node = root_.get();
@@ -117,8 +117,10 @@ size_t RadixIndex::acquire(const BlockKey* keys, size_t n, int32_t* out_ids) {
         stop = true;
         break;
       }
-      ++locks_[static_cast<size_t>(id)];
-      out_ids[i] = id;
+      if (i >= start) {
+        ++locks_[static_cast<size_t>(id)];
+        out_ids[i - start] = id;
+      }
       ++i;
       ++j;
     }
@@ -203,7 +205,7 @@ size_t RadixIndex::allocate_locked(size_t n, int32_t* out, int32_t protect_id) {
   return got;
 }
 
-size_t RadixIndex::reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uint8_t* out_new) {
+size_t RadixIndex::reserve(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids, uint8_t* out_new) {
   std::lock_guard<std::mutex> g(mu_);
   ++clock_;
   Node* node = root_.get();
@@ -224,6 +226,8 @@ size_t RadixIndex::reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uin
     const size_t uid = static_cast<size_t>(id);
     if (ready_[uid] || locks_[uid] > 0) {
       out_new[i] = 0;
+    } else if (i < start) {
+      return i;  // unreadable, and the caller has no bytes to rewrite it
     } else {
       ++locks_[uid];
       out_new[i] = 1;
@@ -233,14 +237,16 @@ size_t RadixIndex::reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uin
     ++i;
     ++j;
   }
-  if (i == n) return n;
+  if (i == n || i < start) return i;
 
-  // The chain leaves the tree at (node, j): the rest needs new blocks.
-  if (j < node->keys.size()) split(node, j);
+  // The chain leaves the tree at (node, j): the rest needs new blocks. Allocate
+  // first (eviction may shorten `node` past j, but never below its protected
+  // block j-1), then split only if something is left to hang the new blocks off.
   const size_t want = n - i;
   std::vector<int32_t> ids(want);
   const size_t got = allocate_locked(want, ids.data(), last_id);
   if (got == 0) return i;
+  if (j < node->keys.size()) split(node, j);
   for (size_t k = 0; k < got; ++k) {
     const size_t uid = static_cast<size_t>(ids[k]);
     ready_[uid] = 0;
@@ -269,32 +275,29 @@ size_t RadixIndex::reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uin
   return i + got;
 }
 
+void RadixIndex::unlock_batch(const int32_t* ids, size_t n, const char* what) {
+  for (size_t k = 0; k < n; ++k) {
+    const int32_t id = ids[k];
+    if (id < 0 || id >= pool_.capacity() || locks_[static_cast<size_t>(id)] <= 0) {
+      // Undo this batch so a bad or repeated id leaves every lock count as it was.
+      for (size_t u = 0; u < k; ++u) ++locks_[static_cast<size_t>(ids[u])];
+      check_id(id);
+      throw std::logic_error(std::string("RadixIndex::") + what + ": block " + std::to_string(id) +
+                             " is not locked (or is listed more often than it is locked)");
+    }
+    --locks_[static_cast<size_t>(id)];
+  }
+}
+
 void RadixIndex::commit(const int32_t* ids, size_t n) {
   std::lock_guard<std::mutex> g(mu_);
-  for (size_t k = 0; k < n; ++k) {
-    check_id(ids[k]);
-    if (locks_[static_cast<size_t>(ids[k])] <= 0) {
-      throw std::logic_error("RadixIndex::commit: block " + std::to_string(ids[k]) + " is not locked");
-    }
-  }
-  for (size_t k = 0; k < n; ++k) {
-    --locks_[static_cast<size_t>(ids[k])];
-    ready_[static_cast<size_t>(ids[k])] = 1;
-  }
+  unlock_batch(ids, n, "commit");
+  for (size_t k = 0; k < n; ++k) ready_[static_cast<size_t>(ids[k])] = 1;
 }
 
 void RadixIndex::release(const int32_t* ids, size_t n) {
   std::lock_guard<std::mutex> g(mu_);
-  for (size_t k = 0; k < n; ++k) {
-    const int32_t id = ids[k];
-    if (id < 0 || id >= pool_.capacity() || locks_[static_cast<size_t>(id)] <= 0) {
-      // Undo this batch so a bad id leaves every lock count as it was.
-      for (size_t u = 0; u < k; ++u) ++locks_[static_cast<size_t>(ids[u])];
-      check_id(id);
-      throw std::logic_error("RadixIndex::release: block " + std::to_string(id) + " is not locked");
-    }
-    --locks_[static_cast<size_t>(id)];
-  }
+  unlock_batch(ids, n, "release");
 }
 
 void RadixIndex::reset() {
@@ -372,6 +375,7 @@ void RadixIndex::check_consistency() const {
   if (leaves != lru_leaves_.size()) fail("leaf set has stale entries");
   if (nodes != num_nodes_) fail("node count");
   for (size_t id = 0; id < seen.size(); ++id) {
+    if (locks_[id] < 0) fail("block " + std::to_string(id) + " has a negative lock count");
     if (!seen[id] && (ready_[id] || locks_[id] != 0)) fail("free block " + std::to_string(id) + " has state");
   }
 }

@@ -62,16 +62,18 @@ ShmRegion ShmRegion::open(const std::string& name) {
   return ShmRegion(name, static_cast<uint8_t*>(p), bytes, false);
 }
 
+ShmRegion::Mapping::~Mapping() {
+  if (data != nullptr) ::munmap(data, size);
+}
+
 ShmRegion::ShmRegion(ShmRegion&& o) noexcept
-    : name_(std::move(o.name_)), data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
-      owner_(std::exchange(o.owner_, false)) {}
+    : name_(std::move(o.name_)), mapping_(std::move(o.mapping_)), owner_(std::exchange(o.owner_, false)) {}
 
 ShmRegion& ShmRegion::operator=(ShmRegion&& o) noexcept {
   if (this != &o) {
     close();
     name_ = std::move(o.name_);
-    data_ = std::exchange(o.data_, nullptr);
-    size_ = std::exchange(o.size_, 0);
+    mapping_ = std::move(o.mapping_);
     owner_ = std::exchange(o.owner_, false);
   }
   return *this;
@@ -80,15 +82,11 @@ ShmRegion& ShmRegion::operator=(ShmRegion&& o) noexcept {
 ShmRegion::~ShmRegion() { close(); }
 
 void ShmRegion::close() {
-  if (data_ != nullptr) {
-    ::munmap(data_, size_);
-    data_ = nullptr;
-  }
+  mapping_.reset();
   if (owner_) {
     ::shm_unlink(name_.c_str());
     owner_ = false;
   }
-  size_ = 0;
 }
 
 }  // namespace flexkv

@@ -18,9 +18,11 @@ using flexkv::BlockKey;
 
 namespace {
 
-using KeyArray = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>;
-using I64Array = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
-using I32Array = py::array_t<int32_t, py::array::c_style | py::array::forcecast>;
+// No forcecast: an array of another dtype converts only where numpy's safe casting
+// allows (int32 -> int64), so floats and out-of-range ids are refused, not truncated.
+using KeyArray = py::array_t<uint64_t, py::array::c_style>;
+using I64Array = py::array_t<int64_t, py::array::c_style>;
+using I32Array = py::array_t<int32_t, py::array::c_style>;
 
 const BlockKey* keys_of(const KeyArray& a, size_t* n) {
   if (a.ndim() != 2 || a.shape(1) != 2) throw py::value_error("block keys must be a (n, 2) uint64 array");
@@ -116,25 +118,27 @@ PYBIND11_MODULE(_core, m) {
         const BlockKey* k = keys_of(keys, &n);
         return self.match(k, n);
       }, py::arg("keys"))
-      .def("acquire", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+      .def("acquire", [](flexkv::RadixIndex& self, const KeyArray& keys, size_t start) {
         size_t n;
         const BlockKey* k = keys_of(keys, &n);
-        I32Array ids(static_cast<py::ssize_t>(n));
-        size_t got = self.acquire(k, n, ids.mutable_data());
-        ids.resize({static_cast<py::ssize_t>(got)});
-        return ids;
-      }, py::arg("keys"))
-      .def("reserve", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+        I32Array ids(static_cast<py::ssize_t>(n > start ? n - start : 0));
+        size_t got = self.acquire(k, n, start, ids.mutable_data());
+        ids.resize({static_cast<py::ssize_t>(got > start ? got - start : 0)});
+        return py::make_tuple(got, ids);
+      }, py::arg("keys"), py::arg("start") = 0,
+         "(number of leading ready keys, ids of those at positions >= start, now locked)")
+      .def("reserve", [](flexkv::RadixIndex& self, const KeyArray& keys, size_t start) {
         size_t n;
         const BlockKey* k = keys_of(keys, &n);
         I32Array ids(static_cast<py::ssize_t>(n));
         py::array_t<bool> is_new(static_cast<py::ssize_t>(n));
         static_assert(sizeof(bool) == sizeof(uint8_t), "bool must be one byte");
-        size_t got = self.reserve(k, n, ids.mutable_data(), reinterpret_cast<uint8_t*>(is_new.mutable_data()));
+        size_t got =
+            self.reserve(k, n, start, ids.mutable_data(), reinterpret_cast<uint8_t*>(is_new.mutable_data()));
         ids.resize({static_cast<py::ssize_t>(got)});
         is_new.resize({static_cast<py::ssize_t>(got)});
         return py::make_tuple(ids, is_new);
-      }, py::arg("keys"))
+      }, py::arg("keys"), py::arg("start") = 0)
       .def("commit", [](flexkv::RadixIndex& self, const I32Array& ids) {
         check_1d(ids, "ids");
         self.commit(ids.data(), static_cast<size_t>(ids.shape(0)));
@@ -165,13 +169,15 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("num_threads", &flexkv::HostCopyEngine::num_threads)
       .def("submit", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
                         int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
-                        int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks) {
+                        int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks,
+                        bool urgent) {
         CopyArgs a = copy_args(direction, segments, engine_num_blocks, host_base, host_block_bytes, host_num_blocks,
                                engine_blocks, host_blocks);
         return self.submit(a.dir, a.layout, a.host, a.engine_blocks.data(), a.host_blocks.data(),
-                           static_cast<size_t>(a.engine_blocks.shape(0)));
+                           static_cast<size_t>(a.engine_blocks.shape(0)), urgent);
       }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
-         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"))
+         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"),
+         py::arg("urgent") = false)
       .def("copy", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
                       int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
                       int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks) {
@@ -183,6 +189,8 @@ PYBIND11_MODULE(_core, m) {
       }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
          py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"))
       .def("wait", &flexkv::HostCopyEngine::wait, py::arg("job_id"), py::arg("timeout_us") = -1,
+           py::call_guard<py::gil_scoped_release>())
+      .def("wait_any", &flexkv::HostCopyEngine::wait_any, py::arg("timeout_us") = -1,
            py::call_guard<py::gil_scoped_release>())
       .def("done", &flexkv::HostCopyEngine::done, py::arg("job_id"));
 
@@ -196,12 +204,13 @@ PYBIND11_MODULE(_core, m) {
         return reinterpret_cast<uintptr_t>(r.data());
       })
       .def("close", &flexkv::ShmRegion::close)
-      .def("as_array", [](py::object self) {
-        auto& r = self.cast<flexkv::ShmRegion&>();
+      .def("as_array", [](const flexkv::ShmRegion& r) {
         if (r.data() == nullptr) throw py::value_error("shared memory segment is closed");
-        // The array keeps the region object alive; close() while it is in use is the caller's error.
-        return py::array_t<uint8_t>({static_cast<py::ssize_t>(r.size())}, {py::ssize_t{1}}, r.data(), self);
-      }, "A uint8 numpy view of the whole segment.");
+        // The array holds the mapping itself, so it stays valid after close().
+        auto* hold = new std::shared_ptr<const void>(r.mapping());
+        py::capsule owner(hold, [](void* p) { delete static_cast<std::shared_ptr<const void>*>(p); });
+        return py::array_t<uint8_t>({static_cast<py::ssize_t>(r.size())}, {py::ssize_t{1}}, r.data(), owner);
+      }, "A uint8 numpy view of the whole segment, valid as long as the array lives.");
 
   m.def("memcpy", [](uintptr_t dst, uintptr_t src, size_t n) {
     py::gil_scoped_release nogil;

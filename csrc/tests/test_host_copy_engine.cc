@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -92,6 +93,43 @@ TEST(many_jobs_in_flight_complete) {
   for (uint64_t j : jobs) CHECK(eng.wait(j, -1));
   for (size_t b = 0; b < 256; ++b)
     CHECK(std::memcmp(host.data() + b * 256 + 3 * 64, e.kv[3].data() + b * 64, 64) == 0);
+}
+
+TEST(large_chunks_use_streaming_stores_and_stay_exact) {
+  // 16 KiB + 40 bytes: the streaming path with a tail, to aligned and unaligned destinations.
+  const size_t chunk = 16 * 1024 + 40;
+  Engine e = make_engine(16, chunk, 9);
+  for (size_t misalign : {size_t{0}, size_t{8}}) {
+    std::vector<uint8_t> raw(16 * 4 * chunk + 64, 0);
+    uint8_t* base = raw.data() + ((64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64) + misalign;
+    flexkv::HostRegion region{reinterpret_cast<uint64_t>(base), 4 * chunk, 15};
+    flexkv::HostCopyEngine eng(2);
+    std::vector<int64_t> eb{3, 0, 15, 7}, hb{14, 2, 0, 9};
+    eng.copy(CopyDirection::kEngineToHost, e.layout(), region, eb.data(), hb.data(), eb.size());
+    for (size_t i = 0; i < eb.size(); ++i)
+      for (size_t s = 0; s < 4; ++s)
+        CHECK(std::memcmp(base + hb[i] * 4 * chunk + s * chunk, e.kv[s].data() + eb[i] * chunk, chunk) == 0);
+  }
+}
+
+TEST(urgent_jobs_overtake_queued_ones_and_wait_any_collects_each_once) {
+  Engine e = make_engine(512, 4096, 5);
+  std::vector<uint8_t> host(512 * 4 * 4096, 0);
+  flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 4 * 4096, 512};
+  flexkv::HostCopyEngine eng(1);
+  std::vector<int64_t> all(512), one{7};
+  for (int i = 0; i < 512; ++i) all[i] = i;
+  std::vector<uint64_t> slow;
+  for (int j = 0; j < 4; ++j)
+    slow.push_back(eng.submit(CopyDirection::kEngineToHost, e.layout(), region, all.data(), all.data(), 512));
+  uint64_t fast = eng.submit(CopyDirection::kHostToEngine, e.layout(), region, one.data(), one.data(), 1, true);
+  std::vector<uint64_t> order;
+  for (int k = 0; k < 5; ++k) order.push_back(eng.wait_any(-1));
+  CHECK(std::find(order.begin(), order.end(), fast) < std::find(order.begin(), order.end(), slow.back()));
+  std::sort(order.begin(), order.end());
+  CHECK(std::adjacent_find(order.begin(), order.end()) == order.end());  // each collected once
+  CHECK_EQ(eng.wait_any(1000), 0u);  // nothing left
+  CHECK_THROWS(eng.wait(fast, 0));   // already collected
 }
 
 TEST_MAIN()

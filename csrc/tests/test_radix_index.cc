@@ -28,7 +28,7 @@ std::vector<int64_t> seq(int64_t start, size_t n) {
 std::vector<int32_t> store(RadixIndex& idx, const std::vector<BlockKey>& k) {
   std::vector<int32_t> ids(k.size());
   std::vector<uint8_t> fresh(k.size());
-  size_t got = idx.reserve(k.data(), k.size(), ids.data(), fresh.data());
+  size_t got = idx.reserve(k.data(), k.size(), 0, ids.data(), fresh.data());
   std::vector<int32_t> new_ids;
   for (size_t i = 0; i < got; ++i)
     if (fresh[i]) new_ids.push_back(ids[i]);
@@ -62,7 +62,7 @@ TEST(divergent_store_splits_and_shares_prefix) {
   auto ida = store(idx, ka);
   std::vector<int32_t> idb(kb.size());
   std::vector<uint8_t> fresh(kb.size());
-  CHECK_EQ(idx.reserve(kb.data(), kb.size(), idb.data(), fresh.data()), 8u);
+  CHECK_EQ(idx.reserve(kb.data(), kb.size(), 0, idb.data(), fresh.data()), 8u);
   for (int i = 0; i < 4; ++i) {
     CHECK_EQ(fresh[i], 0);
     CHECK_EQ(idb[i], ida[i]);
@@ -81,15 +81,15 @@ TEST(unready_blocks_of_a_failed_store_are_rewritten) {
   auto k = keys_for(seq(0, 16));
   std::vector<int32_t> ids(4);
   std::vector<uint8_t> fresh(4);
-  idx.reserve(k.data(), 4, ids.data(), fresh.data());
+  idx.reserve(k.data(), 4, 0, ids.data(), fresh.data());
   // A second store while the first is in flight writes nothing new.
   std::vector<int32_t> ids2(4);
   std::vector<uint8_t> fresh2(4);
-  CHECK_EQ(idx.reserve(k.data(), 4, ids2.data(), fresh2.data()), 4u);
+  CHECK_EQ(idx.reserve(k.data(), 4, 0, ids2.data(), fresh2.data()), 4u);
   for (int i = 0; i < 4; ++i) CHECK_EQ(fresh2[i], 0);
   idx.release(ids.data(), 4);  // the first store failed
   CHECK_EQ(idx.match(k.data(), 4), 0u);
-  CHECK_EQ(idx.reserve(k.data(), 4, ids2.data(), fresh2.data()), 4u);
+  CHECK_EQ(idx.reserve(k.data(), 4, 0, ids2.data(), fresh2.data()), 4u);
   for (int i = 0; i < 4; ++i) {
     CHECK_EQ(fresh2[i], 1);
     CHECK_EQ(ids2[i], ids[i]);
@@ -106,7 +106,7 @@ TEST(eviction_is_lru_and_frees_extra) {
   store(idx, a);
   store(idx, b);
   std::vector<int32_t> tmp(4);
-  idx.release(tmp.data(), idx.acquire(a.data(), 4, tmp.data()));  // a is now more recent than b
+  idx.release(tmp.data(), idx.acquire(a.data(), 4, 0, tmp.data()));  // a is now more recent than b
   auto c = keys_for(seq(2000, 8));    // 2 blocks: needs 2, evicts 2 + 2 extra from b
   auto idc = store(idx, c);
   CHECK_EQ(idc.size(), 2u);
@@ -121,14 +121,14 @@ TEST(locked_blocks_are_never_evicted) {
   auto a = keys_for(seq(0, 32));  // 8 blocks fill the pool
   store(idx, a);
   std::vector<int32_t> held(8);
-  CHECK_EQ(idx.acquire(a.data(), 8, held.data()), 8u);
+  CHECK_EQ(idx.acquire(a.data(), 8, 0, held.data()), 8u);
   auto b = keys_for(seq(500, 8));
   std::vector<int32_t> ids(2);
   std::vector<uint8_t> fresh(2);
-  CHECK_EQ(idx.reserve(b.data(), 2, ids.data(), fresh.data()), 0u);  // nothing evictable
+  CHECK_EQ(idx.reserve(b.data(), 2, 0, ids.data(), fresh.data()), 0u);  // nothing evictable
   CHECK_EQ(idx.match(a.data(), 8), 8u);
   idx.release(held.data() + 6, 2);  // unlock the last two blocks only
-  CHECK_EQ(idx.reserve(b.data(), 2, ids.data(), fresh.data()), 2u);
+  CHECK_EQ(idx.reserve(b.data(), 2, 0, ids.data(), fresh.data()), 2u);
   CHECK_EQ(idx.match(a.data(), 8), 6u);
   idx.release(held.data(), 6);
   idx.check_consistency();
@@ -142,7 +142,7 @@ TEST(store_never_evicts_its_own_prefix) {
   std::vector<int32_t> ids(8);
   std::vector<uint8_t> fresh(8);
   // Only a's own tail could be evicted; the store must not eat its own prefix.
-  size_t got = idx.reserve(longer.data(), 8, ids.data(), fresh.data());
+  size_t got = idx.reserve(longer.data(), 8, 0, ids.data(), fresh.data());
   CHECK_EQ(got, 6u);
   CHECK_EQ(idx.match(a.data(), 6), 6u);
   idx.check_consistency();
@@ -153,7 +153,7 @@ TEST(release_and_commit_reject_bad_ids_atomically) {
   auto a = keys_for(seq(0, 8));
   std::vector<int32_t> ids(2);
   std::vector<uint8_t> fresh(2);
-  idx.reserve(a.data(), 2, ids.data(), fresh.data());
+  idx.reserve(a.data(), 2, 0, ids.data(), fresh.data());
   std::vector<int32_t> bad{ids[0], 42};
   CHECK_THROWS(idx.release(bad.data(), 2));
   CHECK_EQ(idx.lock_count(ids[0]), 1);  // unchanged
@@ -161,11 +161,58 @@ TEST(release_and_commit_reject_bad_ids_atomically) {
   CHECK_THROWS(idx.release(twice.data(), 2));
   CHECK_EQ(idx.lock_count(ids[0]), 1);
   CHECK_THROWS(idx.reset());  // locked blocks
+  CHECK_THROWS(idx.commit(twice.data(), 2));  // listed twice, locked once
+  CHECK_EQ(idx.lock_count(ids[0]), 1);
+  idx.check_consistency();
   idx.commit(ids.data(), 2);
   CHECK_THROWS(idx.commit(ids.data(), 1));  // not locked any more
   idx.reset();
   CHECK_EQ(idx.match(a.data(), 2), 0u);
   CHECK_EQ(idx.stats().num_free, 8);
+  idx.check_consistency();
+}
+
+TEST(a_store_after_the_mask_needs_its_prefix_cached) {
+  RadixIndex idx(10, 0.0);
+  auto a = keys_for(seq(0, 32));  // 8 of the 10 blocks
+  store(idx, a);
+  auto b = keys_for(seq(900, 32));
+  std::vector<int32_t> ids(8);
+  std::vector<uint8_t> fresh(8);
+  // b's blocks 0..5 are not cached: a store of blocks 6..7 has nothing to hang them off.
+  CHECK_EQ(idx.reserve(b.data(), 8, 6, ids.data(), fresh.data()), 0u);
+  CHECK_EQ(idx.match(a.data(), 8), 8u);  // nothing was evicted for it
+  CHECK_EQ(idx.stats().evicted, 0);
+  // With the prefix cached, only the tail is new.
+  auto longer = keys_for(seq(0, 40));
+  std::vector<int32_t> ids2(10);
+  std::vector<uint8_t> fresh2(10);
+  std::vector<int32_t> held(8);
+  CHECK_EQ(idx.acquire(a.data(), 8, 6, held.data()), 8u);  // locks blocks 6 and 7 only
+  CHECK_EQ(idx.lock_count(held[0]), 1);
+  idx.release(held.data(), 2);
+  CHECK_EQ(idx.reserve(longer.data(), 10, 8, ids2.data(), fresh2.data()), 10u);
+  for (int i = 0; i < 8; ++i) CHECK_EQ(fresh2[i], 0);
+  CHECK_EQ(fresh2[8], 1);
+  CHECK_EQ(fresh2[9], 1);
+  idx.commit(ids2.data() + 8, 2);
+  idx.check_consistency();
+}
+
+TEST(a_split_is_undone_by_nothing_when_no_block_can_be_had) {
+  RadixIndex idx(4, 0.0);
+  auto a = keys_for(seq(0, 16));
+  store(idx, a);
+  std::vector<int32_t> held(4);
+  idx.acquire(a.data(), 4, 0, held.data());  // everything locked
+  auto b = seq(0, 16);
+  b[9] = 77;  // diverges in block 2
+  auto kb = keys_for(b);
+  std::vector<int32_t> ids(4);
+  std::vector<uint8_t> fresh(4);
+  CHECK_EQ(idx.reserve(kb.data(), 4, 0, ids.data(), fresh.data()), 2u);
+  CHECK_EQ(idx.stats().num_nodes, 1);  // no split left behind
+  idx.release(held.data(), 4);
   idx.check_consistency();
 }
 
@@ -188,7 +235,7 @@ TEST(random_operations_keep_invariants) {
     switch (rng() % 5) {
       case 0: {
         std::vector<int32_t> ids(k.size());
-        ids.resize(idx.acquire(k.data(), k.size(), ids.data()));
+        ids.resize(idx.acquire(k.data(), k.size(), 0, ids.data()));
         for (int32_t id : ids) CHECK(idx.is_ready(id));
         held.push_back(ids);
         break;
@@ -196,7 +243,7 @@ TEST(random_operations_keep_invariants) {
       case 1: {
         std::vector<int32_t> ids(k.size());
         std::vector<uint8_t> fresh(k.size());
-        size_t got = idx.reserve(k.data(), k.size(), ids.data(), fresh.data());
+        size_t got = idx.reserve(k.data(), k.size(), 0, ids.data(), fresh.data());
         std::vector<int32_t> mine;
         for (size_t i = 0; i < got; ++i)
           if (fresh[i]) mine.push_back(ids[i]);

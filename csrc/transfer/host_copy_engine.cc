@@ -1,7 +1,6 @@
 #include "flexkv/host_copy_engine.h"
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <stdexcept>
@@ -58,24 +57,32 @@ struct HostCopyEngine::Job {
   std::vector<int64_t> host_blocks;
   size_t num_items = 0;  // blocks x segments
   size_t batch = 1;      // items claimed at a time by one worker
-  std::atomic<size_t> next{0};
-  std::atomic<size_t> finished{0};
+  size_t next = 0;       // the first item not yet claimed; guarded by the engine's mutex
+  size_t finished = 0;   // items copied; guarded by the engine's mutex
   bool complete = false;  // guarded by the engine's mutex
 };
 
 HostCopyEngine::HostCopyEngine(int num_threads) {
   if (num_threads < 1) throw std::invalid_argument("HostCopyEngine: num_threads must be >= 1");
-  for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  try {
+    for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (...) {
+    shut_down();  // join the threads that did start before reporting the failure
+    throw;
+  }
 }
 
-HostCopyEngine::~HostCopyEngine() {
+void HostCopyEngine::shut_down() {
   {
     std::lock_guard<std::mutex> g(mu_);
     stopping_ = true;
   }
   work_cv_.notify_all();
   for (auto& t : workers_) t.join();
+  workers_.clear();
 }
+
+HostCopyEngine::~HostCopyEngine() { shut_down(); }
 
 void HostCopyEngine::validate(const EngineLayout& layout, const HostRegion& host) {
   if (layout.segments.empty()) throw std::invalid_argument("engine layout has no segments");
@@ -93,7 +100,8 @@ void HostCopyEngine::validate(const EngineLayout& layout, const HostRegion& host
 }
 
 uint64_t HostCopyEngine::submit(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
-                                const int64_t* engine_blocks, const int64_t* host_blocks, size_t n) {
+                                const int64_t* engine_blocks, const int64_t* host_blocks, size_t n,
+                                bool urgent) {
   validate(layout, host);
   for (size_t i = 0; i < n; ++i) {
     if (engine_blocks[i] < 0 || engine_blocks[i] >= layout.num_blocks) {
@@ -118,27 +126,51 @@ uint64_t HostCopyEngine::submit(CopyDirection dir, const EngineLayout& layout, c
   job->id = next_id_++;
   jobs_[job->id] = job;
   if (job->num_items == 0) {
-    job->complete = true;
+    complete(*job);
   } else {
-    queue_.push_back(job);
+    (urgent ? urgent_ : queue_).push_back(job);
     work_cv_.notify_all();
   }
   return job->id;
 }
 
+void HostCopyEngine::complete(Job& job) {
+  job.complete = true;
+  finished_.push_back(job.id);
+  done_cv_.notify_all();
+}
+
 void HostCopyEngine::run_items(Job& job, size_t begin, size_t end) {
   const size_t nseg = job.layout.segments.size();
-  for (size_t item = begin; item < end; ++item) {
+  const bool to_engine = job.dir == CopyDirection::kHostToEngine;
+  // (source, destination) of one item: block item / nseg, segment item % nseg.
+  auto locate = [&job, nseg, to_engine](size_t item, uint8_t** src, uint8_t** dst) {
     const size_t b = item / nseg;
     const CopySegment& seg = job.layout.segments[item % nseg];
     uint8_t* engine = reinterpret_cast<uint8_t*>(seg.engine_base) + job.engine_blocks[b] * seg.engine_block_stride;
     uint8_t* host = reinterpret_cast<uint8_t*>(job.host.base) +
                     static_cast<uint64_t>(job.host_blocks[b]) * job.host.block_bytes + seg.host_offset;
-    if (job.dir == CopyDirection::kHostToEngine) {
-      copy_chunk(engine, host, seg.bytes);
-    } else {
-      copy_chunk(host, engine, seg.bytes);
+    *src = to_engine ? host : engine;
+    *dst = to_engine ? engine : host;
+    return seg.bytes;
+  };
+  uint8_t* src;
+  uint8_t* dst;
+  size_t bytes = begin < end ? locate(begin, &src, &dst) : 0;
+  for (size_t item = begin; item < end; ++item) {
+    uint8_t* next_src = nullptr;
+    uint8_t* next_dst = nullptr;
+    size_t next_bytes = 0;
+    if (item + 1 < end) {
+      // Chunks are scattered: start the next chunk's first lines (and its page walk) early, since
+      // hardware prefetchers stop at page boundaries.
+      next_bytes = locate(item + 1, &next_src, &next_dst);
+      for (size_t off = 0; off < 512 && off < next_bytes; off += 64) __builtin_prefetch(next_src + off, 0, 0);
     }
+    copy_chunk(dst, src, bytes);
+    src = next_src;
+    dst = next_dst;
+    bytes = next_bytes;
   }
   store_fence();  // the streaming stores are visible before the job is reported done
 }
@@ -146,23 +178,19 @@ void HostCopyEngine::run_items(Job& job, size_t begin, size_t end) {
 void HostCopyEngine::worker_loop() {
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
-    work_cv_.wait(lk, [this] { return stopping_ || !queue_.empty(); });
-    if (queue_.empty()) return;  // stopping, and nothing left to copy
-    std::shared_ptr<Job> job = queue_.front();
-    const size_t begin = job->next.fetch_add(job->batch);
-    if (begin >= job->num_items) {
-      if (!queue_.empty() && queue_.front() == job) queue_.pop_front();
-      continue;
-    }
+    work_cv_.wait(lk, [this] { return stopping_ || !urgent_.empty() || !queue_.empty(); });
+    std::deque<std::shared_ptr<Job>>& q = urgent_.empty() ? queue_ : urgent_;
+    if (q.empty()) return;  // stopping, and nothing left to copy
+    std::shared_ptr<Job> job = q.front();
+    const size_t begin = job->next;
     const size_t end = std::min(job->num_items, begin + job->batch);
+    job->next = end;
+    if (end == job->num_items) q.pop_front();  // every item is claimed
     lk.unlock();
     run_items(*job, begin, end);
-    const size_t done = job->finished.fetch_add(end - begin) + (end - begin);
     lk.lock();
-    if (done == job->num_items) {
-      job->complete = true;
-      done_cv_.notify_all();
-    }
+    job->finished += end - begin;
+    if (job->finished == job->num_items) complete(*job);
   }
 }
 
@@ -178,7 +206,22 @@ bool HostCopyEngine::wait(uint64_t job_id, int64_t timeout_us) {
     return false;
   }
   jobs_.erase(job_id);
+  finished_.erase(std::find(finished_.begin(), finished_.end(), job_id));
   return true;
+}
+
+uint64_t HostCopyEngine::wait_any(int64_t timeout_us) {
+  std::unique_lock<std::mutex> lk(mu_);
+  auto any = [this] { return !finished_.empty(); };
+  if (timeout_us < 0) {
+    done_cv_.wait(lk, any);
+  } else if (!done_cv_.wait_for(lk, std::chrono::microseconds(timeout_us), any)) {
+    return 0;
+  }
+  const uint64_t id = finished_.front();
+  finished_.pop_front();
+  jobs_.erase(id);
+  return id;
 }
 
 bool HostCopyEngine::done(uint64_t job_id) {

@@ -42,19 +42,22 @@ class RadixIndex {
   // Number of leading keys whose blocks are ready. No side effects.
   size_t match(const BlockKey* keys, size_t n) const;
 
-  // Locks the blocks of the leading ready keys, marks them recently used and
-  // writes their ids to out_ids. Returns how many it locked.
-  size_t acquire(const BlockKey* keys, size_t n, int32_t* out_ids);
+  // Finds the leading ready keys, marks them recently used, locks those at
+  // positions >= start and writes their ids to out_ids[0..]. Returns the number
+  // of leading ready keys (so max(0, result - start) ids were written).
+  size_t acquire(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids);
 
-  // Prepares a store of the chain keys[0..n). For each key, in order:
+  // Prepares a store of keys[start..n) of the chain keys[0..n). The keys before
+  // `start` must already have blocks (ready, or being written by another store):
+  // the caller has no bytes for them. For each key, in order:
   //  - a ready block, or one another store is writing: out_ids = its id, out_new = 0;
   //  - a block left unready by a failed store: locked, out_new = 1;
   //  - no block: one is allocated (evicting if the pool is empty), inserted
   //    unready and locked, out_new = 1.
-  // Stops at the first key for which no block can be had and returns the number
-  // of keys handled. Every block with out_new = 1 must later be passed to
-  // commit() or release().
-  size_t reserve(const BlockKey* keys, size_t n, int32_t* out_ids, uint8_t* out_new);
+  // Stops at the first key for which no block can be had (or, before `start`,
+  // at the first key without a block) and returns the number of keys handled.
+  // Every block with out_new = 1 must later be passed to commit() or release().
+  size_t reserve(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids, uint8_t* out_new);
 
   // Marks blocks ready (their bytes are written) and unlocks them.
   void commit(const int32_t* ids, size_t n);
@@ -89,6 +92,7 @@ class RadixIndex {
   Node* split(Node* node, size_t offset);
   void remove_leaf(Node* node);
   void check_id(int32_t id) const;
+  void unlock_batch(const int32_t* ids, size_t n, const char* what);
 
   mutable std::mutex mu_;
   BlockPool pool_;

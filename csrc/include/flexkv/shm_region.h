@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 
 namespace flexkv {
@@ -23,20 +24,29 @@ class ShmRegion {
   ShmRegion& operator=(const ShmRegion&) = delete;
   ~ShmRegion();
 
-  uint8_t* data() const { return data_; }
-  size_t size() const { return size_; }
+  // The mapped bytes; null after close().
+  uint8_t* data() const { return mapping_ ? mapping_->data : nullptr; }
+  size_t size() const { return mapping_ ? mapping_->size : 0; }
   const std::string& name() const { return name_; }
   bool owner() const { return owner_; }
-  // Unmaps, and removes the name if this region created it. Idempotent.
+  // Shares ownership of the mapping: it stays mapped while any holder lives,
+  // even after close() (views handed to Python hold one).
+  std::shared_ptr<const void> mapping() const { return mapping_; }
+  // Drops this region's hold on the mapping (unmapped when the last holder
+  // goes) and removes the name if this region created it. Idempotent.
   void close();
 
  private:
+  struct Mapping {
+    uint8_t* data;
+    size_t size;
+    ~Mapping();
+  };
   ShmRegion(std::string name, uint8_t* data, size_t size, bool owner)
-      : name_(std::move(name)), data_(data), size_(size), owner_(owner) {}
+      : name_(std::move(name)), mapping_(new Mapping{data, size}), owner_(owner) {}
 
   std::string name_;
-  uint8_t* data_ = nullptr;
-  size_t size_ = 0;
+  std::shared_ptr<Mapping> mapping_;
   bool owner_ = false;
 };
 
