@@ -7,6 +7,7 @@ cd "$(dirname "$0")"
 
 missing=()
 [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
+[ -f /usr/include/liburing.h ] || missing+=(liburing-dev)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -19,10 +21,13 @@ from .kv_manager import KVManager
 from .layout import EngineLayout
 
 # The manual's two configurations (chapter 17.3): a small cache with 16-token
-# blocks and a large one with 32-token blocks.
+# blocks and a large one with 32-token blocks; and the small CPU tier backed by
+# an SSD tier (the manual's CPU + SSD deployment, 17.1), in --ssd-dir.
 DEFAULT_CONFIGS: list[tuple[str, CacheConfig]] = [
     ("1 small", CacheConfig(num_cpu_blocks=10000, tokens_per_block=16)),
     ("2 large", CacheConfig(num_cpu_blocks=100000, tokens_per_block=32)),
+    ("3 small+ssd", CacheConfig(num_cpu_blocks=10000, tokens_per_block=16, enable_ssd=True, num_ssd_blocks=100000,
+                                ssd_cache_dir="<--ssd-dir>")),
 ]
 
 # 256 bytes of KV per token: big enough to move real bytes, small enough that the
@@ -41,6 +46,8 @@ class BenchResult:
     prompt_tokens: int
     hit_tokens: int
     hit_rate: float
+    ssd_hit_tokens: int
+    num_ssd_blocks: int
     transfer_p50_ms: float
     transfer_p99_ms: float
     requests_per_s: float
@@ -87,17 +94,22 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
         capacity_tokens=cache_config.num_cpu_blocks * tpb, capacity_bytes=cache_config.num_cpu_blocks * block_bytes,
         requests=requests, prompt_tokens=prompt_tokens, hit_tokens=stats["get_hit_tokens"],
         hit_rate=stats["get_hit_tokens"] / prompt_tokens if prompt_tokens else 0.0,
+        ssd_hit_tokens=stats["ssd_hit_tokens"],
+        num_ssd_blocks=cache_config.num_ssd_blocks if cache_config.enable_ssd else 0,
         transfer_p50_ms=float(np.percentile(lat, 50)), transfer_p99_ms=float(np.percentile(lat, 99)),
         requests_per_s=requests / elapsed if elapsed > 0 else 0.0, evicted_blocks=stats["cpu"]["evicted"])
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = ("config", "capacity", "block size", "hit rate", "transfer p50/p99", "throughput")
+    head = ("config", "capacity", "block size", "hit rate", "of which SSD", "transfer p50/p99", "throughput")
     rows = [head]
     for r in results:
-        rows.append((r.name, f"{r.num_cpu_blocks} blocks ({format_bytes(r.capacity_bytes)})", str(r.tokens_per_block),
-                     f"{100 * r.hit_rate:.1f}%", f"{r.transfer_p50_ms:.2f} / {r.transfer_p99_ms:.2f} ms",
-                     f"{r.requests_per_s:.0f} req/s"))
+        capacity = f"{r.num_cpu_blocks} blocks ({format_bytes(r.capacity_bytes)})"
+        if r.num_ssd_blocks:
+            capacity += f" + SSD {r.num_ssd_blocks}"
+        ssd = f"{100 * r.ssd_hit_tokens / r.prompt_tokens:.1f}%" if r.num_ssd_blocks and r.prompt_tokens else "-"
+        rows.append((r.name, capacity, str(r.tokens_per_block), f"{100 * r.hit_rate:.1f}%", ssd,
+                     f"{r.transfer_p50_ms:.2f} / {r.transfer_p99_ms:.2f} ms", f"{r.requests_per_s:.0f} req/s"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
@@ -133,6 +145,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a FlexKV config file to bench (repeatable); default: the manual's two configurations")
     p.add_argument("--capacities", default="", metavar="N,N,...",
                    help="extra CPU capacities in blocks, run at each block size of the configs (for --plot)")
+    p.add_argument("--ssd-dir", default=None, metavar="DIR",
+                   help="directory for the default CPU + SSD configuration (on a disk with O_DIRECT; default: a new "
+                        "directory under /var/tmp, removed afterwards)")
+    p.add_argument("--no-ssd", action="store_true", help="skip the default CPU + SSD configuration")
     p.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS),
                    help="model shape (bytes per token); default: a 256-bytes-per-token shape")
     p.add_argument("--conversations", type=int, default=ChatWorkloadSpec.conversations)
@@ -150,7 +166,13 @@ def main(args: argparse.Namespace) -> int:
             print(f"flexkv bench: --{name} must be at least 1", file=sys.stderr)
             return 2
     model = MODEL_PRESETS[args.model] if args.model else BENCH_MODEL
-    configs = [(name, CacheConfig(**asdict(c))) for name, c in DEFAULT_CONFIGS]
+    scratch = None
+    configs = [(name, replace(c)) for name, c in DEFAULT_CONFIGS if not (args.no_ssd and c.enable_ssd)]
+    for _, c in configs:
+        if c.enable_ssd:
+            if args.ssd_dir is None:
+                scratch = tempfile.mkdtemp(prefix="flexkv-bench-ssd-", dir="/var/tmp")
+            c.ssd_cache_dir = args.ssd_dir or scratch
     if args.config:
         configs = []
         for i, path in enumerate(args.config, 1):
@@ -183,6 +205,8 @@ def main(args: argparse.Namespace) -> int:
     finally:
         if progress is not None:
             progress.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     print(format_table(results))
     if args.json:
         with open(args.json, "w") as f:

@@ -36,12 +36,15 @@ class CpuTier:
     /dev/shm but not PIDs never remove each other's segments).
     """
 
-    def __init__(self, num_blocks: int, block_bytes: int, evict_ratio: float, huge_pages: bool = False) -> None:
+    def __init__(self, num_blocks: int, block_bytes: int, evict_ratio: float, huge_pages: bool = False,
+                 block_align: int = 1) -> None:
         self.num_blocks = int(num_blocks)
         self.block_bytes = int(block_bytes)
+        # Blocks start every block_stride bytes; a slower tier doing direct I/O asks for 4096-byte alignment.
+        self.block_stride = -(-self.block_bytes // block_align) * block_align
         remove_orphaned_segments()
         self.shm_name = f"/flexkv-{_pid_namespace()}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        self.region = _core.ShmRegion.create(self.shm_name, self.num_blocks * self.block_bytes, huge_pages)
+        self.region = _core.ShmRegion.create(self.shm_name, self.num_blocks * self.block_stride, huge_pages)
         self._finalizer = weakref.finalize(self, self.region.close)
         self.index = _core.RadixIndex(self.num_blocks, float(evict_ratio))
 
@@ -51,7 +54,11 @@ class CpuTier:
 
     def blocks(self) -> np.ndarray:
         """A (num_blocks, block_bytes) uint8 view of the tier's bytes; it keeps the mapping alive."""
-        return self.region.as_array().reshape(self.num_blocks, self.block_bytes)
+        return self.region.as_array().reshape(self.num_blocks, self.block_stride)[:, : self.block_bytes]
+
+    def addresses(self, ids: np.ndarray) -> np.ndarray:
+        """The address of each block id, as uint64."""
+        return (self.base + ids.astype(np.uint64) * np.uint64(self.block_stride)).astype(np.uint64)
 
     def close(self) -> None:
         self._finalizer()

@@ -1,12 +1,15 @@
-"""KVManager: FlexKV's task API over the CPU tier, in the engine's own process.
+"""KVManager: FlexKV's task API over the CPU and SSD tiers, in the engine's own process.
 
 Flow of a get: ``get_match`` hashes the token blocks, locks the leading cached
-blocks and returns a mask of the tokens it can load; ``launch`` takes the engine
-slots of those tokens and starts the copy; ``wait`` / ``try_wait`` report the end.
-A put is the same with ``put_match``: the mask marks the tokens whose blocks are
-new to the cache. Every task ends, on every path, with its blocks unlocked: a get
-unlocks what it read, a put marks what it wrote ready (or, if it failed, leaves
-it unreadable until it is rewritten or evicted).
+blocks and returns a mask of the tokens it can load; blocks found only on SSD
+start moving up to the CPU right away. ``launch`` takes the engine slots of
+those tokens and starts the copy into the engine (after the promotion, if one
+runs); ``wait`` / ``try_wait`` report the end. A put is the same with
+``put_match``: the mask marks the tokens whose blocks are new to the cache; once
+they are in the CPU tier they are written through to SSD in the background.
+Every task ends, on every path, with its blocks unlocked: a get unlocks what it
+read, a put marks what it wrote ready (or, if it failed, leaves it unreadable
+until it is rewritten or evicted).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +34,9 @@ from .errors import ConfigError, FlexKVError, LayoutError, TaskError
 from .layout import EngineLayout, KVCacheLayout
 from .request import KVResponse, KVResponseStatus
 from .resources import require_resources
+from .ssd_tier import IO_ALIGN, SsdTier
 from .task import Task, TaskState, TaskType
+from .tiering import Chain, TierCounters, abandon_promotion, plan_promotion, run_promotion, write_through
 
 logger = logging.getLogger("flexkv")
 
@@ -40,7 +46,7 @@ _EMPTY_IDS = np.zeros(0, dtype=np.int32)
 
 
 @dataclass
-class KVManagerStats:
+class KVManagerStats(TierCounters):
     get_requests: int = 0
     get_query_tokens: int = 0   # tokens of whole blocks asked for by get_match
     get_hit_tokens: int = 0     # of those, tokens found in the cache
@@ -69,7 +75,8 @@ class KVManager:
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dp_client_id: int = 0,
                  server_recv_port: str = "", gpu_register_port: str = "", event_collector: Any = None, *,
-                 namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2) -> None:
+                 namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2, ssd_io_engine: str = "auto",
+                 ssd_fault_injection: bool = False) -> None:
         if not isinstance(model_config, ModelConfig):
             raise TypeError(f"model_config must be a flexkv ModelConfig, got {type(model_config).__name__}")
         if not isinstance(cache_config, CacheConfig):
@@ -80,9 +87,6 @@ class KVManager:
         if model_config.dp_size != 1 or dp_client_id != 0:
             raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
                               "not have; run one KVManager per data-parallel rank with dp_size=1")
-        if resolved.enable_ssd:
-            raise FlexKVError("cache_config.enable_ssd: this version has no SSD tier yet; set enable_ssd to false "
-                              "(or drop ssd_cache_gb) to run with the CPU tier")
         if resolved.enable_remote:
             raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
                               "to false to run with the CPU tier")
@@ -100,6 +104,11 @@ class KVManager:
         self.gpu_register_port = gpu_register_port
         self.event_collector = event_collector
         self.num_copy_threads = num_copy_threads
+        self.ssd_io_engine = ssd_io_engine
+        self.ssd_fault_injection = ssd_fault_injection
+        # The SSD files are shared by every manager of the same model, layout and block size.
+        self.ssd_fingerprint = json.dumps(["flexkv-ssd-v1", model_config.fingerprint(), self.tokens_per_block,
+                                           layout_tag, self.block_bytes])
         # Namespace parts are JSON-encoded, so no choice of salt strings can make two namespaces equal.
         self._base_namespace = ["flexkv-v1", model_config.fingerprint(), self.tokens_per_block, layout_tag,
                                 namespace]
@@ -109,6 +118,10 @@ class KVManager:
         self._running: dict[int, Task] = {}  # copy job id -> task
         self._next_task_id = 1
         self._tier: CpuTier | None = None
+        self._ssd: SsdTier | None = None
+        self._ssd_reads: ThreadPoolExecutor | None = None   # promotions: a get waits for them
+        self._ssd_writes: ThreadPoolExecutor | None = None  # write-through: nobody waits
+        self._promoting = 0  # promotions in flight
         self._copy: Any = None
         self._engine: EngineLayout | None = None
         self._completer: threading.Thread | None = None
@@ -124,9 +137,15 @@ class KVManager:
             return
         require_resources(self.cache_config, self.model_config)
         copy = _core.HostCopyEngine(self.num_copy_threads)
+        ssd = None
+        if self.cache_config.enable_ssd:
+            ssd = SsdTier(self.cache_config, self.block_bytes, self.ssd_fingerprint, io_engine=self.ssd_io_engine,
+                          fault_injection=self.ssd_fault_injection)
+            self._ssd_reads = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-read")
+            self._ssd_writes = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-write")
         tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
-                       self.cache_config.use_hugepage_cpu_buffer)
-        self._copy, self._tier, self._closing = copy, tier, False
+                       self.cache_config.use_hugepage_cpu_buffer, block_align=IO_ALIGN if ssd else 1)
+        self._copy, self._tier, self._ssd, self._closing = copy, tier, ssd, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
         logger.info("FlexKV CPU tier: %d blocks x %d bytes in %s", self.cache_config.num_cpu_blocks,
@@ -147,8 +166,13 @@ class KVManager:
             unlaunched = [t.id for t in self._tasks.values() if t.state is TaskState.UNREADY]
         self.cancel(unlaunched)
         assert self._completer is not None
-        self._completer.join()  # returns once every running copy has completed
+        self._completer.join()  # returns once every promotion and running copy has completed
         self._completer = None
+        for pool in (self._ssd_reads, self._ssd_writes):
+            if pool is not None:
+                pool.shutdown(wait=True)  # write-throughs finish before the CPU tier goes
+        self._ssd_reads = self._ssd_writes = None
+        self._ssd = None
         self._copy = None
         self._tier.close()
         self._tier = None
@@ -210,15 +234,32 @@ class KVManager:
         """
         tokens, _, first = self._check_tokens(token_ids, token_mask)
         tier = self._require_started()
-        keys = self._keys(tokens, namespace)
-        _, load = tier.index.acquire(keys, min(first, len(keys)))
-        task = self._new_task(TaskType.GET, len(tokens), np.arange(first, first + len(load), dtype=np.int64), load)
+        chain = self._chain(tokens, namespace)
+        keys = chain.keys
+        n_cpu, load = tier.index.acquire(keys, min(first, len(keys)))
+        promotion = None
+        if self._ssd is not None and n_cpu < len(keys):
+            promotion = plan_promotion(tier, self._ssd, chain, n_cpu)
+            if promotion is not None and promotion.stop <= first:  # only blocks the engine already has
+                abandon_promotion(tier, self._ssd, promotion)
+                promotion = None
+        held = load
+        end = max(first, n_cpu)
+        if promotion is not None:
+            held = np.concatenate([load, promotion.cpu_ids])
+            end = max(first, promotion.stop)
+        host_ids = held[len(held) - (end - first):] if end > first else _EMPTY_IDS
+        task = self._new_task(TaskType.GET, len(tokens), np.arange(first, end, dtype=np.int64), host_ids,
+                              held=held, chain=chain, promotion=promotion)
         tpb = self.tokens_per_block
         with self._cond:
             self.stats.get_requests += 1
             self.stats.get_query_tokens += max(0, len(keys) - first) * tpb
-            self.stats.get_hit_tokens += len(load) * tpb
-        return task.id, task.token_mask()
+            self.stats.get_hit_tokens += (end - first) * tpb
+        mask = task.token_mask()  # what is promised: before a fast promotion can trim the task
+        if promotion is not None:
+            self._start_promotion(task)
+        return task.id, mask
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Sequence[str] | str | None = None,
                   ) -> tuple[int, np.ndarray]:
@@ -229,13 +270,14 @@ class KVManager:
         """
         tokens, _, first = self._check_tokens(token_ids, token_mask)
         tier = self._require_started()
-        keys = self._keys(tokens, namespace)
+        chain = self._chain(tokens, namespace)
+        keys = chain.keys
         if first >= len(keys):
             ids, is_new = _EMPTY_IDS, np.zeros(0, dtype=bool)
         else:
             ids, is_new = tier.index.reserve(keys, first)
         new_blocks = np.flatnonzero(is_new).astype(np.int64)
-        task = self._new_task(TaskType.PUT, len(tokens), new_blocks, ids[new_blocks])
+        task = self._new_task(TaskType.PUT, len(tokens), new_blocks, ids[new_blocks], chain=chain)
         tpb = self.tokens_per_block
         asked = max(0, len(keys) - first)
         with self._cond:
@@ -277,8 +319,13 @@ class KVManager:
                 plans = [self._engine_blocks(slots, task, engine) for task, slots in zip(tasks, slot_mappings)]
             except TaskError as e:
                 for task in tasks:
-                    if task.state is TaskState.RUNNING:
-                        self._finish(task, TaskState.FAILED, f"launch failed: {e}")
+                    if task.state is not TaskState.RUNNING:
+                        continue
+                    with self._cond:
+                        if task.promotion is not None:  # its SSD reads still write into its CPU blocks
+                            task.end_requested = (TaskState.FAILED, f"launch failed: {e}")
+                            continue
+                    self._finish(task, TaskState.FAILED, f"launch failed: {e}")
                 raise
             self._submit(tasks, plans)
         finally:
@@ -298,11 +345,26 @@ class KVManager:
         return self._match_and_launch(self.put_match, token_ids, slot_mapping, token_mask, namespace)
 
     def prefetch_async(self, token_ids: Any, namespace: Sequence[str] | str | None = None) -> int:
-        """Promotes blocks from slower tiers to CPU. With the CPU tier alone there is nothing to promote:
-        the task completes at once."""
+        """Promotes the blocks of token_ids that only slower tiers hold into the CPU tier, so a later get
+        finds them there. The task needs no launch; it completes when the blocks are in the CPU tier
+        (at once when there is nothing to promote)."""
         tokens, _, _ = self._check_tokens(token_ids, None)
-        self._require_started()
-        return self._new_task(TaskType.PREFETCH, len(tokens), np.zeros(0, dtype=np.int64), _EMPTY_IDS).id
+        tier = self._require_started()
+        chain = self._chain(tokens, namespace)
+        promotion = None
+        if self._ssd is not None:
+            n_cpu = tier.index.match(chain.keys)
+            if n_cpu < len(chain.keys):
+                promotion = plan_promotion(tier, self._ssd, chain, n_cpu)
+        held = promotion.cpu_ids if promotion is not None else _EMPTY_IDS
+        task = self._new_task(TaskType.PREFETCH, len(tokens), np.zeros(0, dtype=np.int64), _EMPTY_IDS, held=held,
+                              chain=chain, promotion=promotion)
+        if promotion is not None:
+            with self._cond:
+                task.state = TaskState.RUNNING
+                task.launched = time.monotonic()
+            self._start_promotion(task)
+        return task.id
 
     # --------------------------------------------------------------------- wait
 
@@ -310,13 +372,16 @@ class KVManager:
              ) -> dict[int, KVResponse]:
         """Waits up to ``timeout`` seconds for the tasks to end. A task that ended is reported once and
         forgotten; an unknown id is NOTFOUND, a matched but unlaunched task UNREADY, one still running TIMEOUT.
-        ``completely`` is accepted for FlexKV compatibility: with the CPU tier alone a task is complete when
-        its copy is."""
+        With ``completely``, a put also waits for its write-through to SSD."""
         ids = _task_ids(task_ids)
         deadline = time.monotonic() + max(0.0, float(timeout))
+
+        def busy(t: Task) -> bool:
+            return t.state is TaskState.RUNNING or (completely and t.background > 0)
+
         with self._cond:
             while True:
-                pending = [i for i in ids if i in self._tasks and self._tasks[i].state is TaskState.RUNNING]
+                pending = [i for i in ids if i in self._tasks and busy(self._tasks[i])]
                 left = deadline - time.monotonic()
                 if not pending or left <= 0:
                     break
@@ -340,17 +405,24 @@ class KVManager:
                         logger.warning("cancel: task %d is already copying; it will complete", i)
                     continue
                 task.state = TaskState.RUNNING  # claimed: no launch can take it now
+                if task.promotion is not None:
+                    task.end_requested = (TaskState.CANCELLED, None)  # ended once its SSD reads are done
+                    continue
             self._finish(task, TaskState.CANCELLED, None)
 
     def reset(self) -> None:
-        """Drops every cached block. Fails while any task holds blocks."""
+        """Drops every cached block from the indexes. Fails while any task holds blocks or a write-through
+        runs. Blocks on SSD stay on disk: a restart finds them again."""
         tier = self._require_started()
         with self._cond:
-            busy = [t.id for t in self._tasks.values() if t.state in (TaskState.UNREADY, TaskState.RUNNING)]
+            busy = [t.id for t in self._tasks.values()
+                    if t.state in (TaskState.UNREADY, TaskState.RUNNING) or t.background]
             if busy:
                 raise TaskError(f"reset: tasks {busy[:8]} are unfinished; wait for or cancel them first")
             try:
                 tier.index.reset()
+                if self._ssd is not None:
+                    self._ssd.index.reset()
             except RuntimeError as e:  # a match on another thread locked blocks just now
                 raise TaskError(f"reset: {e}; wait for or cancel the tasks holding them first") from e
 
@@ -395,6 +467,9 @@ class KVManager:
         return tokens, mask, start // self.tokens_per_block
 
     def _keys(self, tokens: np.ndarray, namespace: Sequence[str] | str | None) -> np.ndarray:
+        return self._chain(tokens, namespace).keys
+
+    def _chain(self, tokens: np.ndarray, namespace: Sequence[str] | str | None) -> Chain:
         if namespace is None:
             ns: tuple[str, ...] = ()
         elif isinstance(namespace, str):
@@ -405,13 +480,16 @@ class KVManager:
         if seed is None:
             seed = _core.namespace_key(json.dumps([*self._base_namespace, *ns]))
             self._seeds[ns] = seed
-        return _core.chain_block_keys(seed, tokens, self.tokens_per_block)
+        return Chain(seed, _core.chain_block_keys(seed, tokens, self.tokens_per_block), tokens,
+                     self.tokens_per_block)
 
-    def _new_task(self, kind: TaskType, seq_len: int, copy_blocks: np.ndarray, host_ids: np.ndarray) -> Task:
+    def _new_task(self, kind: TaskType, seq_len: int, copy_blocks: np.ndarray, host_ids: np.ndarray, *,
+                  held: np.ndarray | None = None, chain: Chain | None = None, promotion: Any = None) -> Task:
         with self._cond:
-            task = Task(self._next_task_id, kind, seq_len, copy_blocks, host_ids, self.tokens_per_block)
+            task = Task(self._next_task_id, kind, seq_len, copy_blocks, host_ids,
+                        host_ids if held is None else held, self.tokens_per_block, chain=chain, promotion=promotion)
             self._next_task_id += 1
-            if len(host_ids) == 0:
+            if len(task.held) == 0:
                 task.state = TaskState.COMPLETED
                 task.finished = time.monotonic()
             self._tasks[task.id] = task
@@ -482,11 +560,18 @@ class KVManager:
             for k, (task, blocks) in enumerate(zip(tasks, plans)):
                 if task.state is not TaskState.RUNNING:
                     continue  # nothing to copy: complete since the match
+                if task.promotion is not None:
+                    task.plan = blocks  # submitted by the promotion once its blocks are in the CPU tier
+                    continue
+                blocks = blocks[: len(task.copy_blocks)]  # a promotion may have delivered fewer blocks
+                if len(blocks) == 0:
+                    self._finish(task, TaskState.FAILED, "no promised block arrived from the SSD tier")
+                    continue
                 try:
                     assert engine is not None
                     direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
                     task.job_id = self._copy.submit(direction, engine.segments, engine.num_blocks, tier.base,
-                                                    tier.block_bytes, tier.num_blocks, blocks,
+                                                    tier.block_stride, tier.num_blocks, blocks,
                                                     task.host_ids.astype(np.int64), task.type is TaskType.GET)
                 except Exception as e:  # the copy engine refused: end this task and those not yet queued
                     for rest in tasks[k:]:
@@ -494,6 +579,69 @@ class KVManager:
                             self._finish(rest, TaskState.FAILED, f"launch failed: {e}")  # _cond is reentrant
                     raise TaskError(f"task {task.id}: {e}") from e
                 self._running[task.job_id] = task
+
+    def _start_promotion(self, task: Task) -> None:
+        with self._cond:
+            self._promoting += 1
+        assert self._ssd_reads is not None
+        self._ssd_reads.submit(self._promote, task)
+
+    def _promote(self, task: Task) -> None:
+        """Runs on the SSD read thread: brings the task's SSD blocks up, then lets its copy start."""
+        tier, ssd, p = self._tier, self._ssd, task.promotion
+        assert tier is not None and ssd is not None and p is not None
+        counters = TierCounters()
+        end = run_promotion(tier, ssd, task.chain, p, counters)
+        with self._cond:
+            self._promoting -= 1
+            for name, value in vars(counters).items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+            # Blocks from `end` on did not arrive: their CPU locks are gone; the load shrinks to what did.
+            arrived = len(task.held) - (p.stop - end)
+            task.held = task.held[:arrived]
+            first = int(task.copy_blocks[0]) if len(task.copy_blocks) else p.start
+            keep = max(0, end - first)
+            task.copy_blocks = task.copy_blocks[:keep]
+            task.host_ids = task.host_ids[:keep]
+            task.promotion = None
+            if end < p.stop and task.type is TaskType.GET:
+                task.error = f"{p.stop - end} block(s) promised from the SSD tier did not arrive"
+            if task.type is TaskType.PREFETCH:
+                self._finish(task, TaskState.COMPLETED, None)
+            elif task.end_requested is not None:
+                self._finish(task, *task.end_requested)
+            elif task.plan is not None:
+                plan, task.plan = task.plan, None
+                try:
+                    self._submit([task], [plan])
+                except TaskError:
+                    pass  # _submit ended the task FAILED and logged why
+            self._cond.notify_all()
+
+    def _start_write_through(self, task: Task) -> None:
+        chain, n = task.chain, int(task.copy_blocks[-1]) + 1 if len(task.copy_blocks) else 0
+        if chain is None or n == 0:
+            return
+        with self._cond:
+            task.background += 1
+        assert self._ssd_writes is not None
+        self._ssd_writes.submit(self._write_through, task, chain, n)
+
+    def _write_through(self, task: Task, chain: Chain, n: int) -> None:
+        """Runs on the SSD write thread."""
+        tier, ssd = self._tier, self._ssd
+        counters = TierCounters()
+        try:
+            if tier is not None and ssd is not None:
+                write_through(tier, ssd, chain, n, counters)
+        except Exception as e:  # a failed write-through only costs an SSD copy
+            logger.error("SSD tier: write-through of task %d failed: %s", task.id, e)
+        finally:
+            with self._cond:
+                for name, value in vars(counters).items():
+                    setattr(self.stats, name, getattr(self.stats, name) + value)
+                task.background -= 1
+                self._cond.notify_all()
 
     def _match_and_launch(self, match: Any, token_ids: Any, slot_mapping: Any, token_mask: Any,
                           namespace: Sequence[str] | str | None) -> int:
@@ -523,27 +671,32 @@ class KVManager:
             with self._cond:
                 task = self._running.pop(job, None) if job else None
                 if task is None:
-                    if self._closing and not self._running and not self._launching:
+                    if self._closing and not self._running and not self._launching and not self._promoting:
                         return
                     continue
-            self._finish(task, TaskState.COMPLETED, None)
+            self._finish(task, TaskState.FAILED if task.error else TaskState.COMPLETED, task.error)
 
     def _finish(self, task: Task, state: TaskState, error: str | None) -> None:
-        """Ends a task: a completed put makes its blocks ready, everything else unlocks them."""
+        """Ends a task: a completed put makes its blocks ready (and starts their write-through to SSD),
+        everything else unlocks them. A task that did not complete reports only blocks that arrived."""
         tier = self._tier
-        if tier is not None and len(task.host_ids):
+        if tier is not None and len(task.held):
             try:
                 if task.type is TaskType.PUT and state is TaskState.COMPLETED:
-                    tier.index.commit(task.host_ids)
+                    tier.index.commit(task.held)
                 else:
-                    tier.index.release(task.host_ids)
+                    tier.index.release(task.held)
             except Exception as e:  # an index bug: never leave the blocks locked or the engine waiting
                 logger.error("task %d: ending it in the index failed: %s", task.id, e)
                 state, error = TaskState.FAILED, f"{error or ''} index update failed: {e}".strip()
                 try:
-                    tier.index.release(task.host_ids)
+                    tier.index.release(task.held)
                 except Exception as e2:
                     logger.error("task %d: unlocking its blocks failed too: %s", task.id, e2)
+        if state is not TaskState.COMPLETED and not (task.type is TaskType.GET and task.job_id):
+            task.copy_blocks = task.copy_blocks[:0]  # nothing reached the engine
+        if task.type is TaskType.PUT and state is TaskState.COMPLETED and self._ssd_writes is not None:
+            self._start_write_through(task)
         if error:
             logger.warning("task %d (%s) %s: %s", task.id, task.type.value, state.value, error)
         with self._cond:
@@ -565,9 +718,7 @@ class KVManager:
         if task.state is TaskState.RUNNING:
             return KVResponse(KVResponseStatus.TIMEOUT, task_id, None)
         del self._tasks[task_id]
-        # Only a completed task moved its tokens; a failed or cancelled one reports none.
-        mask = task.token_mask() if task.state is TaskState.COMPLETED else np.zeros(task.seq_len, dtype=bool)
-        return KVResponse(task.response_status(), task_id, mask, task.error)
+        return KVResponse(task.response_status(), task_id, task.token_mask(), task.error)
 
 
 def _task_ids(task_ids: int | Iterable[int], unique: bool = True) -> list[int]:

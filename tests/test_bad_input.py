@@ -587,21 +587,10 @@ def test_bad_register_kv_caches_on_a_fresh_manager_leaves_it_unregistered(make_e
 # --------------------------------------------------------------------------------------------- config
 
 
-def test_enable_ssd_is_refused_naming_the_key() -> None:
-    with pytest.raises(FlexKVError) as exc:
-        KVManager(model_config(), cache_config(enable_ssd=True, ssd_cache_dir="/tmp/flexkv-test-ssd"))
-    assert "enable_ssd" in str(exc.value)
-
-
-def test_ssd_cache_gb_is_refused_like_enable_ssd() -> None:
-    """ssd_cache_gb > 0 turns the SSD tier on (CacheConfig.resolved sets enable_ssd); this version has
-    no SSD tier, so the manager must refuse it as it refuses enable_ssd=True (its message even says
-    'or drop ssd_cache_gb') rather than start without the tier the config asked for."""
-    config = cache_config(ssd_cache_gb=1.0, ssd_cache_dir="/tmp/flexkv-test-ssd")
-    assert config.resolved(model_config()).enable_ssd
-    with pytest.raises(FlexKVError) as exc:
-        KVManager(model_config(), config)
-    assert "ssd" in str(exc.value)
+def test_enable_ssd_without_a_directory_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as exc:
+        KVManager(model_config(), cache_config(enable_ssd=True))
+    assert "ssd_cache_dir" in str(exc.value)
 
 
 def test_enable_remote_is_refused_naming_the_key() -> None:
@@ -625,10 +614,10 @@ def test_wrong_config_types_are_refused() -> None:
 
 
 def test_refused_configs_do_not_disturb_a_running_manager(env: Env) -> None:
-    for kwargs in ({"enable_ssd": True, "ssd_cache_dir": "/tmp/flexkv-test-ssd"},
+    for kwargs in ({"enable_ssd": True, "ssd_cache_dir": "/dev/null/no-such-dir"},
                    {"enable_remote": True, "num_remote_blocks": 10}):
         with pytest.raises(FlexKVError):
-            KVManager(model_config(), cache_config(**kwargs))
+            KVManager(model_config(), cache_config(**kwargs)).start()
     env.assert_healthy()
 
 

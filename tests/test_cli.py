@@ -23,8 +23,11 @@ def test_bench_prints_the_manual_table_and_plots(tmp_path: Path, capsys: pytest.
     for column in ("config", "capacity", "block size", "hit rate", "transfer p50/p99", "throughput"):
         assert column in text
     results = {r["name"]: r for r in json.loads(out_json.read_text())}
-    assert set(results) == {"1 small", "2 large", "sweep 500x16", "sweep 500x32"}
+    assert set(results) == {"1 small", "2 large", "3 small+ssd", "sweep 500x16", "sweep 500x32"}
     small, large, tiny = results["1 small"], results["2 large"], results["sweep 500x16"]
+    with_ssd = results["3 small+ssd"]
+    assert with_ssd["num_ssd_blocks"] == 100000 and small["ssd_hit_tokens"] == 0
+    assert "of which SSD" in text
     assert (small["tokens_per_block"], small["num_cpu_blocks"]) == (16, 10000)
     assert (large["tokens_per_block"], large["num_cpu_blocks"]) == (32, 100000)
     for r in results.values():
@@ -44,9 +47,9 @@ def test_bench_runs_configs_from_files(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def test_bench_rejects_a_config_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    rc = main(["bench", "--no-progress", "--config", str(REPO / "examples/configs/single_node.json")])
+    rc = main(["bench", "--no-progress", "--config", str(REPO / "examples/configs/distributed_worker.json")])
     assert rc == 1
-    assert "enable_ssd" in capsys.readouterr().err
+    assert "enable_remote" in capsys.readouterr().err
 
 
 def test_check_config_is_a_flexkv_command(capsys: pytest.CaptureFixture[str]) -> None:

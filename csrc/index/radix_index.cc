@@ -300,6 +300,17 @@ void RadixIndex::release(const int32_t* ids, size_t n) {
   unlock_batch(ids, n, "release");
 }
 
+void RadixIndex::set_ready(const int32_t* ids, size_t n, bool ready) {
+  std::lock_guard<std::mutex> g(mu_);
+  for (size_t k = 0; k < n; ++k) {
+    check_id(ids[k]);
+    if (locks_[static_cast<size_t>(ids[k])] <= 0) {
+      throw std::logic_error("RadixIndex::set_ready: block " + std::to_string(ids[k]) + " is not locked");
+    }
+  }
+  for (size_t k = 0; k < n; ++k) ready_[static_cast<size_t>(ids[k])] = ready ? 1 : 0;
+}
+
 void RadixIndex::reset() {
   std::lock_guard<std::mutex> g(mu_);
   for (int32_t l : locks_) {
@@ -312,6 +323,102 @@ void RadixIndex::reset() {
   std::fill(ready_.begin(), ready_.end(), 0);
   num_nodes_ = 0;
   evicted_ = 0;
+}
+
+size_t RadixIndex::restore(const BlockKey* keys, const BlockKey* parents, const int64_t* positions,
+                           const int32_t* ids, size_t n, std::vector<int32_t>* left_out) {
+  std::lock_guard<std::mutex> g(mu_);
+  if (!root_->children.empty() || pool_.num_free() != static_cast<size_t>(pool_.capacity())) {
+    throw std::logic_error("RadixIndex::restore: the index must be empty");
+  }
+  const size_t cap = static_cast<size_t>(pool_.capacity());
+  auto leave_out = [&](size_t e) {
+    if (ids[e] >= 0 && static_cast<size_t>(ids[e]) < cap && left_out != nullptr) left_out->push_back(ids[e]);
+  };
+  // Keep the first entry of each key whose id is valid and unused.
+  std::vector<uint8_t> used(cap, 0);
+  std::unordered_map<BlockKey, size_t, BlockKeyHash> by_key;
+  by_key.reserve(n);
+  std::vector<uint8_t> kept(n, 0);
+  for (size_t e = 0; e < n; ++e) {
+    const bool id_ok = ids[e] >= 0 && static_cast<size_t>(ids[e]) < cap && !used[static_cast<size_t>(ids[e])];
+    if (!id_ok || positions[e] < 0 || !by_key.emplace(keys[e], e).second) {
+      leave_out(e);
+      continue;
+    }
+    used[static_cast<size_t>(ids[e])] = 1;
+    kept[e] = 1;
+  }
+  // Children of each kept entry, and the chain starts.
+  std::unordered_map<BlockKey, std::vector<size_t>, BlockKeyHash> children;
+  std::vector<size_t> roots;
+  for (size_t e = 0; e < n; ++e) {
+    if (!kept[e]) continue;
+    if (positions[e] == 0) {
+      roots.push_back(e);
+    } else {
+      children[parents[e]].push_back(e);
+    }
+  }
+  // Depth-first from every start; an entry is placed right after its parent's place in the tree.
+  std::vector<uint8_t> placed(n, 0);
+  struct Frame {
+    size_t entry;
+    Node* node;     // where the entry's parent sits (root_ for position 0)
+    size_t offset;  // the parent's index in node->keys + 1 (0 for root_)
+  };
+  std::vector<Frame> stack;
+  for (size_t r : roots) stack.push_back({r, root_.get(), 0});
+  size_t restored = 0;
+  while (!stack.empty()) {
+    Frame f = stack.back();
+    stack.pop_back();
+    const size_t e = f.entry;
+    Node* node = f.node;
+    size_t j = f.offset;
+    if (j < node->keys.size()) {
+      node = split(node, j)->parent;  // the new block becomes a sibling of the split-off tail
+    }
+    Node* at;
+    size_t at_offset;
+    if (node != root_.get() && node->children.empty() && j == node->keys.size()) {
+      node->keys.push_back(keys[e]);
+      node->ids.push_back(ids[e]);
+      at = node;
+      at_offset = node->keys.size();
+    } else {
+      auto child = std::make_unique<Node>();
+      Node* c = child.get();
+      c->parent = node;
+      c->edge_key = keys[e];
+      c->keys.push_back(keys[e]);
+      c->ids.push_back(ids[e]);
+      lru_erase(node);
+      node->children.emplace(keys[e], std::move(child));
+      ++num_nodes_;
+      lru_insert(c);
+      at = c;
+      at_offset = 1;
+    }
+    ready_[static_cast<size_t>(ids[e])] = 1;
+    placed[e] = 1;
+    ++restored;
+    auto it = children.find(keys[e]);
+    if (it == children.end()) continue;
+    for (size_t child : it->second) {
+      if (positions[child] == positions[e] + 1) stack.push_back({child, at, at_offset});
+    }
+  }
+  std::vector<uint8_t> allocated(cap, 0);
+  for (size_t e = 0; e < n; ++e) {
+    if (placed[e]) {
+      allocated[static_cast<size_t>(ids[e])] = 1;
+    } else if (kept[e]) {
+      leave_out(e);  // its predecessor never made it into the tree
+    }
+  }
+  pool_.reset_allocated(allocated);
+  return restored;
 }
 
 bool RadixIndex::is_ready(int32_t id) const {

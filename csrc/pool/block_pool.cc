@@ -17,6 +17,18 @@ void BlockPool::reset() {
   allocated_.assign(static_cast<size_t>(capacity_), 0);
 }
 
+void BlockPool::reset_allocated(const std::vector<uint8_t>& flags) {
+  if (flags.size() != static_cast<size_t>(capacity_)) {
+    throw std::invalid_argument("BlockPool::reset_allocated: expected " + std::to_string(capacity_) + " flags");
+  }
+  free_.clear();
+  for (int32_t i = capacity_ - 1; i >= 0; --i) {
+    if (!flags[static_cast<size_t>(i)]) free_.push_back(i);
+  }
+  allocated_.assign(flags.begin(), flags.end());
+  for (auto& a : allocated_) a = a ? 1 : 0;
+}
+
 size_t BlockPool::allocate(size_t n, int32_t* out) {
   size_t got = n < free_.size() ? n : free_.size();
   for (size_t i = 0; i < got; ++i) {

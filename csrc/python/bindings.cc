@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -14,6 +15,7 @@
 #include "flexkv/shm_region.h"
 
 namespace py = pybind11;
+void bind_ssd(py::module_& m);  // bind_ssd.cc
 using flexkv::BlockKey;
 
 namespace {
@@ -85,6 +87,7 @@ CopyArgs copy_args(const std::string& direction, const I64Array& segments, int64
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
+  bind_ssd(m);
 
   m.def("namespace_key", [](const std::string& ns) {
     BlockKey k = flexkv::namespace_key(ns);
@@ -147,6 +150,31 @@ PYBIND11_MODULE(_core, m) {
         check_1d(ids, "ids");
         self.release(ids.data(), static_cast<size_t>(ids.shape(0)));
       }, py::arg("ids"))
+      .def("set_ready", [](flexkv::RadixIndex& self, const I32Array& ids, bool ready) {
+        check_1d(ids, "ids");
+        self.set_ready(ids.data(), static_cast<size_t>(ids.shape(0)), ready);
+      }, py::arg("ids"), py::arg("ready"))
+      .def("restore", [](flexkv::RadixIndex& self, const KeyArray& keys, const KeyArray& parents,
+                         const I64Array& positions, const I32Array& ids) {
+        size_t n, np_;
+        const BlockKey* k = keys_of(keys, &n);
+        const BlockKey* p = keys_of(parents, &np_);
+        check_1d(positions, "positions");
+        check_1d(ids, "ids");
+        if (np_ != n || static_cast<size_t>(positions.shape(0)) != n || static_cast<size_t>(ids.shape(0)) != n) {
+          throw py::value_error("restore: keys, parents, positions and ids must have the same length");
+        }
+        std::vector<int32_t> left_out;
+        size_t restored;
+        {
+          py::gil_scoped_release nogil;
+          restored = self.restore(k, p, positions.data(), ids.data(), n, &left_out);
+        }
+        I32Array out(static_cast<py::ssize_t>(left_out.size()));
+        std::copy(left_out.begin(), left_out.end(), out.mutable_data());
+        return py::make_tuple(restored, out);
+      }, py::arg("keys"), py::arg("parents"), py::arg("positions"), py::arg("ids"),
+         "Rebuilds an empty index from stored blocks; returns (blocks restored, ids left out).")
       .def("evict", &flexkv::RadixIndex::evict, py::arg("num_blocks"))
       .def("reset", &flexkv::RadixIndex::reset)
       .def("is_ready", &flexkv::RadixIndex::is_ready, py::arg("block_id"))

@@ -216,6 +216,73 @@ TEST(a_split_is_undone_by_nothing_when_no_block_can_be_had) {
   idx.check_consistency();
 }
 
+TEST(restore_rebuilds_chains_and_leaves_out_orphans) {
+  // Three sequences: a, b sharing a's first 3 blocks, c alone. Entries come in scrambled order.
+  auto ta = seq(0, 24);
+  auto tb = ta;
+  tb[13] = 999;  // diverges in block 3
+  auto tc = seq(5000, 8);
+  auto ka = keys_for(ta), kb = keys_for(tb), kc = keys_for(tc);
+  const BlockKey seed = flexkv::namespace_key("test");
+  std::vector<BlockKey> keys, parents;
+  std::vector<int64_t> pos;
+  std::vector<int32_t> ids;
+  auto add = [&](const std::vector<BlockKey>& k, size_t i, int32_t id) {
+    keys.push_back(k[i]);
+    parents.push_back(i == 0 ? seed : k[i - 1]);
+    pos.push_back(static_cast<int64_t>(i));
+    ids.push_back(id);
+  };
+  for (size_t i = 6; i-- > 0;) add(ka, i, static_cast<int32_t>(10 + i));
+  for (size_t i = 3; i < 6; ++i) add(kb, i, static_cast<int32_t>(20 + i));
+  add(kc, 1, 30);       // orphan: c's block 0 is missing
+  add(ka, 2, 40);       // a repeated key
+  add(kc, 0, 99);       // id out of range: left out, and so is nothing else of c (its block 1 is an orphan)
+  RadixIndex idx(64, 0.0);
+  std::vector<int32_t> left;
+  CHECK_EQ(idx.restore(keys.data(), parents.data(), pos.data(), ids.data(), keys.size(), &left), 9u);
+  CHECK_EQ(idx.match(ka.data(), 6), 6u);
+  CHECK_EQ(idx.match(kb.data(), 6), 6u);
+  CHECK_EQ(idx.match(kc.data(), 2), 0u);
+  std::sort(left.begin(), left.end());
+  CHECK(left == std::vector<int32_t>({30, 40}));
+  std::vector<int32_t> got(6);
+  CHECK_EQ(idx.acquire(kb.data(), 6, 0, got.data()), 6u);
+  CHECK(got == std::vector<int32_t>({10, 11, 12, 23, 24, 25}));
+  idx.release(got.data(), 6);
+  CHECK_EQ(idx.stats().num_free, 64 - 9);
+  idx.check_consistency();
+  // New blocks never take a restored id.
+  auto kd = keys_for(seq(7000, 4));
+  std::vector<int32_t> nid(1);
+  std::vector<uint8_t> fresh(1);
+  idx.reserve(kd.data(), 1, 0, nid.data(), fresh.data());
+  CHECK(nid[0] < 10 || nid[0] > 25);
+  idx.commit(nid.data(), 1);
+  CHECK_THROWS(idx.restore(keys.data(), parents.data(), pos.data(), ids.data(), keys.size(), &left));
+}
+
+TEST(set_ready_marks_locked_blocks_only) {
+  RadixIndex idx(8, 0.0);
+  auto k = keys_for(seq(0, 12));
+  std::vector<int32_t> ids(3);
+  std::vector<uint8_t> fresh(3);
+  idx.reserve(k.data(), 3, 0, ids.data(), fresh.data());
+  idx.set_ready(ids.data(), 2, true);  // promoted, still held by a load
+  CHECK_EQ(idx.match(k.data(), 3), 2u);
+  CHECK_EQ(idx.lock_count(ids[0]), 1);
+  idx.set_ready(ids.data() + 1, 1, false);  // found corrupt
+  CHECK_EQ(idx.match(k.data(), 3), 1u);
+  idx.release(ids.data(), 3);
+  CHECK_THROWS(idx.set_ready(ids.data(), 1, true));  // no longer locked
+  std::vector<int32_t> again(3);
+  std::vector<uint8_t> fresh2(3);
+  CHECK_EQ(idx.reserve(k.data(), 3, 0, again.data(), fresh2.data()), 3u);
+  CHECK(fresh2[0] == 0 && fresh2[1] == 1 && fresh2[2] == 1);  // the unready ones are rewritten
+  idx.commit(again.data() + 1, 2);
+  idx.check_consistency();
+}
+
 TEST(random_operations_keep_invariants) {
   std::mt19937 rng(1234);
   RadixIndex idx(200, 0.05);

@@ -20,6 +20,8 @@ class BlockPool {
   void free(const int32_t* ids, size_t n);
   bool is_allocated(int32_t id) const { return allocated_[static_cast<size_t>(id)] != 0; }
   void reset();
+  // Resets the pool with exactly the ids whose flag is nonzero allocated (flags has capacity() entries).
+  void reset_allocated(const std::vector<uint8_t>& flags);
 
  private:
   int32_t capacity_;

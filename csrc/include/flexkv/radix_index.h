@@ -64,6 +64,11 @@ class RadixIndex {
   // Unlocks blocks. Unready blocks stay in the tree, unreadable, until a later
   // reserve() rewrites them or eviction frees them.
   void release(const int32_t* ids, size_t n);
+  // Sets the ready flag of locked blocks without unlocking them (a block
+  // promoted from a slower tier that a load still holds), or clears it (a
+  // block found corrupt: no match reaches it, and once unlocked a store may
+  // rewrite it). Throws, changing nothing, if a block is not locked.
+  void set_ready(const int32_t* ids, size_t n, bool ready);
 
   // Frees up to n unlocked blocks, least recently used leaves first, plus the
   // evict_ratio extra. Returns how many it freed.
@@ -71,6 +76,17 @@ class RadixIndex {
 
   // Drops every block. Throws if any block is locked.
   void reset();
+
+  // Rebuilds an empty index from blocks read back from the tier's own storage
+  // (warm restart). Entry i is block ids[i] holding keys[i], whose predecessor
+  // in its sequence is parents[i] at positions[i] - 1 (position 0 hangs off the
+  // namespace seed). Chains are restored from position 0 up, as ready blocks;
+  // an entry whose predecessor is not restored, a repeated key or an id out of
+  // range or seen before is left out and its id appended to `left_out` (when
+  // the id is in range). Returns the number of blocks restored. Throws if the
+  // index is not empty.
+  size_t restore(const BlockKey* keys, const BlockKey* parents, const int64_t* positions, const int32_t* ids,
+                 size_t n, std::vector<int32_t>* left_out);
 
   bool is_ready(int32_t id) const;
   int32_t lock_count(int32_t id) const;
