@@ -42,6 +42,7 @@ logger = logging.getLogger("flexkv")
 
 _MAX_FINISHED_TASKS = 100_000
 _MAX_BLOCKS = 2**31 - 1  # block ids are int32
+_WRITE_THROUGH_ATTEMPTS = 8
 _EMPTY_IDS = np.zeros(0, dtype=np.int32)
 
 
@@ -122,6 +123,8 @@ class KVManager:
         self._ssd_reads: ThreadPoolExecutor | None = None   # promotions: a get waits for them
         self._ssd_writes: ThreadPoolExecutor | None = None  # write-through: nobody waits
         self._promoting = 0  # promotions in flight
+        self._write_backlog = 0  # CPU blocks locked until their write-through
+        self._write_backlog_limit = max(1, self.cache_config.num_cpu_blocks // 4)
         self._copy: Any = None
         self._engine: EngineLayout | None = None
         self._completer: threading.Thread | None = None
@@ -141,10 +144,16 @@ class KVManager:
         if self.cache_config.enable_ssd:
             ssd = SsdTier(self.cache_config, self.block_bytes, self.ssd_fingerprint, io_engine=self.ssd_io_engine,
                           fault_injection=self.ssd_fault_injection)
+        try:
+            tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
+                           self.cache_config.use_hugepage_cpu_buffer, block_align=IO_ALIGN if ssd else 1)
+        except BaseException:
+            if ssd is not None:
+                ssd.close()
+            raise
+        if ssd is not None:
             self._ssd_reads = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-read")
             self._ssd_writes = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-write")
-        tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
-                       self.cache_config.use_hugepage_cpu_buffer, block_align=IO_ALIGN if ssd else 1)
         self._copy, self._tier, self._ssd, self._closing = copy, tier, ssd, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
@@ -172,6 +181,8 @@ class KVManager:
             if pool is not None:
                 pool.shutdown(wait=True)  # write-throughs finish before the CPU tier goes
         self._ssd_reads = self._ssd_writes = None
+        if self._ssd is not None:
+            self._ssd.close()
         self._ssd = None
         self._copy = None
         self._tier.close()
@@ -575,25 +586,48 @@ class KVManager:
                                                     task.host_ids.astype(np.int64), task.type is TaskType.GET)
                 except Exception as e:  # the copy engine refused: end this task and those not yet queued
                     for rest in tasks[k:]:
-                        if rest.state is TaskState.RUNNING:
-                            self._finish(rest, TaskState.FAILED, f"launch failed: {e}")  # _cond is reentrant
+                        if rest.state is not TaskState.RUNNING:
+                            continue
+                        if rest.promotion is not None:  # its SSD reads still write into its CPU blocks
+                            rest.plan = None
+                            rest.end_requested = (TaskState.FAILED, f"launch failed: {e}")
+                            continue
+                        self._finish(rest, TaskState.FAILED, f"launch failed: {e}")  # _cond is reentrant
                     raise TaskError(f"task {task.id}: {e}") from e
                 self._running[task.job_id] = task
 
     def _start_promotion(self, task: Task) -> None:
         with self._cond:
-            self._promoting += 1
+            closing = self._closing
+            if not closing:
+                self._promoting += 1
+        if closing:  # shutdown() has begun: give the blocks back instead of reading them
+            assert self._tier is not None and self._ssd is not None
+            abandon_promotion(self._tier, self._ssd, task.promotion)
+            with self._cond:
+                task.held = task.held[: len(task.held) - len(task.promotion.cpu_ids)]
+                task.promotion = None
+                task.state = TaskState.RUNNING
+            self._finish(task, TaskState.CANCELLED, "KVManager is shutting down")
+            return
         assert self._ssd_reads is not None
         self._ssd_reads.submit(self._promote, task)
 
     def _promote(self, task: Task) -> None:
         """Runs on the SSD read thread: brings the task's SSD blocks up, then lets its copy start."""
+        try:
+            self._promote_and_hand_over(task)
+        finally:
+            with self._cond:
+                self._promoting -= 1
+                self._cond.notify_all()
+
+    def _promote_and_hand_over(self, task: Task) -> None:
         tier, ssd, p = self._tier, self._ssd, task.promotion
         assert tier is not None and ssd is not None and p is not None
         counters = TierCounters()
         end = run_promotion(tier, ssd, task.chain, p, counters)
         with self._cond:
-            self._promoting -= 1
             for name, value in vars(counters).items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
             # Blocks from `end` on did not arrive: their CPU locks are gone; the load shrinks to what did.
@@ -604,12 +638,12 @@ class KVManager:
             task.copy_blocks = task.copy_blocks[:keep]
             task.host_ids = task.host_ids[:keep]
             task.promotion = None
-            if end < p.stop and task.type is TaskType.GET:
+            if end < p.stop:
                 task.error = f"{p.stop - end} block(s) promised from the SSD tier did not arrive"
-            if task.type is TaskType.PREFETCH:
-                self._finish(task, TaskState.COMPLETED, None)
-            elif task.end_requested is not None:
+            if task.end_requested is not None:
                 self._finish(task, *task.end_requested)
+            elif task.type is TaskType.PREFETCH:
+                self._finish(task, TaskState.FAILED if task.error else TaskState.COMPLETED, task.error)
             elif task.plan is not None:
                 plan, task.plan = task.plan, None
                 try:
@@ -618,28 +652,55 @@ class KVManager:
                     pass  # _submit ended the task FAILED and logged why
             self._cond.notify_all()
 
-    def _start_write_through(self, task: Task) -> None:
+    def _commit_put(self, tier: CpuTier, task: Task) -> None:
+        """Makes a completed put's blocks ready and, with an SSD tier, queues their write-through. While
+        few blocks wait for the SSD, they stay locked until written, so eviction cannot take them first;
+        past that they are queued unlocked, and eviction may take some before the SSD gets them."""
         chain, n = task.chain, int(task.copy_blocks[-1]) + 1 if len(task.copy_blocks) else 0
-        if chain is None or n == 0:
+        if self._ssd_writes is None or chain is None or n == 0:
+            tier.index.commit(task.held)
             return
         with self._cond:
+            hold = self._write_backlog + len(task.held) <= self._write_backlog_limit
+            own = task.held if hold else _EMPTY_IDS
+            self._write_backlog += len(own)
             task.background += 1
-        assert self._ssd_writes is not None
-        self._ssd_writes.submit(self._write_through, task, chain, n)
+        try:
+            if hold:
+                tier.index.set_ready(task.held, True)  # readable now; unlocked once on SSD
+            else:
+                tier.index.commit(task.held)
+        except Exception:
+            with self._cond:
+                self._write_backlog -= len(own)
+                task.background -= 1
+            raise
+        self._ssd_writes.submit(self._write_through, task, chain, n, own)
 
-    def _write_through(self, task: Task, chain: Chain, n: int) -> None:
-        """Runs on the SSD write thread."""
+    def _write_through(self, task: Task, chain: Chain, n: int, own: np.ndarray) -> None:
+        """Runs on the SSD write thread. A put whose prefix another put is still storing waits for it a
+        little; after that its blocks stay CPU-only."""
         tier, ssd = self._tier, self._ssd
         counters = TierCounters()
         try:
             if tier is not None and ssd is not None:
-                write_through(tier, ssd, chain, n, counters)
+                # Held blocks cannot be evicted, so a gap before them is another put still storing: wait
+                # for it a little. Unheld ones may be evicted already: write what is there at once.
+                for attempt in range(_WRITE_THROUGH_ATTEMPTS if len(own) else 1):
+                    if write_through(tier, ssd, chain, n, counters, whole=len(own) > 0):
+                        break
+                    time.sleep(0.002 * (attempt + 1))
+                else:
+                    counters.ssd_write_skipped_blocks += len(own)
         except Exception as e:  # a failed write-through only costs an SSD copy
             logger.error("SSD tier: write-through of task %d failed: %s", task.id, e)
         finally:
+            if tier is not None and len(own):
+                tier.index.release(own)
             with self._cond:
                 for name, value in vars(counters).items():
                     setattr(self.stats, name, getattr(self.stats, name) + value)
+                self._write_backlog -= len(own)
                 task.background -= 1
                 self._cond.notify_all()
 
@@ -683,7 +744,7 @@ class KVManager:
         if tier is not None and len(task.held):
             try:
                 if task.type is TaskType.PUT and state is TaskState.COMPLETED:
-                    tier.index.commit(task.held)
+                    self._commit_put(tier, task)
                 else:
                     tier.index.release(task.held)
             except Exception as e:  # an index bug: never leave the blocks locked or the engine waiting
@@ -695,8 +756,6 @@ class KVManager:
                     logger.error("task %d: unlocking its blocks failed too: %s", task.id, e2)
         if state is not TaskState.COMPLETED and not (task.type is TaskType.GET and task.job_id):
             task.copy_blocks = task.copy_blocks[:0]  # nothing reached the engine
-        if task.type is TaskType.PUT and state is TaskState.COMPLETED and self._ssd_writes is not None:
-            self._start_write_through(task)
         if error:
             logger.warning("task %d (%s) %s: %s", task.id, task.type.value, state.value, error)
         with self._cond:

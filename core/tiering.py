@@ -56,6 +56,7 @@ class TierCounters:
     ssd_read_errors: int = 0
     ssd_written_blocks: int = 0
     ssd_write_errors: int = 0
+    ssd_write_skipped_blocks: int = 0  # not written through: the queue was full or the prefix never got ready
 
 
 def plan_promotion(cpu: CpuTier, ssd: SsdTier, chain: Chain, start: int) -> Promotion | None:
@@ -100,8 +101,11 @@ def run_promotion(cpu: CpuTier, ssd: SsdTier, chain: Chain, p: Promotion, counte
         end = p.start + good
         mismatched = int(result.mismatch.sum())
         if mismatched:
-            ssd.drop(p.slots[result.mismatch])  # wrong bytes: never read again; an I/O error may pass
+            ssd.drop(p.slots[result.mismatch])  # wrong bytes: never read again
             logger.warning("SSD tier: %d block(s) did not match their headers or checksums; dropped", mismatched)
+        failed_io = ~result.ok & ~result.mismatch
+        if failed_io.any():  # unreadable now: no match reaches it, and the next store rewrites it
+            ssd.index.set_ready(p.slots[failed_io], False)
         counters.ssd_mismatch_blocks += mismatched
         counters.ssd_read_errors += result.io_errors
         counters.ssd_hit_tokens += good * chain.tokens_per_block
@@ -111,35 +115,43 @@ def run_promotion(cpu: CpuTier, ssd: SsdTier, chain: Chain, p: Promotion, counte
         logger.error("SSD tier: promotion failed: %s", e)
         end = p.start
     finally:
-        ssd.index.release(p.slots)
-        rest = p.cpu_ids[end - p.start:]
-        if len(rest):
-            cpu.index.release(rest)
+        for index, ids in ((ssd.index, p.slots), (cpu.index, p.cpu_ids[end - p.start:])):
+            try:
+                if len(ids):
+                    index.release(ids)
+            except Exception as e:  # an index bug must not stop the rest of the clean-up
+                logger.error("SSD tier: releasing a promotion's blocks failed: %s", e)
     return end
 
 
-def write_through(cpu: CpuTier, ssd: SsdTier, chain: Chain, n: int, counters: TierCounters) -> None:
-    """Copies the ready CPU blocks of chain[:n] that the SSD lacks to the SSD."""
+def write_through(cpu: CpuTier, ssd: SsdTier, chain: Chain, n: int, counters: TierCounters,
+                  whole: bool = True) -> bool:
+    """Copies the ready CPU blocks of chain[:n] that the SSD lacks to the SSD. With ``whole``, returns
+    False, doing nothing, while some block of chain[:n] is not ready on the CPU (another put is still
+    storing it); without, writes the ready prefix."""
     got, cpu_ids = cpu.index.acquire(chain.keys[:n], 0)
     try:
-        if got == 0:
-            return
+        if got < n and (whole or got == 0):
+            return got == 0 and not whole
         slots, is_new = ssd.index.reserve(chain.keys[:got], 0)
         new = np.flatnonzero(is_new)
+        # Blocks the SSD already holds need no I/O: unlock them now.
+        needed = np.zeros(len(cpu_ids), dtype=bool)
+        needed[new] = True
+        cpu.index.release(cpu_ids[~needed])
+        cpu_ids = cpu_ids[needed]
         if len(new) == 0:
-            return
+            return True
         mine = slots[new]
         try:
-            keys = chain.keys[new]
-            parents = chain.parents(0, len(slots))[new]
-            tokens = chain.block_tokens(0, len(slots))[new]
-            result = ssd.write(cpu, cpu_ids[new], mine, np.ascontiguousarray(keys), np.ascontiguousarray(parents),
-                               new.astype(np.int64), np.ascontiguousarray(tokens))
+            result = ssd.write(cpu, cpu_ids, mine, np.ascontiguousarray(chain.keys[new]),
+                               np.ascontiguousarray(chain.parents(0, len(slots))[new]), new.astype(np.int64),
+                               np.ascontiguousarray(chain.block_tokens(0, len(slots))[new]))
         except Exception as e:
             logger.error("SSD tier: write failed: %s", e)
             ssd.index.release(mine)
             counters.ssd_write_errors += len(mine)
-            return
+            return True
         ssd.index.commit(mine[result.ok])
         ssd.index.release(mine[~result.ok])
         counters.ssd_written_blocks += int(result.ok.sum())
@@ -147,5 +159,7 @@ def write_through(cpu: CpuTier, ssd: SsdTier, chain: Chain, n: int, counters: Ti
         if failed:
             counters.ssd_write_errors += failed
             logger.warning("SSD tier: %d block(s) not stored (I/O errors); they stay CPU-only", failed)
+        return True
     finally:
-        cpu.index.release(cpu_ids)
+        if len(cpu_ids):
+            cpu.index.release(cpu_ids)

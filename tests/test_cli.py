@@ -69,3 +69,20 @@ def test_console_script_and_manual_script_run() -> None:
     assert lines[0].startswith("config1 (small, block 16): latency") and lines[1].startswith("config2 (large")
     rates = [float(line.rsplit("hit rate ", 1)[1].rstrip("%")) for line in lines]
     assert 0 < rates[0] < rates[1] < 100
+
+
+def test_bench_shows_ssd_hits_separately(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cpu_only = tmp_path / "cpu.json"
+    cpu_only.write_text('{"cache_config": {"num_cpu_blocks": 300, "tokens_per_block": 16}}')
+    with_ssd = tmp_path / "ssd.json"
+    with_ssd.write_text(json.dumps({"cache_config": {
+        "num_cpu_blocks": 300, "tokens_per_block": 16, "enable_ssd": True, "num_ssd_blocks": 6000,
+        "ssd_cache_dir": str(tmp_path / "ssd")}}))
+    out_json = tmp_path / "r.json"
+    assert main(["bench", "--no-progress", "--conversations", "30", "--concurrency", "15", "--turns", "3",
+                 "--config", str(cpu_only), "--config", str(with_ssd), "--json", str(out_json)]) == 0
+    cpu, ssd = json.loads(out_json.read_text())
+    assert cpu["ssd_hit_tokens"] == 0 and ssd["ssd_hit_tokens"] > 0
+    assert ssd["hit_rate"] > cpu["hit_rate"]
+    assert ssd["hit_tokens"] >= ssd["ssd_hit_tokens"]
+    assert "of which SSD" in capsys.readouterr().out

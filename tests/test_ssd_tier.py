@@ -383,3 +383,59 @@ def test_bad_directories_are_clear_errors_at_start(tmp_path: Path) -> None:
     slot = 4096 + model().block_bytes(TPB)
     with pytest.raises(ConfigError, match="num_ssd_blocks|space"):
         start(str(tmp_path / "big"), n=int(free // slot) * 4)
+
+
+def test_two_caches_never_share_a_directory(ssd_dir: Path, request) -> None:
+    gen, rng = seeds(request)
+    kv, caches = make([ssd_dir], "io_uring")
+    try:
+        with pytest.raises(ConfigError, match="in use"):
+            make([ssd_dir], "io_uring")
+        tokens = random_tokens(rng, 2 * TPB)
+        fill(caches, range(2), gen)
+        put_completely(kv, tokens, range(2))
+    finally:
+        kv.shutdown()
+    kv2, _ = make([ssd_dir], "io_uring")  # free again once the first has shut down
+    try:
+        assert kv2._ssd.restored == 2
+    finally:
+        kv2.shutdown()
+
+
+def test_a_put_whose_prefix_another_put_is_storing_still_reaches_ssd(ssd_dir: Path, request) -> None:
+    gen, rng = seeds(request)
+    kv, caches = make([ssd_dir], "io_uring", cpu_blocks=16)
+    try:
+        tokens = random_tokens(rng, 8 * TPB)
+        fill(caches, range(8), gen)
+        short_id, short_mask = kv.put_match(tokens[: 4 * TPB])   # blocks 0-3, still being stored
+        long_id, long_mask = kv.put_match(tokens)                  # blocks 4-7 only
+        assert short_mask.sum() == 4 * TPB and long_mask.sum() == 4 * TPB
+        kv.launch(long_id, slots_for(long_mask, list(range(8)), TPB))  # the longer one finishes first
+        kv.launch(short_id, slots_for(short_mask, list(range(8)), TPB))
+        res = kv.wait([long_id, short_id], completely=True)
+        assert res[long_id].ok and res[short_id].ok
+        assert kv._ssd.index.match(kv._keys(tokens, None)) == 8  # both halves are on SSD
+    finally:
+        kv.shutdown()
+
+
+def test_a_restart_scans_the_written_slots_and_copes_without_the_mark(ssd_dir: Path, request) -> None:
+    gen, rng = seeds(request)
+    kv, caches = make([ssd_dir], "io_uring", ssd_blocks=10_000)
+    tokens = random_tokens(rng, 3 * TPB)
+    try:
+        fill(caches, range(3), gen)
+        put_completely(kv, tokens, range(3))
+    finally:
+        kv.shutdown()
+    (mark,) = ssd_dir.glob(".flexkv-*.watermark")
+    assert 3 <= int(mark.read_text()) < 10_000  # a restart reads a few headers, not all 10000
+    for _ in range(2):
+        kv, _ = make([ssd_dir], "io_uring", ssd_blocks=10_000)
+        try:
+            assert kv._ssd.restored == 3
+        finally:
+            kv.shutdown()
+        mark.unlink()  # the second start has no mark: it scans every slot and finds the same blocks

@@ -140,11 +140,11 @@ void bind_ssd(py::module_& m) {
         return do_io(s, &flexkv::SsdStore::read, slots, keys, parents, positions, tokens, payloads);
       }, py::arg("slots"), py::arg("keys"), py::arg("parents"), py::arg("positions"), py::arg("tokens"),
          py::arg("payloads"), "Reads and verifies blocks; int32 status per block: 0 ok, 1 mismatch, 2 I/O error.")
-      .def("scan", [](PySsdStore& s) {
+      .def("scan", [](PySsdStore& s, int64_t limit) {
         std::vector<flexkv::SsdEntry> found;
         {
           py::gil_scoped_release nogil;
-          found = s.store->scan();
+          found = s.store->scan(limit);
         }
         const auto m = static_cast<py::ssize_t>(found.size());
         I32Array slots(m);
@@ -165,7 +165,9 @@ void bind_ssd(py::module_& m) {
           pos[i] = e.position;
         }
         return py::make_tuple(slots, keys, parents, positions);
-      }, "(slots int32[m], keys uint64[m,2], parents uint64[m,2], positions int64[m]) of the intact headers.")
+      }, py::arg("limit") = -1,
+         "(slots int32[m], keys uint64[m,2], parents uint64[m,2], positions int64[m]) of the intact headers "
+         "among slots 0..limit-1 (all slots when limit < 0).")
       .def("invalidate", [](PySsdStore& s, const I32Array& slots) {
         if (slots.ndim() != 1) throw py::value_error("slots must be a 1-D int32 array");
         py::gil_scoped_release nogil;

@@ -46,7 +46,10 @@ std::string uring_hint(int err) {
 
 struct Ring {
   struct io_uring ring;
-  ~Ring() { io_uring_queue_exit(&ring); }
+  bool live = false;  // set once io_uring_queue_init succeeded
+  ~Ring() {
+    if (live) io_uring_queue_exit(&ring);
+  }
 };
 
 // Returns a new ring, or null with *err set.
@@ -56,9 +59,9 @@ std::unique_ptr<Ring> new_ring(unsigned entries, int* err) {
   const int rc = io_uring_queue_init(entries, &r->ring, 0);
   if (rc < 0) {
     *err = -rc;
-    r.release();  // never initialised: nothing to tear down
     return nullptr;
   }
+  r->live = true;
   return r;
 }
 
@@ -96,7 +99,8 @@ class UringEnv : public IoEnv {
   }
 
  private:
-  std::unique_ptr<Ring> acquire() {
+  // A ring for one run(), or null with *err set when none exists and none can be made.
+  std::unique_ptr<Ring> acquire(int* err) {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
       if (!free_.empty()) {
@@ -104,15 +108,17 @@ class UringEnv : public IoEnv {
         free_.pop_back();
         return r;
       }
-      if (rings_ < kMaxRings && !create_failed_) {
+      // Past a failed creation, share the rings there are (e.g. the locked-memory limit); with none
+      // left (broken rings are dropped), try again rather than wait for a ring that cannot come.
+      if (rings_ < kMaxRings && (!create_failed_ || rings_ == 0)) {
         ++rings_;
         lock.unlock();
-        int err = 0;
-        std::unique_ptr<Ring> r = new_ring(depth_, &err);
+        std::unique_ptr<Ring> r = new_ring(depth_, err);
         if (r) return r;
         lock.lock();
         --rings_;
-        create_failed_ = true;  // e.g. the locked-memory limit: share the rings there are
+        create_failed_ = true;
+        if (rings_ == 0) return nullptr;
         continue;
       }
       cv_.wait(lock);
@@ -139,7 +145,15 @@ class UringEnv : public IoEnv {
 
 void UringEnv::run_with_hooks(const IoRequest* reqs, size_t n, int64_t* results, const IoHooks& hooks) {
   if (n == 0) return;
-  std::unique_ptr<Ring> holder = acquire();
+  int ring_err = 0;
+  std::unique_ptr<Ring> holder = acquire(&ring_err);
+  if (!holder) {  // no ring at all: every request fails, nothing was submitted
+    for (size_t i = 0; i < n; ++i) {
+      results[i] = -static_cast<int64_t>(ring_err ? ring_err : EIO);
+      if (hooks.complete) hooks.complete(i, results[i]);
+    }
+    return;
+  }
   struct io_uring* ring = &holder->ring;
 
   struct Op {
@@ -295,10 +309,11 @@ void UringEnv::run_with_hooks(const IoRequest* reqs, size_t n, int64_t* results,
       if (rc == -EINTR) continue;
       if (rc < 0) break;
       const size_t i = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+      const int res = cqe->res;  // read before the entry goes back to the kernel
       io_uring_cqe_seen(ring, cqe);
       --in_kernel;
       --outstanding;
-      if (!ops[i].finished) finish(i, cqe->res < 0 ? cqe->res : -EIO);
+      if (!ops[i].finished) finish(i, res < 0 ? res : -EIO);
     }
     for (size_t i = 0; i < n; ++i) {
       if (!ops[i].finished) finish(i, -static_cast<int64_t>(fatal));

@@ -428,9 +428,10 @@ void SsdStore::read(const SsdBlock* blocks, size_t n, SsdStatus* status) {
   s.env->run_with_hooks(p.reqs.data(), p.reqs.size(), results.data(), hooks);
 }
 
-std::vector<SsdEntry> SsdStore::scan() {
+std::vector<SsdEntry> SsdStore::scan(int64_t limit) {
   const Impl& s = *impl_;
-  const uint64_t total = static_cast<uint64_t>(s.opt.num_blocks);
+  const uint64_t total = static_cast<uint64_t>(limit < 0 ? s.opt.num_blocks : std::min(limit, s.opt.num_blocks));
+  if (total == 0) return {};
   const uint64_t batch = std::min<uint64_t>(total, std::max<uint64_t>(1, kScanBatchBytes / s.header_bytes));
   AlignedPool::Buffer buf = impl_->pool.get(batch * s.header_bytes);
   std::vector<struct iovec> iov(batch);

@@ -72,9 +72,10 @@ class SsdStore {
   // file); kIoError when the read failed. Coalesces like write. A payload buffer holds the block only
   // where the status is kOk; elsewhere its content is undefined.
   void read(const SsdBlock* blocks, size_t n, SsdStatus* status);
-  // Reads every slot's header (in big batches) and returns, by slot, those whose header is intact and
-  // matches this store's fingerprint and geometry (the payload is checked by read()).
-  std::vector<SsdEntry> scan();
+  // Reads the headers of slots 0..limit-1 (every slot when limit < 0) in big batches and returns, by
+  // slot, those whose header is intact and matches this store's fingerprint and geometry (the payload
+  // is checked by read()).
+  std::vector<SsdEntry> scan(int64_t limit = -1);
   // Overwrites those slots' headers so scan() never returns them (and read() reports kMismatch).
   // Throws std::runtime_error if some header could not be overwritten.
   void invalidate(const int32_t* slots, size_t n);
