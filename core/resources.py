@@ -92,8 +92,10 @@ def _resource_problems(cache_config: CacheConfig, model_config: ModelConfig,
     block = model_config.block_bytes(resolved.tokens_per_block)
     problems: list[tuple[str, str]] = []
 
-    # CPU tier: POSIX shared memory, so both MemAvailable and the free space of /dev/shm bound it.
-    need = resolved.num_cpu_blocks * block
+    # CPU tier: POSIX shared memory, so both MemAvailable and the free space of /dev/shm bound it. With
+    # an SSD tier its blocks start on 4096-byte boundaries (O_DIRECT), so each takes a whole number of pages.
+    cpu_block = -(-block // 4096) * 4096 if resolved.enable_ssd else block
+    need = resolved.num_cpu_blocks * cpu_block
     limits = []
     mem, shm = mem_available(), shm_free()
     if mem is not None:
@@ -102,12 +104,12 @@ def _resource_problems(cache_config: CacheConfig, model_config: ModelConfig,
         limits.append((shm, f"/dev/shm free {format_bytes(shm)}"))
     if limits and need > min(v for v, _ in limits):
         room = min(v for v, _ in limits)
-        key, advice = _largest("cpu", cache_config.cpu_cache_gb is not None, room // block, block)
+        key, advice = _largest("cpu", cache_config.cpu_cache_gb is not None, room // cpu_block, block)
         fix = ""
         if shm is not None and shm == room and (mem is None or shm < mem):
             fix = "; or grow /dev/shm (in Docker: --shm-size)"
         problems.append((key, f"{key}: the CPU tier needs {format_bytes(need)} of CPU memory "
-                              f"({resolved.num_cpu_blocks} blocks x {format_bytes(block)}) but only "
+                              f"({resolved.num_cpu_blocks} blocks x {format_bytes(cpu_block)}) but only "
                               f"{format_bytes(room)} is available ({', '.join(t for _, t in limits)}); {advice}{fix}"))
 
     # SSD tier: the need is split evenly across the directories; directories on one filesystem add up.

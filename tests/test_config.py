@@ -844,3 +844,15 @@ def test_check_config_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert check_config.main(["--help"]) == 0
     assert "check-config" in capsys.readouterr().out
     assert check_config.main(["--num-layers", "x"]) == 2
+
+
+def test_cpu_tier_need_counts_page_aligned_blocks_when_ssd_is_on(tmp_path: Path) -> None:
+    model = ModelConfig(num_layers=1, num_kv_heads=1, head_size=8, dtype="float16")  # 512-byte blocks
+    plain = CacheConfig(num_cpu_blocks=1000, tokens_per_block=16)
+    with_ssd = CacheConfig(num_cpu_blocks=1000, tokens_per_block=16, enable_ssd=True, num_ssd_blocks=10,
+                           ssd_cache_dir=str(tmp_path))
+    readers = {"mem_available": lambda: 1 << 20, "shm_free": lambda: 1 << 20, "disk_free": lambda p: 1 << 40}
+    assert resources_module.check_resources(plain, model, **readers) == []  # 1000 x 512 B fit in 1 MiB
+    problems = resources_module.check_resources(with_ssd, model, **readers)  # 1000 x 4 KiB do not
+    assert len(problems) == 1 and "num_cpu_blocks" in problems[0] and "largest num_cpu_blocks that fits is 256" \
+        in problems[0]
