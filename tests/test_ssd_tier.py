@@ -106,8 +106,6 @@ def test_blocks_evicted_from_cpu_come_back_from_ssd_byte_exact(engine: str, ssd_
             assert bitwise_equal(w, c[:, 10:16])
         assert kv.cache_stats()["ssd_hit_tokens"] >= 6 * TPB
         assert_no_locks(kv)
-        kv._ssd.index.check_consistency()
-        assert kv._ssd.index.stats()["num_locked"] == 0
     finally:
         kv.shutdown()
 
@@ -247,8 +245,6 @@ def test_damaged_blocks_become_misses_never_wrong_bytes(engine: str, damage: str
         kv.cancel(task_id)
         kv.wait(task_id)
         assert_no_locks(kv)
-        kv._ssd.index.check_consistency()
-        assert kv._ssd.index.stats()["num_locked"] == 0
     finally:
         kv.shutdown()
 
@@ -299,8 +295,6 @@ def test_write_errors_skip_the_store_and_nothing_breaks(engine: str, err: int, s
         assert not mask.any()
         kv.wait(task_id)
         assert_no_locks(kv)
-        kv._ssd.index.check_consistency()
-        assert kv._ssd.index.stats()["num_locked"] == 0
     finally:
         kv.shutdown()
 
@@ -318,7 +312,6 @@ def test_read_errors_are_misses(engine: str, ssd_dir: Path, request) -> None:
         assert all(torch.isnan(c[:, 50:54]).all() for c in caches)
         assert kv.cache_stats()["ssd_read_errors"] >= 1
         assert_no_locks(kv)
-        assert kv._ssd.index.stats()["num_locked"] == 0
     finally:
         kv.shutdown()
 
@@ -364,7 +357,6 @@ def test_cancel_during_a_promotion_unlocks_everything(ssd_dir: Path, request) ->
         res = kv.wait(task_id)[task_id]
         assert res.status.value == "cancelled" and not res.return_mask.any()
         assert_no_locks(kv)
-        assert kv._ssd.index.stats()["num_locked"] == 0
     finally:
         kv.shutdown()
 
