@@ -31,6 +31,7 @@ from flexkv import _core
 from .config import CacheConfig, ModelConfig, canonical_dtype_name
 from .cpu_tier import CpuTier
 from .errors import ConfigError, FlexKVError, LayoutError, TaskError
+from .gpu_plane import make_gpu_copy_engine
 from .layout import EngineLayout, KVCacheLayout
 from .request import KVResponse, KVResponseStatus
 from .resources import require_resources
@@ -127,6 +128,7 @@ class KVManager(SsdFlow):
         self._write_backlog_limit = max(1, self.cache_config.num_cpu_blocks // 4)
         self._copy: Any = None
         self._engine: EngineLayout | None = None
+        self._segments: np.ndarray | None = None  # the registered layout as the copy engine takes it
         self._completer: threading.Thread | None = None
         self._closing = False   # shutdown() has begun: no launch may start
         self._launching = 0     # launch() calls between claiming tasks and queuing their copies
@@ -139,17 +141,18 @@ class KVManager(SsdFlow):
         if self._tier is not None:
             return
         require_resources(self.cache_config, self.model_config)
-        copy = _core.HostCopyEngine(self.num_copy_threads)
-        ssd = None
-        if self.cache_config.enable_ssd:
-            ssd = SsdTier(self.cache_config, self.block_bytes, self.ssd_fingerprint, io_engine=self.ssd_io_engine,
-                          fault_injection=self.ssd_fault_injection)
+        ssd = tier = None
         try:
+            if self.cache_config.enable_ssd:
+                ssd = SsdTier(self.cache_config, self.block_bytes, self.ssd_fingerprint,
+                              io_engine=self.ssd_io_engine, fault_injection=self.ssd_fault_injection)
             tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
                            self.cache_config.use_hugepage_cpu_buffer, block_align=IO_ALIGN if ssd else 1)
+            copy = self._copy_engine_for(self._engine, tier)
         except BaseException:
-            if ssd is not None:
-                ssd.close()
+            for part in (ssd, tier):
+                if part is not None:
+                    part.close()
             raise
         if ssd is not None:
             self._ssd_reads = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-read")
@@ -184,7 +187,7 @@ class KVManager(SsdFlow):
         if self._ssd is not None:
             self._ssd.close()
         self._ssd = None
-        self._copy = None
+        self._copy = None  # a GPU engine unregisters the CPU tier's memory before the tier unmaps it
         self._tier.close()
         self._tier = None
         self._engine = None
@@ -232,7 +235,35 @@ class KVManager(SsdFlow):
                               f"and tokens_per_block={self.tokens_per_block} give {self.block_bytes}; check "
                               "num_layers, num_kv_heads, head_size, dtype and use_mla")
         layout.validate()
-        self._engine = layout
+        with self._cond:
+            if self._running or self._promoting or self._launching:
+                raise TaskError("register_kv_caches: copies are in flight; wait for the tasks to end first")
+            if self._tier is not None and not self._closing:
+                self._copy = self._replace_copy_engine(layout, self._tier)
+            self._engine = layout
+            self._segments = layout.grouped_segments() if layout.is_cuda else layout.segments
+
+    def _replace_copy_engine(self, layout: EngineLayout, tier: CpuTier) -> Any:
+        """The copy engine for a newly registered layout. A GPU engine in use hands the CPU tier's pinning
+        over first: the tier stays pinned only as long as the engine that pinned it lives."""
+        old = self._copy
+        gpu = old is not None and not isinstance(old, _core.HostCopyEngine)
+        if gpu:
+            old.unregister_host(tier.base)
+        try:
+            return self._copy_engine_for(layout, tier)
+        except BaseException:
+            if gpu:
+                old.register_host(tier.base, tier.num_blocks * tier.block_stride)
+            raise
+
+    def _copy_engine_for(self, layout: EngineLayout | None, tier: CpuTier) -> Any:
+        """A GPU copy engine for KV memory on a CUDA device; the host copy threads otherwise."""
+        if layout is not None and layout.is_cuda:
+            return make_gpu_copy_engine(self.cache_config, layout, tier)
+        if isinstance(self._copy, _core.HostCopyEngine):
+            return self._copy
+        return _core.HostCopyEngine(self.num_copy_threads)
 
     # -------------------------------------------------------------------- match
 
@@ -312,9 +343,8 @@ class KVManager(SsdFlow):
         before, nothing is launched and the other tasks stay as they were (launch or cancel them); if a
         slot mapping is bad, no copy starts and every task of the call ends FAILED with its blocks unlocked.
         """
-        if as_batch or layerwise_transfer:
-            raise TaskError("launch: as_batch and layerwise_transfer are not supported by the CPU data plane; "
-                            "launch tasks one by one")
+        if as_batch:
+            raise TaskError("launch: as_batch is not supported; launch the tasks as a list (one copy job each)")
         ids = _task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or _is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]
@@ -324,6 +354,8 @@ class KVManager(SsdFlow):
         if len(slot_mappings) != len(ids):
             raise TaskError(f"launch: {len(ids)} task ids but {len(slot_mappings)} slot mappings")
         tasks = self._claim_for_launch(ids)
+        for task in tasks:
+            task.layerwise = bool(layerwise_transfer)
         try:
             try:
                 engine = self._engine
@@ -398,6 +430,41 @@ class KVManager(SsdFlow):
                     break
                 self._cond.wait(left)
             return {i: self._report(i) for i in ids}
+
+    def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
+        """Waits until ``layer`` of a launched get is in the engine's KV memory; with ``stream`` (a
+        ``torch.cuda.Stream`` or a ``cudaStream_t`` as int) makes that stream wait for it instead, without
+        blocking. Returns False if the task ended without completing or ``timeout`` seconds passed first.
+
+        Layers arrive one by one for a task launched with ``layerwise_transfer=True`` on the GPU data plane;
+        otherwise every layer arrives with the whole copy. The task's outcome is still reported by wait().
+        """
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or \
+                not 0 <= int(layer) < self.model_config.num_layers:
+            raise TaskError(f"wait_layer: layer must be an int in [0, {self.model_config.num_layers}), got {layer!r}")
+        handle = None if stream is None else _stream_handle(stream)
+        deadline = time.monotonic() + max(0.0, float(timeout))
+        with self._cond:
+            while True:
+                task = self._tasks.get(task_id)
+                if task is None:
+                    raise TaskError(f"wait_layer: unknown task id {task_id} (or already reported by wait)")
+                if task.state is TaskState.UNREADY:
+                    raise TaskError(f"wait_layer: task {task_id} is not launched; launch it first")
+                if task.state.final:
+                    return task.state is TaskState.COMPLETED
+                engine, copy, job = self._engine, self._copy, task.job_id
+                if job and engine is not None and engine.is_cuda:
+                    break  # the copy is queued: its layer events exist
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        if handle is not None:
+            copy.stream_wait_group(job, int(layer), handle)
+        else:
+            copy.wait_group(job, int(layer))
+        return True
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
@@ -581,9 +648,12 @@ class KVManager(SsdFlow):
                 try:
                     assert engine is not None
                     direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
-                    task.job_id = self._copy.submit(direction, engine.segments, engine.num_blocks, tier.base,
-                                                    tier.block_stride, tier.num_blocks, blocks,
-                                                    task.host_ids.astype(np.int64), task.type is TaskType.GET)
+                    args = (direction, self._segments, engine.num_blocks, tier.base, tier.block_stride,
+                            tier.num_blocks, blocks, task.host_ids.astype(np.int64), task.type is TaskType.GET)
+                    if engine.is_cuda:
+                        task.job_id = self._copy.submit(*args, layerwise=task.layerwise)
+                    else:
+                        task.job_id = self._copy.submit(*args)
                 except Exception as e:  # the copy engine refused: end this task and those not yet queued
                     for rest in tasks[k:]:
                         if rest.state is not TaskState.RUNNING:
@@ -620,13 +690,18 @@ class KVManager(SsdFlow):
     def _complete_loop(self) -> None:
         """Ends tasks as their copies finish, in the order they finish; exits after shutdown() once idle."""
         while True:
-            job = self._copy.wait_any(50_000)
+            copy = self._copy
+            job = copy.wait_any(50_000)
             with self._cond:
                 task = self._running.pop(job, None) if job else None
                 if task is None:
                     if self._closing and not self._running and not self._launching and not self._promoting:
                         return
                     continue
+                copy_error = copy.take_error(job)
+                if copy_error:  # part of the copy may be missing: a get reports no tokens, so nothing is trusted
+                    task.copy_blocks = task.copy_blocks[:0]
+                task.error = task.error or copy_error or None
             self._finish(task, TaskState.FAILED if task.error else TaskState.COMPLETED, task.error)
 
     def _finish(self, task: Task, state: TaskState, error: str | None) -> None:
@@ -681,6 +756,14 @@ def _task_ids(task_ids: int | Iterable[int], unique: bool = True) -> list[int]:
         return list(dict.fromkeys(ids)) if unique else ids
     except (TypeError, ValueError) as e:
         raise TaskError(f"task_ids must be an int or a list of ints, got {task_ids!r}") from e
+
+
+def _stream_handle(stream: Any) -> int:
+    """A cudaStream_t as int, from a torch.cuda.Stream (or anything with ``cuda_stream``) or an int."""
+    handle = getattr(stream, "cuda_stream", stream)
+    if isinstance(handle, bool) or not isinstance(handle, (int, np.integer)):
+        raise TaskError(f"stream must be a torch.cuda.Stream or a cudaStream_t as int, got {type(stream).__name__}")
+    return int(handle)
 
 
 def _is_tensor(x: Any) -> bool:

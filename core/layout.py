@@ -7,7 +7,12 @@ The chunks of a block, in order, make up the host block. Every layout reduces to
 such views: vLLM's per-layer ``[2, num_blocks, ...]`` gives two views per layer
 (K and V), a ``[num_blocks, 2, ...]`` layer gives one, a block-first pool gives
 one for all layers. Layouts that ``KVCacheLayoutType`` cannot express (vLLM's CPU
-backend, TensorRT-LLM's pool) are registered as block views directly.
+backend, TensorRT-LLM's pool, SGLang's token-indexed buffers) are registered as
+block views directly.
+
+With tensor parallelism each rank registers its own heads; the host block then
+holds ``[layer][k|v][tp rank][tokens*heads/tp*head_size]``, and a rank's
+segments cover its slice of every chunk.
 """
 
 from __future__ import annotations
@@ -128,18 +133,39 @@ class EngineLayout:
 
     segments: np.ndarray
     num_blocks: int
-    block_bytes: int
+    block_bytes: int  # bytes of a whole host block (all TP ranks)
     description: str = ""
     keepalive: list[Any] = field(default_factory=list, repr=False)
+    device: str = "cpu"  # where the engine's KV memory is: "cpu" or "cuda:<index>"
+    layers: np.ndarray | None = None  # per segment, the last layer it holds (layer-wise copies); None: all 0
+    tp_size: int = 1
+    tp_rank: int = 0
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def cuda_index(self) -> int:
+        return int(self.device.split(":")[1]) if ":" in self.device else 0
+
+    def grouped_segments(self) -> np.ndarray:
+        """The segments with a fifth column, the layer group a layer-wise copy completes them in."""
+        seg = np.asarray(self.segments, dtype=np.int64)
+        groups = np.zeros(len(seg), dtype=np.int64) if self.layers is None else np.asarray(self.layers, np.int64)
+        return np.ascontiguousarray(np.column_stack([seg, groups]))
 
     def validate(self) -> None:
-        """Checks that the segments tile a host block exactly and that blocks do not overlap in the engine."""
+        """Checks that the segments tile a host block (this rank's slice of it) exactly and that blocks do not
+        overlap in the engine."""
         seg = np.asarray(self.segments, dtype=np.int64)
         if seg.ndim != 2 or seg.shape[1] != 4 or len(seg) == 0:
             raise LayoutError("EngineLayout.segments must be a non-empty (n, 4) array of "
                               "[engine_base, engine_block_stride, host_offset, bytes]")
         if self.num_blocks < 1:
             raise LayoutError(f"EngineLayout.num_blocks must be positive, got {self.num_blocks}")
+        if self.layers is not None and len(self.layers) != len(seg):
+            raise LayoutError(f"EngineLayout.layers has {len(self.layers)} entries for {len(seg)} segments")
         base, stride, offset, nbytes = seg.T
         if (base <= 0).any() or (nbytes <= 0).any() or (offset < 0).any():
             raise LayoutError("EngineLayout: every segment needs a non-null base, a non-negative host offset and "
@@ -149,24 +175,44 @@ class EngineLayout:
                               "would overlap")
         order = np.argsort(offset, kind="stable")
         ends = offset[order] + nbytes[order]
-        if offset[order][0] != 0 or (offset[order][1:] != ends[:-1]).any() or ends[-1] != self.block_bytes:
-            raise LayoutError(f"EngineLayout: the segments must cover each host block's {self.block_bytes} bytes "
-                              "exactly once (no gap, no overlap), or a block could be stored half written")
+        if self.tp_size == 1:
+            if offset[order][0] != 0 or (offset[order][1:] != ends[:-1]).any() or ends[-1] != self.block_bytes:
+                raise LayoutError(f"EngineLayout: the segments must cover each host block's {self.block_bytes} "
+                                  "bytes exactly once (no gap, no overlap), or a block could be stored half written")
+        elif (offset[order][1:] < ends[:-1]).any() or ends[-1] > self.block_bytes or \
+                int(nbytes.sum()) * self.tp_size != self.block_bytes:
+            raise LayoutError(f"EngineLayout: TP rank {self.tp_rank}'s segments must cover 1/{self.tp_size} of each "
+                              f"host block's {self.block_bytes} bytes without overlap")
 
     @classmethod
-    def from_block_views(cls, views: Sequence[Any], description: str = "block views") -> EngineLayout:
-        """Builds a layout from tensors whose dim 0 is the block id and whose view[b] is contiguous."""
+    def from_block_views(cls, views: Sequence[Any], description: str = "block views", *,
+                         layers: Sequence[int] | None = None, tp_size: int = 1, tp_rank: int = 0) -> EngineLayout:
+        """Builds a layout from tensors whose dim 0 is the block id and whose view[b] is contiguous.
+
+        ``layers[i]`` is the layer view i belongs to (the last one, if it spans several), for layer-wise
+        loading; without it every view completes with the whole copy. With ``tp_size`` > 1 the views are
+        TP rank ``tp_rank``'s heads and take that rank's slice of each host chunk.
+        """
         if len(views) == 0:
             raise LayoutError("register_kv_caches: no KV tensors given")
+        if isinstance(tp_size, bool) or not isinstance(tp_size, int) or tp_size < 1 or not 0 <= tp_rank < tp_size:
+            raise LayoutError(f"tp_rank must lie in [0, tp_size), got tp_rank={tp_rank!r} tp_size={tp_size!r}")
+        if layers is not None and len(layers) != len(views):
+            raise LayoutError(f"layers has {len(layers)} entries for {len(views)} KV views; give one layer per view")
         rows: list[list[int]] = []
         num_blocks = None
+        device = None
         offset = 0
         for i, v in enumerate(views):
             info = tensor_info(v, f"kv_caches[{i}]")
-            if info.device != "cpu":
-                raise LayoutError(
-                    f"kv_caches[{i}] lives on {info.device}; this build moves bytes between CPU tensors only "
-                    "(the GPU data plane is a separate component); pass CPU tensors")
+            if info.device != "cpu" and not info.device.startswith("cuda"):
+                raise LayoutError(f"kv_caches[{i}] lives on {info.device}; FlexKV moves KV memory on the CPU or on "
+                                  "a CUDA device")
+            if device is None:
+                device = info.device
+            elif info.device != device:
+                raise LayoutError(f"kv_caches[{i}] lives on {info.device}, kv_caches[0] on {device}; register the KV "
+                                  "tensors of one device per KVManager (one per TP rank)")
             if len(info.shape) < 1 or info.shape[0] < 1:
                 raise LayoutError(f"kv_caches[{i}] has shape {info.shape}; dim 0 must be the block id")
             if num_blocks is None:
@@ -182,14 +228,19 @@ class EngineLayout:
                         f"kv_caches[{i}]: one block is not contiguous (shape {info.shape}, byte strides "
                         f"{info.strides}); pass a tensor whose [block] slice is contiguous")
                 expected *= dim
-            rows.append([info.ptr, info.strides[0], offset, inner_bytes])
-            offset += inner_bytes
-        return cls(_merge_adjacent(np.array(rows, dtype=np.int64)), int(num_blocks), offset, description,
-                   list(views))
+            rows.append([info.ptr, info.strides[0], offset + tp_rank * inner_bytes, inner_bytes,
+                         i if layers is None else int(layers[i])])
+            offset += inner_bytes * tp_size
+        merged = _merge_adjacent(np.array(rows, dtype=np.int64))
+        return cls(np.ascontiguousarray(merged[:, :4]), int(num_blocks), offset, description, list(views),
+                   device=str(device), layers=None if layers is None else merged[:, 4].copy(), tp_size=tp_size,
+                   tp_rank=tp_rank)
 
     @classmethod
-    def from_kv_layout(cls, kv_caches: Any, kv_layout: KVCacheLayout) -> EngineLayout:
-        """Builds a layout from FlexKV's KVCacheLayout and a list of per-layer tensors or one tensor."""
+    def from_kv_layout(cls, kv_caches: Any, kv_layout: KVCacheLayout, *, tp_size: int = 1,
+                       tp_rank: int = 0) -> EngineLayout:
+        """Builds a layout from FlexKV's KVCacheLayout and a list of per-layer tensors or one tensor.
+        With tensor parallelism, ``kv_layout.num_head`` is the heads of one rank."""
         lay = kv_layout
         per_layer_shape = {
             KVCacheLayoutType.LAYERFIRST: (lay.kv_dim, lay.num_block, lay.tokens_per_block, lay.num_head,
@@ -210,7 +261,13 @@ class EngineLayout:
             if len(tensors) != 1:
                 raise LayoutError(f"a BLOCKFIRST layout is one tensor of shape {lay.kv_shape}, got {len(tensors)}")
             _expect_shape(infos[0], lay.kv_shape, "kv_caches")
-            return cls.from_block_views(tensors, f"BLOCKFIRST {lay.kv_shape}")
+            # One view per (layer, k|v): a TP rank's slice of each lands where the host block layout puts it.
+            # With one rank they are adjacent in both places and merge into one segment.
+            pool = tensors[0]
+            views = [pool[:, layer, k] for layer in range(lay.num_layer) for k in range(lay.kv_dim)]
+            return cls.from_block_views(views, f"BLOCKFIRST {lay.kv_shape}",
+                                        layers=[layer for layer in range(lay.num_layer) for _ in range(lay.kv_dim)],
+                                        tp_size=tp_size, tp_rank=tp_rank)
 
         layer_shape = per_layer_shape[lay.type]
         if len(tensors) == 1 and len(infos[0].shape) == 6:
@@ -221,10 +278,13 @@ class EngineLayout:
         else:
             for i, info in enumerate(infos):
                 _expect_shape(info, layer_shape, f"kv_caches[{i}]")
-        if lay.type is KVCacheLayoutType.LAYERBLOCK:
-            return cls.from_block_views(tensors, f"LAYERBLOCK {lay.num_layer} x {layer_shape}")
-        views = [t[k] for t in tensors for k in range(lay.kv_dim)]
-        return cls.from_block_views(views, f"LAYERFIRST {lay.num_layer} x {layer_shape}")
+        if lay.type is KVCacheLayoutType.LAYERBLOCK:  # K and V of a block are adjacent: merged when tp_size is 1
+            views = [t[:, k] for t in tensors for k in range(lay.kv_dim)]
+        else:
+            views = [t[k] for t in tensors for k in range(lay.kv_dim)]
+        return cls.from_block_views(views, f"{lay.type.value} {lay.num_layer} x {layer_shape}",
+                                    layers=[layer for layer in range(lay.num_layer) for _ in range(lay.kv_dim)],
+                                    tp_size=tp_size, tp_rank=tp_rank)
 
 
 def _expect_shape(info: TensorInfo, shape: tuple[int, ...], what: str) -> None:
@@ -233,13 +293,15 @@ def _expect_shape(info: TensorInfo, shape: tuple[int, ...], what: str) -> None:
 
 
 def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
-    """Merges segments that are contiguous both in the engine and in the host block."""
+    """Merges segments that are contiguous both in the engine and in the host block; a merged segment
+    belongs to the last layer it holds. Rows are [base, stride, host offset, bytes, layer]."""
     merged: list[list[int]] = []
-    for base, stride, off, nbytes in rows.tolist():
+    for base, stride, off, nbytes, layer in rows.tolist():
         if merged:
-            pb, ps, po, pn = merged[-1]
+            pb, ps, po, pn, pl = merged[-1]
             if stride == ps and base == pb + pn and off == po + pn:
                 merged[-1][3] += nbytes
+                merged[-1][4] = max(pl, layer)
                 continue
-        merged.append([base, stride, off, nbytes])
+        merged.append([base, stride, off, nbytes, layer])
     return np.array(merged, dtype=np.int64)

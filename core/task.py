@@ -58,6 +58,7 @@ class Task:
     background: int = 0          # write-throughs to slower tiers still running
     state: TaskState = TaskState.UNREADY
     job_id: int = 0
+    layerwise: bool = False  # the copy completes layer by layer (KVManager.wait_layer)
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
     launched: float = 0.0  # when launch() took it; 0 while not launched

@@ -664,9 +664,15 @@ def test_a_task_with_nothing_to_copy_is_launched_once(env: Env) -> None:
 
 def test_unsupported_launch_options_are_refused(env: Env) -> None:
     tid, _ = env.kv.get_match(env.ref_tokens)
-    for option in ({"as_batch": True}, {"layerwise_transfer": True}):
-        with pytest.raises(TaskError, match="not supported"):
-            env.kv.launch(tid, slots([20, 21, 22]), **option)
+    with pytest.raises(TaskError, match="as_batch is not supported"):
+        env.kv.launch(tid, slots([20, 21, 22]), as_batch=True)
+    with pytest.raises(TaskError, match="is not launched"):
+        env.kv.wait_layer(tid, 0)
+    for layer in (-1, L, "0", True):
+        with pytest.raises(TaskError, match="layer must be an int"):
+            env.kv.wait_layer(tid, layer)
+    with pytest.raises(TaskError, match="stream must be"):
+        env.kv.wait_layer(tid, 0, stream="s0")
     env.kv.cancel(tid)
     env.assert_healthy()
 

@@ -13,18 +13,21 @@
 #include "flexkv/host_copy_engine.h"
 #include "flexkv/radix_index.h"
 #include "flexkv/shm_region.h"
+#include "array_args.h"
 
 namespace py = pybind11;
 void bind_ssd(py::module_& m);  // bind_ssd.cc
+void bind_gpu(py::module_& m);  // bind_gpu.cc
 using flexkv::BlockKey;
+using flexkv::python::check_1d;
+using flexkv::python::copy_args;
+using flexkv::python::CopyArgs;
+using flexkv::python::I32Array;
+using flexkv::python::I64Array;
 
 namespace {
 
-// No forcecast: an array of another dtype converts only where numpy's safe casting
-// allows (int32 -> int64), so floats and out-of-range ids are refused, not truncated.
 using KeyArray = py::array_t<uint64_t, py::array::c_style>;
-using I64Array = py::array_t<int64_t, py::array::c_style>;
-using I32Array = py::array_t<int32_t, py::array::c_style>;
 
 const BlockKey* keys_of(const KeyArray& a, size_t* n) {
   if (a.ndim() != 2 || a.shape(1) != 2) throw py::value_error("block keys must be a (n, 2) uint64 array");
@@ -33,61 +36,14 @@ const BlockKey* keys_of(const KeyArray& a, size_t* n) {
   return reinterpret_cast<const BlockKey*>(a.data());
 }
 
-void check_1d(const py::array& a, const char* what) {
-  if (a.ndim() != 1) throw py::value_error(std::string(what) + " must be a 1-D array");
-}
-
 KeyArray make_keys(size_t n) { return KeyArray({static_cast<py::ssize_t>(n), py::ssize_t{2}}); }
-
-flexkv::EngineLayout layout_of(const I64Array& segments, int64_t engine_num_blocks) {
-  if (segments.ndim() != 2 || segments.shape(1) != 4) {
-    throw py::value_error("segments must be a (n, 4) int64 array of [engine_base, engine_block_stride, host_offset, bytes]");
-  }
-  flexkv::EngineLayout layout;
-  layout.num_blocks = engine_num_blocks;
-  auto s = segments.unchecked<2>();
-  for (py::ssize_t i = 0; i < segments.shape(0); ++i) {
-    if (s(i, 0) <= 0 || s(i, 2) < 0 || s(i, 3) <= 0) {
-      throw py::value_error("segment " + std::to_string(i) + " has a null base, a negative offset or no bytes");
-    }
-    layout.segments.push_back(flexkv::CopySegment{static_cast<uint64_t>(s(i, 0)), s(i, 1),
-                                                  static_cast<uint64_t>(s(i, 2)), static_cast<uint64_t>(s(i, 3))});
-  }
-  return layout;
-}
-
-flexkv::CopyDirection direction_of(const std::string& d) {
-  if (d == "host_to_engine") return flexkv::CopyDirection::kHostToEngine;
-  if (d == "engine_to_host") return flexkv::CopyDirection::kEngineToHost;
-  throw py::value_error("direction must be 'host_to_engine' or 'engine_to_host', got '" + d + "'");
-}
-
-struct CopyArgs {
-  flexkv::CopyDirection dir;
-  flexkv::EngineLayout layout;
-  flexkv::HostRegion host;
-  I64Array engine_blocks;
-  I64Array host_blocks;
-};
-
-CopyArgs copy_args(const std::string& direction, const I64Array& segments, int64_t engine_num_blocks,
-                   uint64_t host_base, uint64_t host_block_bytes, int64_t host_num_blocks,
-                   const I64Array& engine_blocks, const I64Array& host_blocks) {
-  check_1d(engine_blocks, "engine_blocks");
-  check_1d(host_blocks, "host_blocks");
-  if (engine_blocks.shape(0) != host_blocks.shape(0)) {
-    throw py::value_error("engine_blocks and host_blocks differ in length (" + std::to_string(engine_blocks.shape(0)) +
-                          " vs " + std::to_string(host_blocks.shape(0)) + ")");
-  }
-  return CopyArgs{direction_of(direction), layout_of(segments, engine_num_blocks),
-                  flexkv::HostRegion{host_base, host_block_bytes, host_num_blocks}, engine_blocks, host_blocks};
-}
 
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
   bind_ssd(m);
+  bind_gpu(m);
 
   m.def("namespace_key", [](const std::string& ns) {
     BlockKey k = flexkv::namespace_key(ns);
@@ -220,7 +176,9 @@ PYBIND11_MODULE(_core, m) {
            py::call_guard<py::gil_scoped_release>())
       .def("wait_any", &flexkv::HostCopyEngine::wait_any, py::arg("timeout_us") = -1,
            py::call_guard<py::gil_scoped_release>())
-      .def("done", &flexkv::HostCopyEngine::done, py::arg("job_id"));
+      .def("done", &flexkv::HostCopyEngine::done, py::arg("job_id"))
+      .def("take_error", [](flexkv::HostCopyEngine&, uint64_t) { return std::string(); }, py::arg("job_id"),
+           "Always '': a host copy that was queued cannot fail (GpuCopyEngine's can).");
 
   py::class_<flexkv::ShmRegion>(m, "ShmRegion")
       .def_static("create", &flexkv::ShmRegion::create, py::arg("name"), py::arg("size"),

@@ -1,11 +1,5 @@
 // HostCopyEngine: moves whole blocks between an engine's KV memory and the
-// host tier with a pool of threads.
-//
-// An engine layout is a list of segments. A segment is one contiguous chunk of
-// every engine block (for example layer 3's K for one block): it starts at
-// `engine_base + engine_block * engine_block_stride` and has `bytes` bytes; in a
-// host block it lies at `host_offset`. Adjacent chunks of a block are one
-// segment, so a block-first engine layout is a single segment per block.
+// host tier with a pool of threads. Layouts are described in copy_layout.h.
 #pragma once
 
 #include <condition_variable>
@@ -18,27 +12,9 @@
 #include <unordered_map>
 #include <vector>
 
+#include "flexkv/copy_layout.h"
+
 namespace flexkv {
-
-struct CopySegment {
-  uint64_t engine_base = 0;
-  int64_t engine_block_stride = 0;
-  uint64_t host_offset = 0;
-  uint64_t bytes = 0;
-};
-
-struct EngineLayout {
-  std::vector<CopySegment> segments;
-  int64_t num_blocks = 0;  // engine blocks 0..num_blocks-1 are addressable
-};
-
-struct HostRegion {
-  uint64_t base = 0;
-  uint64_t block_bytes = 0;  // bytes of one host block
-  int64_t num_blocks = 0;
-};
-
-enum class CopyDirection { kHostToEngine, kEngineToHost };
 
 class HostCopyEngine {
  public:

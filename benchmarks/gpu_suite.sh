@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# On a GPU machine: builds FlexKV with CUDA for this GPU, runs the gpu-marked tests (optionally under
+# compute-sanitizer memcheck) and the GPU transfer benchmark. Logs go to $OUT (or ./gpu-suite-out).
+#
+#   benchmarks/gpu_suite.sh [build] [test] [memcheck] [bench] [bench-quick]
+#
+# DEPS_ROOT: a folder with usr/include/{xxhash.h,liburing.h} and usr/lib/x86_64-linux-gnu/liburing.a, for
+# machines without libxxhash-dev and liburing-dev (unpack their .deb files there with dpkg -x).
+set -euo pipefail
+REPO="$(cd "$(dirname "$0")/.." && pwd)"
+OUT="${OUT:-$REPO/gpu-suite-out}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(build test bench)
+status=0
+run_step() {
+  local step=$1
+  case "$step" in
+    build)
+      args="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90}"
+      if [ -n "${DEPS_ROOT:-}" ]; then
+        args="$args -DXXHASH_INCLUDE_DIR=$DEPS_ROOT/usr/include -DLIBURING_INCLUDE_DIR=$DEPS_ROOT/usr/include"
+        args="$args -DLIBURING_LIBRARY=$DEPS_ROOT/usr/lib/x86_64-linux-gnu/liburing.a"
+      fi
+      (cd "$REPO" && CMAKE_ARGS="$args" python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 |
+        tee "$OUT/build.log" | tail -20)
+      (cd /tmp && python3 -c "from flexkv import _core; assert _core.CUDA_BUILT and _core.cuda_available(), 'no CUDA'")
+      ;;
+    test)
+      (cd /tmp && python3 -m pytest "$REPO/tests/test_gpu_transfer.py" -m gpu -q -p no:cacheprovider 2>&1 |
+        tee "$OUT/test.log" | tail -25)
+      ;;
+    memcheck)
+      (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
+        python3 -m pytest "$REPO/tests/test_gpu_transfer.py" -m gpu -q -p no:cacheprovider -x 2>&1 |
+        tee "$OUT/memcheck.log" | tail -15)
+      ;;
+    bench)
+      (cd /tmp && python3 "$REPO/benchmarks/gpu_transfer.py" --json "$OUT/gpu_transfer.json" 2>&1 |
+        tee "$OUT/bench.log")
+      ;;
+    bench-quick)
+      (cd /tmp && python3 "$REPO/benchmarks/gpu_transfer.py" --total-mib 256 --repeat 3 \
+        --json "$OUT/gpu_transfer.json" 2>&1 | tee "$OUT/bench.log")
+      ;;
+    *)
+      echo "unknown step $step" >&2
+      return 2
+      ;;
+  esac
+}
+for step in "${steps[@]}"; do
+  echo "== $step"
+  if ! run_step "$step"; then
+    echo "== $step FAILED"
+    status=1
+    [ "$step" = build ] && break
+  fi
+done
+exit $status
