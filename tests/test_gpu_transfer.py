@@ -415,3 +415,37 @@ def test_kv_manager_round_trip_on_cuda_tensors(ce: bool, gen: torch.Generator) -
             assert torch.equal(got.view(torch.uint8), want[layer].view(torch.uint8)), layer
         assert kv.wait(tid)[tid].ok
         assert kv.cache_stats()["cpu"]["num_locked"] == 0
+
+
+def test_data_plane_of_another_process_moves_cuda_blocks(gen: torch.Generator) -> None:
+    """A worker-side DataPlane (as vLLM's worker uses) maps a KVManager's CPU tier by name and copies CUDA
+    KV blocks that the manager's tasks name (take_external / finish_external)."""
+    from flexkv.core.data_plane import DataPlane
+
+    L, B, T, H, D = 2, 32, 16, 2, 64
+    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="bfloat16")
+    kv_layout = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, L, B, T, H, D)
+    caches = [torch.empty(kv_layout.kv_shape[1:], dtype=torch.bfloat16, device="cuda") for _ in range(L)]
+    for t in caches:
+        random_bytes_(t, gen)
+    tokens = np.random.default_rng(9).integers(0, 30_000, size=6 * T)
+    src, dst = [3, 9, 1, 30, 17, 22], [5, 6, 7, 8, 0, 31]
+    with KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=64)) as kv:
+        plane = DataPlane(kv.tier_info(), EngineLayout.from_kv_layout(caches, kv_layout), kv.cache_config)
+        assert isinstance(plane.copy, _core.GpuCopyEngine)
+        want = [t[:, src].clone() for t in caches]
+        task, _ = kv.put_match(tokens)
+        seq, host = kv.take_external(task)
+        job = plane.submit("engine_to_host", [src[i] for i in seq], host)
+        assert plane.poll(30_000_000) == [(job, "")]
+        kv.finish_external(task, True)
+        for t in caches:
+            t.fill_(float("nan"))
+        task, _ = kv.get_match(tokens)
+        seq, host = kv.take_external(task)
+        job = plane.submit("host_to_engine", [dst[i] for i in seq], host, urgent=True)
+        assert plane.poll(30_000_000) == [(job, "")]
+        kv.finish_external(task, True)
+        for t, w in zip(caches, want):
+            assert torch.equal(t[:, dst].view(torch.uint8), w.view(torch.uint8))
+        plane.close()

@@ -15,7 +15,8 @@ PUBLIC_MODULES = [
     "flexkv", "flexkv.kvmanager", "flexkv.config", "flexkv.common.config", "flexkv.common.storage",
     "flexkv.common.request", "flexkv.adapters", "flexkv.core.kv_manager", "flexkv.core.config",
     "flexkv.core.config_file", "flexkv.core.resources",
-    "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core",
+    "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core", "flexkv.core.data_plane",
+    "flexkv.core.gpu_plane", "flexkv.adapters.vllm", "flexkv.integration.vllm.vllm_v1_adapter",
 ]
 
 SMOKE = """

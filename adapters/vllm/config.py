@@ -1,0 +1,72 @@
+"""FlexKV's configuration for one vLLM engine: the JSON (``FLEXKV_CONFIG_PATH``) plus what vLLM knows."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Any
+
+from flexkv.core.config import CacheConfig, ModelConfig
+from flexkv.core.config_file import load_config
+from flexkv.core.errors import ConfigError
+
+logger = logging.getLogger("flexkv")
+
+
+@dataclass
+class VllmSettings:
+    cache_config: CacheConfig
+    model_name: str
+    block_size: int
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    use_mla: bool
+    kv_dtype: Any  # the KV cache's torch dtype
+    layout_tag: str  # the engine's byte order inside a block: engines with different ones never share blocks
+
+
+def settings_from_vllm(vllm_config: Any) -> VllmSettings:
+    """Reads FlexKV's config and checks it against the engine; every error names the key to change."""
+    parallel = vllm_config.parallel_config
+    if parallel.world_size > 1 or getattr(parallel, "data_parallel_size", 1) > 1:
+        raise ConfigError("FlexKV's vLLM connector runs with one worker per engine in this version: "
+                          f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
+                          f"{parallel.pipeline_parallel_size}, data_parallel_size="
+                          f"{getattr(parallel, 'data_parallel_size', 1)}; use 1 for each")
+    flexkv = load_config()
+    cache = flexkv.cache_config
+    block_size = int(vllm_config.cache_config.block_size)
+    tpb = cache.tokens_per_block
+    if tpb != block_size:
+        if block_size % tpb and tpb % block_size:
+            raise ConfigError(f"cache_config.tokens_per_block = {tpb} and vLLM's block_size = {block_size}: one must "
+                              f"be a multiple of the other; set tokens_per_block to {block_size}",
+                              "cache_config.tokens_per_block")
+        logger.warning("FlexKV: tokens_per_block %d from the config is replaced by vLLM's block_size %d: a FlexKV "
+                       "block is one vLLM block", tpb, block_size)
+        cache = replace(cache, tokens_per_block=block_size)
+    model = vllm_config.model_config
+    kv_dtype = _kv_dtype(vllm_config)
+    from vllm.platforms import current_platform
+
+    layout_tag = f"vllm:{current_platform.device_type}:{kv_dtype}:{block_size}"
+    return VllmSettings(cache_config=cache, model_name=str(model.model), block_size=block_size,
+                        num_layers=int(model.get_num_layers(parallel)),
+                        num_kv_heads=int(model.get_num_kv_heads(parallel)), head_size=int(model.get_head_size()),
+                        use_mla=bool(getattr(model, "use_mla", False)), kv_dtype=kv_dtype, layout_tag=layout_tag)
+
+
+def _kv_dtype(vllm_config: Any) -> Any:
+    """The dtype of vLLM's KV cache: the model's unless cache_dtype says otherwise (fp8 is not cached)."""
+    cache_dtype = str(getattr(vllm_config.cache_config, "cache_dtype", "auto"))
+    if cache_dtype != "auto":
+        raise ConfigError(f"vLLM's kv_cache_dtype is {cache_dtype!r}; FlexKV's vLLM connector caches the model's "
+                          "own dtype in this version: leave kv_cache_dtype at 'auto'", "kv_cache_dtype")
+    return vllm_config.model_config.dtype
+
+
+def model_config_for(settings: VllmSettings, num_layers: int, dtype: Any) -> ModelConfig:
+    """The FlexKV ModelConfig of the layers vLLM registered (their count and dtype)."""
+    return ModelConfig(num_layers=num_layers, num_kv_heads=1 if settings.use_mla else settings.num_kv_heads,
+                       head_size=settings.head_size, use_mla=settings.use_mla, dtype=dtype)

@@ -1,0 +1,202 @@
+"""The scheduler-side connector: FlexKV's control plane (a KVManager) lives here, in vLLM's scheduler
+process, and orders the copies that the workers make.
+
+- Load: ``get_num_new_matched_tokens`` looks the prompt up without locking (``None`` while blocks come up
+  from SSD) and answers that the load is asynchronous; ``update_state_after_alloc`` locks the blocks and
+  orders the copy into the blocks vLLM allocated; the request waits until the worker reports it in
+  ``finished_recving``, then its CPU blocks are unlocked.
+- Store: ``request_finished`` reserves CPU blocks for the request's computed whole blocks that the cache
+  lacks and orders their copy; vLLM keeps the blocks until the worker reports the request in
+  ``finished_sending``; then the blocks become ready (and are written through to SSD).
+
+A failure inside FlexKV never fails the engine: a lookup that raises is a miss, a store that raises is
+skipped; both are logged and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any
+
+import numpy as np
+
+from flexkv.core.errors import TaskError
+from flexkv.core.kv_manager import KVManager
+
+from .config import VllmSettings, model_config_for
+from .metadata import CopyOrder, FlexKVConnectorMetadata
+
+logger = logging.getLogger("flexkv")
+_LIVE: weakref.WeakSet[SchedulerSide] = weakref.WeakSet()
+
+
+def live_schedulers() -> list[SchedulerSide]:
+    """The scheduler-side connectors of this process (their stats() are the connector's counters)."""
+    return list(_LIVE)
+
+
+def _token_array(request: Any, n: int | None = None) -> np.ndarray:
+    ids = request.all_token_ids
+    return np.asarray(ids[:n] if n is not None else ids, dtype=np.int64)
+
+
+def _namespace(request: Any) -> tuple[str, ...]:
+    """Requests share cached blocks only within one cache_salt and one LoRA adapter."""
+    parts = []
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(f"salt:{salt}")
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(f"lora:{getattr(lora, 'lora_name', lora)}")
+    return tuple(parts)
+
+
+class SchedulerSide:
+    def __init__(self, settings: VllmSettings) -> None:
+        self.settings = settings
+        self.block_size = settings.block_size
+        model = model_config_for(settings, settings.num_layers, settings.kv_dtype)
+        self.kv = KVManager(model, settings.cache_config, namespace=settings.model_name,
+                            layout_tag=settings.layout_tag)
+        self.kv.start()
+        self.lock = threading.Lock()
+        self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
+        self.prefetches: dict[str, int] = {}  # request -> SSD promotion task
+        self.loads: dict[str, int] = {}  # request -> get task the workers are copying
+        self.stores: dict[str, int] = {}  # request -> put task the workers are copying
+        self.orders: list[CopyOrder] = []  # ordered since the last build_connector_meta
+        self.hit_tokens = 0
+        self.stored_tokens = 0
+        self.failures = 0
+        _LIVE.add(self)
+
+    # ---------------------------------------------------------------------------------------------- load
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        rid = request.request_id
+        kv = self.kv
+        try:
+            tokens = _token_array(request)[: max(0, request.num_tokens - 1)]  # vLLM computes the last token
+            ns = _namespace(request)
+            cpu, ssd = kv.lookup(tokens, ns)
+            if ssd > cpu and ssd > num_computed_tokens:
+                task = self.prefetches.get(rid)
+                if task is None:
+                    self.prefetches[rid] = task = kv.prefetch_async(tokens, ns)
+                if task not in kv.try_wait(task):
+                    return None, False  # blocks are coming up from SSD: vLLM asks again later
+                del self.prefetches[rid]
+                cpu, _ = kv.lookup(tokens, ns)
+        except Exception as e:  # a lookup that fails is a miss
+            self.prefetches.pop(rid, None)
+            self._failed("lookup", rid, e)
+            return 0, False
+        external = max(0, cpu - num_computed_tokens)
+        if external == 0:
+            return 0, False
+        self.matched[rid] = num_computed_tokens
+        return external, True
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        rid = request.request_id
+        start = self.matched.pop(rid, None)
+        if num_external_tokens <= 0 or start is None:
+            return
+        block_ids = list(blocks.get_block_ids()[0])
+        bs = self.block_size
+        end = start + num_external_tokens
+        wanted = range(start // bs, end // bs)
+        order = CopyOrder(rid, [], [], error_blocks=[block_ids[p] for p in wanted])
+        task = None
+        try:
+            tokens = _token_array(request, end)
+            mask = np.zeros(end, dtype=bool)
+            mask[start:] = True
+            task, _ = self.kv.get_match(tokens, mask, _namespace(request))
+            seq_blocks, host_ids = self.kv.take_external(task)
+            engine = [block_ids[int(p)] for p in seq_blocks]
+            order = CopyOrder(rid, engine, host_ids.tolist(),
+                              error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in set(engine)])
+            self.loads[rid] = task
+            self.hit_tokens += len(engine) * bs
+        except Exception as e:  # nothing loads: the worker reports every promised block as failed
+            self._failed("load", rid, e)
+            self._abandon(task)
+        if order.error_blocks:
+            self.failures += 1
+            logger.warning("FlexKV: request %s: %d of %d promised blocks are gone; vLLM recomputes them", rid,
+                           len(order.error_blocks), len(wanted))
+        with self.lock:
+            self.orders.append(order)
+
+    # --------------------------------------------------------------------------------------------- store
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        rid = request.request_id
+        self.matched.pop(rid, None)
+        self.prefetches.pop(rid, None)
+        bs = self.block_size
+        n = min(request.num_computed_tokens, len(block_ids) * bs) // bs * bs
+        if n == 0:
+            return False, None
+        task = None
+        try:
+            task, _ = self.kv.put_match(_token_array(request, n), namespace=_namespace(request))
+            seq_blocks, host_ids = self.kv.take_external(task)
+            if len(seq_blocks) == 0:
+                self.kv.finish_external(task, True)
+                return False, None
+            order = CopyOrder(rid, [block_ids[int(p)] for p in seq_blocks], host_ids.tolist(), store=True)
+        except Exception as e:
+            self._failed("store", rid, e)
+            self._abandon(task)
+            return False, None
+        self.stores[rid] = task
+        self.stored_tokens += len(order.engine_blocks) * bs
+        with self.lock:
+            self.orders.append(order)
+        return True, None
+
+    # ------------------------------------------------------------------------------------------ per step
+
+    def build_connector_meta(self, scheduler_output: Any) -> FlexKVConnectorMetadata:
+        with self.lock:
+            orders, self.orders = self.orders, []
+        return FlexKVConnectorMetadata(tier=self.kv.tier_info(), orders=orders)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        """Ends the tasks whose copies the workers report done."""
+        for rid in getattr(connector_output, "finished_recving", None) or ():
+            task = self.loads.pop(rid, None)
+            if task is not None:
+                self.kv.finish_external(task, True)
+        for rid in getattr(connector_output, "finished_sending", None) or ():
+            task = self.stores.pop(rid, None)
+            if task is not None:
+                self.kv.finish_external(task, True)
+
+    def shutdown(self) -> None:
+        self.kv.shutdown()
+
+    def stats(self) -> dict[str, Any]:
+        return {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.failures,
+                **{k: v for k, v in self.kv.cache_stats().items() if k.startswith("ssd_")}}
+
+    def _abandon(self, task: int | None) -> None:
+        """Ends a task a failed step left behind, so its blocks are unlocked."""
+        if task is None:
+            return
+        try:
+            try:
+                self.kv.finish_external(task, False, "abandoned")
+            except TaskError:  # not taken yet
+                self.kv.cancel(task)
+        except Exception as e:
+            logger.warning("FlexKV: ending task %d failed: %s", task, e)
+
+    def _failed(self, what: str, request_id: str, error: Exception) -> None:
+        self.failures += 1
+        logger.warning("FlexKV: %s for request %s failed, served as a miss: %s", what, request_id, error)

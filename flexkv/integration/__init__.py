@@ -1,0 +1,1 @@
+"""Module paths the engines' built-in FlexKV hooks import."""

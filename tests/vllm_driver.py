@@ -1,0 +1,137 @@
+"""Runs one scenario through real vLLM (the CPU build) and prints its results as JSON.
+
+    python tests/vllm_driver.py SCENARIO --model DIR --config FLEXKV_JSON --connector none|builtin|module
+        [--kv-cache-mib N] [--multiprocessing]
+
+The result is the line that starts with FLEXKV_RESULT. Each scenario runs in its own process
+(tests/test_vllm_e2e.py starts them): a vLLM engine per process, as in production, and a fresh process
+is what "a later engine finds what an earlier one stored" needs.
+Prompts are token ids; sampling is greedy with logprobs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+BLOCK = 32  # vLLM's CPU backend needs a multiple of 32
+
+
+def conversation_prompts(seed: int, turns: int, first: int, later: int) -> list[list[int]]:
+    """The user parts of a multi-turn chat: random token ids (the model's replies are appended by run)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [rng.integers(5, 1000, size=first if t == 0 else later).tolist() for t in range(turns)]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--config", required=True)
+    p.add_argument("--connector", choices=["none", "builtin", "module"], default="builtin")
+    p.add_argument("--kv-cache-mib", type=float, default=64)
+    p.add_argument("--multiprocessing", action="store_true")
+    p.add_argument("--drop-last-block", action="store_true",
+                   help="fault injection: every load loses its last block, as if it was evicted meanwhile")
+    args = p.parse_args()
+    os.environ["FLEXKV_CONFIG_PATH"] = args.config
+    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocessing else "0"
+    if args.drop_last_block:
+        _inject_lost_blocks()
+
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+
+    kw = {}
+    if args.connector != "none":
+        ktc = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
+        if args.connector == "module":
+            ktc["kv_connector_module_path"] = "flexkv.adapters.vllm"
+        kw["kv_transfer_config"] = KVTransferConfig(**ktc)
+    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=1536, dtype="bfloat16",
+              enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=int(args.kv_cache_mib * 2**20),
+              max_num_seqs=8, seed=0, **kw)
+    sp = SamplingParams(temperature=0, max_tokens=12, logprobs=1, detokenize=False)
+
+    def generate(prompts: list[list[int]], salts: list[str | None] | None = None) -> list[dict]:
+        inputs = []
+        for i, pr in enumerate(prompts):
+            item = {"prompt_token_ids": pr}
+            if salts and salts[i]:
+                item["cache_salt"] = salts[i]
+            inputs.append(item)
+        outs = llm.generate(inputs, sp, use_tqdm=False)
+        return [{"tokens": list(o.outputs[0].token_ids),
+                 "logprobs": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
+                 "cached": int(o.num_cached_tokens or 0), "prompt_len": len(o.prompt_token_ids)} for o in outs]
+
+    result: dict = {"turns": []}
+    if args.scenario == "chat":
+        # Two conversations, turns interleaved, so a small vLLM KV cache evicts one while the other runs.
+        chats = {c: conversation_prompts(c, 3, 700, 150) for c in (1, 2)}
+        history: dict[int, list[int]] = {1: [], 2: []}
+        for turn in range(3):
+            for c in (1, 2):
+                prompt = history[c] + chats[c][turn]
+                out = generate([prompt])[0]
+                history[c] = prompt + out["tokens"]
+                result["turns"].append(out)
+    elif args.scenario == "batch":
+        # Eight long requests at once: more than a small KV cache holds, so vLLM preempts some.
+        prompts = [conversation_prompts(10 + i, 1, 900, 0)[0] for i in range(8)]
+        generate(prompts)  # stores every prompt's blocks (with FlexKV)
+        result["turns"] = generate(prompts)  # again: preempted and resumed requests load from FlexKV
+    elif args.scenario == "salts":
+        prompt = conversation_prompts(20, 1, 640, 0)[0]
+        result["turns"] = [generate([prompt], ["tenant-a"])[0]]
+        result["turns"].append(generate([prompt], ["tenant-b"])[0])  # another salt: must not hit tenant-a's
+        result["turns"].append(generate([prompt], ["tenant-a"])[0])
+    elif args.scenario == "prefix":  # the same prompt twice: the second finds the first's blocks cached
+        prompt = conversation_prompts(30, 1, 800, 0)[0]
+        result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
+
+    result["flexkv"] = _flexkv_counters()
+    print("FLEXKV_RESULT " + json.dumps(result), flush=True)
+
+
+def _flexkv_counters() -> dict:
+    """The connector's counters when vLLM's scheduler runs in this process (not with multiprocessing)."""
+    if "flexkv.adapters.vllm.scheduler_side" not in sys.modules:
+        return {}
+    from flexkv.adapters.vllm.scheduler_side import live_schedulers
+
+    out: dict = {"hit_tokens": 0, "stored_tokens": 0, "failures": 0, "ssd_hit_tokens": 0}
+    for side in live_schedulers():
+        for k, v in side.stats().items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def _inject_lost_blocks() -> None:
+    """Makes every get lose its last block after the lookup promised it (the race of an eviction between
+    vLLM's two scheduler calls), by un-readying it in the index right before the get locks blocks."""
+    from flexkv.core.kv_manager import KVManager
+
+    real = KVManager.get_match
+
+    def get_match(self, token_ids, token_mask=None, namespace=None):
+        import numpy as np
+
+        keys = self._chain(np.asarray(token_ids, dtype=np.int64), namespace).keys
+        n = self._tier.index.match(keys)
+        if n:
+            _, ids = self._tier.index.acquire(keys[:n], n - 1)  # the last cached block, locked
+            self._tier.index.set_ready(ids, False)
+            self._tier.index.release(ids)
+        return real(self, token_ids, token_mask, namespace)
+
+    KVManager.get_match = get_match
+
+
+if __name__ == "__main__":
+    main()
