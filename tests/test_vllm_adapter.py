@@ -100,3 +100,41 @@ def test_engine_settings_that_cannot_work_are_refused(tmp_path, monkeypatch) -> 
     monkeypatch.setenv("FLEXKV_CONFIG_PATH", str(tmp_path / "missing.json"))
     with pytest.raises(ConfigError, match="does not exist"):
         settings_from_vllm(fake_vllm_config())
+
+
+def fake_request(rid: str, tokens: list[int], computed: int = 0, salt: str | None = None) -> SimpleNamespace:
+    return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_computed_tokens=computed,
+                           cache_salt=salt, lora_request=None)
+
+
+def test_scheduler_side_releases_everything_of_aborted_and_finished_requests(tmp_path, monkeypatch) -> None:
+    """The scheduler side's bookkeeping over a request's life: a stored prompt is found again, an aborted
+    request's load is still ended when the worker reports it, and no CPU block stays locked."""
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    side = SchedulerSide(settings_from_vllm(fake_vllm_config()))
+    try:
+        tokens = list(range(100, 100 + 4 * 32 + 5))
+        first = fake_request("a", tokens, computed=len(tokens) - 1)
+        assert side.request_finished(first, [10, 11, 12, 13, 14]) == (True, None)  # 4 whole blocks to store
+        meta = side.build_connector_meta(None)
+        assert [o.engine_blocks for o in meta.orders] == [[10, 11, 12, 13]] and meta.orders[0].store
+        side.update_connector_output(SimpleNamespace(finished_sending={"a"}, finished_recving=None))
+
+        again = fake_request("b", tokens)
+        assert side.get_num_new_matched_tokens(again, 0) == (4 * 32, True)
+        assert side.get_num_new_matched_tokens(again, 0) == (4 * 32, True)  # asking twice changes nothing
+        assert side.kv.cache_stats()["cpu"]["num_locked"] == 0
+        blocks = SimpleNamespace(get_block_ids=lambda: ([20, 21, 22, 23, 24],))
+        side.update_state_after_alloc(again, blocks, 4 * 32)
+        load = side.build_connector_meta(None).orders[0]
+        assert load.engine_blocks == [20, 21, 22, 23] and not load.store and not load.error_blocks
+        assert side.kv.cache_stats()["cpu"]["num_locked"] == 4
+        assert side.request_finished(again, []) == (False, None)  # aborted while loading
+        side.update_connector_output(SimpleNamespace(finished_sending=None, finished_recving={"b"}))
+        assert side.kv.cache_stats()["cpu"]["num_locked"] == 0
+        salted = fake_request("c", tokens, salt="other")
+        assert side.get_num_new_matched_tokens(salted, 0) == (0, False)
+    finally:
+        side.shutdown()

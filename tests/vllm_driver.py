@@ -43,6 +43,7 @@ def main() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocessing else "0"
     if args.drop_last_block:
         _inject_lost_blocks()
+    preemptions = _count_preemptions()
 
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
@@ -58,14 +59,14 @@ def main() -> None:
               max_num_seqs=8, seed=0, **kw)
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=1, detokenize=False)
 
-    def generate(prompts: list[list[int]], salts: list[str | None] | None = None) -> list[dict]:
+    def generate(prompts: list[list[int]], salts: list[str | None] | None = None, params=sp) -> list[dict]:
         inputs = []
         for i, pr in enumerate(prompts):
             item = {"prompt_token_ids": pr}
             if salts and salts[i]:
                 item["cache_salt"] = salts[i]
             inputs.append(item)
-        outs = llm.generate(inputs, sp, use_tqdm=False)
+        outs = llm.generate(inputs, params, use_tqdm=False)
         return [{"tokens": list(o.outputs[0].token_ids),
                  "logprobs": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
                  "cached": int(o.num_cached_tokens or 0), "prompt_len": len(o.prompt_token_ids)} for o in outs]
@@ -82,10 +83,12 @@ def main() -> None:
                 history[c] = prompt + out["tokens"]
                 result["turns"].append(out)
     elif args.scenario == "batch":
-        # Eight long requests at once: more than a small KV cache holds, so vLLM preempts some.
-        prompts = [conversation_prompts(10 + i, 1, 900, 0)[0] for i in range(8)]
-        generate(prompts)  # stores every prompt's blocks (with FlexKV)
-        result["turns"] = generate(prompts)  # again: preempted and resumed requests load from FlexKV
+        # Eight requests at once whose prompts fill whole blocks: the ones vLLM admits fill a small KV cache,
+        # and the blocks their answers need next make vLLM preempt some of them.
+        prompts = [conversation_prompts(10 + i, 1, 16 * BLOCK, 0)[0] for i in range(8)]
+        longer = SamplingParams(temperature=0, max_tokens=48, logprobs=1, detokenize=False)
+        generate(prompts, params=longer)  # stores every prompt's blocks (with FlexKV)
+        result["turns"] = generate(prompts, params=longer)  # again: preempted and resumed requests load
     elif args.scenario == "salts":
         prompt = conversation_prompts(20, 1, 640, 0)[0]
         result["turns"] = [generate([prompt], ["tenant-a"])[0]]
@@ -96,6 +99,7 @@ def main() -> None:
         result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
 
     result["flexkv"] = _flexkv_counters()
+    result["preemptions"] = preemptions[0]
     print("FLEXKV_RESULT " + json.dumps(result), flush=True)
 
 
@@ -110,6 +114,21 @@ def _flexkv_counters() -> dict:
         for k, v in side.stats().items():
             out[k] = out.get(k, 0) + v
     return out
+
+
+def _count_preemptions() -> list[int]:
+    """Counts vLLM's preemptions of running requests (when its scheduler runs in this process)."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    count = [0]
+    real = Scheduler._preempt_request
+
+    def preempt(self, *a, **kw):
+        count[0] += 1
+        return real(self, *a, **kw)
+
+    Scheduler._preempt_request = preempt
+    return count
 
 
 def _inject_lost_blocks() -> None:
