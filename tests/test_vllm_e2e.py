@@ -10,6 +10,7 @@ FlexKV. Outputs must be identical, token for token and logprob for logprob.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,26 @@ def test_a_fresh_engine_process_hits_what_an_earlier_one_stored_on_ssd(run, tmp_
     # CPU threads, so other rounding in the last bits): its own second answer, from its own prefix cache,
     # is the exact reference.
     assert fresh["turns"][0]["logprobs"] == first["turns"][1]["logprobs"]
+
+
+def test_corrupted_ssd_blocks_are_recomputed(run, tmp_path) -> None:
+    """Blocks whose bytes on SSD were damaged fail their checksum when a fresh engine brings them up: they
+    are misses, counted, and vLLM computes those tokens itself; the answer is the same."""
+    ssd_dir = tmp_path / "ssd"
+    first = run("prefix", "builtin", cache={"enable_ssd": True, "num_ssd_blocks": 1024, "ssd_cache_dir": str(ssd_dir)})
+    assert first["flexkv"]["stored_tokens"] > 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ssd_dir, damaged)
+    slot = 36 * 1024  # one 32 KiB block of this model plus its 4 KiB header
+    for data in damaged.rglob("blocks-*.dat"):
+        with open(data, "r+b") as f:
+            for i in range(5, 25):  # one byte inside the KV bytes of most stored blocks
+                f.seek(i * slot + 4096 + 1000)
+                byte = f.read(1)
+                f.seek(i * slot + 4096 + 1000)
+                f.write(bytes([byte[0] ^ 0xFF]))
+    fresh = run("prefix", "builtin", cache={"enable_ssd": True, "num_ssd_blocks": 1024,
+                                            "ssd_cache_dir": str(damaged)})
+    assert fresh["flexkv"]["ssd_mismatch_blocks"] > 0, fresh["flexkv"]
+    assert fresh["turns"][0]["cached"] < first["turns"][1]["cached"]
+    assert fresh["turns"][0]["tokens"] == first["turns"][1]["tokens"]
