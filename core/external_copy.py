@@ -57,6 +57,10 @@ class ExternalCopy:
                 raise TaskError(f"finish_external: unknown task id {task_id}")
             if not task.state.final and not (task.state is TaskState.RUNNING and task.external):
                 raise TaskError(f"finish_external: task {task_id} was not taken by take_external")
+            if task.promotion is not None:  # its SSD reads still write into its CPU blocks: they end it
+                if task.end_requested is None:
+                    task.end_requested = (TaskState.COMPLETED if ok else TaskState.FAILED, error)
+                return
         if not task.state.final:
             self._finish(task, TaskState.COMPLETED if ok else TaskState.FAILED, error)
         with self._cond:

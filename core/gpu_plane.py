@@ -30,9 +30,11 @@ def cuda_available() -> bool:
     return bool(_core.CUDA_BUILT) and _core.cuda_available()
 
 
-def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: CpuTier) -> Any:
+def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: CpuTier | Any) -> Any:
     """A GpuCopyEngine for ``layout``'s device with the CPU tier registered, after checking that every
-    segment lies in that device's memory. Raises LayoutError naming what to change."""
+    segment lies in that device's memory. ``tier`` is the CpuTier, or any view of it with ``base``,
+    ``num_blocks`` and ``block_stride`` (a worker process's mapping). Raises LayoutError naming what to
+    change."""
     if not _core.CUDA_BUILT:
         raise LayoutError(f"the KV tensors live on {layout.device}, but this FlexKV build has no CUDA support "
                           "(nvcc was not found when it was built); reinstall FlexKV with the CUDA toolkit on PATH")

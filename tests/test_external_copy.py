@@ -5,6 +5,8 @@ poisoned first."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -89,3 +91,44 @@ def test_a_data_plane_refuses_a_layout_of_another_size(kv: KVManager) -> None:
     small = [torch.zeros(B, 2, T, H, D // 2, dtype=torch.float16) for _ in range(L)]
     with pytest.raises(LayoutError, match="disagree on the model's KV shape"):
         DataPlane(kv.tier_info(), EngineLayout.from_block_views(small), kv.cache_config)
+
+
+def store_external(kv: KVManager, plane: DataPlane, tokens: np.ndarray) -> None:
+    task, _ = kv.put_match(tokens)
+    seq, host = kv.take_external(task)
+    plane.submit("engine_to_host", seq, host)
+    plane.poll(5_000_000)
+    kv.finish_external(task, True)
+
+
+def wait_until(condition, seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert condition()
+
+
+@pytest.mark.parametrize("timeout", [0.0, 20.0])
+def test_external_loads_of_blocks_coming_up_from_ssd(tmp_path, timeout: float) -> None:
+    """A get whose blocks are only on SSD: take_external waits for them (or, given no time, may hand out
+    nothing); either way the task ends with every block unlocked and the index consistent."""
+    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="float16")
+    cfg = CacheConfig(tokens_per_block=T, num_cpu_blocks=16, enable_ssd=True, num_ssd_blocks=64,
+                      ssd_cache_dir=str(tmp_path))
+    tokens = np.random.default_rng(3).integers(0, 1000, size=6 * T)
+    with KVManager(model, cfg) as kv:
+        plane = DataPlane(kv.tier_info(), EngineLayout.from_block_views(engine(4)), kv.cache_config)
+        store_external(kv, plane, tokens)
+        wait_until(lambda: kv.lookup(tokens)[1] == 6 * T)  # written through to SSD
+        for t in range(8):  # other prompts push the first out of the small CPU tier
+            store_external(kv, plane, np.random.default_rng(100 + t).integers(0, 1000, size=4 * T))
+        assert kv.lookup(tokens)[0] < 6 * T
+        task, _ = kv.get_match(tokens)
+        seq, host = kv.take_external(task, timeout=timeout)
+        if len(seq):
+            job = plane.submit("host_to_engine", seq + 10, host)
+            assert plane.poll(5_000_000) == [(job, "")]
+        kv.finish_external(task, True)
+        wait_until(lambda: kv.cache_stats()["cpu"]["num_locked"] == 0)
+        kv._tier.index.check_consistency()
+        plane.close()
