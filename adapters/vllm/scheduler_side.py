@@ -16,7 +16,6 @@ skipped; both are logged and counted.
 from __future__ import annotations
 
 import logging
-import threading
 import weakref
 from typing import Any
 
@@ -62,12 +61,12 @@ class SchedulerSide:
         self.kv = KVManager(model, settings.cache_config, namespace=settings.model_name,
                             layout_tag=settings.layout_tag)
         self.kv.start()
-        self.lock = threading.Lock()
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
         self.prefetches: dict[str, int] = {}  # request -> SSD promotion task
         self.loads: dict[str, int] = {}  # request -> get task the workers are copying
         self.stores: dict[str, int] = {}  # request -> put task the workers are copying
         self.orders: list[CopyOrder] = []  # ordered since the last build_connector_meta
+        # vLLM calls the scheduler side from its one scheduling thread: nothing here needs a lock.
         self.hit_tokens = 0
         self.stored_tokens = 0
         self.failures = 0
@@ -118,8 +117,9 @@ class SchedulerSide:
             task, _ = self.kv.get_match(tokens, mask, _namespace(request))
             seq_blocks, host_ids = self.kv.take_external(task)
             engine = [block_ids[int(p)] for p in seq_blocks]
+            arriving = set(engine)
             order = CopyOrder(rid, engine, host_ids.tolist(),
-                              error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in set(engine)])
+                              error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in arriving])
             self.loads[rid] = task
             self.hit_tokens += len(engine) * bs
         except Exception as e:  # nothing loads: the worker reports every promised block as failed
@@ -129,8 +129,7 @@ class SchedulerSide:
             self.failures += 1
             logger.warning("FlexKV: request %s: %d of %d promised blocks are gone; vLLM recomputes them", rid,
                            len(order.error_blocks), len(wanted))
-        with self.lock:
-            self.orders.append(order)
+        self.orders.append(order)
 
     # --------------------------------------------------------------------------------------------- store
 
@@ -156,15 +155,13 @@ class SchedulerSide:
             return False, None
         self.stores[rid] = task
         self.stored_tokens += len(order.engine_blocks) * bs
-        with self.lock:
-            self.orders.append(order)
+        self.orders.append(order)
         return True, None
 
     # ------------------------------------------------------------------------------------------ per step
 
     def build_connector_meta(self, scheduler_output: Any) -> FlexKVConnectorMetadata:
-        with self.lock:
-            orders, self.orders = self.orders, []
+        orders, self.orders = self.orders, []
         return FlexKVConnectorMetadata(tier=self.kv.tier_info(), orders=orders)
 
     def update_connector_output(self, connector_output: Any) -> None:
