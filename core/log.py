@@ -15,6 +15,6 @@ def setup_logging() -> logging.Logger:
         handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s flexkv[%(process)d]: %(message)s"))
         logger.addHandler(handler)
         level = os.environ.get("FLEXKV_LOG_LEVEL", "INFO").upper()
-        logger.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+        logger.setLevel(level if isinstance(logging.getLevelName(level), int) else "INFO")
         logger.propagate = False
     return logger

@@ -66,7 +66,7 @@ def _kv_dtype(vllm_config: Any) -> Any:
     return vllm_config.model_config.dtype
 
 
-def model_config_for(settings: VllmSettings, num_layers: int, dtype: Any) -> ModelConfig:
-    """The FlexKV ModelConfig of the layers vLLM registered (their count and dtype)."""
-    return ModelConfig(num_layers=num_layers, num_kv_heads=1 if settings.use_mla else settings.num_kv_heads,
-                       head_size=settings.head_size, use_mla=settings.use_mla, dtype=dtype)
+def model_config_for(settings: VllmSettings) -> ModelConfig:
+    """The FlexKV ModelConfig of the engine's KV cache."""
+    return ModelConfig(num_layers=settings.num_layers, num_kv_heads=1 if settings.use_mla else settings.num_kv_heads,
+                       head_size=settings.head_size, use_mla=settings.use_mla, dtype=settings.kv_dtype)

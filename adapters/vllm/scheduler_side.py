@@ -57,7 +57,7 @@ class SchedulerSide:
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings
         self.block_size = settings.block_size
-        model = model_config_for(settings, settings.num_layers, settings.kv_dtype)
+        model = model_config_for(settings)
         self.kv = KVManager(model, settings.cache_config, namespace=settings.model_name,
                             layout_tag=settings.layout_tag)
         self.kv.start()

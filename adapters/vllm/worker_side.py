@@ -100,10 +100,8 @@ class WorkerSide:
     def _plane(self, tier: dict[str, Any]) -> DataPlane | None:
         """The data plane onto the scheduler's CPU tier, built on the first order (the scheduler starts
         after the workers have registered their KV memory)."""
-        if self.plane is not None and self.plane_error is None:
+        if self.plane is not None or self.plane_error is not None:
             return self.plane
-        if self.plane_error is not None:
-            return None
         try:
             if self.layout is None:
                 raise RuntimeError("vLLM has not registered its KV caches with the connector")
