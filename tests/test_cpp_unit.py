@@ -18,12 +18,21 @@ def test_cpp_unit_tests_pass_under_sanitizers() -> None:
     build = REPO / "build" / "ctest-sanitize"
     # The GPU code is tested on a GPU (tests/test_gpu_transfer.py); these tests build without it.
     subprocess.run([cmake, "-S", str(REPO), "-B", str(build), "-DFLEXKV_BUILD_PYTHON=OFF",
-                    "-DFLEXKV_BUILD_TESTS=ON", "-DFLEXKV_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug",
+                    "-DFLEXKV_BUILD_TESTS=ON",
+                    "-DFLEXKV_BUILD_EXAMPLES=ON", "-DFLEXKV_SANITIZE=ON", "-DCMAKE_BUILD_TYPE=Debug",
                     "-DFLEXKV_CUDA=OFF"],
                    check=True, capture_output=True, text=True)
     subprocess.run([cmake, "--build", str(build), "-j2"], check=True, capture_output=True, text=True)
     run = subprocess.run(["ctest", "--output-on-failure"], cwd=build, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "100% tests passed" in run.stdout
-    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "shm_region"):
+    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "shm_region", "io_env", "ssd_store",
+                 "cache_options", "cache", "example_trtllm_pool"):
         assert f"{name} " in run.stdout, f"ctest did not run {name}"
+    # The C++ API's example: a stored prefix is found and loaded byte-exact.
+    config = REPO / "examples" / "cpp" / "flexkv_config.json"
+    example = subprocess.run([str(build / "trtllm_pool_example"), str(config)], capture_output=True, text=True,
+                             timeout=60)
+    assert example.returncode == 0, example.stdout + example.stderr
+    assert "request B: FlexKV matched 32 of 100 prompt tokens" in example.stdout
+    assert "identical to request A's blocks: yes" in example.stdout
