@@ -2,7 +2,7 @@
 # On a GPU machine: builds FlexKV with CUDA for this GPU, runs the gpu-marked tests (optionally under
 # compute-sanitizer memcheck) and the GPU transfer benchmark. Logs go to $OUT (or ./gpu-suite-out).
 #
-#   benchmarks/gpu_suite.sh [build] [test] [memcheck] [bench] [bench-quick]
+#   benchmarks/gpu_suite.sh [build] [test] [ctest] [memcheck] [bench] [bench-quick]
 #
 # DEPS_ROOT: a folder with usr/include/{xxhash.h,liburing.h} and usr/lib/x86_64-linux-gnu/liburing.a, for
 # machines without libxxhash-dev and liburing-dev (unpack their .deb files there with dpkg -x).
@@ -12,6 +12,7 @@ OUT="${OUT:-$REPO/gpu-suite-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
+GPU_TESTS=("$REPO/tests/test_gpu_transfer.py" "$REPO/tests/test_trtllm_connector.py")
 [ ${#steps[@]} -eq 0 ] && steps=(build test bench)
 status=0
 run_step() {
@@ -28,12 +29,27 @@ run_step() {
       (cd /tmp && python3 -c "from flexkv import _core; assert _core.CUDA_BUILT and _core.cuda_available(), 'no CUDA'")
       ;;
     test)
-      (cd /tmp && python3 -m pytest "$REPO/tests/test_gpu_transfer.py" -m gpu -q -p no:cacheprovider 2>&1 |
+      (cd /tmp && python3 -m pytest "${GPU_TESTS[@]}" -m gpu -q -p no:cacheprovider 2>&1 |
         tee "$OUT/test.log" | tail -25)
+      ;;
+    ctest)
+      # The C++ tests and example with CUDA, the C++ API's GPU test among them.
+      args="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} -DFLEXKV_BUILD_PYTHON=OFF -DFLEXKV_BUILD_TESTS=ON"
+      args="$args -DFLEXKV_BUILD_EXAMPLES=ON"
+      if [ -n "${DEPS_ROOT:-}" ]; then
+        args="$args -DXXHASH_INCLUDE_DIR=$DEPS_ROOT/usr/include -DLIBURING_INCLUDE_DIR=$DEPS_ROOT/usr/include"
+        args="$args -DLIBURING_LIBRARY=$DEPS_ROOT/usr/lib/x86_64-linux-gnu/liburing.a"
+      fi
+      # shellcheck disable=SC2086
+      (cmake -S "$REPO" -B /tmp/flexkv-ctest $args > "$OUT/ctest-build.log" &&
+        cmake --build /tmp/flexkv-ctest -j 16 >> "$OUT/ctest-build.log" 2>&1 &&
+        cd /tmp/flexkv-ctest && ctest --output-on-failure 2>&1 | tee "$OUT/ctest.log" | tail -20 &&
+        compute-sanitizer --tool memcheck --error-exitcode 9 ./test_cache_gpu 2>&1 | tee -a "$OUT/ctest.log" |
+        tail -6)
       ;;
     memcheck)
       (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
-        python3 -m pytest "$REPO/tests/test_gpu_transfer.py" -m gpu -q -p no:cacheprovider -x 2>&1 |
+        python3 -m pytest "${GPU_TESTS[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 |
         tee "$OUT/memcheck.log" | tail -15)
       ;;
     bench)

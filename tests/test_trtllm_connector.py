@@ -218,3 +218,24 @@ def test_conversation_turns_on_cuda_tensors(config, executor_factory) -> None:
     config()
     ex = executor_factory(llm_args(), device="cuda")
     run_sequence(ex, random.Random())
+
+
+def test_the_example_yaml_configures_the_connector(config) -> None:
+    import importlib
+
+    import yaml
+
+    config()
+    path = Path(__file__).resolve().parents[1] / "examples" / "trtllm" / "extra-llm-api-config.yml"
+    extra = yaml.safe_load(path.read_text())
+    conn = extra["kv_connector_config"]
+    assert set(conn) == {"connector_module", "connector_scheduler_class", "connector_worker_class"}
+    module = importlib.import_module(conn["connector_module"])
+    kv = dict(tokens_per_block=TPB, **extra["kv_cache_config"])
+    args = llm_args(kv_cache_config=kv)
+    try:
+        scheduler = getattr(module, conn["connector_scheduler_class"])(args)
+        getattr(module, conn["connector_worker_class"])(args)
+        assert scheduler.tokens_per_block == TPB
+    finally:
+        drop_session(args)
