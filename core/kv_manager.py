@@ -14,10 +14,12 @@ until it is rewritten or evicted).
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -34,6 +36,7 @@ from .errors import ConfigError, FlexKVError, LayoutError, TaskError
 from .external_copy import ExternalCopy
 from .gpu_plane import make_gpu_copy_engine
 from .layout import EngineLayout, KVCacheLayout
+from .local_registry import register_manager, unregister_manager
 from .request import KVResponse, KVResponseStatus
 from .resources import require_resources
 from .ssd_flow import SsdFlow
@@ -46,6 +49,17 @@ logger = logging.getLogger("flexkv")
 _MAX_FINISHED_TASKS = 100_000
 _MAX_BLOCKS = 2**31 - 1  # block ids are int32
 _EMPTY_IDS = np.zeros(0, dtype=np.int32)
+_LIVE: weakref.WeakSet[KVManager] = weakref.WeakSet()  # started managers
+
+
+@atexit.register
+def _shut_down_live_managers() -> None:
+    """Engines rarely call shutdown(): copies in flight finish and the tiers are freed before the process ends."""
+    for manager in list(_LIVE):
+        try:
+            manager.shutdown()
+        except Exception:  # exiting anyway: a failure here must not hide the process's own exit status
+            logger.exception("FlexKV: shutdown at exit failed")
 
 
 @dataclass
@@ -161,6 +175,9 @@ class KVManager(SsdFlow, ExternalCopy):
         self._copy, self._tier, self._ssd, self._closing = copy, tier, ssd, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
+        if self.gpu_register_port:
+            register_manager(self.gpu_register_port, self)
+        _LIVE.add(self)
         logger.info("FlexKV CPU tier: %d blocks x %d bytes in %s", self.cache_config.num_cpu_blocks,
                     self.block_bytes, tier.shm_name)
 
@@ -192,6 +209,9 @@ class KVManager(SsdFlow, ExternalCopy):
         self._tier.close()
         self._tier = None
         self._engine = None
+        if self.gpu_register_port:
+            unregister_manager(self.gpu_register_port, self)
+        _LIVE.discard(self)
 
     def __enter__(self) -> KVManager:
         self.start()
@@ -340,12 +360,12 @@ class KVManager(SsdFlow, ExternalCopy):
         """Starts the copies of matched tasks. ``slot_mappings[i]`` holds the engine slots
         (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks.
 
-        The call is all or nothing, and a TaskError names the culprit: if an id is unknown or was launched
+        ``as_batch`` and ``counter_id`` are accepted for the engines that pass them: the tasks of one call
+        are always launched together. The call is all or nothing, and a TaskError names the culprit: if an
+        id is unknown or was launched
         before, nothing is launched and the other tasks stay as they were (launch or cancel them); if a
         slot mapping is bad, no copy starts and every task of the call ends FAILED with its blocks unlocked.
         """
-        if as_batch:
-            raise TaskError("launch: as_batch is not supported; launch the tasks as a list (one copy job each)")
         ids = _task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or _is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]

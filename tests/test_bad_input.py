@@ -662,10 +662,8 @@ def test_a_task_with_nothing_to_copy_is_launched_once(env: Env) -> None:
     env.assert_healthy()
 
 
-def test_unsupported_launch_options_are_refused(env: Env) -> None:
+def test_bad_layer_waits_are_refused(env: Env) -> None:
     tid, _ = env.kv.get_match(env.ref_tokens)
-    with pytest.raises(TaskError, match="as_batch is not supported"):
-        env.kv.launch(tid, slots([20, 21, 22]), as_batch=True)
     with pytest.raises(TaskError, match="is not launched"):
         env.kv.wait_layer(tid, 0)
     for layer in (-1, L, "0", True):
@@ -673,7 +671,9 @@ def test_unsupported_launch_options_are_refused(env: Env) -> None:
             env.kv.wait_layer(tid, layer)
     with pytest.raises(TaskError, match="stream must be"):
         env.kv.wait_layer(tid, 0, stream="s0")
-    env.kv.cancel(tid)
+    # as_batch (SGLang passes it) launches the call's tasks together, as every launch does.
+    assert env.kv.launch(tid, slots([20, 21, 22]), as_batch=True, counter_id=3) == [tid]
+    assert env.kv.wait(tid)[tid].ok
     env.assert_healthy()
 
 

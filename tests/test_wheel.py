@@ -17,6 +17,8 @@ PUBLIC_MODULES = [
     "flexkv.core.config_file", "flexkv.core.resources",
     "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core", "flexkv.core.data_plane",
     "flexkv.core.gpu_plane", "flexkv.adapters.vllm", "flexkv.integration.vllm.vllm_v1_adapter",
+    "flexkv.adapters.trtllm", "flexkv.integration.tensorrt_llm.trtllm_adapter", "flexkv.adapters.sglang",
+    "flexkv.integration.config", "flexkv.server.client", "flexkv.transfer.layerwise", "flexkv.transfer_manager",
 ]
 
 SMOKE = """

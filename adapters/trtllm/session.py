@@ -7,7 +7,6 @@ control plane (a KVManager over the executor's KV pool); the scheduler finds it 
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 from typing import Any
@@ -105,12 +104,3 @@ def drop_session(llm_args: Any) -> None:
     if session is not None:
         session.shutdown()
 
-
-@atexit.register
-def _shut_down_all() -> None:
-    """TensorRT-LLM 1.2 gives connectors no shutdown call: the control plane's threads end with the process."""
-    with _SESSIONS_LOCK:
-        sessions = list(_SESSIONS.values())
-        _SESSIONS.clear()
-    for session in sessions:
-        session.shutdown()

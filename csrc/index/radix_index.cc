@@ -100,6 +100,24 @@ size_t RadixIndex::match(const BlockKey* keys, size_t n) const {
   return i;
 }
 
+void RadixIndex::contains_each(const BlockKey* keys, size_t n, uint8_t* out_ready) const {
+  for (size_t i = 0; i < n; ++i) out_ready[i] = match(keys + i, 1) == 1 ? 1 : 0;
+}
+
+size_t RadixIndex::acquire_each(const BlockKey* keys, size_t n, int32_t* out_ids) {
+  for (size_t i = 0; i < n; ++i) {
+    if (acquire(keys + i, 1, 0, out_ids + i) != 1) return i;
+  }
+  return n;
+}
+
+size_t RadixIndex::reserve_each(const BlockKey* keys, size_t n, int32_t* out_ids, uint8_t* out_new) {
+  for (size_t i = 0; i < n; ++i) {
+    if (reserve(keys + i, 1, 0, out_ids + i, out_new + i) != 1) return i;
+  }
+  return n;
+}
+
 size_t RadixIndex::acquire(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids) {
   std::lock_guard<std::mutex> g(mu_);
   ++clock_;

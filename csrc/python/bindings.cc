@@ -98,6 +98,32 @@ PYBIND11_MODULE(_core, m) {
         is_new.resize({static_cast<py::ssize_t>(got)});
         return py::make_tuple(ids, is_new);
       }, py::arg("keys"), py::arg("start") = 0)
+      .def("contains_each", [](const flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        py::array_t<bool> ready(static_cast<py::ssize_t>(n));
+        self.contains_each(k, n, reinterpret_cast<uint8_t*>(ready.mutable_data()));
+        return ready;
+      }, py::arg("keys"), "Per entry key (a chain of one block): whether it has a ready block.")
+      .def("acquire_each", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        I32Array ids(static_cast<py::ssize_t>(n));
+        const size_t got = self.acquire_each(k, n, ids.mutable_data());
+        ids.resize({static_cast<py::ssize_t>(got)});
+        return ids;
+      }, py::arg("keys"), "Locks the leading ready entries; returns their ids.")
+      .def("reserve_each", [](flexkv::RadixIndex& self, const KeyArray& keys) {
+        size_t n;
+        const BlockKey* k = keys_of(keys, &n);
+        I32Array ids(static_cast<py::ssize_t>(n));
+        py::array_t<bool> is_new(static_cast<py::ssize_t>(n));
+        const size_t got =
+            self.reserve_each(k, n, ids.mutable_data(), reinterpret_cast<uint8_t*>(is_new.mutable_data()));
+        ids.resize({static_cast<py::ssize_t>(got)});
+        is_new.resize({static_cast<py::ssize_t>(got)});
+        return py::make_tuple(ids, is_new);
+      }, py::arg("keys"), "reserve() per entry, in order; (ids, is_new) of the entries handled.")
       .def("commit", [](flexkv::RadixIndex& self, const I32Array& ids) {
         check_1d(ids, "ids");
         self.commit(ids.data(), static_cast<size_t>(ids.shape(0)));

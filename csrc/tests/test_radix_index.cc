@@ -346,4 +346,40 @@ TEST(random_operations_keep_invariants) {
   CHECK_EQ(idx.stats().num_locked, 0);
 }
 
+TEST(entries_are_independent_one_block_chains) {
+  RadixIndex idx(4, 0.0);
+  std::vector<BlockKey> k = {flexkv::namespace_key("p0"), flexkv::namespace_key("p1"), flexkv::namespace_key("p2"),
+                             flexkv::namespace_key("p3"), flexkv::namespace_key("p4")};
+  std::vector<int32_t> ids(5);
+  std::vector<uint8_t> fresh(5), ready(5);
+  // Entries 1 and 3 only: each stands alone, whatever else is stored.
+  std::vector<BlockKey> some = {k[1], k[3]};
+  CHECK_EQ(idx.reserve_each(some.data(), 2, ids.data(), fresh.data()), 2u);
+  CHECK(fresh[0] && fresh[1]);
+  idx.commit(ids.data(), 2);
+  idx.contains_each(k.data(), 5, ready.data());
+  CHECK(!ready[0] && ready[1] && !ready[2] && ready[3] && !ready[4]);
+  CHECK_EQ(idx.acquire_each(k.data() + 1, 1, ids.data()), 1u);
+  CHECK_EQ(idx.lock_count(ids[0]), 1);
+  idx.release(ids.data(), 1);
+  CHECK_EQ(idx.acquire_each(k.data(), 5, ids.data()), 0u);  // leading entries only
+  // A full pool evicts the least recently used entry; locked entries stay.
+  std::vector<BlockKey> three = {k[0], k[2], k[4]};
+  CHECK_EQ(idx.acquire_each(k.data() + 3, 1, ids.data()), 1u);
+  const int32_t held = ids[0];
+  // Two free blocks, then k[1] is evicted for the third; k[3] is held.
+  CHECK_EQ(idx.reserve_each(three.data(), 3, ids.data(), fresh.data()), 3u);
+  idx.commit(ids.data(), 3);
+  idx.release(&held, 1);
+  idx.contains_each(k.data(), 5, ready.data());
+  CHECK(ready[0] && !ready[1] && ready[2] && ready[3] && ready[4]);
+  // Nothing can be had while every block is locked: reserve_each stops.
+  std::vector<int32_t> all(4);
+  std::vector<BlockKey> held_keys = {k[0], k[2], k[3], k[4]};
+  CHECK_EQ(idx.acquire_each(held_keys.data(), 4, all.data()), 4u);
+  CHECK_EQ(idx.reserve_each(k.data() + 1, 1, ids.data(), fresh.data()), 0u);
+  idx.release(all.data(), 4);
+  idx.check_consistency();
+}
+
 TEST_MAIN()

@@ -59,6 +59,17 @@ class RadixIndex {
   // Every block with out_new = 1 must later be passed to commit() or release().
   size_t reserve(const BlockKey* keys, size_t n, size_t start, int32_t* out_ids, uint8_t* out_new);
 
+  // Entries: keys that each name one block on their own (a chain of length one
+  // under the root), for callers whose keys are already whole-prefix hashes
+  // (SGLang's page hashes). Each is the corresponding chain method applied to
+  // keys[i] alone, in order, stopping where that method would stop.
+  // contains_each: out_ready[i] = 1 if keys[i] has a ready block. No side effects.
+  void contains_each(const BlockKey* keys, size_t n, uint8_t* out_ready) const;
+  // acquire_each: locks the leading ready entries; returns how many.
+  size_t acquire_each(const BlockKey* keys, size_t n, int32_t* out_ids);
+  // reserve_each: reserve() for each entry; returns how many were handled.
+  size_t reserve_each(const BlockKey* keys, size_t n, int32_t* out_ids, uint8_t* out_new);
+
   // Marks blocks ready (their bytes are written) and unlocks them.
   void commit(const int32_t* ids, size_t n);
   // Unlocks blocks. Unready blocks stay in the tree, unreadable, until a later

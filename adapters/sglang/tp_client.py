@@ -1,0 +1,57 @@
+"""``flexkv.server.client.KVTPClient``: how SGLang's ranks hand their KV buffers to FlexKV.
+
+SGLang's connector builds one per rank with ``gpu_register_port`` and calls ``register_to_server`` with
+its KV buffers: for MHA every layer's K buffer, then every layer's V buffer, each
+``[num_pages * page_size, kv_heads, head_dim]``; for MLA one latent buffer per layer. With one rank the
+KVManager lives in the same process and takes the buffers directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flexkv.core.errors import LayoutError
+from flexkv.core.layout import EngineLayout, KVCacheLayout
+from flexkv.core.local_registry import manager_for
+
+
+def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout) -> EngineLayout:
+    """An engine layout over SGLang's token-indexed per-layer buffers: engine block b is page b."""
+    layers, ps, num_pages = kv_layout.num_layer, kv_layout.tokens_per_block, kv_layout.num_block
+    per_layer = 1 if kv_layout.is_mla else 2
+    if len(kv_caches) != layers * per_layer:
+        raise LayoutError(f"register_to_server: {len(kv_caches)} KV buffers for {layers} layers; SGLang passes "
+                          f"{'one latent buffer per layer' if kv_layout.is_mla else 'K buffers, then V buffers'}")
+    views, owners = [], []
+    for layer in range(layers):
+        for kv in range(per_layer):
+            buf = kv_caches[kv * layers + layer]
+            if tuple(buf.shape)[0] < num_pages * ps or not buf.is_contiguous():
+                raise LayoutError(f"register_to_server: buffer {kv * layers + layer} has shape {tuple(buf.shape)}; "
+                                  f"expected a contiguous [{num_pages * ps}, heads, head_dim]")
+            views.append(buf[: num_pages * ps].reshape(num_pages, -1))
+            owners.append(layer)
+    return EngineLayout.from_block_views(views, f"SGLang token pool ({layers} layers, page {ps})", layers=owners)
+
+
+class KVTPClient:
+    def __init__(self, gpu_register_port: str, dp_client_id: int = 0, pp_rank: int = 0, device_id: int = 0) -> None:
+        self.gpu_register_port = gpu_register_port
+        self.dp_client_id = dp_client_id
+        self.pp_rank = pp_rank
+        self.device_id = device_id
+
+    def register_to_server(self, kv_caches: list[Any], kv_layout: KVCacheLayout, indexer_buffers: Any = None,
+                           indexer_layout: Any = None) -> None:
+        if indexer_buffers:
+            raise LayoutError("register_to_server: the sparse-attention indexer cache (NSA models) is not served "
+                              "by FlexKV in this version")
+        manager = manager_for(self.gpu_register_port)
+        if manager is None:
+            raise RuntimeError(f"no FlexKV KVManager listens on {self.gpu_register_port!r} in this process; FlexKV's "
+                               "--enable-flexkv runs with one rank per SGLang scheduler in this version")
+        manager.register_kv_caches(token_pool_layout(list(kv_caches), kv_layout))
+
+    def set_slot_mapping(self, task_id: int, slot_mapping: Any) -> None:
+        raise NotImplementedError("set_slot_mapping serves cross-node pipeline parallelism, which FlexKV does not "
+                                  "support in this version")

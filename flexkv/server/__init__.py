@@ -1,0 +1,1 @@
+"""Module paths SGLang's ``--enable-flexkv`` imports."""

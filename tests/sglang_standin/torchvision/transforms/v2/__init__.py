@@ -1,0 +1,4 @@
+from ..._placeholder import make_getattr
+from . import functional  # noqa: F401
+
+__getattr__ = make_getattr(__name__)
