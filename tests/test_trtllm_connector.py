@@ -239,3 +239,27 @@ def test_the_example_yaml_configures_the_connector(config) -> None:
         assert scheduler.tokens_per_block == TPB
     finally:
         drop_session(args)
+
+
+def test_unexpected_dtypes_and_block_ids_are_refused(config, executor_factory) -> None:
+    config()
+    args = llm_args()
+    worker = FlexKVWorkerConnector(args)
+    try:
+        with pytest.raises(Exception, match="dtype"):
+            worker.register_kv_caches(torch.zeros(8, 3, 2, 16, dtype=torch.float64))
+    finally:
+        drop_session(args)
+    rng = random.Random()
+    ex = executor_factory(llm_args(), num_blocks=32)
+    first = Request(50, prompt(21, rng), max_new_tokens=1)
+    ex.add_request(first)
+    ex.run()
+    ex.evict_device_cache()
+    again = Request(51, first.tokens + [7, 8, 9], max_new_tokens=1)
+    matched, is_async = ex.scheduler.get_num_new_matched_tokens(again, 0)
+    assert matched == 20 and not is_async
+    kv = ex.scheduler.session.kv
+    with pytest.raises(Exception, match="engine blocks"):
+        ex.scheduler.update_state_after_alloc(again, [0, 1, 2, 99, 4, 5])  # block 99: the pool has 32
+    assert kv.cache_stats()["cpu"]["num_locked"] == 0  # the refused load holds nothing
