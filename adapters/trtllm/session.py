@@ -103,4 +103,3 @@ def drop_session(llm_args: Any) -> None:
         session = _SESSIONS.pop(id(llm_args), None)
     if session is not None:
         session.shutdown()
-
