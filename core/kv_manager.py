@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -148,6 +148,7 @@ class KVManager(SsdFlow, ExternalCopy):
         self._closing = False   # shutdown() has begun: no launch may start
         self._launching = 0     # launch() calls between claiming tasks and queuing their copies
         self.stats = KVManagerStats()
+        self._launch_listeners: list[Callable[[list[int], bool, int], None]] = []
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -396,7 +397,17 @@ class KVManager(SsdFlow, ExternalCopy):
             with self._cond:
                 self._launching -= 1
                 self._cond.notify_all()
+        for listener in list(self._launch_listeners):
+            try:
+                listener(ids, bool(layerwise_transfer), int(counter_id))
+            except Exception:  # a listener's failure is its own; the copies are already queued
+                logger.exception("FlexKV: a launch listener failed")
         return ids
+
+    def add_launch_listener(self, listener: Callable[[list[int], bool, int], None]) -> None:
+        """Calls ``listener(task_ids, layerwise_transfer, counter_id)`` after every successful launch, on the
+        launching thread (an engine's per-layer signalling hooks in here)."""
+        self._launch_listeners.append(listener)
 
     def get_async(self, token_ids: Any, slot_mapping: Any, token_mask: Any = None,
                   namespace: Sequence[str] | str | None = None) -> int:

@@ -34,3 +34,12 @@ def manager_for(port: str) -> Any:
     """The KVManager listening on ``port`` in this process, or None."""
     with _LOCK:
         return _MANAGERS.get(port)
+
+
+def manager_with_model(model_config: Any) -> Any:
+    """The registered KVManager built on this very model_config object, or None."""
+    with _LOCK:
+        for manager in _MANAGERS.values():
+            if getattr(manager, "model_config", None) is model_config:
+                return manager
+    return None

@@ -433,6 +433,63 @@ def radix_round_trip(mla: bool) -> None:
         cache.shutdown()
 
 
+def radix_layerwise_round_trip() -> None:
+    """FLEXKV_ENABLE_LAYERWISE_TRANSFER=1: SGLang hands FlexKV its eventfds, the load starts in match_prefix,
+    and each layer's buffer access in the forward pass returns only once FlexKV signalled that layer."""
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+    from sglang.srt.mem_cache.radix_cache import RadixKey
+    from sglang.srt.sampling.sampling_params import SamplingParams
+    from sglang.test.mem_cache_utils import finish_req
+
+    write_config("radix-layerwise")
+    os.environ["FLEXKV_ENABLE_LAYERWISE_TRANSFER"] = "1"
+    os.environ["FLEXKV_LAYERWISE_EVENTFD_SOCKET"] = str(WORK / "lw")
+    try:
+        cache, kv, alloc, r2t = radix_cache(False)
+    finally:
+        del os.environ["FLEXKV_ENABLE_LAYERWISE_TRANSFER"]
+    try:
+        assert cache._mode.name == "IP", cache._mode
+        tokens = tokens_of(3 * PAGE + 1, int.from_bytes(os.urandom(4), "little"))
+        req = Req(rid="lw-a", origin_input_text="", origin_input_ids=array("q", tokens),
+                  sampling_params=SamplingParams(temperature=0, max_new_tokens=1))
+        r2t.alloc([req])
+        slots = alloc.alloc(4 * PAGE)[: len(tokens)]
+        r2t.write((req.kv.req_pool_idx, slice(0, len(tokens))), slots)
+        for buf in _buffers(kv):
+            buf[slots] = torch.randn(buf[slots].shape, dtype=torch.float32).to(buf.dtype)
+        ref = [buf[slots[: 3 * PAGE]].clone() for buf in _buffers(kv)]
+        req.kv.kv_committed_len = len(tokens)
+        finish_req(cache, req, up_to=len(tokens))
+        deadline = time.monotonic() + 30
+        while cache.flexkv_connector._inflight_stores and time.monotonic() < deadline:
+            cache.check_hicache_events()
+            time.sleep(0.01)
+        cache.reset()
+        for buf in _buffers(kv):
+            buf.view(torch.uint8).fill_(0xA5)
+        alloc.clear()
+        res = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=None))
+        assert res.device_prefix_len == 3 * PAGE, res.device_prefix_len
+        new_slots = res.last_device_node.value
+        waited = []
+
+        def forward() -> None:  # the attention backend reads each layer's buffers in order
+            for layer in range(LAYERS):
+                kv.get_key_buffer(layer)
+                waited.append(layer)
+
+        t = threading.Thread(target=forward, daemon=True)
+        t.start()
+        t.join(30)
+        assert waited == list(range(LAYERS)), f"the forward pass was released for layers {waited} only"
+        for buf, want in zip(_buffers(kv), ref):
+            assert torch.equal(buf[new_slots].view(torch.uint8), want.view(torch.uint8)), "loaded KV differs"
+    finally:
+        cache.shutdown()
+
+
 def radix_mha_round_trip() -> None:
     radix_round_trip(False)
 
@@ -472,7 +529,8 @@ def radix_tp2_is_refused_clearly() -> None:
 SCENARIOS = {f.__name__: f for f in (
     hicache_every_layout_round_trip, hicache_survives_a_restart_on_ssd, hicache_exists_counts_leading_hits,
     hicache_tp_ranks_never_share, hicache_legacy_flat_pages, hicache_concurrent_threads, hicache_bad_input_is_refused,
-    radix_mha_round_trip, radix_mla_round_trip, radix_connector_imports_flexkv_names, radix_tp2_is_refused_clearly,
+    radix_mha_round_trip, radix_mla_round_trip, radix_layerwise_round_trip, radix_connector_imports_flexkv_names,
+    radix_tp2_is_refused_clearly,
 )}
 
 

@@ -9,7 +9,8 @@ state away from the other tests; each becomes one test here:
   ``page_first``, ``page_first_direct``), across a restart on the SSD tier, with the legacy flat-page
   calls, from several threads; ``batch_exists`` counts leading hits; TP sizes 1 and 2 never share.
 - ``--enable-flexkv``: SGLang's ``FlexKVRadixCache`` and ``FlexKVConnector`` import this package's names
-  and store and load a prefix byte-exact (MHA and MLA); unsupported settings are refused clearly.
+  and store and load a prefix byte-exact (MHA and MLA, and layer by layer through SGLang's eventfd
+  handshake); unsupported settings are refused clearly.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 SCENARIOS = [
     "hicache_every_layout_round_trip", "hicache_survives_a_restart_on_ssd", "hicache_exists_counts_leading_hits",
     "hicache_tp_ranks_never_share", "hicache_legacy_flat_pages", "hicache_concurrent_threads",
-    "hicache_bad_input_is_refused", "radix_mha_round_trip", "radix_mla_round_trip",
+    "hicache_bad_input_is_refused", "radix_mha_round_trip", "radix_mla_round_trip", "radix_layerwise_round_trip",
     "radix_connector_imports_flexkv_names", "radix_tp2_is_refused_clearly",
 ]
 

@@ -119,10 +119,6 @@ class FlexKVConfig:
         if _get(server_args, "enable_dp_attention", False):
             raise ConfigError("--enable-dp-attention: not supported with --enable-flexkv in this version",
                               "enable_dp_attention")
-        if int(os.environ.get("FLEXKV_ENABLE_LAYERWISE_TRANSFER", "0") or 0):
-            raise ConfigError("FLEXKV_ENABLE_LAYERWISE_TRANSFER=1: SGLang's layer-wise mode needs FlexKV's eventfd "
-                              "server, which this version does not have; unset FLEXKV_ENABLE_LAYERWISE_TRANSFER",
-                              "FLEXKV_ENABLE_LAYERWISE_TRANSFER")
 
 
 def block_size_for_page(tokens_per_block: int, page_size: int) -> int:
