@@ -272,6 +272,26 @@ def test_put_then_get_round_trip_task_api(env: Env) -> None:
     assert stats["hit_rate"] == 1.0
 
 
+def test_launch_listeners_hear_every_successful_launch(env: Env) -> None:
+    kv, eng = env.kv, env.eng
+    heard: list[tuple[list[int], bool, int]] = []
+    kv.add_launch_listener(lambda ids, layerwise, counter: heard.append((ids, layerwise, counter)))
+    kv.add_launch_listener(lambda *_: 1 / 0)  # a failing listener is logged; the launch stands
+    tokens = env.tokens(2 * T)
+    eng.fill([1, 2])
+    tid, _ = kv.put_match(tokens)
+    kv.launch(tid, slots([1, 2]))
+    assert wait_one(kv, tid).status is S.SUCCESS
+    tid2, _ = kv.get_match(tokens)
+    kv.launch([tid2], [slots([5, 6])], as_batch=True, layerwise_transfer=True, counter_id=2)
+    assert wait_one(kv, tid2).status is S.SUCCESS
+    tid3, _ = kv.get_match(tokens)
+    with pytest.raises(TaskError):
+        kv.launch(tid3, slots([5]))  # a refused launch is not heard
+    assert heard == [([tid], False, 0), ([tid2], True, 2)]
+    assert env.locked() == 0  # the refused launch ended its task and unlocked its blocks
+
+
 def test_put_then_get_round_trip_async(env: Env) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(3 * T + 7)
