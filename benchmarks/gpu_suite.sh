@@ -12,7 +12,8 @@ OUT="${OUT:-$REPO/gpu-suite-out}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 steps=("$@")
-GPU_TESTS=("$REPO/tests/test_gpu_transfer.py" "$REPO/tests/test_trtllm_connector.py")
+GPU_TESTS=("$REPO/tests/test_gpu_transfer.py" "$REPO/tests/test_trtllm_connector.py"
+           "$REPO/tests/test_sglang_token_pool.py")
 [ ${#steps[@]} -eq 0 ] && steps=(build test bench)
 status=0
 run_step() {

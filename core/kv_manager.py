@@ -157,6 +157,8 @@ class KVManager(SsdFlow, ExternalCopy):
         if self._tier is not None:
             return
         require_resources(self.cache_config, self.model_config)
+        if self.gpu_register_port:  # first: a port in use refuses the start before anything is allocated
+            register_manager(self.gpu_register_port, self)
         ssd = tier = None
         try:
             if self.cache_config.enable_ssd:
@@ -169,6 +171,8 @@ class KVManager(SsdFlow, ExternalCopy):
             for part in (ssd, tier):
                 if part is not None:
                     part.close()
+            if self.gpu_register_port:
+                unregister_manager(self.gpu_register_port, self)
             raise
         if ssd is not None:
             self._ssd_reads = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-read")
@@ -176,8 +180,6 @@ class KVManager(SsdFlow, ExternalCopy):
         self._copy, self._tier, self._ssd, self._closing = copy, tier, ssd, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
-        if self.gpu_register_port:
-            register_manager(self.gpu_register_port, self)
         _LIVE.add(self)
         logger.info("FlexKV CPU tier: %d blocks x %d bytes in %s", self.cache_config.num_cpu_blocks,
                     self.block_bytes, tier.shm_name)
