@@ -32,10 +32,13 @@ std::string gib(double bytes) {
   return buf;
 }
 
-// Anonymous memory for the CPU tier, unmapped on destruction.
+constexpr uint64_t kHugePage = 2ull << 20;
+
+// Anonymous memory for the CPU tier, unmapped on destruction (in 2 MiB huge pages when asked).
 class TierMemory {
  public:
-  TierMemory(uint64_t bytes, bool huge_pages) : bytes_(bytes) {
+  TierMemory(uint64_t bytes, bool huge_pages) : bytes_(huge_pages ? (bytes + kHugePage - 1) / kHugePage * kHugePage : bytes) {
+    bytes = bytes_;
     const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (huge_pages ? MAP_HUGETLB : 0);
     void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (p == MAP_FAILED) {
