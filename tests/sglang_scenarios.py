@@ -258,11 +258,17 @@ def hicache_legacy_flat_pages() -> None:
             assert same_pages(host, src, dest), f"{layout}: legacy pages differ"
             backend = ctrl.storage_backend
             keys = get_hash_str(tokens, None, page_size=PAGE)
-            # A flat page stored through the legacy API is the page the zero-copy API loads.
-            assert backend.set(keys[0] + "x" * 0, flat_pages(host, src)[0]) is True
+            # Pages the legacy calls stored load through the zero-copy call, byte-exact.
             out = host.alloc(PAGE)
             assert backend.batch_get_v1([keys[1]], out) == [True]
             assert same_pages(host, src[PAGE:2 * PAGE], out)
+            # A new page set through the legacy call loads through the zero-copy call.
+            page = flat_pages(host, src)[0].clone()
+            page.view(torch.uint8).copy_(torch.randint(0, 256, page.view(torch.uint8).shape, dtype=torch.uint8))
+            assert backend.set("ab" * 32, page) is True
+            out = host.alloc(PAGE)
+            assert backend.batch_get_v1(["ab" * 32], out) == [True]
+            assert torch.equal(flat_pages(host, out)[0].view(torch.uint8), page.view(torch.uint8))
             assert torch.equal(backend.get(keys[2]).view(torch.uint8), flat_pages(host, src)[2].view(torch.uint8))
             assert backend.get("0" * 64) is None
         finally:
