@@ -327,6 +327,11 @@ def hicache_bad_input_is_refused() -> None:
         raise AssertionError("a page size that does not fit tokens_per_block was accepted")
     except ConfigError as e:
         assert "tokens_per_block = 3" in str(e) and "page" in str(e), e
+    write_config("gives-way", tokens_per_block=2)  # divides the page size: the page size wins, with a warning
+    backend = FlexKVHiCacheStorage(config(), {})
+    backend.register_mem_pool_host(host_pool(dev, "page_first", False))
+    assert backend.store.cache_config.tokens_per_block == PAGE
+    backend.close()
     write_config("bad2")
     try:
         FlexKVHiCacheStorage(config(is_mla_model=True, tp_size=2, tp_rank=1), {})

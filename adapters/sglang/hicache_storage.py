@@ -15,6 +15,7 @@ A failure inside FlexKV is a miss or a page not stored, logged and counted; it n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -29,6 +30,7 @@ from flexkv.core.errors import ConfigError
 from flexkv.core.layout import EngineLayout
 from flexkv.core.page_store import PageStore
 
+from .flexkv_config import block_size_for_page
 from .host_layout import host_pool_layout
 from .versions import check_sglang_version
 
@@ -75,11 +77,9 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         super().register_mem_pool_host(mem_pool_host)
         layout, model, tag = host_pool_layout(mem_pool_host, bool(self.storage_config.is_mla_model))
         page_size = int(mem_pool_host.page_size)
-        cache = self.flexkv.cache_config
-        if cache.tokens_per_block != page_size:
-            raise ConfigError(f"cache_config.tokens_per_block = {cache.tokens_per_block} but SGLang's page size is "
-                              f"{page_size}: a FlexKV block is one SGLang page; set tokens_per_block to {page_size} "
-                              "(or --page-size to tokens_per_block)", "cache_config.tokens_per_block")
+        cache = dataclasses.replace(self.flexkv.cache_config,
+                                    tokens_per_block=block_size_for_page(self.flexkv.cache_config.tokens_per_block,
+                                                                         page_size))
         store = PageStore(model, cache, namespace=self.namespace, layout_tag=tag)
         with self._lock:
             if self.store is not None:
