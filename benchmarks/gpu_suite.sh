@@ -2,7 +2,7 @@
 # On a GPU machine: builds FlexKV with CUDA for this GPU, runs the gpu-marked tests (optionally under
 # compute-sanitizer memcheck) and the GPU transfer benchmark. Logs go to $OUT (or ./gpu-suite-out).
 #
-#   benchmarks/gpu_suite.sh [build] [test] [ctest] [memcheck] [bench] [bench-quick]
+#   benchmarks/gpu_suite.sh [build] [test] [ctest] [cppbench] [memcheck] [bench] [bench-quick]
 #
 # DEPS_ROOT: a folder with usr/include/{xxhash.h,liburing.h} and usr/lib/x86_64-linux-gnu/liburing.a, for
 # machines without libxxhash-dev and liburing-dev (unpack their .deb files there with dpkg -x).
@@ -36,7 +36,7 @@ run_step() {
     ctest)
       # The C++ tests and example with CUDA, the C++ API's GPU test among them.
       args="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} -DFLEXKV_BUILD_PYTHON=OFF -DFLEXKV_BUILD_TESTS=ON"
-      args="$args -DFLEXKV_BUILD_EXAMPLES=ON"
+      args="$args -DFLEXKV_BUILD_EXAMPLES=ON -DFLEXKV_BUILD_BENCHMARKS=ON"
       if [ -n "${DEPS_ROOT:-}" ]; then
         args="$args -DXXHASH_INCLUDE_DIR=$DEPS_ROOT/usr/include -DLIBURING_INCLUDE_DIR=$DEPS_ROOT/usr/include"
         args="$args -DLIBURING_LIBRARY=$DEPS_ROOT/usr/lib/x86_64-linux-gnu/liburing.a"
@@ -52,6 +52,10 @@ run_step() {
       (cd /tmp && compute-sanitizer --tool memcheck --error-exitcode 9 --target-processes all \
         python3 -m pytest "${GPU_TESTS[@]}" -m gpu -q -p no:cacheprovider -x 2>&1 |
         tee "$OUT/memcheck.log" | tail -15)
+      ;;
+    cppbench)
+      # After ctest (which builds it): the C++ API moving a TensorRT-LLM-style pool.
+      /tmp/flexkv-ctest/cache_pool_bandwidth 2>&1 | tee "$OUT/cppbench.log"
       ;;
     bench)
       (cd /tmp && python3 "$REPO/benchmarks/gpu_transfer.py" --json "$OUT/gpu_transfer.json" 2>&1 |
