@@ -364,8 +364,9 @@ class KVManager(SsdFlow, ExternalCopy):
         (``block_id * tokens_per_block + offset``) of the tokens that task i's mask marks.
 
         ``as_batch`` and ``counter_id`` are accepted for the engines that pass them: the tasks of one call
-        are always launched together. The call is all or nothing, and a TaskError names the culprit: if an
-        id is unknown or was launched
+        are always launched together, and listeners (``add_launch_listener``) hear the counter id.
+
+        The call is all or nothing, and a TaskError names the culprit: if an id is unknown or was launched
         before, nothing is launched and the other tasks stay as they were (launch or cancel them); if a
         slot mapping is bad, no copy starts and every task of the call ends FAILED with its blocks unlocked.
         """
