@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -136,14 +137,19 @@ def test_blocks_on_ssd_load_asynchronously(config, executor_factory) -> None:
     ex.add_request(old)
     ex.run()
     kv = ex.scheduler.session.kv
+    deadline = time.monotonic() + 30  # the write-through to SSD runs in the background
+    while kv.lookup(old.tokens[:40])[1] < 40 and time.monotonic() < deadline:
+        time.sleep(0.01)
     # Newer requests push the old one's blocks out of the small CPU tier; they stay on SSD.
-    for rid in (21, 22):
+    for rid in range(21, 29):
         ex.add_request(Request(rid, prompt(41, rng), max_new_tokens=2))
         ex.run()
+        if kv.lookup(old.tokens[:40])[0] < 40:
+            break
     ex.evict_device_cache()
     cpu_tokens, ssd_tokens = kv.lookup(old.tokens[:40])
     assert ssd_tokens == 40 and cpu_tokens < 40
-    again = Request(23, old.tokens + prompt(6, rng), max_new_tokens=2)
+    again = Request(30, old.tokens + prompt(6, rng), max_new_tokens=2)
     ex.add_request(again)
     ex.run()
     assert ex.async_loads == 1
