@@ -14,11 +14,11 @@
 #include <unordered_map>
 #include <vector>
 
-#include "flexkv/block_key.h"
-#include "flexkv/copy_layout.h"
-#include "flexkv/gpu_copy_engine.h"
-#include "flexkv/host_copy_engine.h"
-#include "flexkv/radix_index.h"
+#include "index/block_key.h"
+#include "transfer/copy_layout.h"
+#include "transfer/gpu_copy_engine.h"
+#include "transfer/host_copy_engine.h"
+#include "index/radix_index.h"
 
 namespace flexkv {
 

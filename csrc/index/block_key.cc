@@ -1,4 +1,4 @@
-#include "flexkv/block_key.h"
+#include "index/block_key.h"
 
 #include <cstdint>
 #include <cstring>

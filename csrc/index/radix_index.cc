@@ -1,4 +1,4 @@
-#include "flexkv/radix_index.h"
+#include "index/radix_index.h"
 
 #include <cmath>
 #include <stdexcept>

@@ -1,4 +1,4 @@
-#include "flexkv/block_pool.h"
+#include "pool/block_pool.h"
 
 #include <stdexcept>
 #include <string>

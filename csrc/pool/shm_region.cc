@@ -1,4 +1,4 @@
-#include "flexkv/shm_region.h"
+#include "pool/shm_region.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>

@@ -6,7 +6,7 @@
 
 #include <string>
 
-#include "flexkv/copy_layout.h"
+#include "transfer/copy_layout.h"
 
 namespace flexkv::python {
 

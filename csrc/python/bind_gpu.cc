@@ -7,7 +7,7 @@
 #include <string>
 
 #include "array_args.h"
-#include "flexkv/gpu_copy_engine.h"
+#include "transfer/gpu_copy_engine.h"
 
 namespace py = pybind11;
 using flexkv::GpuCopyEngine;

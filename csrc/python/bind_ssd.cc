@@ -10,8 +10,8 @@
 #include <utility>
 #include <vector>
 
-#include "flexkv/io_env.h"
-#include "flexkv/ssd_store.h"
+#include "transfer/io_env.h"
+#include "transfer/ssd_store.h"
 
 namespace py = pybind11;
 

@@ -9,10 +9,10 @@
 #include <memory>
 #include <string>
 
-#include "flexkv/block_key.h"
-#include "flexkv/host_copy_engine.h"
-#include "flexkv/radix_index.h"
-#include "flexkv/shm_region.h"
+#include "index/block_key.h"
+#include "transfer/host_copy_engine.h"
+#include "index/radix_index.h"
+#include "pool/shm_region.h"
 #include "array_args.h"
 
 namespace py = pybind11;

@@ -3,7 +3,7 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/block_key.h"
+#include "index/block_key.h"
 
 using flexkv::BlockKey;
 

@@ -2,7 +2,7 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/block_pool.h"
+#include "pool/block_pool.h"
 
 TEST(allocates_every_id_once) {
   flexkv::BlockPool pool(10);

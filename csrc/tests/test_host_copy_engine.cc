@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/host_copy_engine.h"
+#include "transfer/host_copy_engine.h"
 
 using flexkv::CopyDirection;
 

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/io_env.h"
+#include "transfer/io_env.h"
 
 using flexkv::IoEnv;
 using flexkv::IoHooks;

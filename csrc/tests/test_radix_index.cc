@@ -4,8 +4,8 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/block_key.h"
-#include "flexkv/radix_index.h"
+#include "index/block_key.h"
+#include "index/radix_index.h"
 
 using flexkv::BlockKey;
 using flexkv::RadixIndex;

@@ -4,7 +4,7 @@
 #include <string>
 
 #include "check.h"
-#include "flexkv/shm_region.h"
+#include "pool/shm_region.h"
 
 TEST(create_open_share_bytes_and_unlink) {
   const std::string name = "/flexkv-test-" + std::to_string(::getpid());

@@ -21,8 +21,8 @@
 #include <vector>
 
 #include "check.h"
-#include "flexkv/io_env.h"
-#include "flexkv/ssd_store.h"
+#include "transfer/io_env.h"
+#include "transfer/ssd_store.h"
 
 using flexkv::BlockKey;
 using flexkv::IoEnv;

@@ -1,4 +1,4 @@
-#include "flexkv/copy_layout.h"
+#include "transfer/copy_layout.h"
 
 #include <stdexcept>
 #include <string>

@@ -1,4 +1,4 @@
-#include "flexkv/gpu_copy_engine.h"
+#include "transfer/gpu_copy_engine.h"
 
 #include <cuda_runtime.h>
 

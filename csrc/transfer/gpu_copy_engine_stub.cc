@@ -2,7 +2,7 @@
 // refuses to start, naming what would give it CUDA support.
 #include <stdexcept>
 
-#include "flexkv/gpu_copy_engine.h"
+#include "transfer/gpu_copy_engine.h"
 
 namespace flexkv {
 namespace {

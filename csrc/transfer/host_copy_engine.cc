@@ -1,4 +1,4 @@
-#include "flexkv/host_copy_engine.h"
+#include "transfer/host_copy_engine.h"
 
 #include <algorithm>
 #include <chrono>

@@ -16,7 +16,7 @@
 #include <thread>
 #include <vector>
 
-#include "flexkv/io_env.h"
+#include "transfer/io_env.h"
 
 namespace flexkv {
 namespace io_detail {

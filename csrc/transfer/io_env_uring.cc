@@ -19,7 +19,7 @@
 #include <utility>
 #include <vector>
 
-#include "flexkv/io_env.h"
+#include "transfer/io_env.h"
 
 namespace flexkv {
 namespace {

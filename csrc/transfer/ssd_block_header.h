@@ -24,7 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "flexkv/block_key.h"
+#include "index/block_key.h"
 
 namespace flexkv {
 namespace ssd {

@@ -1,4 +1,4 @@
-#include "flexkv/ssd_store.h"
+#include "transfer/ssd_store.h"
 
 #include <dirent.h>
 #include <sys/stat.h>

@@ -30,7 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "flexkv/copy_layout.h"
+#include "transfer/copy_layout.h"
 
 namespace flexkv {
 

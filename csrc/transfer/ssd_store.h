@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "flexkv/block_key.h"
-#include "flexkv/io_env.h"
+#include "index/block_key.h"
+#include "transfer/io_env.h"
 
 namespace flexkv {
 

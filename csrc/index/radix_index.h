@@ -16,8 +16,8 @@
 #include <utility>
 #include <vector>
 
-#include "flexkv/block_key.h"
-#include "flexkv/block_pool.h"
+#include "index/block_key.h"
+#include "pool/block_pool.h"
 
 namespace flexkv {
 
