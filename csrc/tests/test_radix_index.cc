@@ -382,4 +382,161 @@ TEST(entries_are_independent_one_block_chains) {
   idx.check_consistency();
 }
 
+namespace {
+
+struct Recorder : flexkv::IndexListener {
+  std::vector<BlockKey> removed;
+  int cleared = 0;
+  void on_removed(const BlockKey* keys, size_t n) override { removed.insert(removed.end(), keys, keys + n); }
+  void on_cleared() override { ++cleared; }
+};
+
+}  // namespace
+
+TEST(chains_continue_from_a_parent_key) {
+  RadixIndex idx(64, 0.0);
+  auto k = keys_for(seq(0, 40));  // 10 blocks
+  store(idx, std::vector<BlockKey>(k.begin(), k.begin() + 4));
+  // The next 6 blocks hang off block 3, given by its key alone.
+  std::vector<int32_t> ids(6);
+  std::vector<uint8_t> fresh(6);
+  CHECK_EQ(idx.reserve(k.data() + 4, 6, 0, ids.data(), fresh.data(), &k[3]), 6u);
+  idx.commit(ids.data(), 6);
+  CHECK_EQ(idx.match(k.data(), k.size()), 10u);              // one chain from the root
+  CHECK_EQ(idx.match(k.data() + 6, 4, &k[5]), 4u);          // and from any block of it
+  CHECK_EQ(idx.depth(ids[0]), 4);
+  CHECK_EQ(idx.depth(ids[5]), 9);
+  std::vector<int32_t> got(4);
+  CHECK_EQ(idx.acquire(k.data() + 6, 4, 2, got.data(), &k[5]), 4u);
+  CHECK_EQ(got[0], ids[4]);
+  CHECK_EQ(got[1], ids[5]);
+  idx.release(got.data(), 2);
+  const BlockKey missing{1, 2};
+  CHECK_EQ(idx.match(k.data() + 4, 6, &missing), 0u);        // an unknown parent matches nothing
+  CHECK_EQ(idx.reserve(k.data() + 4, 6, 0, ids.data(), fresh.data(), &missing), 0u);
+  idx.check_consistency();
+}
+
+TEST(entries_find_chain_blocks_at_any_depth) {
+  RadixIndex idx(32, 0.0);
+  auto k = keys_for(seq(100, 32));  // 8 blocks
+  auto ids = store(idx, k);
+  std::vector<uint8_t> ready(8);
+  idx.contains_each(k.data(), 8, ready.data());
+  for (auto r : ready) CHECK_EQ(r, 1);
+  std::vector<int32_t> got(3);
+  CHECK_EQ(idx.acquire_each(k.data() + 5, 3, got.data()), 3u);
+  CHECK_EQ(got[0], ids[5]);
+  idx.release(got.data(), 3);
+  CHECK_EQ(idx.find(k[7]), ids[7]);
+  // reserve_each of a chain block it holds copies nothing; a new key is a root entry.
+  std::vector<BlockKey> mixed = {k[6], BlockKey{7, 7}};
+  std::vector<int32_t> out(2);
+  std::vector<uint8_t> fresh(2);
+  CHECK_EQ(idx.reserve_each(mixed.data(), 2, out.data(), fresh.data()), 2u);
+  CHECK(!fresh[0] && fresh[1]);
+  CHECK_EQ(idx.depth(out[1]), 0);
+  idx.commit(out.data() + 1, 1);
+  idx.check_consistency();
+}
+
+TEST(the_listener_hears_evicted_ready_blocks_and_resets) {
+  RadixIndex idx(4, 0.0);
+  Recorder rec;
+  idx.set_listener(&rec);
+  auto a = keys_for(seq(0, 16));  // 4 blocks fill the pool
+  store(idx, a);
+  // A failed store leaves an unready block: its eviction is not a removal anyone heard of as stored.
+  auto b = keys_for(seq(500, 8));
+  std::vector<int32_t> ids(2);
+  std::vector<uint8_t> fresh(2);
+  CHECK_EQ(idx.reserve(b.data(), 2, 0, ids.data(), fresh.data()), 2u);
+  CHECK_EQ(rec.removed.size(), 2u);
+  CHECK(rec.removed[0] == a[3] && rec.removed[1] == a[2]);  // the tail goes first
+  idx.release(ids.data(), 2);  // never written
+  rec.removed.clear();
+  auto c = keys_for(seq(900, 8));
+  CHECK_EQ(idx.reserve(c.data(), 2, 0, ids.data(), fresh.data()), 2u);
+  for (const BlockKey& key : rec.removed) CHECK(key != b[0] && key != b[1]);
+  idx.commit(ids.data(), 2);
+  idx.reset();
+  CHECK_EQ(rec.cleared, 1);
+  idx.check_consistency();
+}
+
+TEST(random_chains_entries_and_parents_keep_the_key_table_consistent) {
+  const unsigned seed = std::random_device{}();
+  std::printf("seed %u\n", seed);
+  std::mt19937 rng(seed);
+  RadixIndex idx(48, 0.1);
+  std::vector<std::vector<BlockKey>> chains;
+  for (int c = 0; c < 12; ++c) chains.push_back(keys_for(seq(c % 4 * 1000 + c / 4 * 8, 64), 4));
+  for (int step = 0; step < 3000; ++step) {
+    const auto& k = chains[rng() % chains.size()];
+    const size_t n = 1 + rng() % k.size();
+    std::vector<int32_t> ids(n);
+    std::vector<uint8_t> fresh(n);
+    switch (rng() % 4) {
+      case 0: {  // a chain from the root
+        const size_t got = idx.reserve(k.data(), n, 0, ids.data(), fresh.data());
+        std::vector<int32_t> mine;
+        for (size_t i = 0; i < got; ++i)
+          if (fresh[i]) mine.push_back(ids[i]);
+        if (rng() % 5 == 0) idx.release(mine.data(), mine.size()); else idx.commit(mine.data(), mine.size());
+        break;
+      }
+      case 1: {  // a chain from a parent somewhere along it
+        const size_t p = rng() % n;
+        const size_t got = p + 1 < n ? idx.reserve(k.data() + p + 1, n - p - 1, 0, ids.data(), fresh.data(), &k[p]) : 0;
+        std::vector<int32_t> mine;
+        for (size_t i = 0; i < got; ++i)
+          if (fresh[i]) mine.push_back(ids[i]);
+        idx.commit(mine.data(), mine.size());
+        break;
+      }
+      case 2: {  // entries
+        const size_t got = idx.reserve_each(k.data() + (n - 1) / 2, n - (n - 1) / 2, ids.data(), fresh.data());
+        std::vector<int32_t> mine;
+        for (size_t i = 0; i < got; ++i)
+          if (fresh[i]) mine.push_back(ids[i]);
+        idx.commit(mine.data(), mine.size());
+        break;
+      }
+      default: {
+        const size_t got = idx.acquire_each(k.data(), n, ids.data());
+        idx.release(ids.data(), got);
+      }
+    }
+    if (step % 50 == 0) idx.check_consistency();
+  }
+  idx.check_consistency();
+  CHECK_EQ(idx.stats().num_locked, 0);
+}
+
+TEST(a_chain_adopts_lone_entries_of_its_keys) {
+  RadixIndex idx(32, 0.0);
+  auto k = keys_for(seq(7, 24));  // 6 blocks
+  std::vector<int32_t> ids(6);
+  std::vector<uint8_t> fresh(6);
+  CHECK_EQ(idx.reserve_each(k.data() + 2, 2, ids.data(), fresh.data()), 2u);  // stored before their prefix
+  idx.commit(ids.data(), 2);
+  const int32_t e2 = ids[0], e3 = ids[1];
+  CHECK_EQ(idx.reserve(k.data(), 6, 0, ids.data(), fresh.data()), 6u);
+  CHECK(fresh[0] && fresh[1] && !fresh[2] && !fresh[3] && fresh[4] && fresh[5]);
+  CHECK_EQ(ids[2], e2);
+  CHECK_EQ(ids[3], e3);
+  std::vector<int32_t> mine = {ids[0], ids[1], ids[4], ids[5]};
+  idx.commit(mine.data(), mine.size());
+  CHECK_EQ(idx.match(k.data(), 6), 6u);
+  CHECK_EQ(idx.depth(e3), 3);
+  CHECK_EQ(idx.stats().num_cached, 6);
+  // A locked entry stays where it is, and the chain stops before it.
+  auto other = keys_for(seq(50, 16));
+  CHECK_EQ(idx.reserve_each(other.data() + 1, 1, ids.data(), fresh.data()), 1u);
+  CHECK_EQ(idx.reserve(other.data(), 4, 0, ids.data() + 1, fresh.data() + 1), 1u);
+  std::vector<int32_t> all = {ids[0], ids[1]};
+  idx.commit(all.data(), 2);
+  idx.check_consistency();
+}
+
 TEST_MAIN()
