@@ -1,41 +1,40 @@
-"""PageStore: FlexKV's tiers for pages named by opaque keys, for engines that hash pages themselves.
+"""PageStore: FlexKV's cache for pages named by opaque keys, for engines that hash pages themselves (SGLang's
+HiCache asks a storage backend whether pages exist, to store them and to load them, a batch at a time, from
+its own threads).
 
-SGLang's HiCache names every page by a SHA-256 chain over its tokens and asks a storage backend whether
-pages exist, to store them and to load them, a batch of up to 128 at a time, from its own threads. A
-PageStore keeps such pages in FlexKV's CPU tier (the cache, and the staging area of every SSD transfer)
-and, with ``enable_ssd``, on the SSD tier, written through synchronously and found again after a restart.
-
-Every page is an entry of its own (a one-block chain under the namespace): the caller's key already names
-the whole prefix. Keys are the first 128 bits of the caller's hash XOR the namespace's key, so two
-namespaces never share a page. The caller's memory is described by an EngineLayout whose blocks are its
-pages; the bytes move with the host copy engine, the SSD I/O in C++; Python only plans. A page that does
-not verify on SSD (key, checksums) is a miss, counted, and its slot dropped.
+A facade over the control plane (``core/control_plane.py``): a page is a block whose key is the engine's
+page hash salted by the namespace (the same salting as every engine hash), found wherever it is in the
+index. Pages stored with their prefix (``parent``, the page before them) continue it as a chain, so
+eviction keeps prefixes whole and blocks stored by the token-keyed facades are the same blocks when the
+keys are (``token_keys``). Puts copy into the CPU tier and return; the SSD write-through runs in the
+background. Gets take leading pages from the CPU tier and bring SSD-only pages up first. A page that
+does not verify on SSD is a miss, counted, and its slot dropped.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
-from .cpu_tier import CpuTier
+from .control_plane import open_control_plane
 from .errors import LayoutError
 from .layout import EngineLayout
-from .resources import require_resources
-from .ssd_tier import IO_ALIGN, SsdTier
 
-logger = logging.getLogger("flexkv")
+_WAIT_S = 600.0  # a batch's copy is bounded by memory bandwidth; this only guards against a stuck engine
+_LAYOUTS_KEPT = 4
 
 
 @dataclass
 class PageStoreStats:
+    """The control plane's counters in pages (a shared plane counts every facade's blocks)."""
+
     exists_queries: int = 0
     exists_hits: int = 0
     pages_stored: int = 0        # new pages copied in
@@ -49,8 +48,8 @@ class PageStoreStats:
     ssd_io_errors: int = 0
 
 
-def keys_from_hex(names: Sequence[str], namespace_key: np.ndarray) -> np.ndarray:
-    """(n, 2) uint64 keys from hex digests of at least 32 digits (SGLang's 64-digit SHA-256 page hashes)."""
+def page_hashes(names: Sequence[str]) -> np.ndarray:
+    """(n, 2) uint64: the first 128 bits of hex digests of at least 32 digits (SGLang's SHA-256 page hashes)."""
     if len(names) == 0:
         return np.zeros((0, 2), dtype=np.uint64)
     try:
@@ -59,199 +58,122 @@ def keys_from_hex(names: Sequence[str], namespace_key: np.ndarray) -> np.ndarray
         raise ValueError(f"page keys must be hex digests of at least 32 digits: {e}") from None
     if len(raw) != 16 * len(names):
         raise ValueError("page keys must be hex digests of at least 32 digits (128 bits)")
-    keys = np.frombuffer(raw, dtype="<u8").reshape(-1, 2).copy()
-    keys ^= namespace_key.reshape(1, 2)
-    return keys
+    return np.frombuffer(raw, dtype="<u8").reshape(-1, 2).copy()
 
 
 class PageStore:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, namespace: str, layout_tag: str,
-                 num_copy_threads: int = 2, ssd_io_engine: str = "auto") -> None:
+                 num_copy_threads: int = 2, ssd_io_engine: str = "auto", ssd_env: Any = None,
+                 control_plane: Any = None) -> None:
         model_config.validate()
         cache_config.validate()
-        self.cache_config = cache_config.resolved(model_config)
         self.model_config = model_config
+        self.cache_config = cache_config.resolved(model_config)
         self.block_bytes = model_config.block_bytes(self.cache_config.tokens_per_block)
-        self.namespace = json.dumps(["flexkv-pages-v1", model_config.fingerprint(),
-                                     self.cache_config.tokens_per_block, layout_tag, namespace])
-        self.namespace_key = np.asarray(_core.namespace_key(self.namespace), dtype=np.uint64).reshape(2)
-        require_resources(self.cache_config, model_config)
-        self._ssd: SsdTier | None = None
-        if self.cache_config.enable_ssd:
-            self._ssd = SsdTier(self.cache_config, self.block_bytes,
-                                json.dumps(["flexkv-pages-ssd-v1", self.namespace, self.block_bytes]),
-                                io_engine=ssd_io_engine)
-        try:
-            self._cpu = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
-                                self.cache_config.use_hugepage_cpu_buffer,
-                                block_align=IO_ALIGN if self._ssd else 1)
-        except BaseException:
-            if self._ssd is not None:
-                self._ssd.close()
-            raise
-        self._copy = _core.HostCopyEngine(num_copy_threads)
-        self._lock = threading.Lock()  # the counters only: the indexes are thread-safe, blocks are locked
-        self.stats = PageStoreStats()
+        self._owns = control_plane is None
+        self._cp = control_plane if control_plane is not None else open_control_plane(
+            model_config, self.cache_config, num_copy_threads=num_copy_threads, ssd_io_engine=ssd_io_engine,
+            ssd_env=ssd_env)
+        if self._cp.block_bytes != self.block_bytes:
+            raise LayoutError(f"the shared control plane holds blocks of {self._cp.block_bytes} bytes, this store's "
+                              f"pages are {self.block_bytes}; share a plane only between facades of one model")
+        self.seed = self._cp.seed(layout_tag, [namespace] if namespace else [])
+        self._tpb = self.cache_config.tokens_per_block
+        self._layouts: OrderedDict[int, tuple[EngineLayout, int]] = OrderedDict()
 
-    # ------------------------------------------------------------------------------------- queries
+    @property
+    def control_plane(self) -> Any:
+        return self._cp
+
+    # ---------------------------------------------------------------------------------- keys
 
     def keys(self, names: Sequence[str]) -> np.ndarray:
-        return keys_from_hex(names, self.namespace_key)
+        """The block keys of hex page hashes in this store's namespace."""
+        return _core.salt_block_hashes(self.seed, page_hashes(names))
+
+    def token_keys(self, token_ids: Any) -> np.ndarray:
+        """The block keys the token-keyed facades give the whole blocks of ``token_ids`` in this namespace."""
+        return self._cp.token_run(self.seed, np.ascontiguousarray(token_ids, dtype=np.int64)).keys
+
+    # ----------------------------------------------------------------------------- batches
 
     def exists(self, keys: np.ndarray) -> int:
         """How many leading keys the store holds (in the CPU tier or on SSD)."""
-        held = self._cpu.index.contains_each(keys)
-        if self._ssd is not None and not held.all():
-            held |= self._ssd.index.contains_each(keys)
-        n = int(np.argmin(held)) if not held.all() else len(keys)
-        with self._lock:
-            self.stats.exists_queries += 1
-            self.stats.exists_hits += n
-        return n
+        cpu, ssd = self._cp.lookup(self._cp.entry_run(self.seed, keys))
+        return int(max(cpu, ssd))
 
-    # --------------------------------------------------------------------------------------- store
-
-    def put(self, keys: np.ndarray, layout: EngineLayout, pages: np.ndarray) -> np.ndarray:
-        """Copies page ``pages[i]`` of ``layout`` in under ``keys[i]``; returns per page whether the store
-        holds it now. Pages it already holds are not copied again."""
+    def put(self, keys: np.ndarray, layout: EngineLayout, pages: np.ndarray, parent: np.ndarray | None = None,
+            ) -> np.ndarray:
+        """Copies page ``pages[i]`` of ``layout`` in under ``keys[i]``; returns per page whether the store holds
+        it now. ``parent`` is the key of the page before ``keys[0]`` (None: a sequence starts there)."""
         self._check(layout, pages, len(keys))
-        cpu = self._cpu
-        ids, fresh = cpu.index.reserve_each(keys)
-        handled = len(ids)
-        new = np.flatnonzero(fresh)
-        if len(new):
-            new_ids = ids[new]
-            try:
-                self._copy.copy("engine_to_host", layout.segments, layout.num_blocks, cpu.base, cpu.block_stride,
-                                cpu.num_blocks, pages[new].astype(np.int64), new_ids.astype(np.int64))
-                if self._ssd is not None:
-                    self._write_through(keys[new], new_ids)
-            except BaseException:
-                cpu.index.release(new_ids)
-                raise
-            cpu.index.commit(new_ids)
+        run = self._cp.page_run(self.seed, keys, parent)
+        task, blocks, covered = self._cp.put_match(run, 0, len(keys) * self._tpb)
+        self._copy(task, layout, pages, blocks)
         stored = np.zeros(len(keys), dtype=bool)
-        stored[:handled] = True
-        with self._lock:
-            self.stats.pages_stored += len(new)
-            self.stats.pages_already_held += handled - len(new)
-            self.stats.pages_not_stored += len(keys) - handled
+        stored[:covered] = True
         return stored
-
-    def _write_through(self, keys: np.ndarray, cpu_ids: np.ndarray) -> None:
-        """Writes locked CPU blocks to SSD slots; a page that cannot be written stays in the CPU tier only."""
-        ssd = self._ssd
-        assert ssd is not None
-        slots, fresh = ssd.index.reserve_each(keys)
-        todo = np.flatnonzero(fresh)
-        if len(todo) == 0:
-            return
-        write_slots = slots[todo]
-        n = len(todo)
-        result = ssd.write(self._cpu, cpu_ids[todo], write_slots, keys[todo], self._parents(n),
-                           np.zeros(n, dtype=np.int64), self._tokens(n))
-        ok = write_slots[result.ok]
-        bad = write_slots[~result.ok]
-        if len(ok):
-            ssd.index.commit(ok)
-        if len(bad):
-            ssd.index.release(bad)
-        with self._lock:
-            self.stats.ssd_writes += len(ok)
-            self.stats.ssd_io_errors += result.io_errors
-        if len(bad):
-            logger.warning("FlexKV page store: %d of %d pages could not be written to SSD", len(bad), n)
-
-    # ---------------------------------------------------------------------------------------- load
 
     def get(self, keys: np.ndarray, layout: EngineLayout, pages: np.ndarray) -> int:
         """Copies the leading held pages into ``pages[i]`` of ``layout``; returns how many it copied."""
         self._check(layout, pages, len(keys))
-        cpu = self._cpu
-        held = cpu.index.acquire_each(keys)
-        n_cpu = len(held)
-        promoted = np.zeros(0, dtype=np.int32)
-        if self._ssd is not None and n_cpu < len(keys):
-            promoted = self._promote(keys[n_cpu:])
-        ids = np.concatenate([held, promoted]).astype(np.int32)
-        try:
-            if len(ids):
-                self._copy.copy("host_to_engine", layout.segments, layout.num_blocks, cpu.base, cpu.block_stride,
-                                cpu.num_blocks, pages[: len(ids)].astype(np.int64), ids.astype(np.int64))
-        finally:
-            if len(ids):
-                cpu.index.release(ids)
-        with self._lock:
-            self.stats.pages_loaded += len(ids)
-            self.stats.pages_missed += len(keys) - len(ids)
-        return len(ids)
+        task, blocks, _ = self._cp.get_match(self._cp.entry_run(self.seed, keys), 0, len(keys) * self._tpb)
+        return len(self._copy(task, layout, pages, blocks))
 
-    def _promote(self, keys: np.ndarray) -> np.ndarray:
-        """Reads the leading SSD pages of ``keys`` into new CPU blocks; returns them ready and locked."""
-        ssd = self._ssd
-        assert ssd is not None
-        cpu = self._cpu
-        slots = ssd.index.acquire_each(keys)
-        if len(slots) == 0:
-            return np.zeros(0, dtype=np.int32)
-        ids, fresh = cpu.index.reserve_each(keys[: len(slots)])
-        # Only fresh CPU blocks are filled here; another thread storing the same page stops the run.
-        n = len(ids) if fresh.all() else int(np.argmin(fresh))
-        if n < len(ids):
-            cpu.index.release(ids[n:][fresh[n:]])
-        ids = ids[:n]
-        try:
-            result = ssd.read(cpu, ids, slots[:n], keys[:n], self._parents(n), np.zeros(n, dtype=np.int64),
-                              self._tokens(n)) if n else None
-        except BaseException:
-            cpu.index.release(ids)
-            ssd.index.release(slots)
-            raise
-        good = n if result is None or result.ok.all() else int(np.argmin(result.ok))
-        if result is not None and result.mismatch.any():
-            ssd.drop(slots[:n][result.mismatch])
-            logger.warning("FlexKV page store: %d SSD pages failed verification and were dropped",
-                           int(result.mismatch.sum()))
-        cpu.index.set_ready(ids[:good], True)
-        cpu.index.release(ids[good:])  # unready: rewritten by a later store or evicted
-        ssd.index.release(slots)
-        with self._lock:
-            self.stats.ssd_reads += good
-            if result is not None:
-                self.stats.ssd_mismatches += int(result.mismatch.sum())
-                self.stats.ssd_io_errors += result.io_errors
-        return ids[:good]
+    def _copy(self, task: int, layout: EngineLayout, pages: np.ndarray, blocks: np.ndarray) -> np.ndarray:
+        """Launches a matched task on `layout` and waits for it; returns the run positions it moved."""
+        if len(blocks):
+            targets = np.ascontiguousarray(np.asarray(pages, dtype=np.int64)[blocks])
+            self._cp.launch([task], [targets], False, self._handle(layout))
+        ((_, status, _, moved, error),) = self._cp.wait([task], _WAIT_S)
+        if status == _core.ReportStatus.TIMEOUT:
+            raise TimeoutError(f"FlexKV page store: a batch of {len(blocks)} pages did not finish in {_WAIT_S} s")
+        return moved
 
-    # ------------------------------------------------------------------------------------- other
+    # ------------------------------------------------------------------------------- other
 
     def clear(self) -> None:
         """Drops every page from the indexes (pages on SSD are forgotten too)."""
-        self._cpu.index.reset()
-        if self._ssd is not None:
-            self._ssd.index.reset()
+        self._cp.reset()
 
     def close(self) -> None:
-        if self._ssd is not None:
-            self._ssd.close()
-            self._ssd = None
-        self._cpu.close()
+        layouts, self._layouts = self._layouts, OrderedDict()
+        if self._owns:
+            self._cp.shutdown()
+            return
+        for _, handle in layouts.values():
+            self._cp.unregister_layout(handle)
 
     @property
     def ssd_restored(self) -> int:
-        return self._ssd.restored if self._ssd is not None else 0
+        return int(self._cp.ssd_restored)
 
     def index_stats(self) -> dict:
-        out = {"cpu": self._cpu.index.stats()}
-        if self._ssd is not None:
-            out["ssd"] = self._ssd.index.stats()
-        return out
+        return dict(self._cp.index_counts())
 
-    def _parents(self, n: int) -> np.ndarray:
-        return np.repeat(self.namespace_key.reshape(1, 2), n, axis=0)
+    @property
+    def stats(self) -> PageStoreStats:
+        c = self._cp.counters()
+        return PageStoreStats(
+            exists_queries=c["lookup_requests"], exists_hits=c["lookup_hit_blocks"], pages_stored=c["put_new_blocks"],
+            pages_already_held=c["put_cached_blocks"], pages_not_stored=c["put_dropped_blocks"],
+            pages_loaded=c["get_loaded_blocks"], pages_missed=c["get_query_blocks"] - c["get_loaded_blocks"],
+            ssd_writes=c["ssd_written_blocks"], ssd_reads=c["ssd_hit_blocks"], ssd_mismatches=c["ssd_mismatch_blocks"],
+            ssd_io_errors=c["ssd_read_errors"] + c["ssd_write_errors"])
 
-    def _tokens(self, n: int) -> np.ndarray:
-        # Pages carry no token ids: the key (a hash over them) identifies the page.
-        return np.zeros((n, self.cache_config.tokens_per_block), dtype=np.int64)
+    def _handle(self, layout: EngineLayout) -> int:
+        """The control plane's handle of a page layout, registered once and kept for the last few layouts."""
+        entry = self._layouts.get(id(layout))
+        if entry is not None and entry[0] is layout:
+            self._layouts.move_to_end(id(layout))
+            return entry[1]
+        handle = self._cp.register_layout(layout.grouped_segments(), layout.num_blocks,
+                                          layout.cuda_index if layout.is_cuda else -1)
+        self._layouts[id(layout)] = (layout, handle)
+        while len(self._layouts) > _LAYOUTS_KEPT:
+            _, (_, old) = self._layouts.popitem(last=False)
+            self._cp.unregister_layout(old)
+        return handle
 
     def _check(self, layout: EngineLayout, pages: np.ndarray, n: int) -> None:
         if layout.block_bytes != self.block_bytes:

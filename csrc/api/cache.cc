@@ -1,27 +1,21 @@
+// Cache: the C++ API, a facade over the control plane (csrc/control/): keys,
+// tiers, tasks and flows are the plane's; this file maps the engine's calls
+// (token arrays, engine block ids, EngineMemory) onto it.
 #include "flexkv/cache.h"
 
-#include <sys/mman.h>
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
+#include <limits>
 #include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
-#include <unordered_map>
 #include <vector>
 
-#include "index/block_key.h"
-#include "transfer/copy_layout.h"
-#include "transfer/gpu_copy_engine.h"
-#include "transfer/host_copy_engine.h"
-#include "index/radix_index.h"
+#include "api/cache_attach.h"
+#include "control/control_plane.h"
 
 namespace flexkv {
-
 namespace {
 
 constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
@@ -32,42 +26,25 @@ std::string gib(double bytes) {
   return buf;
 }
 
-constexpr uint64_t kHugePage = 2ull << 20;
-
-// Anonymous memory for the CPU tier, unmapped on destruction (in 2 MiB huge pages when asked).
-class TierMemory {
- public:
-  TierMemory(uint64_t bytes, bool huge_pages) : bytes_(huge_pages ? (bytes + kHugePage - 1) / kHugePage * kHugePage : bytes) {
-    bytes = bytes_;
-    const int flags = MAP_PRIVATE | MAP_ANONYMOUS | (huge_pages ? MAP_HUGETLB : 0);
-    void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, flags, -1, 0);
-    if (p == MAP_FAILED) {
-      throw std::runtime_error("cannot map " + gib(static_cast<double>(bytes)) + " for the CPU tier" +
-                               (huge_pages ? " in huge pages (reserve them in /proc/sys/vm/nr_hugepages or set "
-                                             "use_hugepage_cpu_buffer to false)"
-                                           : "; lower num_cpu_blocks or cpu_cache_gb"));
-    }
-    data_ = static_cast<uint8_t*>(p);
-  }
-  ~TierMemory() { munmap(data_, bytes_); }
-  TierMemory(const TierMemory&) = delete;
-  TierMemory& operator=(const TierMemory&) = delete;
-  uint8_t* data() const { return data_; }
-
- private:
-  uint8_t* data_ = nullptr;
-  uint64_t bytes_;
-};
-
-// A namespace string no two (shape, block size, salt) triples share: every
-// part is length-prefixed, so no salt can imitate another part.
-std::string namespace_string(const ModelShape& model, int tokens_per_block, std::string_view salt) {
-  std::string out;
-  for (const std::string& part : {std::string("flexkv-cpp-v1"), model.fingerprint(), std::to_string(tokens_per_block),
-                                  std::string(salt)}) {
-    out += std::to_string(part.size()) + ":" + part + ";";
-  }
-  return out;
+ControlPlaneOptions plane_options(const CacheOptions& o, const ModelShape& model) {
+  ControlPlaneOptions p;
+  p.model_fingerprint = model.fingerprint();
+  p.block_bytes = model.block_bytes(o.tokens_per_block);
+  p.num_layers = model.num_layers;
+  p.tokens_per_block = o.tokens_per_block;
+  p.num_cpu_blocks = o.num_cpu_blocks;
+  p.evict_ratio = o.evict_ratio;
+  p.use_hugepage_cpu_buffer = o.use_hugepage_cpu_buffer;
+  p.enable_ssd = o.enable_ssd;
+  p.num_ssd_blocks = o.num_ssd_blocks;
+  p.ssd_cache_dirs = o.ssd_cache_dirs;
+  p.ssd_cache_iouring_entries = static_cast<unsigned>(o.ssd_cache_iouring_entries);
+  p.use_ce_transfer_h2d = o.use_ce_transfer_h2d;
+  p.use_ce_transfer_d2h = o.use_ce_transfer_d2h;
+  p.transfer_sms_h2d = o.transfer_sms_h2d;
+  p.transfer_sms_d2h = o.transfer_sms_d2h;
+  p.num_copy_threads = o.num_copy_threads;
+  return p;
 }
 
 EngineLayout layout_of(const EngineMemory& memory, uint64_t chunk) {
@@ -93,7 +70,7 @@ EngineLayout layout_of(const EngineMemory& memory, uint64_t chunk) {
 }
 
 void check_memory(const EngineMemory& m, const ModelShape& model, uint64_t chunk) {
-  auto bad = [](const std::string& what) { throw std::invalid_argument("register_memory: " + what); };
+  auto bad = [](const std::string& what) { throw LayoutError("register_memory: " + what); };
   if (m.dtype != model.dtype) {
     bad(std::string("dtype is ") + dtype_name(m.dtype) + " but the cache was opened for " + dtype_name(model.dtype) +
         "; open the cache with the engine's KV dtype");
@@ -131,177 +108,105 @@ void check_engine_blocks(const int64_t* ids, size_t n, int64_t num_blocks, const
   }
 }
 
+TaskState state_of(const Report& r, std::string* error) {
+  switch (r.status) {
+    case ReportStatus::kTimeout:
+    case ReportStatus::kUnready:
+      return TaskState::kRunning;
+    case ReportStatus::kNotFound:
+      throw std::out_of_range("unknown task id " + std::to_string(r.task) +
+                              " (never returned by load or store, or already reported finished)");
+    case ReportStatus::kSuccess:
+      if (error != nullptr) error->clear();
+      return TaskState::kDone;
+    default:
+      if (error != nullptr) *error = r.error.empty() ? "cancelled" : r.error;
+      return TaskState::kFailed;
+  }
+}
+
 }  // namespace
 
 struct Cache::Impl {
-  enum class Kind { kLoad, kStore };
-  struct Task {
-    Kind kind;
-    uint64_t job = 0;
-    std::vector<int32_t> host_ids;  // locked until the task finishes
-    TaskState state = TaskState::kRunning;
-    std::string error;
-  };
+  std::shared_ptr<ControlPlane> plane;
+  bool owns_plane = false;
+  ModelShape model;
+  int tpb = 0;
+  uint64_t chunk = 0;
+  uint64_t block = 0;
+  std::mutex mu;  // registration
+  int32_t layout = -1;
+  int64_t engine_blocks = 0;
 
-  Impl(const CacheOptions& o, const ModelShape& m, int64_t blocks)
-      : options(o), model(m), tpb(o.tokens_per_block), chunk(m.chunk_bytes(o.tokens_per_block)),
-        block(m.block_bytes(o.tokens_per_block)), num_blocks(blocks),
-        memory(static_cast<uint64_t>(blocks) * block, o.use_hugepage_cpu_buffer),
-        index(static_cast<int32_t>(blocks), o.evict_ratio) {
-    host.base = reinterpret_cast<uint64_t>(memory.data());
-    host.block_bytes = block;
-    host.num_blocks = blocks;
+  BlockKey seed(std::string_view salt) const {
+    std::vector<std::string> salts;
+    if (!salt.empty()) salts.emplace_back(salt);
+    return plane->seed("", salts);
   }
-
-  ~Impl() {
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      stopping = true;
-    }
-    if (completer.joinable()) completer.join();
-    gpu.reset();  // waits for its jobs and unpins the tier before the tier is unmapped
-    host_engine.reset();
-  }
-
-  std::vector<BlockKey> keys(const int64_t* tokens, size_t n, std::string_view salt) const {
+  std::shared_ptr<KeyRun> run(const int64_t* tokens, size_t n, std::string_view salt) const {
     if (tokens == nullptr && n > 0) throw std::invalid_argument("tokens is null");
-    std::vector<BlockKey> out(n / static_cast<size_t>(tpb));
-    const BlockKey seed = namespace_key(namespace_string(model, tpb, salt));
-    chain_block_keys(seed, tokens, n, static_cast<size_t>(tpb), out.data());
-    return out;
+    return plane->token_run(seed(salt), tokens, n);
   }
-
   void require_memory(const char* call) const {
-    if (!registered) {
-      throw std::logic_error(std::string(call) + ": no engine memory yet; call register_memory first");
-    }
+    if (layout < 0) throw std::logic_error(std::string(call) + ": no engine memory yet; call register_memory first");
   }
-
-  // Submits a copy and records its task, under mu so the completer sees the task.
-  // The task's host blocks are locked; block i is copied to or from engine_blocks[i].
-  TaskId submit(Kind kind, const int64_t* engine_blocks, std::vector<int32_t> host_ids) {
-    const std::vector<int64_t> host_blocks(host_ids.begin(), host_ids.end());
-    const size_t n_copy = host_ids.size();
-    const CopyDirection dir = kind == Kind::kLoad ? CopyDirection::kHostToEngine : CopyDirection::kEngineToHost;
-    const bool urgent = kind == Kind::kLoad;
-    std::unique_lock<std::mutex> lock(mu);
-    uint64_t job;
-    try {
-      job = gpu ? gpu->submit(dir, layout, host, engine_blocks, host_blocks.data(), n_copy, urgent)
-                : host_engine->submit(dir, layout, host, engine_blocks, host_blocks.data(), n_copy, urgent);
-    } catch (...) {
-      index.release(host_ids.data(), host_ids.size());
-      throw;
-    }
-    const TaskId id = next_task++;
-    job_task[job] = id;
-    Task& t = tasks[id];
-    t.kind = kind;
-    t.job = job;
-    t.host_ids = std::move(host_ids);
-    return id;
-  }
-
-  void complete_loop() {
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        if (stopping && job_task.empty()) return;
-      }
-      const uint64_t job = gpu ? gpu->wait_any(50000) : host_engine->wait_any(50000);
-      if (job == 0) continue;
-      const std::string error = gpu ? gpu->take_error(job) : std::string();
-      std::unique_lock<std::mutex> lock(mu);
-      const auto it = job_task.find(job);
-      if (it == job_task.end()) continue;
-      Task& t = tasks.at(it->second);
-      job_task.erase(it);
-      if (t.kind == Kind::kStore && error.empty()) {
-        index.commit(t.host_ids.data(), t.host_ids.size());
-        stored_blocks += static_cast<int64_t>(t.host_ids.size());
-      } else {
-        index.release(t.host_ids.data(), t.host_ids.size());
-        if (t.kind == Kind::kLoad && error.empty()) loaded_blocks += static_cast<int64_t>(t.host_ids.size());
-      }
-      t.host_ids.clear();
-      t.state = error.empty() ? TaskState::kDone : TaskState::kFailed;
-      t.error = error;
-      if (!error.empty()) ++failed_tasks;
-      done_cv.notify_all();
-    }
-  }
-
-  TaskState report(TaskId id, std::string* error, std::unique_lock<std::mutex>& lock, int64_t timeout_us) {
-    auto it = tasks.find(id);
-    if (it == tasks.end()) {
-      throw std::out_of_range("unknown task id " + std::to_string(id) +
-                              " (never returned by load or store, or already reported finished)");
-    }
-    if (it->second.state == TaskState::kRunning && timeout_us != 0) {
-      auto finished = [&] {
-        it = tasks.find(id);
-        return it == tasks.end() || it->second.state != TaskState::kRunning;
-      };
-      if (timeout_us < 0) {
-        done_cv.wait(lock, finished);
-      } else {
-        done_cv.wait_for(lock, std::chrono::microseconds(timeout_us), finished);
-      }
-      if (it == tasks.end()) {
-        throw std::out_of_range("task id " + std::to_string(id) + " was reported finished to another caller");
-      }
-    }
-    const TaskState state = it->second.state;
-    if (state != TaskState::kRunning) {
-      if (error != nullptr) *error = it->second.error;
-      tasks.erase(it);
-    }
-    return state;
-  }
-
-  const CacheOptions options;
-  const ModelShape model;
-  const int tpb;
-  const uint64_t chunk;
-  const uint64_t block;
-  const int64_t num_blocks;
-  TierMemory memory;
-  RadixIndex index;
-  HostRegion host;
-
-  bool registered = false;
-  EngineLayout layout;
-  std::unique_ptr<HostCopyEngine> host_engine;
-  std::unique_ptr<GpuCopyEngine> gpu;
-  std::thread completer;
-
-  mutable std::mutex mu;  // tasks, job_task, stopping, registration
-  std::condition_variable done_cv;
-  std::unordered_map<TaskId, Task> tasks;
-  std::unordered_map<uint64_t, TaskId> job_task;
-  TaskId next_task = 1;
-  bool stopping = false;
-
-  std::atomic<int64_t> match_calls{0}, matched_tokens{0}, loaded_blocks{0}, stored_blocks{0}, failed_tasks{0};
 };
 
 std::unique_ptr<Cache> Cache::open(const CacheOptions& options, const ModelShape& model) {
   options.validate();
   model.validate();
-  const int64_t blocks = options.cpu_blocks_for(model);
+  const CacheOptions resolved = options.resolved(model);
+  const int64_t blocks = resolved.num_cpu_blocks;
   const double bytes = static_cast<double>(blocks) * static_cast<double>(model.block_bytes(options.tokens_per_block));
   const double phys = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
   if (phys > 0 && bytes > phys) {
-    throw std::invalid_argument("num_cpu_blocks: " + std::to_string(blocks) + " blocks of " +
-                                std::to_string(model.block_bytes(options.tokens_per_block)) + " bytes need " +
-                                gib(bytes) + ", more than this machine's " + gib(phys) +
-                                "; lower num_cpu_blocks or cpu_cache_gb");
+    throw ConfigError("cache_config.num_cpu_blocks: " + std::to_string(blocks) + " blocks of " +
+                          std::to_string(model.block_bytes(options.tokens_per_block)) + " bytes need " + gib(bytes) +
+                          ", more than this machine's " + gib(phys) + "; lower num_cpu_blocks or cpu_cache_gb",
+                      "cache_config.num_cpu_blocks");
   }
-  return std::unique_ptr<Cache>(new Cache(std::make_unique<Impl>(options, model, blocks)));
+  if (resolved.enable_remote) {
+    throw ConfigError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote to false",
+                      "cache_config.enable_remote");
+  }
+  auto impl = std::make_unique<Impl>();
+  impl->plane = ControlPlane::open(plane_options(resolved, model));
+  impl->owns_plane = true;
+  impl->model = model;
+  impl->tpb = options.tokens_per_block;
+  impl->chunk = model.chunk_bytes(impl->tpb);
+  impl->block = model.block_bytes(impl->tpb);
+  return std::unique_ptr<Cache>(new Cache(std::move(impl)));
+}
+
+std::unique_ptr<Cache> CacheAccess::attach(std::shared_ptr<ControlPlane> plane, const ModelShape& model) {
+  model.validate();
+  const int tpb = plane->tokens_per_block();
+  if (model.fingerprint() != plane->options().model_fingerprint || model.block_bytes(tpb) != plane->options().block_bytes) {
+    throw LayoutError("attach: the model shape " + model.fingerprint() + " is not the one the cache was opened for (" +
+                      plane->options().model_fingerprint + ")");
+  }
+  auto impl = std::make_unique<Cache::Impl>();
+  impl->plane = std::move(plane);
+  impl->model = model;
+  impl->tpb = tpb;
+  impl->chunk = model.chunk_bytes(tpb);
+  impl->block = model.block_bytes(tpb);
+  return std::unique_ptr<Cache>(new Cache(std::move(impl)));
 }
 
 Cache::Cache(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
-Cache::~Cache() = default;
+
+Cache::~Cache() {
+  if (impl_->owns_plane) {
+    impl_->plane->shutdown();
+  } else if (impl_->layout >= 0 && !impl_->plane->closed()) {
+    try {
+      impl_->plane->unregister_layout(impl_->layout);
+    } catch (const std::exception&) {  // copies of this facade still in flight: the plane keeps the layout
+    }
+  }
+}
 
 const ModelShape& Cache::model() const { return impl_->model; }
 int Cache::tokens_per_block() const { return impl_->tpb; }
@@ -309,37 +214,16 @@ uint64_t Cache::block_bytes() const { return impl_->block; }
 
 void Cache::register_memory(const EngineMemory& memory) {
   Impl& s = *impl_;
-  std::unique_lock<std::mutex> lock(s.mu);
-  if (s.registered) throw std::logic_error("register_memory: engine memory is already registered; open a new Cache");
+  std::lock_guard<std::mutex> g(s.mu);
+  if (s.layout >= 0) throw std::logic_error("register_memory: engine memory is already registered; open a new Cache");
   check_memory(memory, s.model, s.chunk);
-  EngineLayout layout = layout_of(memory, s.chunk);
-  validate_layout(layout, s.host);
-  if (memory.device >= 0) {
-    GpuCopyOptions o;
-    o.device = memory.device;
-    o.path_h2d = s.options.use_ce_transfer_h2d ? GpuCopyPath::kCopyEngine : GpuCopyPath::kKernel;
-    o.path_d2h = s.options.use_ce_transfer_d2h ? GpuCopyPath::kCopyEngine : GpuCopyPath::kKernel;
-    o.sms_h2d = s.options.transfer_sms_h2d;
-    o.sms_d2h = s.options.transfer_sms_d2h;
-    auto gpu = std::make_unique<GpuCopyEngine>(o);
-    gpu->register_host(s.host.base, s.host.block_bytes * static_cast<uint64_t>(s.host.num_blocks));
-    gpu->check_device_layout(layout, s.host);
-    s.gpu = std::move(gpu);
-  } else {
-    s.host_engine = std::make_unique<HostCopyEngine>(s.options.num_copy_threads);
-  }
-  s.layout = std::move(layout);
-  s.registered = true;
-  s.completer = std::thread([&s] { s.complete_loop(); });
+  s.layout = s.plane->register_layout(layout_of(memory, s.chunk), memory.device);
+  s.engine_blocks = memory.num_blocks;
 }
 
 size_t Cache::match(const int64_t* tokens, size_t n, std::string_view salt) {
-  Impl& s = *impl_;
-  const std::vector<BlockKey> keys = s.keys(tokens, n, salt);
-  const size_t hit = s.index.match(keys.data(), keys.size()) * static_cast<size_t>(s.tpb);
-  ++s.match_calls;
-  s.matched_tokens += static_cast<int64_t>(hit);
-  return hit;
+  const Lookup l = impl_->plane->lookup(*impl_->run(tokens, n, salt));
+  return std::max(l.cpu, l.ssd) * static_cast<size_t>(impl_->tpb);
 }
 
 LoadResult Cache::load(const int64_t* tokens, size_t n, size_t computed_tokens, const int64_t* engine_blocks,
@@ -351,21 +235,23 @@ LoadResult Cache::load(const int64_t* tokens, size_t n, size_t computed_tokens, 
     throw std::invalid_argument("load: computed_tokens = " + std::to_string(computed_tokens) +
                                 " is not a multiple of tokens_per_block (" + std::to_string(tpb) + ")");
   }
-  const std::vector<BlockKey> keys = s.keys(tokens, n, salt);
   const size_t start = computed_tokens / tpb;
-  if (start >= keys.size() || n_engine_blocks == 0) return {};
-  const size_t limit = std::min(keys.size(), start + n_engine_blocks);
+  const size_t whole = n / tpb;
+  if (start >= whole || n_engine_blocks == 0) return {};
+  const size_t limit = std::min(whole, start + n_engine_blocks);
   if (engine_blocks == nullptr) throw std::invalid_argument("load: engine_blocks is null");
-  check_engine_blocks(engine_blocks, limit - start, s.layout.num_blocks, "load");
-  std::vector<int32_t> ids(limit - start);
-  const size_t ready = s.index.acquire(keys.data(), limit, start, ids.data());
-  if (ready <= start) return {};
-  ids.resize(ready - start);
-  const size_t count = ids.size();
+  check_engine_blocks(engine_blocks, limit - start, s.engine_blocks, "load");
+  const Match m = s.plane->get_match(s.run(tokens, limit * tpb, salt), start, limit * tpb);
+  if (m.blocks.empty()) {
+    s.plane->try_wait({m.task});  // ended at its match (maybe after promoting blocks the engine has): forget it
+    return {};
+  }
+  const EngineTargets targets{engine_blocks, m.blocks.size(), false, ""};
+  s.plane->launch({m.task}, {targets}, s.layout, /*layerwise=*/false);
   LoadResult r;
-  r.task = s.submit(Impl::Kind::kLoad, engine_blocks, std::move(ids));
-  r.tokens = count * tpb;
-  r.engine_blocks = count;
+  r.task = m.task;
+  r.engine_blocks = m.blocks.size();
+  r.tokens = r.engine_blocks * tpb;
   return r;
 }
 
@@ -373,59 +259,62 @@ StoreResult Cache::store(const int64_t* tokens, size_t n, const int64_t* engine_
                          std::string_view salt) {
   Impl& s = *impl_;
   s.require_memory("store");
-  const std::vector<BlockKey> keys = s.keys(tokens, n, salt);
-  if (keys.empty()) return {};
-  if (engine_blocks == nullptr || n_engine_blocks < keys.size()) {
+  const size_t whole = n / static_cast<size_t>(s.tpb);
+  if (whole == 0) return {};
+  if (engine_blocks == nullptr || n_engine_blocks < whole) {
     throw std::invalid_argument("store: " + std::to_string(n_engine_blocks) + " engine blocks for " +
-                                std::to_string(keys.size()) + " whole blocks of tokens; pass one engine block "
+                                std::to_string(whole) + " whole blocks of tokens; pass one engine block "
                                 "per tokens_per_block tokens, in sequence order");
   }
-  check_engine_blocks(engine_blocks, keys.size(), s.layout.num_blocks, "store");
-  std::vector<int32_t> ids(keys.size());
-  std::vector<uint8_t> fresh(keys.size());
-  const size_t handled = s.index.reserve(keys.data(), keys.size(), 0, ids.data(), fresh.data());
-  std::vector<int64_t> copy_engine;
-  std::vector<int32_t> copy_host;
-  for (size_t i = 0; i < handled; ++i) {
-    if (fresh[i]) {
-      copy_engine.push_back(engine_blocks[i]);
-      copy_host.push_back(ids[i]);
-    }
-  }
+  check_engine_blocks(engine_blocks, whole, s.engine_blocks, "store");
+  const Match m = s.plane->put_match(s.run(tokens, n, salt), 0, n);
   StoreResult r;
-  r.cached_blocks = handled - copy_host.size();
-  if (copy_host.empty()) return r;
-  r.new_blocks = copy_host.size();
-  r.task = s.submit(Impl::Kind::kStore, copy_engine.data(), std::move(copy_host));
+  r.cached_blocks = m.covered - m.blocks.size();
+  if (m.blocks.empty()) {
+    s.plane->try_wait({m.task});  // nothing to copy: forget it
+    return r;
+  }
+  std::vector<int64_t> sources(m.blocks.size());
+  for (size_t k = 0; k < m.blocks.size(); ++k) sources[k] = engine_blocks[m.blocks[k]];
+  s.plane->launch({m.task}, {EngineTargets{sources.data(), sources.size(), false, ""}}, s.layout, false);
+  r.task = m.task;
+  r.new_blocks = m.blocks.size();
   return r;
 }
 
 TaskState Cache::poll(TaskId task, std::string* error) {
-  std::unique_lock<std::mutex> lock(impl_->mu);
-  return impl_->report(task, error, lock, 0);
+  return state_of(impl_->plane->try_wait_one(task), error);
 }
 
 TaskState Cache::wait(TaskId task, int64_t timeout_us, std::string* error) {
-  std::unique_lock<std::mutex> lock(impl_->mu);
-  return impl_->report(task, error, lock, timeout_us);
+  const double seconds = timeout_us < 0 ? std::numeric_limits<double>::infinity() : static_cast<double>(timeout_us) / 1e6;
+  return state_of(impl_->plane->wait({task}, seconds, false).front(), error);
 }
 
 CacheStats Cache::stats() const {
-  const Impl& s = *impl_;
-  const RadixIndexStats is = s.index.stats();
+  const ControlPlane& p = *impl_->plane;
+  const IndexCounts ic = p.index_counts();
   CacheStats out;
-  out.capacity_blocks = is.capacity;
-  out.cached_blocks = is.num_cached;
-  out.free_blocks = is.num_free;
-  out.locked_blocks = is.num_locked;
-  out.evicted_blocks = is.evicted;
-  out.match_calls = s.match_calls;
-  out.matched_tokens = s.matched_tokens;
-  out.loaded_blocks = s.loaded_blocks;
-  out.stored_blocks = s.stored_blocks;
-  out.failed_tasks = s.failed_tasks;
-  std::unique_lock<std::mutex> lock(s.mu);
-  out.tasks_in_flight = static_cast<int64_t>(s.job_task.size());
+  out.capacity_blocks = ic.cpu.capacity;
+  out.cached_blocks = ic.cpu.num_cached;
+  out.free_blocks = ic.cpu.num_free;
+  out.locked_blocks = ic.cpu.num_locked;
+  out.evicted_blocks = ic.cpu.evicted;
+  for (const auto& [name, value] : p.counters()) {
+    if (name == "lookup_requests") out.match_calls = value;
+    if (name == "lookup_hit_blocks") out.matched_tokens = value * impl_->tpb;
+    if (name == "get_loaded_blocks") out.loaded_blocks = value;
+    if (name == "put_stored_blocks") out.stored_blocks = value;
+    if (name == "tasks_failed") out.failed_tasks = value;
+    if (name == "ssd_hit_blocks") out.ssd_hit_blocks = value;
+    if (name == "ssd_written_blocks") out.ssd_written_blocks = value;
+    if (name == "ssd_mismatch_blocks") out.ssd_mismatch_blocks = value;
+  }
+  out.tasks_in_flight = static_cast<int64_t>(p.tasks_in_flight());
+  if (ic.ssd) {
+    out.ssd_capacity_blocks = ic.ssd->capacity;
+    out.ssd_cached_blocks = ic.ssd->num_cached;
+  }
   return out;
 }
 

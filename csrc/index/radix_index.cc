@@ -48,6 +48,11 @@ void RadixIndex::set_listener(IndexListener* listener) {
   listener_ = listener;
 }
 
+void RadixIndex::set_relocation(bool allowed) {
+  std::lock_guard<std::mutex> g(mu_);
+  relocate_ = allowed;
+}
+
 RadixIndex::Node* RadixIndex::find_child(const Node* node, const BlockKey& key) const {
   auto it = node->children.find(key);
   return it == node->children.end() ? nullptr : it->second.get();
@@ -363,7 +368,8 @@ size_t RadixIndex::reserve_locked(Cursor c, int32_t protect_id, const BlockKey* 
       const int32_t id = by_key_.find(keys[i]);
       const auto uid = static_cast<size_t>(id);
       Node* lone = node_of_[uid];
-      if (lone->parent != root_.get() || lone->ids.size() != 1 || !lone->children.empty() || locks_[uid] > 0) {
+      if (!relocate_ || lone->parent != root_.get() || lone->ids.size() != 1 || !lone->children.empty() ||
+          locks_[uid] > 0) {
         return i;
       }
       const bool was_ready = ready_[uid] != 0;

@@ -60,6 +60,10 @@ class RadixIndex {
   int32_t capacity() const { return pool_.capacity(); }
   // Set once, before use; nullptr for none.
   void set_listener(IndexListener* listener);
+  // Whether a chain's reserve() may move a lone entry of one of its keys into
+  // the chain (on by default). A tier whose stored blocks record their place
+  // (the SSD tier's headers) turns it off: the chain then stops at that key.
+  void set_relocation(bool allowed);
 
   // ------------------------------------------------------------------ chains
   // Number of leading keys whose blocks are ready. No side effects. A parent
@@ -135,6 +139,8 @@ class RadixIndex {
   int32_t lock_count(int32_t id) const;
   // The depth of a block in the tree (its position in its sequence).
   int64_t depth(int32_t id) const;
+  // The key of the block before it in its sequence; false at depth 0.
+  bool parent_key(int32_t id, BlockKey* out) const;
   RadixIndexStats stats() const;
   // Checks the tree's invariants (block ownership, leaf set, free list, key
   // table, depths); throws std::logic_error naming the first violation.
@@ -180,6 +186,7 @@ class RadixIndex {
   int64_t num_nodes_ = 0;
   int64_t evicted_ = 0;
   IndexListener* listener_ = nullptr;
+  bool relocate_ = true;
 };
 
 }  // namespace flexkv

@@ -142,6 +142,21 @@ int64_t RadixIndex::depth(int32_t id) const {
   return node->depth + static_cast<int64_t>(offset_of_[static_cast<size_t>(id)]);
 }
 
+bool RadixIndex::parent_key(int32_t id, BlockKey* out) const {
+  std::lock_guard<std::mutex> g(mu_);
+  check_id(id);
+  const Node* node = node_of_[static_cast<size_t>(id)];
+  if (node == nullptr) throw std::logic_error("RadixIndex::parent_key: block " + std::to_string(id) + " is free");
+  const uint32_t k = offset_of_[static_cast<size_t>(id)];
+  if (k > 0) {
+    *out = node->keys[k - 1];
+    return true;
+  }
+  if (node->parent == root_.get()) return false;
+  *out = node->parent->keys.back();
+  return true;
+}
+
 RadixIndexStats RadixIndex::stats() const {
   std::lock_guard<std::mutex> g(mu_);
   RadixIndexStats s;

@@ -18,6 +18,8 @@
 namespace py = pybind11;
 void bind_ssd(py::module_& m);  // bind_ssd.cc
 void bind_gpu(py::module_& m);  // bind_gpu.cc
+void bind_control(py::module_& m);  // bind_control.cc
+void bind_support(py::module_& m);  // bind_support.cc
 using flexkv::BlockKey;
 using flexkv::python::check_1d;
 using flexkv::python::copy_args;
@@ -42,8 +44,10 @@ KeyArray make_keys(size_t n) { return KeyArray({static_cast<py::ssize_t>(n), py:
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
+  bind_support(m);
   bind_ssd(m);
   bind_gpu(m);
+  bind_control(m);
 
   m.def("namespace_key", [](const std::string& ns) {
     BlockKey k = flexkv::namespace_key(ns);

@@ -1,6 +1,7 @@
 // Cache: FlexKV for a C++ engine. It finds a token prefix among the blocks it
-// holds, loads matched blocks into the engine's KV memory and stores the
-// engine's blocks, with the copies running asynchronously.
+// holds (CPU tier, and the SSD tier when the config enables it), loads matched
+// blocks into the engine's KV memory and stores the engine's blocks, with the
+// copies running asynchronously.
 //
 //   auto options = flexkv::CacheOptions::from_file("flexkv_config.json");
 //   auto cache = flexkv::Cache::open(options, model);
@@ -14,7 +15,15 @@
 // hash chain over the namespace and tokens[0 .. (i+1)*tokens_per_block), so a
 // block is found only after the same prefix in the same namespace. The
 // namespace is the model shape, tokens_per_block and the caller's salt (for
-// example a LoRA name or a tenant): two salts never share a block.
+// example a LoRA name or a tenant): two salts never share a block. These are
+// FlexKV's one key scheme: the Python KVManager and PageStore with the same
+// config and salt name the same blocks, so a block stored here is found there
+// (in the same process when they share the cache, or through the SSD tier).
+//
+// With an SSD tier, stored blocks are written through to SSD in the
+// background; a load of blocks found only on SSD brings them up into the CPU
+// tier first (the task then runs longer), and blocks whose bytes on SSD do not
+// verify are misses. The SSD tier survives restarts.
 //
 // Ownership: a block being loaded is locked until the load's task finishes, so
 // it cannot be evicted under the copy; a block being stored is unreadable until
@@ -23,8 +32,9 @@
 // kDone or kFailed). A failed task leaves no block half written: a failed
 // store is simply not stored, a failed load must be recomputed.
 //
-// All methods are thread-safe. Errors are exceptions (std::invalid_argument,
-// std::out_of_range, std::runtime_error) whose message names the argument.
+// All methods are thread-safe. Errors are exceptions (errors.h: ConfigError,
+// TaskError, LayoutError; and std::out_of_range, std::logic_error) whose
+// message names the argument or config key.
 #pragma once
 
 #include <cstddef>
@@ -35,6 +45,7 @@
 
 #include "flexkv/cache_options.h"
 #include "flexkv/engine_memory.h"
+#include "flexkv/errors.h"
 
 namespace flexkv {
 
@@ -55,6 +66,7 @@ struct StoreResult {
 };
 
 struct CacheStats {
+  // CPU tier.
   int64_t capacity_blocks = 0;
   int64_t cached_blocks = 0;
   int64_t free_blocks = 0;
@@ -66,15 +78,23 @@ struct CacheStats {
   int64_t stored_blocks = 0;
   int64_t failed_tasks = 0;
   int64_t tasks_in_flight = 0;
+  // SSD tier (zero without one).
+  int64_t ssd_capacity_blocks = 0;
+  int64_t ssd_cached_blocks = 0;
+  int64_t ssd_hit_blocks = 0;       // blocks brought up from SSD for loads
+  int64_t ssd_written_blocks = 0;   // blocks written through to SSD
+  int64_t ssd_mismatch_blocks = 0;  // blocks on SSD that did not verify: misses
 };
 
 class Cache {
  public:
-  // Allocates the CPU tier for `model` (options.cpu_blocks_for(model) blocks).
-  // Throws std::invalid_argument on a bad option or shape, std::runtime_error
-  // when the memory cannot be had (the message says how much was asked).
+  // Allocates the CPU tier for `model` (options.resolved(model) blocks) and,
+  // when enabled, opens the SSD tier (restoring what an earlier run left).
+  // Throws ConfigError naming the key on a bad option or a tier that does not
+  // fit, std::invalid_argument on a bad shape, std::runtime_error when the
+  // memory cannot be had (the message says how much was asked).
   static std::unique_ptr<Cache> open(const CacheOptions& options, const ModelShape& model);
-  // Waits for the copies in flight, then frees the tier.
+  // Waits for the copies and write-throughs in flight, then frees the tiers.
   ~Cache();
   Cache(const Cache&) = delete;
   Cache& operator=(const Cache&) = delete;
@@ -90,8 +110,9 @@ class Cache {
   void register_memory(const EngineMemory& memory);
 
   // The number of leading tokens of tokens[0, n) whose blocks FlexKV holds,
-  // ready to load (a multiple of tokens_per_block). No side effects beyond
-  // statistics. The answer may shrink before load() (eviction).
+  // ready to load from the CPU or the SSD tier (a multiple of
+  // tokens_per_block). No side effects beyond statistics. The answer may
+  // shrink before load() (eviction).
   size_t match(const int64_t* tokens, size_t n, std::string_view salt = {});
 
   // Loads the held blocks of tokens[0, n) that follow the first
@@ -125,6 +146,7 @@ class Cache {
 
  private:
   struct Impl;
+  friend struct CacheAccess;  // the library's own way to open a Cache over a cache it already runs
   explicit Cache(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
