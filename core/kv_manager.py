@@ -143,7 +143,7 @@ class KVManager(SsdFlow, ExternalCopy):
         self._write_backlog_limit = max(1, self.cache_config.num_cpu_blocks // 4)
         self._copy: Any = None
         self._engine: EngineLayout | None = None
-        self._segments: np.ndarray | None = None  # the registered layout as the copy engine takes it
+        self._layout_id: int | None = None  # the registered layout's id in the copy engine
         self._completer: threading.Thread | None = None
         self._closing = False   # shutdown() has begun: no launch may start
         self._launching = 0     # launch() calls between claiming tasks and queuing their copies
@@ -166,7 +166,7 @@ class KVManager(SsdFlow, ExternalCopy):
                               io_engine=self.ssd_io_engine, fault_injection=self.ssd_fault_injection)
             tier = CpuTier(self.cache_config.num_cpu_blocks, self.block_bytes, self.cache_config.evict_ratio,
                            self.cache_config.use_hugepage_cpu_buffer, block_align=IO_ALIGN if ssd else 1)
-            copy = self._copy_engine_for(self._engine, tier)
+            copy, layout_id = self._copy_engine_for(self._engine, tier)
         except BaseException:
             for part in (ssd, tier):
                 if part is not None:
@@ -177,7 +177,7 @@ class KVManager(SsdFlow, ExternalCopy):
         if ssd is not None:
             self._ssd_reads = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-read")
             self._ssd_writes = ThreadPoolExecutor(1, thread_name_prefix="flexkv-ssd-write")
-        self._copy, self._tier, self._ssd, self._closing = copy, tier, ssd, False
+        self._copy, self._layout_id, self._tier, self._ssd, self._closing = copy, layout_id, tier, ssd, False
         self._completer = threading.Thread(target=self._complete_loop, name="flexkv-completer", daemon=True)
         self._completer.start()
         _LIVE.add(self)
@@ -263,13 +263,12 @@ class KVManager(SsdFlow, ExternalCopy):
             if self._running or self._promoting or self._launching:
                 raise TaskError("register_kv_caches: copies are in flight; wait for the tasks to end first")
             if self._tier is not None and not self._closing:
-                self._copy = self._replace_copy_engine(layout, self._tier)
+                self._copy, self._layout_id = self._replace_copy_engine(layout, self._tier)
             self._engine = layout
-            self._segments = layout.grouped_segments() if layout.is_cuda else layout.segments
 
-    def _replace_copy_engine(self, layout: EngineLayout, tier: CpuTier) -> Any:
-        """The copy engine for a newly registered layout. A GPU engine in use hands the CPU tier's pinning
-        over first: the tier stays pinned only as long as the engine that pinned it lives."""
+    def _replace_copy_engine(self, layout: EngineLayout, tier: CpuTier) -> tuple[Any, int]:
+        """The copy engine for a newly registered layout, and the layout's id in it. A GPU engine in use hands
+        the CPU tier's pinning over first: the tier stays pinned only as long as the engine that pinned it lives."""
         old = self._copy
         gpu = old is not None and not isinstance(old, _core.HostCopyEngine)
         if gpu:
@@ -281,13 +280,21 @@ class KVManager(SsdFlow, ExternalCopy):
                 old.register_host(tier.base, tier.num_blocks * tier.block_stride)
             raise
 
-    def _copy_engine_for(self, layout: EngineLayout | None, tier: CpuTier) -> Any:
-        """A GPU copy engine for KV memory on a CUDA device; the host copy threads otherwise."""
+    def _copy_engine_for(self, layout: EngineLayout | None, tier: CpuTier) -> tuple[Any, int | None]:
+        """A GPU copy engine for KV memory on a CUDA device, the host copy threads otherwise; with the layout
+        registered in it (its id, or None without a layout)."""
         if layout is not None and layout.is_cuda:
             return make_gpu_copy_engine(self.cache_config, layout, tier)
-        if isinstance(self._copy, _core.HostCopyEngine):
-            return self._copy
-        return _core.HostCopyEngine(self.num_copy_threads)
+        reused = isinstance(self._copy, _core.HostCopyEngine)
+        copy = self._copy if reused else _core.HostCopyEngine(self.num_copy_threads)
+        if layout is None:
+            return copy, None
+        copy.register_host(tier.base, tier.num_blocks * tier.block_stride)
+        layout_id = copy.register_layout(layout.segments, layout.num_blocks, tier.base, tier.block_stride,
+                                         tier.num_blocks)
+        if reused and self._layout_id is not None:
+            copy.unregister_layout(self._layout_id)
+        return copy, layout_id
 
     # -------------------------------------------------------------------- match
 
@@ -694,12 +701,8 @@ class KVManager(SsdFlow, ExternalCopy):
                 try:
                     assert engine is not None
                     direction = "host_to_engine" if task.type is TaskType.GET else "engine_to_host"
-                    args = (direction, self._segments, engine.num_blocks, tier.base, tier.block_stride,
-                            tier.num_blocks, blocks, task.host_ids.astype(np.int64), task.type is TaskType.GET)
-                    if engine.is_cuda:
-                        task.job_id = self._copy.submit(*args, layerwise=task.layerwise)
-                    else:
-                        task.job_id = self._copy.submit(*args)
+                    task.job_id = self._copy.submit(direction, self._layout_id, blocks, task.host_ids.astype(np.int64),
+                                                    task.type is TaskType.GET, layerwise=task.layerwise)
                 except Exception as e:  # the copy engine refused: end this task and those not yet queued
                     for rest in tasks[k:]:
                         if rest.state is not TaskState.RUNNING:
@@ -737,14 +740,14 @@ class KVManager(SsdFlow, ExternalCopy):
         """Ends tasks as their copies finish, in the order they finish; exits after shutdown() once idle."""
         while True:
             copy = self._copy
-            job = copy.wait_any(50_000)
+            done = copy.next_completion(50_000)
+            job, copy_error = (done[0], done[2]) if done is not None else (0, "")
             with self._cond:
                 task = self._running.pop(job, None) if job else None
                 if task is None:
                     if self._closing and not self._running and not self._launching and not self._promoting:
                         return
                     continue
-                copy_error = copy.take_error(job)
                 if copy_error:  # part of the copy may be missing: a get reports no tokens, so nothing is trusted
                     task.copy_blocks = task.copy_blocks[:0]
                 task.error = task.error or copy_error or None

@@ -16,8 +16,7 @@
 
 #include "index/block_key.h"
 #include "transfer/copy_layout.h"
-#include "transfer/gpu_copy_engine.h"
-#include "transfer/host_copy_engine.h"
+#include "transfer/copy_engine.h"
 #include "index/radix_index.h"
 
 namespace flexkv {
@@ -159,8 +158,7 @@ struct Cache::Impl {
       stopping = true;
     }
     if (completer.joinable()) completer.join();
-    gpu.reset();  // waits for its jobs and unpins the tier before the tier is unmapped
-    host_engine.reset();
+    engine.reset();  // waits for its jobs and unpins the tier before the tier is unmapped
   }
 
   std::vector<BlockKey> keys(const int64_t* tokens, size_t n, std::string_view salt) const {
@@ -187,8 +185,7 @@ struct Cache::Impl {
     std::unique_lock<std::mutex> lock(mu);
     uint64_t job;
     try {
-      job = gpu ? gpu->submit(dir, layout, host, engine_blocks, host_blocks.data(), n_copy, urgent)
-                : host_engine->submit(dir, layout, host, engine_blocks, host_blocks.data(), n_copy, urgent);
+      job = engine->submit(dir, layout_id, engine_blocks, host_blocks.data(), n_copy, urgent, false, 0);
     } catch (...) {
       index.release(host_ids.data(), host_ids.size());
       throw;
@@ -208,9 +205,10 @@ struct Cache::Impl {
         std::unique_lock<std::mutex> lock(mu);
         if (stopping && job_task.empty()) return;
       }
-      const uint64_t job = gpu ? gpu->wait_any(50000) : host_engine->wait_any(50000);
-      if (job == 0) continue;
-      const std::string error = gpu ? gpu->take_error(job) : std::string();
+      const std::optional<CopyCompletion> done = engine->next_completion(50000);
+      if (!done) continue;
+      const uint64_t job = done->job;
+      const std::string& error = done->error;
       std::unique_lock<std::mutex> lock(mu);
       const auto it = job_task.find(job);
       if (it == job_task.end()) continue;
@@ -271,8 +269,8 @@ struct Cache::Impl {
 
   bool registered = false;
   EngineLayout layout;
-  std::unique_ptr<HostCopyEngine> host_engine;
-  std::unique_ptr<GpuCopyEngine> gpu;
+  std::unique_ptr<CopyEngine> engine;
+  int32_t layout_id = 0;
   std::thread completer;
 
   mutable std::mutex mu;  // tasks, job_task, stopping, registration
@@ -321,12 +319,16 @@ void Cache::register_memory(const EngineMemory& memory) {
     o.path_d2h = s.options.use_ce_transfer_d2h ? GpuCopyPath::kCopyEngine : GpuCopyPath::kKernel;
     o.sms_h2d = s.options.transfer_sms_h2d;
     o.sms_d2h = s.options.transfer_sms_d2h;
-    auto gpu = std::make_unique<GpuCopyEngine>(o);
-    gpu->register_host(s.host.base, s.host.block_bytes * static_cast<uint64_t>(s.host.num_blocks));
-    gpu->check_device_layout(layout, s.host);
-    s.gpu = std::move(gpu);
+    s.engine = make_gpu_copy_engine(o);
   } else {
-    s.host_engine = std::make_unique<HostCopyEngine>(s.options.num_copy_threads);
+    s.engine = make_host_copy_engine(s.options.num_copy_threads);
+  }
+  try {
+    s.engine->register_host(s.host.base, s.host.block_bytes * static_cast<uint64_t>(s.host.num_blocks));
+    s.layout_id = s.engine->register_layout(layout, s.host);
+  } catch (...) {
+    s.engine.reset();
+    throw;
   }
   s.layout = std::move(layout);
   s.registered = true;
