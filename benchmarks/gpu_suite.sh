@@ -34,7 +34,7 @@ run_step() {
         tee "$OUT/test.log" | tail -25)
       ;;
     ctest)
-      # The C++ tests and example with CUDA, the C++ API's GPU test among them.
+      # The C++ tests and example with CUDA, the C++ API's GPU test and the copy-engine contract on the GPU among them.
       args="-DCMAKE_CUDA_ARCHITECTURES=${CUDA_ARCHS:-90} -DFLEXKV_BUILD_PYTHON=OFF -DFLEXKV_BUILD_TESTS=ON"
       args="$args -DFLEXKV_BUILD_EXAMPLES=ON -DFLEXKV_BUILD_BENCHMARKS=ON"
       if [ -n "${DEPS_ROOT:-}" ]; then
@@ -46,6 +46,8 @@ run_step() {
         cmake --build /tmp/flexkv-ctest -j 16 >> "$OUT/ctest-build.log" 2>&1 &&
         cd /tmp/flexkv-ctest && ctest --output-on-failure 2>&1 | tee "$OUT/ctest.log" | tail -20 &&
         compute-sanitizer --tool memcheck --error-exitcode 9 ./test_cache_gpu 2>&1 | tee -a "$OUT/ctest.log" |
+        tail -6 &&
+        compute-sanitizer --tool memcheck --error-exitcode 9 ./test_copy_engine_gpu 2>&1 | tee -a "$OUT/ctest.log" |
         tail -6)
       ;;
     memcheck)

@@ -18,7 +18,8 @@ from .layout import EngineLayout
 
 class DataPlane:
     """Maps the CPU tier and copies whole blocks with the host copy threads, or the GPU data plane when
-    the KV memory is on a CUDA device. Jobs complete in the background; ``poll`` collects them."""
+    the KV memory is on a CUDA device. The layout is registered with the copy engine once, here; jobs
+    complete in the background and ``poll`` collects them."""
 
     def __init__(self, tier_info: dict[str, Any], layout: EngineLayout, cache_config: CacheConfig,
                  num_copy_threads: int = 2) -> None:
@@ -33,32 +34,36 @@ class DataPlane:
         if self.region.size < self.tier.num_blocks * self.tier.block_stride:
             raise LayoutError(f"shared memory {tier_info['shm_name']} is smaller than the CPU tier it should hold")
         self.layout = layout
+        t = self.tier
         if layout.is_cuda:
-            self.copy = make_gpu_copy_engine(cache_config, layout, self.tier)
-            self.segments = layout.grouped_segments()
+            self.copy, self.layout_id = make_gpu_copy_engine(cache_config, layout, t)
         else:
             self.copy = _core.HostCopyEngine(num_copy_threads)
-            self.segments = layout.segments
+            self.copy.register_host(t.base, t.num_blocks * t.block_stride)
+            try:
+                self.layout_id = self.copy.register_layout(layout.segments, layout.num_blocks, t.base,
+                                                           t.block_stride, t.num_blocks)
+            except ValueError as e:
+                raise LayoutError(f"the engine's KV memory does not fit the CPU tier's blocks: {e}") from e
 
     def submit(self, direction: str, engine_blocks: Any, host_blocks: Any, urgent: bool = False) -> int:
         """Queues a copy of engine_blocks[i] <-> host_blocks[i]; returns a job id. Bad ids raise, nothing
         queued."""
-        t = self.tier
-        args = (direction, self.segments, self.layout.num_blocks, t.base, t.block_stride, t.num_blocks,
-                np.asarray(engine_blocks, dtype=np.int64), np.asarray(host_blocks, dtype=np.int64), urgent)
-        return int(self.copy.submit(*args))
+        return int(self.copy.submit(direction, self.layout_id, np.asarray(engine_blocks, dtype=np.int64),
+                                    np.asarray(host_blocks, dtype=np.int64), urgent))
 
     def poll(self, timeout_us: int = 0) -> list[tuple[int, str]]:
         """Jobs that have ended since the last poll, with their error ("" when they succeeded); waits up to
         timeout_us for the first."""
         done = []
-        job = self.copy.wait_any(timeout_us)
-        while job:
-            done.append((int(job), self.copy.take_error(job)))
-            job = self.copy.wait_any(0)
+        completion = self.copy.next_completion(timeout_us)
+        while completion is not None:
+            job, _tag, error = completion
+            done.append((int(job), error))
+            completion = self.copy.next_completion(0)
         return done
 
     def close(self) -> None:
         """Waits for the jobs in flight, then unmaps the CPU tier."""
-        self.copy = None  # a GPU engine unpins the tier before it is unmapped
+        self.copy.close()  # a GPU engine unpins the tier before it is unmapped
         self.region.close()

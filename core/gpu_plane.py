@@ -30,9 +30,10 @@ def cuda_available() -> bool:
     return bool(_core.CUDA_BUILT) and _core.cuda_available()
 
 
-def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: CpuTier | Any) -> Any:
-    """A GpuCopyEngine for ``layout``'s device with the CPU tier registered, after checking that every
-    segment lies in that device's memory. ``tier`` is the CpuTier, or any view of it with ``base``,
+def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: CpuTier | Any) -> tuple[Any, int]:
+    """A GpuCopyEngine for ``layout``'s device with the CPU tier registered (pinned) and ``layout`` registered
+    in it (which checks that every segment lies in that device's memory): returns (engine, layout id), the id
+    that the engine's ``submit`` takes. ``tier`` is the CpuTier, or any view of it with ``base``,
     ``num_blocks`` and ``block_stride`` (a worker process's mapping). Raises LayoutError naming what to
     change."""
     if not _core.CUDA_BUILT:
@@ -46,8 +47,8 @@ def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: 
         engine = _core.GpuCopyEngine(layout.cuda_index, path_h2d, path_d2h, cache_config.transfer_sms_h2d,
                                      cache_config.transfer_sms_d2h)
         engine.register_host(tier.base, tier.num_blocks * tier.block_stride)
-        engine.check_layout(layout.grouped_segments(), layout.num_blocks, tier.base, tier.block_stride,
-                            tier.num_blocks)
+        layout_id = engine.register_layout(layout.grouped_segments(), layout.num_blocks, tier.base,
+                                           tier.block_stride, tier.num_blocks)
     except (RuntimeError, ValueError) as e:
         raise LayoutError(f"the GPU data plane could not start for {layout.device}: {e}") from e
     smallest = int(layout.segments[:, 3].min())
@@ -55,4 +56,4 @@ def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: 
         logger.warning("use_ce_transfer_*: the engine layout moves chunks of %d bytes; the copy engine is slow below "
                        "%d KiB chunks, the copy kernel (use_ce_transfer_* false) is faster for this layout",
                        smallest, _CE_MIN_CHUNK >> 10)
-    return engine
+    return engine, layout_id

@@ -26,8 +26,8 @@ def test_cpp_unit_tests_pass_under_sanitizers() -> None:
     run = subprocess.run(["ctest", "--output-on-failure"], cwd=build, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "100% tests passed" in run.stdout
-    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "shm_region", "io_env", "ssd_store",
-                 "cache_options", "cache", "example_trtllm_pool"):
+    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "copy_engine", "shm_region", "io_env",
+                 "ssd_store", "cache_options", "cache", "example_trtllm_pool"):
         assert f"{name} " in run.stdout, f"ctest did not run {name}"
     # The C++ API's example: a stored prefix is found and loaded byte-exact.
     config = REPO / "examples" / "cpp" / "flexkv_config.json"

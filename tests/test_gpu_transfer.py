@@ -119,18 +119,26 @@ def gpu_engine(path: str, host: Host, sms: int = 8) -> _core.GpuCopyEngine:
     return engine
 
 
+def register(engine: _core.CopyEngine, layout: EngineLayout, host: Host) -> int:
+    """The layout's id in the GPU engine (registered against the CPU tier)."""
+    return engine.register_layout(layout.grouped_segments(), layout.num_blocks, host.tier.base,
+                                  host.tier.block_stride, host.num_blocks)
+
+
 def run_gpu(engine, direction: str, layout: EngineLayout, host: Host, eng_ids, host_ids, layerwise=False) -> None:
-    job = engine.submit(direction, layout.grouped_segments(), layout.num_blocks, host.tier.base,
-                        host.tier.block_stride, host.num_blocks, np.asarray(eng_ids, np.int64),
-                        np.asarray(host_ids, np.int64), direction == "host_to_engine", layerwise)
-    assert engine.wait(job, 30_000_000)
-    assert engine.take_error(job) == ""
+    layout_id = register(engine, layout, host)
+    job = engine.submit(direction, layout_id, np.asarray(eng_ids, np.int64), np.asarray(host_ids, np.int64),
+                        direction == "host_to_engine", layerwise, tag=77)
+    assert engine.next_completion(30_000_000) == (job, 77, "")
+    engine.unregister_layout(layout_id)
 
 
 def run_ref(direction: str, layout: EngineLayout, host: Host, eng_ids, host_ids) -> None:
     ref = _core.HostCopyEngine(2)
-    ref.copy(direction, layout.segments, layout.num_blocks, host.ref.ctypes.data, host.block_bytes,
-             host.num_blocks, np.asarray(eng_ids, np.int64), np.asarray(host_ids, np.int64))
+    ref.register_host(host.ref.ctypes.data, host.ref.nbytes)
+    layout_id = ref.register_layout(layout.segments, layout.num_blocks, host.ref.ctypes.data, host.block_bytes,
+                                    host.num_blocks)
+    assert ref.wait(ref.submit(direction, layout_id, np.asarray(eng_ids, np.int64), np.asarray(host_ids, np.int64)))
 
 
 def block_lists(kind: str, engine_blocks: int, host_blocks: int, rng: np.random.Generator):
@@ -155,8 +163,6 @@ def check_round_trip(case: Case, path: str, lists: str, gen: torch.Generator, rn
     host = Host(host_blocks, layout.block_bytes)
     try:
         engine = gpu_engine(path, host)
-        engine.check_layout(layout.grouped_segments(), layout.num_blocks, host.tier.base, host.tier.block_stride,
-                            host.num_blocks)
         eng_ids, host_ids = block_lists(lists, layout.num_blocks, host_blocks, rng)
         # Engine -> host: the host blocks must equal what the host copy engine makes of the CPU mirror.
         host.poison()
@@ -223,8 +229,7 @@ def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torc
         ids = rng.permutation(64)
         for t in case.gpu:
             t.view(torch.uint8).fill_(POISON)
-        job = engine.submit("host_to_engine", layout.grouped_segments(), layout.num_blocks, host.tier.base,
-                            host.tier.block_stride, 64, ids, ids, True, True)
+        job = engine.submit("host_to_engine", register(engine, layout, host), ids, ids, True, True)
         per_layer = layout.block_bytes // 4
         for layer in range(4):
             engine.wait_group(job, layer)
@@ -293,12 +298,10 @@ def test_load_and_store_run_at_once_in_both_directions(gen: torch.Generator) -> 
         store_ids, load_ids = np.arange(128), np.arange(128, 256)
         for t in case.gpu:
             t[:, 128:].fill_(float("nan"))
-        segs = layout.grouped_segments()
-        a = engine.submit("engine_to_host", segs, layout.num_blocks, host.tier.base, host.tier.block_stride, 512,
-                          store_ids, 256 + store_ids, False, False)
-        b = engine.submit("host_to_engine", segs, layout.num_blocks, host.tier.base, host.tier.block_stride, 512,
-                          load_ids, load_ids - 128, True, False)
-        assert {engine.wait_any(30_000_000), engine.wait_any(30_000_000)} == {a, b}
+        layout_id = register(engine, layout, host)
+        a = engine.submit("engine_to_host", layout_id, store_ids, 256 + store_ids, False, False, tag=1)
+        b = engine.submit("host_to_engine", layout_id, load_ids, load_ids - 128, True, False, tag=2)
+        assert {engine.next_completion(30_000_000), engine.next_completion(30_000_000)} == {(a, 1, ""), (b, 2, "")}
         torch.cuda.synchronize()
         lay_cpu = case.build([t.cpu() for t in src])
         ref = Host(512, layout.block_bytes)
@@ -329,14 +332,18 @@ def test_bad_block_ids_queue_nothing(gen: torch.Generator) -> None:
         host.poison()
         segs = layout.grouped_segments()
         base, stride = host.tier.base, host.tier.block_stride
+        layout_id = register(engine, layout, host)
         for e, h, what in (([0, 8], [0, 1], "engine block id 8"), ([0, 1], [0, -1], "host block id -1")):
             with pytest.raises(IndexError, match=what):
-                engine.submit("engine_to_host", segs, 8, base, stride, 8, np.array(e), np.array(h))
+                engine.submit("engine_to_host", layout_id, np.array(e), np.array(h))
+        with pytest.raises(ValueError, match="unknown layout id"):
+            engine.submit("engine_to_host", layout_id + 5, np.array([0]), np.array([0]))
         assert (host.view == POISON).all()  # nothing was copied, not even the good first block
+        assert engine.in_flight == 0 and engine.next_completion(0) is None
         with pytest.raises(ValueError, match="not registered"):
-            engine.submit("engine_to_host", segs, 8, base + stride * 8, stride, 8, np.array([0]), np.array([0]))
+            engine.register_layout(segs, 8, base + stride * 8, stride, 8)
         with pytest.raises(ValueError, match="differ in length"):
-            engine.submit("engine_to_host", segs, 8, base, stride, 8, np.array([0, 1]), np.array([0]))
+            engine.submit("engine_to_host", layout_id, np.array([0, 1]), np.array([0]))
     finally:
         host.close()
 
@@ -349,10 +356,10 @@ def test_layouts_that_are_not_device_memory_are_refused(gen: torch.Generator) ->
         engine = gpu_engine("kernel", host)
         cpu_layout = case.build(case.cpu())
         with pytest.raises(ValueError, match="not memory of CUDA device"):
-            engine.check_layout(cpu_layout.grouped_segments(), 8, host.tier.base, host.tier.block_stride, 8)
+            engine.register_layout(cpu_layout.grouped_segments(), 8, host.tier.base, host.tier.block_stride, 8)
         big = layout.grouped_segments()
         with pytest.raises(ValueError, match="not memory of CUDA device|not CUDA memory"):
-            engine.check_layout(big, 8 * 1000, host.tier.base, host.tier.block_stride, 8)  # blocks past the end
+            engine.register_layout(big, 8 * 1000, host.tier.base, host.tier.block_stride, 8)  # blocks past the end
     finally:
         host.close()
     with pytest.raises(ValueError, match="device 99 does not exist"):

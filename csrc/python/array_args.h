@@ -1,4 +1,5 @@
-// Argument parsing shared by the bindings of the copy engines.
+// Argument parsing shared by the bindings: numpy arrays of ids, and the copy
+// engines' layouts, directions and block lists.
 #pragma once
 
 #include <pybind11/numpy.h>
@@ -48,27 +49,15 @@ inline CopyDirection direction_of(const std::string& d) {
   throw py::value_error("direction must be 'host_to_engine' or 'engine_to_host', got '" + d + "'");
 }
 
-struct CopyArgs {
-  CopyDirection dir;
-  EngineLayout layout;
-  HostRegion host;
-  I64Array engine_blocks;
-  I64Array host_blocks;
-};
-
-inline CopyArgs copy_args(const std::string& direction, const I64Array& segments, int64_t engine_num_blocks,
-                          uint64_t host_base, uint64_t host_block_bytes, int64_t host_num_blocks,
-                          const I64Array& engine_blocks, const I64Array& host_blocks) {
+// The number of blocks a submit copies: engine_blocks[i] <-> host_blocks[i], two 1-D arrays of one length.
+inline size_t block_pairs(const I64Array& engine_blocks, const I64Array& host_blocks) {
   check_1d(engine_blocks, "engine_blocks");
   check_1d(host_blocks, "host_blocks");
   if (engine_blocks.shape(0) != host_blocks.shape(0)) {
     throw py::value_error("engine_blocks and host_blocks differ in length (" + std::to_string(engine_blocks.shape(0)) +
                           " vs " + std::to_string(host_blocks.shape(0)) + ")");
   }
-  return CopyArgs{direction_of(direction), layout_of(segments, engine_num_blocks),
-                  HostRegion{host_base, host_block_bytes, host_num_blocks}, engine_blocks, host_blocks};
+  return static_cast<size_t>(engine_blocks.shape(0));
 }
-
-inline size_t num_blocks_of(const CopyArgs& a) { return static_cast<size_t>(a.engine_blocks.shape(0)); }
 
 }  // namespace flexkv::python

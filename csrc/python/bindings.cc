@@ -5,25 +5,21 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
-#include <cstring>
 #include <memory>
 #include <string>
 
 #include "index/block_key.h"
-#include "transfer/host_copy_engine.h"
 #include "index/radix_index.h"
 #include "pool/shm_region.h"
 #include "array_args.h"
 
 namespace py = pybind11;
 void bind_ssd(py::module_& m);  // bind_ssd.cc
-void bind_gpu(py::module_& m);  // bind_gpu.cc
+void bind_copy_engines(py::module_& m);  // bind_copy_engines.cc
 void bind_control(py::module_& m);  // bind_control.cc
 void bind_support(py::module_& m);  // bind_support.cc
 using flexkv::BlockKey;
 using flexkv::python::check_1d;
-using flexkv::python::copy_args;
-using flexkv::python::CopyArgs;
 using flexkv::python::I32Array;
 using flexkv::python::I64Array;
 
@@ -46,7 +42,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
   bind_support(m);
   bind_ssd(m);
-  bind_gpu(m);
+  bind_copy_engines(m);
   bind_control(m);
 
   m.def("namespace_key", [](const std::string& ns) {
@@ -178,38 +174,6 @@ PYBIND11_MODULE(_core, m) {
         return d;
       });
 
-  py::class_<flexkv::HostCopyEngine>(m, "HostCopyEngine")
-      .def(py::init<int>(), py::arg("num_threads"))
-      .def_property_readonly("num_threads", &flexkv::HostCopyEngine::num_threads)
-      .def("submit", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
-                        int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
-                        int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks,
-                        bool urgent) {
-        CopyArgs a = copy_args(direction, segments, engine_num_blocks, host_base, host_block_bytes, host_num_blocks,
-                               engine_blocks, host_blocks);
-        return self.submit(a.dir, a.layout, a.host, a.engine_blocks.data(), a.host_blocks.data(),
-                           static_cast<size_t>(a.engine_blocks.shape(0)), urgent);
-      }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
-         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"),
-         py::arg("urgent") = false)
-      .def("copy", [](flexkv::HostCopyEngine& self, const std::string& direction, const I64Array& segments,
-                      int64_t engine_num_blocks, uint64_t host_base, uint64_t host_block_bytes,
-                      int64_t host_num_blocks, const I64Array& engine_blocks, const I64Array& host_blocks) {
-        CopyArgs a = copy_args(direction, segments, engine_num_blocks, host_base, host_block_bytes, host_num_blocks,
-                               engine_blocks, host_blocks);
-        py::gil_scoped_release nogil;
-        self.copy(a.dir, a.layout, a.host, a.engine_blocks.data(), a.host_blocks.data(),
-                  static_cast<size_t>(a.engine_blocks.shape(0)));
-      }, py::arg("direction"), py::arg("segments"), py::arg("engine_num_blocks"), py::arg("host_base"),
-         py::arg("host_block_bytes"), py::arg("host_num_blocks"), py::arg("engine_blocks"), py::arg("host_blocks"))
-      .def("wait", &flexkv::HostCopyEngine::wait, py::arg("job_id"), py::arg("timeout_us") = -1,
-           py::call_guard<py::gil_scoped_release>())
-      .def("wait_any", &flexkv::HostCopyEngine::wait_any, py::arg("timeout_us") = -1,
-           py::call_guard<py::gil_scoped_release>())
-      .def("done", &flexkv::HostCopyEngine::done, py::arg("job_id"))
-      .def("take_error", [](flexkv::HostCopyEngine&, uint64_t) { return std::string(); }, py::arg("job_id"),
-           "Always '': a host copy that was queued cannot fail (GpuCopyEngine's can).");
-
   py::class_<flexkv::ShmRegion>(m, "ShmRegion")
       .def_static("create", &flexkv::ShmRegion::create, py::arg("name"), py::arg("size"),
                   py::arg("huge_pages") = false, py::call_guard<py::gil_scoped_release>())
@@ -227,9 +191,4 @@ PYBIND11_MODULE(_core, m) {
         py::capsule owner(hold, [](void* p) { delete static_cast<std::shared_ptr<const void>*>(p); });
         return py::array_t<uint8_t>({static_cast<py::ssize_t>(r.size())}, {py::ssize_t{1}}, r.data(), owner);
       }, "A uint8 numpy view of the whole segment, valid as long as the array lives.");
-
-  m.def("memcpy", [](uintptr_t dst, uintptr_t src, size_t n) {
-    py::gil_scoped_release nogil;
-    std::memcpy(reinterpret_cast<void*>(dst), reinterpret_cast<const void*>(src), n);
-  }, py::arg("dst"), py::arg("src"), py::arg("nbytes"), "One plain memcpy: the ceiling the copy engine is measured against.");
 }

@@ -8,7 +8,7 @@
 
 #include "check.h"
 #include "flexkv/cache.h"
-#include "transfer/gpu_copy_engine.h"
+#include "transfer/copy_engine.h"
 
 using flexkv::Cache;
 using flexkv::CacheOptions;

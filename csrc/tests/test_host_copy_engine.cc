@@ -1,14 +1,27 @@
 #include <algorithm>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "check.h"
-#include "transfer/host_copy_engine.h"
+#include "transfer/copy_engine.h"
 
 using flexkv::CopyDirection;
+using flexkv::CopyEngine;
 
 namespace {
+
+// Registers the host region and the layout, copies, and forgets the layout again.
+void copy(CopyEngine& eng, CopyDirection dir, const flexkv::EngineLayout& layout, const flexkv::HostRegion& host,
+          const int64_t* engine_blocks, const int64_t* host_blocks, size_t n) {
+  eng.register_host(host.base, host.block_bytes * static_cast<uint64_t>(host.num_blocks));
+  const int32_t id = eng.register_layout(layout, host);
+  std::string error;
+  const bool done = eng.wait(eng.submit(dir, id, engine_blocks, host_blocks, n, false, false, 0), -1, &error);
+  CHECK(done && error.empty());
+  eng.unregister_layout(id);
+}
 
 // Engine memory: 2 layers, K and V per layer in separate arrays of `nb` blocks
 // of `chunk` bytes (a vLLM-like per-layer [2, num_blocks, ...] layout).
@@ -44,18 +57,20 @@ TEST(round_trip_is_byte_exact) {
     auto original = e.kv;
     std::vector<uint8_t> host(32 * 4 * 48, 0);
     flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 4 * 48, 32};
-    flexkv::HostCopyEngine eng(threads);
+    auto eng = flexkv::make_host_copy_engine(threads);
     std::vector<int64_t> eblocks{5, 63, 0, 17, 18, 19, 2};
     std::vector<int64_t> hblocks{31, 0, 7, 8, 9, 10, 1};
-    eng.copy(CopyDirection::kEngineToHost, e.layout(), region, eblocks.data(), hblocks.data(), eblocks.size());
+    copy(*eng, CopyDirection::kEngineToHost, e.layout(), region, eblocks.data(), hblocks.data(), eblocks.size());
     // Host block layout: [layer][k|v] chunks back to back.
     for (size_t i = 0; i < eblocks.size(); ++i)
       for (size_t s = 0; s < 4; ++s)
         CHECK(std::memcmp(host.data() + hblocks[i] * 4 * 48 + s * 48, original[s].data() + eblocks[i] * 48, 48) == 0);
     for (auto& v : e.kv) std::memset(v.data(), 0xEE, v.size());  // poison
     std::vector<int64_t> dst{1, 2, 3, 4, 5, 6, 7};
-    uint64_t job = eng.submit(CopyDirection::kHostToEngine, e.layout(), region, dst.data(), hblocks.data(), dst.size());
-    CHECK(eng.wait(job, -1));
+    const int32_t id = eng->register_layout(e.layout(), region);
+    const uint64_t job =
+        eng->submit(CopyDirection::kHostToEngine, id, dst.data(), hblocks.data(), dst.size(), false, false, 0);
+    CHECK(eng->wait(job, -1));
     for (size_t i = 0; i < dst.size(); ++i)
       for (size_t s = 0; s < 4; ++s)
         CHECK(std::memcmp(e.kv[s].data() + dst[i] * 48, original[s].data() + eblocks[i] * 48, 48) == 0);
@@ -67,13 +82,20 @@ TEST(bad_arguments_throw_before_copying) {
   Engine e = make_engine(4, 16, 1);
   std::vector<uint8_t> host(4 * 64, 0);
   flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 64, 4};
-  flexkv::HostCopyEngine eng(2);
+  auto eng = flexkv::make_host_copy_engine(2);
   std::vector<int64_t> ok{0}, bad_engine{4}, bad_host{-1};
-  CHECK_THROWS(eng.copy(CopyDirection::kEngineToHost, e.layout(), region, bad_engine.data(), ok.data(), 1));
-  CHECK_THROWS(eng.copy(CopyDirection::kEngineToHost, e.layout(), region, ok.data(), bad_host.data(), 1));
+  CHECK_THROWS(eng->register_layout(e.layout(), region));  // the host region is not registered yet
+  eng->register_host(region.base, host.size());
+  const int32_t id = eng->register_layout(e.layout(), region);
+  CHECK_THROWS(eng->submit(CopyDirection::kEngineToHost, id, bad_engine.data(), ok.data(), 1, false, false, 0));
+  CHECK_THROWS(eng->submit(CopyDirection::kEngineToHost, id, ok.data(), bad_host.data(), 1, false, false, 0));
   flexkv::HostRegion small{reinterpret_cast<uint64_t>(host.data()), 32, 4};  // segments do not fit
-  CHECK_THROWS(eng.copy(CopyDirection::kEngineToHost, e.layout(), small, ok.data(), ok.data(), 1));
-  CHECK_THROWS(eng.wait(12345, 0));
+  CHECK_THROWS(eng->register_layout(e.layout(), small));
+  flexkv::EngineLayout empty = e.layout();
+  empty.segments[2].bytes = 0;
+  CHECK_THROWS(eng->register_layout(empty, region));
+  CHECK_THROWS(eng->register_host(region.base + 8, host.size()));  // overlaps without lying inside
+  CHECK_THROWS(eng->wait(12345, 0));
   for (uint8_t b : host) CHECK_EQ(b, 0);
 }
 
@@ -81,7 +103,9 @@ TEST(many_jobs_in_flight_complete) {
   Engine e = make_engine(256, 64, 3);
   std::vector<uint8_t> host(256 * 256, 0);
   flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 256, 256};
-  flexkv::HostCopyEngine eng(2);
+  auto eng = flexkv::make_host_copy_engine(2);
+  eng->register_host(region.base, host.size());
+  const int32_t id = eng->register_layout(e.layout(), region);
   std::vector<uint64_t> jobs;
   std::vector<std::vector<int64_t>> ids;
   for (int j = 0; j < 16; ++j) {
@@ -89,8 +113,10 @@ TEST(many_jobs_in_flight_complete) {
     for (int i = 0; i < 16; ++i) b.push_back(j * 16 + i);
     ids.push_back(b);
   }
-  for (auto& b : ids) jobs.push_back(eng.submit(CopyDirection::kEngineToHost, e.layout(), region, b.data(), b.data(), b.size()));
-  for (uint64_t j : jobs) CHECK(eng.wait(j, -1));
+  for (auto& b : ids) {
+    jobs.push_back(eng->submit(CopyDirection::kEngineToHost, id, b.data(), b.data(), b.size(), false, false, 0));
+  }
+  for (uint64_t j : jobs) CHECK(eng->wait(j, -1));
   for (size_t b = 0; b < 256; ++b)
     CHECK(std::memcmp(host.data() + b * 256 + 3 * 64, e.kv[3].data() + b * 64, 64) == 0);
 }
@@ -103,33 +129,13 @@ TEST(large_chunks_use_streaming_stores_and_stay_exact) {
     std::vector<uint8_t> raw(16 * 4 * chunk + 64, 0);
     uint8_t* base = raw.data() + ((64 - reinterpret_cast<uintptr_t>(raw.data()) % 64) % 64) + misalign;
     flexkv::HostRegion region{reinterpret_cast<uint64_t>(base), 4 * chunk, 15};
-    flexkv::HostCopyEngine eng(2);
+    auto eng = flexkv::make_host_copy_engine(2);
     std::vector<int64_t> eb{3, 0, 15, 7}, hb{14, 2, 0, 9};
-    eng.copy(CopyDirection::kEngineToHost, e.layout(), region, eb.data(), hb.data(), eb.size());
+    copy(*eng, CopyDirection::kEngineToHost, e.layout(), region, eb.data(), hb.data(), eb.size());
     for (size_t i = 0; i < eb.size(); ++i)
       for (size_t s = 0; s < 4; ++s)
         CHECK(std::memcmp(base + hb[i] * 4 * chunk + s * chunk, e.kv[s].data() + eb[i] * chunk, chunk) == 0);
   }
-}
-
-TEST(urgent_jobs_overtake_queued_ones_and_wait_any_collects_each_once) {
-  Engine e = make_engine(512, 4096, 5);
-  std::vector<uint8_t> host(512 * 4 * 4096, 0);
-  flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 4 * 4096, 512};
-  flexkv::HostCopyEngine eng(1);
-  std::vector<int64_t> all(512), one{7};
-  for (int i = 0; i < 512; ++i) all[i] = i;
-  std::vector<uint64_t> slow;
-  for (int j = 0; j < 4; ++j)
-    slow.push_back(eng.submit(CopyDirection::kEngineToHost, e.layout(), region, all.data(), all.data(), 512));
-  uint64_t fast = eng.submit(CopyDirection::kHostToEngine, e.layout(), region, one.data(), one.data(), 1, true);
-  std::vector<uint64_t> order;
-  for (int k = 0; k < 5; ++k) order.push_back(eng.wait_any(-1));
-  CHECK(std::find(order.begin(), order.end(), fast) < std::find(order.begin(), order.end(), slow.back()));
-  std::sort(order.begin(), order.end());
-  CHECK(std::adjacent_find(order.begin(), order.end()) == order.end());  // each collected once
-  CHECK_EQ(eng.wait_any(1000), 0u);  // nothing left
-  CHECK_THROWS(eng.wait(fast, 0));   // already collected
 }
 
 TEST_MAIN()

@@ -7,7 +7,8 @@
 //  - register_host(base, bytes) once per host tier the engine will touch (the
 //    GPU engine pins it; the host engine only records it);
 //  - register_layout(layout, host) once per engine layout: checked there (and
-//    only there), so a submit costs no layout parsing or driver query;
+//    only there), so a submit costs no layout parsing or driver query; the host
+//    region must lie inside a registered range;
 //  - submit(dir, layout_id, engine_blocks, host_blocks, n, urgent, layerwise,
 //    tag) queues a job and returns its id; block ids are range-checked first and
 //    a bad one queues nothing;
@@ -16,7 +17,8 @@
 //    success) in order of completion.
 //
 // All methods are thread-safe. No method holds an internal lock across a CUDA
-// call that may block, so a completion callback never waits for a submitter.
+// call that may block, and a completion callback takes no lock that a
+// submitter holds across a CUDA call, so a callback never waits for a submitter.
 #pragma once
 
 #include <cstddef>
@@ -44,33 +46,41 @@ class CopyEngine {
   // -1 for the host engine, the CUDA device ordinal otherwise.
   virtual int device() const = 0;
 
-  // A host range every job's HostRegion must lie inside. The GPU engine pins
+  // A host range every layout's HostRegion must lie inside. The GPU engine pins
   // it (cudaHostRegister) unless someone else in the process already did; a
-  // range registered twice is accepted. unregister_host waits for the jobs in
-  // flight, then unpins what this engine pinned.
+  // range inside one already registered is accepted, one that overlaps a
+  // registered range without lying inside it is refused (std::invalid_argument).
+  // unregister_host takes the base given to register_host: it forgets the
+  // layouts whose host region lies in that range (a later submit on them throws
+  // std::invalid_argument), waits for the jobs in flight, then unpins what this
+  // engine pinned. Throws std::invalid_argument for a base never registered.
   virtual void register_host(uint64_t base, uint64_t bytes) = 0;
   virtual void unregister_host(uint64_t base) = 0;
 
-  // Checks a layout against a host region once (segments inside a host block;
-  // for the GPU engine also: every segment in this device's memory, the host
-  // region registered, alignment) and returns its id. Throws
-  // std::invalid_argument naming the first bad segment.
+  // Checks a layout against a host region once (segments inside a host block,
+  // the host region inside a registered range; for the GPU engine also: every
+  // segment in this device's memory) and returns its id (> 0, never reused).
+  // Throws std::invalid_argument naming the first bad segment.
   virtual int32_t register_layout(const EngineLayout& layout, const HostRegion& host) = 0;
   // Forgets a layout; jobs already queued on it still run.
   virtual void unregister_layout(int32_t layout_id) = 0;
 
   // Queues a copy of block engine_blocks[i] <-> host_blocks[i], i < n. Urgent
   // jobs (loads an engine waits for) go ahead of queued non-urgent ones (stores).
-  // A layer-wise job completes segment group by segment group (wait_group).
-  // Throws std::out_of_range naming the first block id outside its range, or
-  // std::invalid_argument for an unknown layout id, without queuing anything.
+  // A layer-wise job completes segment group by segment group (wait_group; the
+  // host engine completes it as a whole). n == 0 queues a job that completes at
+  // once. Throws std::out_of_range naming the first block id outside its range,
+  // or std::invalid_argument for an unknown layout id, without queuing anything.
+  // Once a job is queued, a failure of its copy (a CUDA error) does not throw:
+  // the job completes with that error.
   virtual uint64_t submit(CopyDirection dir, int32_t layout_id, const int64_t* engine_blocks,
                           const int64_t* host_blocks, size_t n, bool urgent, bool layerwise, uint64_t tag) = 0;
 
   // Waits up to timeout_us (negative: no limit) for one job. True when it has
-  // finished, and then collects it (*error, when given, receives its error);
-  // false on timeout. Throws std::out_of_range for a job never submitted or
-  // already collected.
+  // finished, and then collects it (*error, when given, receives its error, ""
+  // on success); false on timeout. Throws std::out_of_range for a job never
+  // submitted or already collected (also when another caller collects it
+  // during the wait).
   virtual bool wait(uint64_t job, int64_t timeout_us, std::string* error = nullptr) = 0;
   // The next finished job not yet collected, in order of completion; waits up
   // to timeout_us (negative: no limit). nullopt on timeout or after interrupt().
@@ -83,12 +93,19 @@ class CopyEngine {
   virtual size_t in_flight() const = 0;
 
   // Blocks until segment group `group` of the job has been copied (a job that
-  // is not layer-wise: the whole job). Returns at once for a job that has
-  // finished, collected or not.
+  // is not layer-wise: the whole job; a group past the last: the whole job).
+  // Returns at once for a job that has finished, collected or not. Does not
+  // collect the job. Throws std::out_of_range for a job never submitted.
   virtual void wait_group(uint64_t job, int32_t group) = 0;
   // Makes `stream` (a cudaStream_t of this device) wait for that group without
-  // blocking the caller. The host engine throws std::logic_error.
+  // blocking the caller; nothing to do for a finished job. The host engine
+  // throws std::logic_error.
   virtual void stream_wait_group(uint64_t job, int32_t group, void* stream) = 0;
+  // The cudaStream_t (as void*) that the jobs of `dir` run on, for a caller
+  // that orders its own CUDA work after them: kHostToEngine is the
+  // high-priority load stream, which urgent jobs of either direction use too;
+  // kEngineToHost the store stream. nullptr for the host engine.
+  virtual void* stream(CopyDirection dir) const = 0;
 };
 
 // `threads` host threads (>= 1).

@@ -1,7 +1,6 @@
 #include "transfer/host_copy_engine.h"
 
 #include <algorithm>
-#include <chrono>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -51,87 +50,32 @@ void store_fence() {
 struct HostCopyEngine::Job {
   uint64_t id = 0;
   CopyDirection dir = CopyDirection::kHostToEngine;
-  EngineLayout layout;
-  HostRegion host;
+  std::shared_ptr<const Layout> layout;
   std::vector<int64_t> engine_blocks;
   std::vector<int64_t> host_blocks;
-  size_t num_items = 0;  // blocks x segments
-  size_t batch = 1;      // items claimed at a time by one worker
-  size_t next = 0;       // the first item not yet claimed; guarded by the engine's mutex
-  size_t finished = 0;   // items copied; guarded by the engine's mutex
-  bool complete = false;  // guarded by the engine's mutex
+  size_t num_items = 0;  // blocks x segments; item i is block i / segments, segment i % segments
+  size_t batch = 1;      // items claimed at a time by one thread
+  size_t next = 0;       // the first item not yet claimed; guarded by the engine's mu_
+  size_t finished = 0;   // items copied; guarded by the engine's mu_
+
+  // Copies items [begin, end).
+  void run(size_t begin, size_t end) const;
 };
 
-HostCopyEngine::HostCopyEngine(int num_threads) {
-  if (num_threads < 1) throw std::invalid_argument("HostCopyEngine: num_threads must be >= 1");
-  try {
-    for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
-  } catch (...) {
-    shut_down();  // join the threads that did start before reporting the failure
-    throw;
-  }
-}
-
-void HostCopyEngine::shut_down() {
-  {
-    std::lock_guard<std::mutex> g(mu_);
-    stopping_ = true;
-  }
-  work_cv_.notify_all();
-  for (auto& t : workers_) t.join();
-  workers_.clear();
-}
-
-HostCopyEngine::~HostCopyEngine() { shut_down(); }
-
-void HostCopyEngine::validate(const EngineLayout& layout, const HostRegion& host) {
-  validate_layout(layout, host);
-}
-
-uint64_t HostCopyEngine::submit(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
-                                const int64_t* engine_blocks, const int64_t* host_blocks, size_t n,
-                                bool urgent) {
-  validate(layout, host);
-  check_block_ids(layout, host, engine_blocks, host_blocks, n);
-  auto job = std::make_shared<Job>();
-  job->dir = dir;
-  job->layout = layout;
-  job->host = host;
-  job->engine_blocks.assign(engine_blocks, engine_blocks + n);
-  job->host_blocks.assign(host_blocks, host_blocks + n);
-  job->num_items = n * layout.segments.size();
-  const size_t parts = workers_.size() * 4;
-  job->batch = std::max<size_t>(1, (job->num_items + parts - 1) / parts);
-  std::lock_guard<std::mutex> g(mu_);
-  job->id = next_id_++;
-  jobs_[job->id] = job;
-  if (job->num_items == 0) {
-    complete(*job);
-  } else {
-    (urgent ? urgent_ : queue_).push_back(job);
-    work_cv_.notify_all();
-  }
-  return job->id;
-}
-
-void HostCopyEngine::complete(Job& job) {
-  job.complete = true;
-  finished_.push_back(job.id);
-  done_cv_.notify_all();
-}
-
-void HostCopyEngine::run_items(Job& job, size_t begin, size_t end) {
-  const size_t nseg = job.layout.segments.size();
-  const bool to_engine = job.dir == CopyDirection::kHostToEngine;
-  // (source, destination) of one item: block item / nseg, segment item % nseg.
-  auto locate = [&job, nseg, to_engine](size_t item, uint8_t** src, uint8_t** dst) {
+void HostCopyEngine::Job::run(size_t begin, size_t end) const {
+  const std::vector<CopySegment>& segs = layout->layout.segments;
+  const HostRegion& host = layout->host;
+  const size_t nseg = segs.size();
+  const bool to_engine = dir == CopyDirection::kHostToEngine;
+  // (source, destination) of one item.
+  auto locate = [&](size_t item, uint8_t** src, uint8_t** dst) {
     const size_t b = item / nseg;
-    const CopySegment& seg = job.layout.segments[item % nseg];
-    uint8_t* engine = reinterpret_cast<uint8_t*>(seg.engine_base) + job.engine_blocks[b] * seg.engine_block_stride;
-    uint8_t* host = reinterpret_cast<uint8_t*>(job.host.base) +
-                    static_cast<uint64_t>(job.host_blocks[b]) * job.host.block_bytes + seg.host_offset;
-    *src = to_engine ? host : engine;
-    *dst = to_engine ? engine : host;
+    const CopySegment& seg = segs[item % nseg];
+    uint8_t* engine = reinterpret_cast<uint8_t*>(seg.engine_base) + engine_blocks[b] * seg.engine_block_stride;
+    uint8_t* hst = reinterpret_cast<uint8_t*>(host.base) +
+                   static_cast<uint64_t>(host_blocks[b]) * host.block_bytes + seg.host_offset;
+    *src = to_engine ? hst : engine;
+    *dst = to_engine ? engine : hst;
     return seg.bytes;
   };
   uint8_t* src;
@@ -155,6 +99,58 @@ void HostCopyEngine::run_items(Job& job, size_t begin, size_t end) {
   store_fence();  // the streaming stores are visible before the job is reported done
 }
 
+HostCopyEngine::HostCopyEngine(int num_threads) {
+  if (num_threads < 1) throw std::invalid_argument("HostCopyEngine: num_threads must be >= 1");
+  try {
+    for (int i = 0; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+  } catch (...) {
+    stop_workers();  // join the threads that did start before reporting the failure
+    throw;
+  }
+}
+
+HostCopyEngine::~HostCopyEngine() {
+  stop_workers();
+  shut_down_registry();
+}
+
+void HostCopyEngine::stop_workers() {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    stopping_ = true;
+  }
+  work_cv_.notify_all();
+  for (auto& t : workers_) t.join();
+  workers_.clear();
+}
+
+CopyEngineBase::Pinned HostCopyEngine::pin(uint64_t base, uint64_t) { return Pinned{base, false}; }
+
+uint64_t HostCopyEngine::submit(CopyDirection dir, int32_t layout_id, const int64_t* engine_blocks,
+                                const int64_t* host_blocks, size_t n, bool urgent, bool, uint64_t tag) {
+  auto job = std::make_shared<Job>();
+  job->layout = find_layout(layout_id);
+  check_block_ids(job->layout->layout, job->layout->host, engine_blocks, host_blocks, n);
+  job->dir = dir;
+  job->engine_blocks.assign(engine_blocks, engine_blocks + n);
+  job->host_blocks.assign(host_blocks, host_blocks + n);
+  job->num_items = n * job->layout->layout.segments.size();
+  const size_t parts = workers_.size() * 4;
+  job->batch = std::max<size_t>(1, (job->num_items + parts - 1) / parts);
+  const uint64_t id = add_job(layout_id, tag);
+  job->id = id;
+  if (job->num_items == 0) {
+    jobs_.finish(id, "");
+    return id;
+  }
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    (urgent ? urgent_ : queue_).push_back(std::move(job));
+  }
+  work_cv_.notify_all();
+  return id;
+}
+
 void HostCopyEngine::worker_loop() {
   std::unique_lock<std::mutex> lk(mu_);
   for (;;) {
@@ -167,53 +163,24 @@ void HostCopyEngine::worker_loop() {
     job->next = end;
     if (end == job->num_items) q.pop_front();  // every item is claimed
     lk.unlock();
-    run_items(*job, begin, end);
+    job->run(begin, end);
     lk.lock();
     job->finished += end - begin;
-    if (job->finished == job->num_items) complete(*job);
+    if (job->finished == job->num_items) {
+      lk.unlock();
+      jobs_.finish(job->id, "");
+      job.reset();
+      lk.lock();
+    }
   }
 }
 
-bool HostCopyEngine::wait(uint64_t job_id, int64_t timeout_us) {
-  std::unique_lock<std::mutex> lk(mu_);
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) throw std::out_of_range("unknown copy job " + std::to_string(job_id));
-  std::shared_ptr<Job> job = it->second;
-  auto finished = [&job] { return job->complete; };
-  if (timeout_us < 0) {
-    done_cv_.wait(lk, finished);
-  } else if (!done_cv_.wait_for(lk, std::chrono::microseconds(timeout_us), finished)) {
-    return false;
-  }
-  jobs_.erase(job_id);
-  finished_.erase(std::find(finished_.begin(), finished_.end(), job_id));
-  return true;
+void HostCopyEngine::wait_group(uint64_t job, int32_t) { jobs_.wait_finished(job); }
+
+void HostCopyEngine::stream_wait_group(uint64_t, int32_t, void*) {
+  throw std::logic_error("stream_wait_group: the host copy engine has no CUDA streams; use wait_group");
 }
 
-uint64_t HostCopyEngine::wait_any(int64_t timeout_us) {
-  std::unique_lock<std::mutex> lk(mu_);
-  auto any = [this] { return !finished_.empty(); };
-  if (timeout_us < 0) {
-    done_cv_.wait(lk, any);
-  } else if (!done_cv_.wait_for(lk, std::chrono::microseconds(timeout_us), any)) {
-    return 0;
-  }
-  const uint64_t id = finished_.front();
-  finished_.pop_front();
-  jobs_.erase(id);
-  return id;
-}
-
-bool HostCopyEngine::done(uint64_t job_id) {
-  std::lock_guard<std::mutex> g(mu_);
-  auto it = jobs_.find(job_id);
-  if (it == jobs_.end()) throw std::out_of_range("unknown copy job " + std::to_string(job_id));
-  return it->second->complete;
-}
-
-void HostCopyEngine::copy(CopyDirection dir, const EngineLayout& layout, const HostRegion& host,
-                          const int64_t* engine_blocks, const int64_t* host_blocks, size_t n) {
-  wait(submit(dir, layout, host, engine_blocks, host_blocks, n), -1);
-}
+std::unique_ptr<CopyEngine> make_host_copy_engine(int threads) { return std::make_unique<HostCopyEngine>(threads); }
 
 }  // namespace flexkv
