@@ -5,23 +5,24 @@
   block counts by :meth:`CacheConfig.resolved` once the model shape is known);
 * :class:`FlexKVConfig`: the server port, the cache config, an optional model config and the logging knobs.
 
-Types are checked strictly (a bool is not an int) and ranges by ``validate()``; every mistake is a
-:class:`ConfigError` naming the key, the value and what would work. Reading config files and ``FLEXKV_*``
-environment overrides lives in :mod:`.config_file`; checking the tiers against this machine in :mod:`.resources`.
+The three classes get their fields (names, types, defaults, order) from ``config_keys.json`` through
+:func:`.config_keys.config_fields`; their bodies hold the behaviour. Types are checked strictly (a bool is not an
+int), ranges and choices come from the same file; every mistake is a :class:`ConfigError` naming the key, the
+value and what would work. Reading config files and ``FLEXKV_*`` environment overrides lives in
+:mod:`.config_file`; checking the tiers against this machine in :mod:`.resources`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
-from dataclasses import dataclass, field
 from typing import Any, Union
 
 import numpy as np
 
+from .config_keys import FileFields, check_range, config_fields, section_keys
 from .errors import ConfigError
 
 GiB = 1024**3
@@ -30,17 +31,14 @@ GiB = 1024**3
 # dtypes
 # ---------------------------------------------------------------------------------------------
 
-_DTYPE_ALIASES: dict[str, str] = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16",
-    "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32",
-    "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "float8_e4m3fn": "float8_e4m3fn",
-    "fp8_e5m2": "float8_e5m2", "float8_e5m2": "float8_e5m2",
-    "int8": "int8", "uint8": "uint8",
-}
+# Accepted names -> canonical name, from config_keys.json; the element sizes are this code's.
+_DTYPE_ALIASES: dict[str, str] = dict(section_keys("model_config")["dtype"].aliases or {})
 _DTYPE_ITEMSIZE: dict[str, int] = {
     "bfloat16": 2, "float16": 2, "float32": 4, "float8_e4m3fn": 1, "float8_e5m2": 1, "int8": 1, "uint8": 1,
 }
+if set(_DTYPE_ALIASES.values()) - set(_DTYPE_ITEMSIZE):
+    raise ImportError(f"config_keys.json names dtypes without an element size here: "
+                      f"{sorted(set(_DTYPE_ALIASES.values()) - set(_DTYPE_ITEMSIZE))}")
 
 
 def canonical_dtype_name(dtype: Any, key: str = "model_config.dtype") -> str:
@@ -158,12 +156,6 @@ def _field_types(cls: type) -> dict[str, Any]:
     return _FIELD_TYPE_CACHE[cls]
 
 
-def _check_int_range(key: str, value: int, low: int, high: int | None = None, why: str = "") -> None:
-    if value < low or (high is not None and value > high):
-        expected = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high}]"
-        raise ConfigError(f"{key} = {value!r} is out of range: expected {expected}{why}", key)
-
-
 def _split_dirs(value: str) -> str | list[str]:
     if ";" not in value:
         return value
@@ -174,17 +166,12 @@ def _split_dirs(value: str) -> str | list[str]:
 # ModelConfig
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class ModelConfig:
-    """The KV shape of a model. ``num_kv_heads`` counts all tensor-parallel ranks: a block holds every rank's slice."""
+@config_fields("model_config")
+class ModelConfig(FileFields):
+    """The KV shape of a model. ``num_kv_heads`` counts all tensor-parallel ranks: a block holds every rank's slice.
 
-    num_layers: int = 1
-    num_kv_heads: int = 1
-    head_size: int = 1
-    use_mla: bool = False
-    dtype: Any = "bfloat16"  # a str ("bfloat16", "fp8", ...), a torch.dtype or a numpy dtype
-    tp_size: int = 1
-    dp_size: int = 1
+    Fields: config_keys.json's ``model_config``, in that order; ``dtype`` may also be a torch.dtype or a numpy dtype.
+    """
 
     @property
     def kv_dim(self) -> int:
@@ -223,15 +210,13 @@ class ModelConfig:
 
     def validate(self) -> ModelConfig:
         """Raise ConfigError naming the first bad field; return self."""
-        for f in dataclasses.fields(self):
-            key = f"model_config.{f.name}"
-            value = getattr(self, f.name)
-            if f.name == "dtype":
-                canonical_dtype_name(value, key)
+        for spec in section_keys("model_config").values():
+            value = getattr(self, spec.name)
+            if spec.type == "dtype":
+                canonical_dtype_name(value, spec.key)
                 continue
-            _check_type(ModelConfig, f.name, value, key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                _check_int_range(key, value, 1)
+            _check_type(ModelConfig, spec.name, value, spec.key)
+            check_range(spec, value)
         return self
 
 
@@ -257,38 +242,26 @@ def model_preset(name: str) -> ModelConfig:
 # CacheConfig
 # ---------------------------------------------------------------------------------------------
 
-EVICTION_POLICIES = ("lru",)
+EVICTION_POLICIES: tuple[str, ...] = section_keys("cache_config")["eviction_policy"].choices or ()
+
+# Keys whose range applies only in some configs: a tier's block count is checked when it sizes an enabled tier.
+_RANGE_APPLIES: dict[str, typing.Callable[[CacheConfig], bool]] = {
+    "num_cpu_blocks": lambda c: c.cpu_cache_gb is None,
+    "num_ssd_blocks": lambda c: c.enable_ssd and c.ssd_cache_gb is None,
+}
 
 
-@dataclass
-class CacheConfig:
-    """The cache tiers. Sizes are block counts, or GiB through ``cpu_cache_gb`` / ``ssd_cache_gb``."""
+@config_fields("cache_config")
+class CacheConfig(FileFields):
+    """The cache tiers. Sizes are block counts, or GiB through ``cpu_cache_gb`` / ``ssd_cache_gb``.
 
-    tokens_per_block: int = 16
-    enable_cpu: bool = True
-    enable_ssd: bool = False
-    enable_remote: bool = False
-    num_cpu_blocks: int = 1000000
-    num_ssd_blocks: int = 10000000
-    num_remote_blocks: int | None = None
-    ssd_cache_dir: str | list[str] | None = None  # a ';'-separated string becomes a list
-    remote_cache_path: str | None = None
-    remote_config_custom: dict[str, Any] | None = None
-    evict_ratio: float = 0.0
-    use_ce_transfer_h2d: bool = False
-    use_ce_transfer_d2h: bool = False
-    transfer_sms_h2d: int = 8
-    transfer_sms_d2h: int = 8
-    ssd_cache_iouring_entries: int = 512
-    ssd_cache_iouring_flags: int = 0
-    use_hugepage_cpu_buffer: bool = False
-    eviction_policy: str = "lru"
-    cpu_cache_gb: float | None = None
-    ssd_cache_gb: float | None = None
+    Fields: config_keys.json's ``cache_config``, in that order; a ';'-separated ``ssd_cache_dir`` becomes a list.
+    """
 
     def __post_init__(self) -> None:
         if isinstance(self.ssd_cache_dir, str):
-            self.ssd_cache_dir = _split_dirs(self.ssd_cache_dir)
+            # Annotated Any (the file's type) so static checkers do not infer the field's type from this line.
+            self.ssd_cache_dir: Any = _split_dirs(self.ssd_cache_dir)
 
     @property
     def ssd_cache_dirs(self) -> list[str]:
@@ -309,34 +282,13 @@ class CacheConfig:
             raise ConfigError(f"{k}enable_cpu = false is not supported: FlexKV always stages blocks through "
                               "CPU memory; set enable_cpu to true (size it with num_cpu_blocks or cpu_cache_gb)",
                               f"{k}enable_cpu")
-        _check_int_range(f"{k}tokens_per_block", self.tokens_per_block, 1,
-                         why=" (the engine's block or page size, e.g. 16)")
-        if not (0.0 <= self.evict_ratio <= 1.0):
-            raise ConfigError(f"{k}evict_ratio = {self.evict_ratio!r} is out of range: expected a number in [0, 1] "
-                              "(the share of extra blocks freed per eviction, e.g. 0.05)", f"{k}evict_ratio")
-        if self.cpu_cache_gb is None:
-            _check_int_range(f"{k}num_cpu_blocks", self.num_cpu_blocks, 1)
-        if self.enable_ssd and self.ssd_cache_gb is None:
-            _check_int_range(f"{k}num_ssd_blocks", self.num_ssd_blocks, 1)
-        if self.num_remote_blocks is not None:
-            _check_int_range(f"{k}num_remote_blocks", self.num_remote_blocks, 1)
-        elif self.enable_remote:
+        for name, spec in section_keys("cache_config").items():
+            applies = _RANGE_APPLIES.get(name)
+            if applies is None or applies(self):
+                check_range(spec, getattr(self, name))
+        if self.num_remote_blocks is None and self.enable_remote:
             raise ConfigError(f"{k}num_remote_blocks is required when enable_remote is true: give the remote "
                               "tier's size in blocks, e.g. 20000000", f"{k}num_remote_blocks")
-        for name in ("transfer_sms_h2d", "transfer_sms_d2h"):
-            _check_int_range(f"{k}{name}", getattr(self, name), 1, 256, " (SMs used by the copy kernels, e.g. 8)")
-        _check_int_range(f"{k}ssd_cache_iouring_entries", self.ssd_cache_iouring_entries, 1,
-                         why=" (io_uring queue depth, e.g. 512)")
-        _check_int_range(f"{k}ssd_cache_iouring_flags", self.ssd_cache_iouring_flags, 0)
-        if self.eviction_policy not in EVICTION_POLICIES:
-            raise ConfigError(f"{k}eviction_policy = {self.eviction_policy!r} is not supported; use one of: "
-                              f"{', '.join(EVICTION_POLICIES)}", f"{k}eviction_policy")
-        if self.cpu_cache_gb is not None and not (math.isfinite(self.cpu_cache_gb) and self.cpu_cache_gb > 0):
-            raise ConfigError(f"{k}cpu_cache_gb = {self.cpu_cache_gb!r} is out of range: expected a number > 0 "
-                              "(GiB of CPU memory, e.g. 32)", f"{k}cpu_cache_gb")
-        if self.ssd_cache_gb is not None and not (math.isfinite(self.ssd_cache_gb) and self.ssd_cache_gb >= 0):
-            raise ConfigError(f"{k}ssd_cache_gb = {self.ssd_cache_gb!r} is out of range: expected a number >= 0 "
-                              "(GiB of SSD space; 0 disables the SSD tier)", f"{k}ssd_cache_gb")
         if self.ssd_cache_gb == 0 and self.enable_ssd:
             raise ConfigError(f"{k}ssd_cache_gb = 0 disables the SSD tier but enable_ssd is true; give ssd_cache_gb "
                               "> 0 or set enable_ssd to false", f"{k}ssd_cache_gb")
@@ -387,6 +339,11 @@ class CacheConfig:
         return out
 
 
+# Top-level keys that are plain values (not sections).
+_TOP_SCALARS: tuple[str, ...] = tuple(name for name, spec in section_keys("top_level").items()
+                                      if spec.type != "section")
+
+
 def _field_default(cls: type, name: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -404,23 +361,19 @@ def _both_sizes_error(tier: str, blocks_key: str, gb_key: str) -> ConfigError:
 # FlexKVConfig
 # ---------------------------------------------------------------------------------------------
 
-@dataclass
-class FlexKVConfig:
-    """What one config file holds."""
-
-    server_recv_port: str = "ipc:///tmp/flexkv_server"
-    cache_config: CacheConfig = field(default_factory=CacheConfig)
-    model_config: ModelConfig | None = None
-    enable_flexkv: bool = True
-    num_log_interval_requests: int = 200
+@config_fields("top_level", nested={"cache_config": CacheConfig, "model_config": ModelConfig})
+class FlexKVConfig(FileFields):
+    """What one config file holds: config_keys.json's ``top_level`` keys (the server port, the cache config, an
+    optional model config, the logging knobs)."""
 
     def validate(self) -> FlexKVConfig:
-        for name in ("server_recv_port", "enable_flexkv", "num_log_interval_requests"):
+        for name in _TOP_SCALARS:
             _check_type(FlexKVConfig, name, getattr(self, name), name)
         if "://" not in self.server_recv_port:
             raise ConfigError(f"server_recv_port = {self.server_recv_port!r} is not a ZeroMQ endpoint; use e.g. "
                               "\"ipc:///tmp/flexkv_server\" or \"tcp://127.0.0.1:5555\"", "server_recv_port")
-        _check_int_range("num_log_interval_requests", self.num_log_interval_requests, 0)
+        for name in _TOP_SCALARS:
+            check_range(section_keys("top_level")[name], getattr(self, name))
         self.cache_config.validate()
         if self.model_config is not None:
             self.model_config.validate()
@@ -431,8 +384,7 @@ class FlexKVConfig:
         return self.cache_config.resolved(model_config or self.model_config)
 
 
-# Top-level keys that are plain values, and the (blocks, GiB) key pairs that size the same tier.
-_TOP_SCALARS = ("server_recv_port", "enable_flexkv", "num_log_interval_requests")
+# The (blocks, GiB) key pairs that size the same tier.
 _SIZE_PAIRS = (("num_cpu_blocks", "cpu_cache_gb"), ("num_ssd_blocks", "ssd_cache_gb"))
 
 

@@ -10,6 +10,8 @@ One JSON (or YAML) file drives every engine. Two layouts are accepted and may be
 ``//`` line comments and ``/* */`` comments are accepted in JSON (people copy them from the manual).
 After the file, ``FLEXKV_<KEY>`` environment variables override single keys. Every mistake is a
 :class:`ConfigError` naming the key, the value and what would work; an unknown key gets a did-you-mean.
+The keys, their sections and the reserved ``FLEXKV_*`` names come from ``config_keys.json``; the C++ reader
+(``flexkv::CacheOptions::from_file``) follows the same rules for JSON (YAML is read here only).
 """
 
 from __future__ import annotations
@@ -39,21 +41,24 @@ from .config import (
     _field_types,
     _union_args,
 )
+from .config_keys import RESERVED_ENV_NAMES, SHORT_FORM_KEYS, section_keys
+from .config_keys import RESERVED_ENV_PREFIXES as _FILE_ENV_PREFIXES
 from .errors import ConfigError
 
 logger = logging.getLogger("flexkv")
 
-# Environment variables starting with FLEXKV_ that are not config keys and must not be warned about.
-# Other modules may add their own names here (at import time) before load_config runs.
-RESERVED_ENV_VARS: set[str] = {"FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL"}
-RESERVED_ENV_PREFIXES: tuple[str, ...] = ("FLEXKV_TEST_",)
+# Environment variables starting with FLEXKV_ that are not config keys and must not be warned about
+# (config_keys.json's reserved_env). Other modules may add their own names here (at import time) before
+# load_config runs; the C++ reader knows the file's names only.
+RESERVED_ENV_VARS: set[str] = set(RESERVED_ENV_NAMES)
+RESERVED_ENV_PREFIXES: tuple[str, ...] = _FILE_ENV_PREFIXES
 
 # ---------------------------------------------------------------------------------------------
 # the loader
 # ---------------------------------------------------------------------------------------------
 
-_TOP_KEYS = ("server_recv_port", "cache_config", "model_config", "enable_flexkv", "num_log_interval_requests")
-_SHORT_KEYS = ("cpu_cache_gb", "ssd_cache_gb", "ssd_cache_dir")
+_TOP_KEYS = tuple(section_keys("top_level"))
+_SHORT_KEYS = SHORT_FORM_KEYS
 
 
 def _cache_keys() -> list[str]:
@@ -277,7 +282,7 @@ def _split_layout(raw: dict[str, Any], where: str
                 elsewhere = {k: "cache_config" for k in cache_keys}
                 elsewhere.update({k: "the top level" for k in _TOP_KEYS})
                 raise _unknown_key("model_config", key, model_keys, elsewhere, where)
-            if key == "dtype":
+            if section_keys("model_config")[key].type == "dtype":
                 if not isinstance(value, str):
                     raise ConfigError(f"{where}: model_config.dtype must be a string such as \"bfloat16\", "
                                       f"got {_describe_value(value)}", "model_config.dtype")
