@@ -165,6 +165,10 @@ std::unique_ptr<Cache> Cache::open(const CacheOptions& options, const ModelShape
                           ", more than this machine's " + gib(phys) + "; lower num_cpu_blocks or cpu_cache_gb",
                       "cache_config.num_cpu_blocks");
   }
+  if (model.tp_size != 1) {
+    throw ConfigError("model_config.tp_size = " + std::to_string(model.tp_size) + ": the C++ API serves one "
+                      "tensor-parallel rank in this version; use tp_size 1", "model_config.tp_size");
+  }
   if (resolved.enable_remote) {
     throw ConfigError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote to false",
                       "cache_config.enable_remote");

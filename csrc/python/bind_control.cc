@@ -102,7 +102,7 @@ py::dict index_dict(const flexkv::RadixIndexStats& s) {
 py::list reports_list(const std::vector<flexkv::Report>& reports) {
   py::list out;
   for (const auto& r : reports) {
-    out.append(py::make_tuple(r.task, static_cast<int>(r.status), r.seq_len, to_array(r.blocks), r.error));
+    out.append(py::make_tuple(r.task, r.status, r.seq_len, to_array(r.blocks), r.error));
   }
   return out;
 }

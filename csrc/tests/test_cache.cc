@@ -304,7 +304,7 @@ TEST(gpu_memory_without_cuda_is_a_clear_error) {
   bool said = false;
   try {
     cache->register_memory(m);
-  } catch (const std::runtime_error& e) {
+  } catch (const flexkv::LayoutError& e) {
     said = std::string(e.what()).find("CUDA") != std::string::npos;
   }
   CHECK(said);
