@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 missing=()
 [ -f /usr/include/xxhash.h ] || missing+=(libxxhash-dev)
 [ -f /usr/include/liburing.h ] || missing+=(liburing-dev)
+[ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # SGLang's page hashing (used by the SGLang tests) compiles against OpenSSL.

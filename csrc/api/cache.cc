@@ -288,6 +288,17 @@ struct Cache::Impl {
 std::unique_ptr<Cache> Cache::open(const CacheOptions& options, const ModelShape& model) {
   options.validate();
   model.validate();
+  // What this Cache serves so far: the CPU tier, one tensor-parallel rank's whole blocks.
+  const CacheOptions tiers = options.resolved(model);
+  if (tiers.enable_ssd || tiers.enable_remote) {
+    throw std::invalid_argument(std::string("cache_config.") + (tiers.enable_ssd ? "enable_ssd" : "enable_remote") +
+                                ": flexkv::Cache serves the CPU tier only; disable the SSD and remote tiers (and drop "
+                                "ssd_cache_gb), or run them through the Python KVManager");
+  }
+  if (model.tp_size != 1) {
+    throw std::invalid_argument("model_config.tp_size: flexkv::Cache serves one rank; open it with tp_size 1 and "
+                                "that rank's num_kv_heads");
+  }
   const int64_t blocks = options.cpu_blocks_for(model);
   const double bytes = static_cast<double>(blocks) * static_cast<double>(model.block_bytes(options.tokens_per_block));
   const double phys = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * static_cast<double>(sysconf(_SC_PAGESIZE));
