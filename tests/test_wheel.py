@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PUBLIC_MODULES = [
     "flexkv", "flexkv.kvmanager", "flexkv.config", "flexkv.common.config", "flexkv.common.storage",
     "flexkv.common.request", "flexkv.adapters", "flexkv.core.kv_manager", "flexkv.core.config",
-    "flexkv.core.config_file", "flexkv.core.resources",
+    "flexkv.core.config_file", "flexkv.core.config_keys", "flexkv.core.resources",
     "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core", "flexkv.core.data_plane",
     "flexkv.core.gpu_plane", "flexkv.adapters.vllm", "flexkv.integration.vllm.vllm_v1_adapter",
     "flexkv.adapters.trtllm", "flexkv.integration.tensorrt_llm.trtllm_adapter", "flexkv.adapters.sglang",
@@ -50,6 +51,9 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path: Path) -> None:
                    check=True, capture_output=True, text=True, timeout=900)
     wheels = list(dist.glob("flexkv-*.whl"))
     assert len(wheels) == 1, wheels
+    # The config key table ships next to the module that reads it (the C++ library has its own copy compiled in).
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        assert "flexkv/core/config_keys.json" in wheel.namelist()
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"

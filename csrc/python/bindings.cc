@@ -18,6 +18,7 @@
 namespace py = pybind11;
 void bind_ssd(py::module_& m);  // bind_ssd.cc
 void bind_gpu(py::module_& m);  // bind_gpu.cc
+void bind_config(py::module_& m);  // bind_config.cc
 using flexkv::BlockKey;
 using flexkv::python::check_1d;
 using flexkv::python::copy_args;
@@ -44,6 +45,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
   bind_ssd(m);
   bind_gpu(m);
+  bind_config(m);
 
   m.def("namespace_key", [](const std::string& ns) {
     BlockKey k = flexkv::namespace_key(ns);
