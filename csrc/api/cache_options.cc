@@ -46,7 +46,7 @@ int64_t blocks_in(double gb, uint64_t block_bytes) {
   return std::max<int64_t>(1, static_cast<int64_t>(n));
 }
 
-bool blank(const std::string& s) { return s.find_first_not_of(" \t\n\r\f\v") == std::string::npos; }
+bool blank(const std::string& s) { return detail::trim(s).empty(); }
 
 }  // namespace
 
@@ -73,10 +73,7 @@ const char* dtype_name(DType dtype) {
 }
 
 DType parse_dtype(std::string_view name) {
-  std::string key(name);
-  const auto first = key.find_first_not_of(" \t\n\r\f\v");
-  key = first == std::string::npos ? "" : key.substr(first, key.find_last_not_of(" \t\n\r\f\v") - first + 1);
-  std::transform(key.begin(), key.end(), key.begin(), [](unsigned char c) { return std::tolower(c); });
+  std::string key = detail::lower(detail::trim(name));
   if (key.rfind("torch.", 0) == 0) key = key.substr(6);
   const auto& names = config_schema().dtype_names;  // accepted name -> canonical name
   for (const auto& [accepted, canonical] : names) {
@@ -89,9 +86,8 @@ DType parse_dtype(std::string_view name) {
   std::vector<std::string> sorted;
   for (const auto& n : names) sorted.push_back(n.first);
   std::sort(sorted.begin(), sorted.end());
-  std::string list;
-  for (const auto& n : sorted) list += (list.empty() ? "" : ", ") + n;
-  throw std::invalid_argument("\"" + std::string(name) + "\" is not a supported KV cache dtype; use one of: " + list);
+  throw std::invalid_argument("\"" + std::string(name) + "\" is not a supported KV cache dtype; use one of: " +
+                              detail::join(sorted, ", "));
 }
 
 uint64_t ModelShape::chunk_bytes(int tokens_per_block) const {

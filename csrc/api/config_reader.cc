@@ -4,16 +4,16 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <optional>
-#include <set>
 #include <sstream>
 #include <stdexcept>
 #include <utility>
 
+#include "config_env.h"
 #include "config_schema.h"
+#include "config_text.h"
 #include "option_fields.h"
 
 extern char** environ;
@@ -22,238 +22,12 @@ namespace flexkv::detail {
 
 namespace {
 
-constexpr const char* kWhitespace = " \t\n\r\f\v";
-
-std::string trim(const std::string& s) {
-  const auto first = s.find_first_not_of(kWhitespace);
-  return first == std::string::npos ? "" : s.substr(first, s.find_last_not_of(kWhitespace) - first + 1);
-}
-
-std::string lower(std::string s) {
-  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
-  return s;
-}
-
 std::string upper(std::string s) {
   std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
   return s;
 }
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
-
-std::string join(const std::vector<std::string>& parts, const std::string& sep) {
-  std::string out;
-  for (const auto& p : parts) out += (out.empty() ? "" : sep) + p;
-  return out;
-}
-
-// ---------------------------------------------------------------------------
-// JSON text: comments, duplicate keys, syntax errors with line:column
-// ---------------------------------------------------------------------------
-
-// `text` with // and /* */ comments outside strings blanked (positions kept).
-std::string blank_comments(std::string_view text) {
-  std::string out(text);
-  bool in_string = false;
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (in_string) {
-      if (out[i] == '\\') ++i;
-      else if (out[i] == '"') in_string = false;
-    } else if (out[i] == '"') {
-      in_string = true;
-    } else if (out.compare(i, 2, "//") == 0) {
-      for (; i < out.size() && out[i] != '\n'; ++i) out[i] = ' ';
-    } else if (out.compare(i, 2, "/*") == 0) {
-      const size_t end = out.find("*/", i + 2);
-      const size_t stop = end == std::string::npos ? out.size() : end + 2;
-      for (; i < stop; ++i) {
-        if (out[i] != '\n') out[i] = ' ';
-      }
-      --i;
-    }
-  }
-  return out;
-}
-
-// The start of the token that ends at `at` (nlohmann reports a token's last byte).
-size_t token_start(std::string_view text, size_t at) {
-  if (at >= text.size()) return at;
-  if (text[at] == '"') {
-    for (size_t i = at; i-- > 0;) {
-      if (text[i] == '"' && (i == 0 || text[i - 1] != '\\')) return i;
-    }
-    return at;
-  }
-  auto word = [](char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '+' || c == '-' || c == '.'; };
-  while (at > 0 && word(text[at]) && word(text[at - 1])) --at;
-  return at;
-}
-
-[[noreturn]] void syntax_error(std::string_view text, const std::string& where, const Json::parse_error& e) {
-  const size_t at = token_start(text, std::min<size_t>(e.byte > 0 ? e.byte - 1 : 0, text.size()));
-  const size_t line = 1 + static_cast<size_t>(std::count(text.begin(), text.begin() + at, '\n'));
-  const size_t line_start = text.rfind('\n', at == 0 ? 0 : at - 1);
-  const size_t column = line_start == std::string_view::npos || at == 0 ? at + 1 : at - line_start;
-  std::string what = e.what();
-  const size_t cut = what.find(": ", what.find("column"));
-  if (cut != std::string::npos) what = what.substr(cut + 2);
-  const std::string cleaned = blank_comments(text);
-  if (at < cleaned.size() && (cleaned[at] == '}' || cleaned[at] == ']')) {
-    const size_t before = cleaned.find_last_not_of(kWhitespace, at == 0 ? 0 : at - 1);
-    if (at > 0 && before != std::string::npos && cleaned[before] == ',') {
-      what += " (a trailing comma before a closing bracket: JSON does not allow one, remove it)";
-    }
-  }
-  throw std::invalid_argument(where + ":" + std::to_string(line) + ":" + std::to_string(column) +
-                              ": not valid JSON: " + what);
-}
-
-Json parse_text(std::string_view text, const std::string& where) {
-  std::vector<std::set<std::string>> seen;  // keys of each open object
-  std::vector<std::string> path;            // the key leading to each open object, then the current key
-  Json::parser_callback_t on_event = [&](int, Json::parse_event_t event, Json& parsed) {
-    if (event == Json::parse_event_t::object_start) {
-      seen.emplace_back();
-    } else if (event == Json::parse_event_t::object_end) {
-      seen.pop_back();
-      path.resize(seen.size());
-    } else if (event == Json::parse_event_t::key) {
-      path.resize(seen.size());
-      path.back() = parsed.get<std::string>();
-      if (!seen.back().insert(path.back()).second) {
-        throw std::invalid_argument(where + ": " + join(path, ".") + ": given twice; keep one");
-      }
-    }
-    return true;
-  };
-  try {
-    return Json::parse(text, on_event, /*allow_exceptions=*/true, /*ignore_comments=*/true);
-  } catch (const Json::parse_error& e) {
-    syntax_error(text, where, e);
-  } catch (const Json::exception& e) {
-    std::string what = e.what();
-    const size_t cut = what.find("] ");
-    throw std::invalid_argument(where + ": not valid JSON: " + (cut == std::string::npos ? what : what.substr(cut + 2)));
-  }
-}
-
-// ---------------------------------------------------------------------------
-// environment values
-// ---------------------------------------------------------------------------
-
-// Python's int(): optional sign, digits, single underscores between digits.
-std::optional<int64_t> parse_env_int(const std::string& s) {
-  size_t i = (!s.empty() && (s[0] == '+' || s[0] == '-')) ? 1 : 0;
-  std::string digits = s.substr(0, i);
-  bool last_digit = false;
-  for (; i < s.size(); ++i) {
-    if (std::isdigit(static_cast<unsigned char>(s[i]))) {
-      digits += s[i];
-      last_digit = true;
-    } else if (s[i] == '_' && last_digit && i + 1 < s.size() && std::isdigit(static_cast<unsigned char>(s[i + 1]))) {
-      last_digit = false;
-    } else {
-      return std::nullopt;
-    }
-  }
-  if (!last_digit) return std::nullopt;
-  errno = 0;
-  const long long v = std::strtoll(digits.c_str(), nullptr, 10);
-  if (errno == ERANGE) return std::nullopt;
-  return v;
-}
-
-// Python's float(): decimal notation, inf / infinity / nan with an optional sign.
-std::optional<double> parse_env_float(const std::string& s) {
-  std::string t = lower(s);
-  size_t i = (!t.empty() && (t[0] == '+' || t[0] == '-')) ? 1 : 0;
-  const std::string word = t.substr(i);
-  if (word == "inf" || word == "infinity") return t[0] == '-' ? -HUGE_VAL : HUGE_VAL;
-  if (word == "nan") return std::nan("");
-  size_t digits = 0;
-  auto run = [&] {
-    const size_t start = i;
-    while (i < t.size() && (std::isdigit(static_cast<unsigned char>(t[i])) ||
-                            (t[i] == '_' && i > start && i + 1 < t.size() &&
-                             std::isdigit(static_cast<unsigned char>(t[i + 1]))))) {
-      ++i;
-    }
-    digits += i - start;
-  };
-  run();
-  if (i < t.size() && t[i] == '.') {
-    ++i;
-    run();
-  }
-  if (digits == 0) return std::nullopt;
-  if (i < t.size() && t[i] == 'e') {
-    ++i;
-    if (i < t.size() && (t[i] == '+' || t[i] == '-')) ++i;
-    const size_t before = digits;
-    run();
-    if (digits == before) return std::nullopt;
-  }
-  if (i != t.size()) return std::nullopt;
-  t.erase(std::remove(t.begin(), t.end(), '_'), t.end());
-  return std::strtod(t.c_str(), nullptr);
-}
-
-// The value of FLEXKV_<KEY>=text for `spec`, as Python's config_file parses it.
-Json parse_env_value(const std::string& var, const std::string& text, const KeySpec& spec) {
-  const std::string stripped = trim(text);
-  const std::string low = lower(stripped);
-  if (spec.nullable && (low.empty() || low == "none" || low == "null")) return nullptr;
-  std::vector<std::string> expected;
-  auto expect = [&expected](const std::string& what) {
-    if (std::find(expected.begin(), expected.end(), what) == expected.end()) expected.push_back(what);
-  };
-  switch (spec.type) {
-    case KeyType::kBool:
-      for (const char* t : {"1", "true", "yes", "on"}) {
-        if (low == t) return true;
-      }
-      for (const char* f : {"0", "false", "no", "off"}) {
-        if (low == f) return false;
-      }
-      expect("true or false (1/0, true/false, yes/no, on/off)");
-      break;
-    case KeyType::kInt:
-      if (auto v = parse_env_int(stripped)) return *v;
-      expect("an integer");
-      break;
-    case KeyType::kFloat:
-      if (auto v = parse_env_float(stripped)) {
-        if (std::isfinite(*v)) return *v;
-        expect("a finite number");
-      } else {
-        expect("a number");
-      }
-      break;
-    case KeyType::kString:
-    case KeyType::kDirs:
-      if (!stripped.empty()) return stripped;
-      if (spec.type == KeyType::kDirs) return Json::array();  // a list of no directory
-      expect("a non-empty string");
-      break;
-    case KeyType::kObject:
-      try {
-        Json v = Json::parse(stripped);
-        if (v.is_object()) return v;
-        expect("a JSON object such as '{\"endpoint\": \"s3.amazonaws.com\"}'");
-      } catch (const Json::parse_error& e) {
-        expect("a JSON object (not valid JSON at column " + std::to_string(e.byte) + ")");
-      }
-      break;
-    default:
-      expect(describe_type(spec));
-  }
-  throw ConfigKeyError(spec.key(), "environment variable " + var + "='" + text + "' is not valid: expected " +
-                                       join(expected, " or "));
-}
-
-// ---------------------------------------------------------------------------
-// the reader
-// ---------------------------------------------------------------------------
 
 // A key's value, from the file or the environment.
 struct Given {
@@ -266,7 +40,7 @@ class Reader {
   Reader(std::string where, const EnvVars* env) : where_(std::move(where)), env_(env), schema_(config_schema()) {}
 
   ConfigRead read(std::string_view text) {
-    const Json root = parse_text(text, where_);
+    const Json root = parse_config_text(text, where_);
     if (!root.is_object()) {
       throw std::invalid_argument(where_ + ": the config is " + describe_value(root) +
                                   "; it must be an object such as {\"cache_config\": {\"num_cpu_blocks\": 50000}}");

@@ -196,9 +196,7 @@ std::string type_problem(const KeySpec& s, const Json& v) {
   if (ok || (s.nullable && v.is_null())) return "";
   std::string hint;
   if (v.is_string() && accepts_int(s)) {
-    std::string t = v.get<std::string>();
-    const auto first = t.find_first_not_of(" \t\n\r\f\v");
-    t = first == std::string::npos ? "" : t.substr(first, t.find_last_not_of(" \t\n\r\f\v") - first + 1);
+    const std::string t = trim(v.get<std::string>());
     const std::string digits = t.substr(std::min(t.find_first_not_of('-'), t.size()));
     if (!digits.empty() && std::all_of(digits.begin(), digits.end(), [](unsigned char c) { return std::isdigit(c); })) {
       hint = "; write " + t + " without quotes";
@@ -230,14 +228,29 @@ void check_range(const KeySpec& s, const Json& v) {
   if (v.is_null()) return;
   if (s.type == KeyType::kString && !s.choices.empty() &&
       std::find(s.choices.begin(), s.choices.end(), v.get<std::string>()) == s.choices.end()) {
-    std::string list;
-    for (const auto& c : s.choices) list += (list.empty() ? "" : ", ") + c;
-    throw ConfigKeyError(s.key(), v.dump() + " is not supported; use one of: " + list);
+    throw ConfigKeyError(s.key(), v.dump() + " is not supported; use one of: " + join(s.choices, ", "));
   }
   if (s.has_range() && v.is_number() && !in_range(s, v.get<double>())) {
     throw ConfigKeyError(s.key(), v.dump() + " is out of range: expected " + expected_range(s) +
                                       (s.hint.empty() ? "" : " (" + s.hint + ")"));
   }
+}
+
+std::string trim(std::string_view s) {
+  const char* space = " \t\n\r\f\v";
+  const auto first = s.find_first_not_of(space);
+  return first == std::string_view::npos ? "" : std::string(s.substr(first, s.find_last_not_of(space) - first + 1));
+}
+
+std::string lower(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::tolower(c); });
+  return s;
+}
+
+std::string join(const std::vector<std::string>& parts, const std::string& sep) {
+  std::string out;
+  for (const auto& p : parts) out += (out.empty() ? "" : sep) + p;
+  return out;
 }
 
 std::vector<std::string> close_matches(const std::string& word, const std::vector<std::string>& candidates, size_t n,

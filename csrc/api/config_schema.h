@@ -84,6 +84,12 @@ bool in_range(const KeySpec& spec, double value);
 // choices (a string key's choices; dtype names are checked by parse_dtype); null passes.
 void check_range(const KeySpec& spec, const Json& v);
 
+// Text helpers the readers share: `s` without leading and trailing whitespace
+// (as Python's str.strip()), lower-cased, and `parts` joined with `sep`.
+std::string trim(std::string_view s);
+std::string lower(std::string s);
+std::string join(const std::vector<std::string>& parts, const std::string& sep);
+
 // Up to `n` of `candidates` that look like `word` (similarity >= cutoff, best
 // first), as Python's difflib.get_close_matches picks them.
 std::vector<std::string> close_matches(const std::string& word, const std::vector<std::string>& candidates,

@@ -134,9 +134,8 @@ std::vector<std::string> split_dirs(const Json& value) {
   while (start <= text.size()) {
     size_t end = text.find(';', start);
     if (end == std::string::npos) end = text.size();
-    std::string piece = text.substr(start, end - start);
-    const auto first = piece.find_first_not_of(" \t\n\r\f\v");
-    if (first != std::string::npos) out.push_back(piece.substr(first, piece.find_last_not_of(" \t\n\r\f\v") - first + 1));
+    const std::string piece = trim(std::string_view(text).substr(start, end - start));
+    if (!piece.empty()) out.push_back(piece);
     start = end + 1;
   }
   return out;
