@@ -92,7 +92,7 @@ class KVManager:
 
     def start(self) -> None:
         """Opens the tiers (or joins the given control plane). Idempotent."""
-        if self._cp is not None:
+        if self._cp is not None and not self._cp.closed:
             return
         if self.gpu_register_port:  # first: a port in use refuses the start before anything is allocated
             register_manager(self.gpu_register_port, self)
@@ -108,22 +108,28 @@ class KVManager:
             self._release_plane()
             raise
 
+    @property
+    def engine_layout(self) -> EngineLayout | None:
+        """The registered engine KV memory."""
+        return self._engine
+
     def is_ready(self) -> bool:
         """True once started and the engine's KV memory is registered."""
-        return self._cp is not None and self._engine is not None
+        return self._cp is not None and not self._cp.closed and self._engine is not None
 
     def shutdown(self) -> None:
-        """Refuses new launches, cancels tasks not yet launched, waits for copies in flight, frees the tiers
-        (of a control plane this manager opened)."""
-        if self._cp is not None:
-            self._release_plane()
+        """Refuses new launches, cancels tasks not yet launched, waits for copies in flight and stops the
+        cache (one this manager opened; a shared one stays). Tasks that ended can still be waited for."""
+        if self._cp is not None and not self._cp.closed:
+            self._release_plane(keep_results=True)
 
-    def _release_plane(self) -> None:
-        cp, self._cp = self._cp, None
+    def _release_plane(self, keep_results: bool = False) -> None:
+        cp = self._cp
         if cp is not None and self._owns_plane:
             cp.shutdown()
         elif cp is not None and self._layout >= 0 and not cp.closed:
             cp.unregister_layout(self._layout)
+        self._cp = cp if keep_results and self._owns_plane else None
         self._owns_plane, self._layout = False, -1
         if self.gpu_register_port:
             unregister_manager(self.gpu_register_port, self)
@@ -143,8 +149,13 @@ class KVManager:
                 raise LayoutError("register_kv_caches: give either an EngineLayout or tensors with a kv_layout")
             layout = kv_caches
         elif isinstance(kv_layout, KVCacheLayout):
-            self._check_kv_layout(kv_caches, kv_layout)
+            self._check_kv_layout(kv_layout)
             layout = EngineLayout.from_kv_layout(kv_caches, kv_layout)
+            for i, t in enumerate(kv_caches if isinstance(kv_caches, (list, tuple)) else [kv_caches]):
+                got = canonical_dtype_name(t.dtype, f"kv_caches[{i}].dtype")
+                if got != self.model_config.dtype_name:
+                    raise LayoutError(f"kv_caches[{i}] has dtype {got}, model_config.dtype is "
+                                      f"{self.model_config.dtype_name}; register the tensors the model writes")
         else:
             raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
                               f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
@@ -171,7 +182,7 @@ class KVManager:
         return self._cp.register_layout(layout.grouped_segments(), layout.num_blocks,
                                         layout.cuda_index if layout.is_cuda else -1)
 
-    def _check_kv_layout(self, kv_caches: Any, kv_layout: KVCacheLayout) -> None:
+    def _check_kv_layout(self, kv_layout: KVCacheLayout) -> None:
         if kv_layout.tokens_per_block != self.tokens_per_block:
             raise LayoutError(f"kv_layout.tokens_per_block is {kv_layout.tokens_per_block} but "
                               f"cache_config.tokens_per_block is {self.tokens_per_block}; they must be equal")
@@ -179,11 +190,6 @@ class KVManager:
             raise LayoutError(f"kv_layout ({kv_layout.num_layer} layers, mla={kv_layout.is_mla}) does not match "
                               f"model_config ({self.model_config.num_layers} layers, "
                               f"use_mla={self.model_config.use_mla})")
-        for i, t in enumerate(kv_caches if isinstance(kv_caches, (list, tuple)) else [kv_caches]):
-            got = canonical_dtype_name(t.dtype, f"kv_caches[{i}].dtype")
-            if got != self.model_config.dtype_name:
-                raise LayoutError(f"kv_caches[{i}] has dtype {got}, model_config.dtype is "
-                                  f"{self.model_config.dtype_name}; register the tensors the model writes")
 
     # ---------------------------------------------------------------- matching
 
@@ -215,10 +221,17 @@ class KVManager:
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
         return int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
 
+    def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0) -> int:
+        """Makes the CPU tier's cached blocks of ``token_ids`` from ``from_token`` on unreadable, as if they had
+        been evicted (the next put rewrites them); returns how many tokens it dropped."""
+        tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
+        start = max(0, int(from_token)) // self.tokens_per_block
+        return int(self._plane().invalidate(self._run(tokens, namespace, None), start)) * self.tokens_per_block
+
     def block_keys(self, token_ids: Any, namespace: Namespace = None) -> np.ndarray:
         """The (n, 2) uint64 block keys of the whole blocks of ``token_ids``: the same in every facade."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        return self._run(tokens, namespace, None).keys
+        return _core.chain_block_keys(self._seed(namespace), tokens, self.tokens_per_block)
 
     # ------------------------------------------------------------------ copies
 
@@ -288,11 +301,11 @@ class KVManager:
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
         ids = args.task_ids(task_ids)
-        return self._responses(self._plane().wait(ids, max(0.0, float(timeout)), bool(completely)))
+        return self._responses(self._tasks().wait(ids, max(0.0, float(timeout)), bool(completely)))
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
-        return self._responses(self._plane().try_wait(args.task_ids(task_ids)))
+        return self._responses(self._tasks().try_wait(args.task_ids(task_ids)))
 
     def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
         """Waits until ``layer`` of a launched get is in the engine's KV memory (with ``stream``, a
@@ -325,6 +338,12 @@ class KVManager:
 
     # -------------------------------------------------------------- internals
 
+    def _tasks(self) -> Any:
+        """The control plane whose tasks wait() reports: also once it is shut down."""
+        if self._cp is None:
+            raise TaskError("KVManager is not started; call start() first")
+        return self._cp
+
     def _plane(self, call: str | None = None) -> Any:
         cp = self._cp
         if cp is None or cp.closed:
@@ -332,12 +351,17 @@ class KVManager:
             raise TaskError(f"{where}KVManager is not started (or is shutting down); call start() first")
         return cp
 
-    def _run(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Any:
-        cp = self._plane()
+    def _seed(self, namespace: Namespace) -> np.ndarray:
         salts = (*self._salt, *args.namespace_parts(namespace))
         seed = self._seeds.get(salts)
         if seed is None:
-            seed = self._seeds[salts] = cp.seed(self.layout_tag, list(salts))
+            seed = self._seeds[salts] = _core.namespace_seed(self.model_config.fingerprint(), self.tokens_per_block,
+                                                             self.layout_tag, list(salts))
+        return seed
+
+    def _run(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Any:
+        cp = self._plane()
+        seed = self._seed(namespace)
         if block_hashes is None:
             return cp.token_run(seed, tokens)
         return cp.hash_run(seed, args.hashes_array(block_hashes), tokens)

@@ -46,11 +46,9 @@ def random_tokens(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def assert_no_locks(kv: KVManager) -> None:
-    """Every index of the manager (CPU, and SSD when on) is consistent and holds no lock."""
-    indexes = [kv._tier.index] + ([kv._ssd.index] if kv._ssd is not None else [])
-    for index in indexes:
-        index.check_consistency()
-        assert index.stats()["num_locked"] == 0
+    """Every index of the manager's cache (CPU, and SSD when on) is consistent and holds no lock."""
+    kv.control_plane.check_consistency()
+    assert kv.control_plane.locked_blocks() == (0, 0)
 
 
 def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -106,15 +106,11 @@ class Env:
     def tokens(self, n: int) -> np.ndarray:
         return self.rng.integers(0, 50_000, size=n, dtype=np.int64)
 
-    @property
-    def index(self):  # the C++ RadixIndex of the CPU tier
-        return self.kv._tier.index
-
     def locked(self) -> int:
-        return int(self.index.stats()["num_locked"])
+        return int(self.kv.control_plane.locked_blocks()[0])
 
     def cached(self) -> int:
-        return int(self.index.stats()["num_cached"])
+        return int(self.kv.cache_stats()["cpu"]["num_cached"])
 
     def failed(self) -> int:
         return int(self.kv.cache_stats()["tasks_failed"])
@@ -140,12 +136,12 @@ class Env:
 
     def assert_healthy(self) -> None:
         """No lock left, index consistent, and the reference sequence still loads byte-exact."""
-        assert self.locked() == 0, self.index.stats()
-        self.index.check_consistency()
+        assert self.locked() == 0, self.kv.cache_stats()["cpu"]
+        self.kv.control_plane.check_consistency()
         if self.ref_tokens is not None:
             self.load_and_check(self.ref_tokens, REF_DST, self.ref_data)
             assert self.locked() == 0
-            self.index.check_consistency()
+            self.kv.control_plane.check_consistency()
 
 
 @pytest.fixture
@@ -168,7 +164,7 @@ def make_env(request) -> Iterator[Callable[..., Env]]:
     yield factory
     try:
         for env in created:
-            if env.kv._tier is not None:
+            if env.kv.is_ready():
                 env.assert_healthy()
     finally:
         for env in created:
@@ -482,7 +478,7 @@ def test_launch_before_register_kv_caches(make_env) -> None:
     res = kv.wait(tid)[tid]
     assert res.status is S.FAILED and "register_kv_caches" in res.error
     assert env.locked() == 0
-    env.index.check_consistency()
+    env.kv.control_plane.check_consistency()
 
     with pytest.raises(TaskError, match="register_kv_caches"):
         kv.put_async(tokens, slots([0, 1]))
@@ -581,7 +577,7 @@ def test_bad_register_kv_caches_on_a_fresh_manager_leaves_it_unregistered(make_e
         kv.launch(tid, slots([0]))
     assert kv.wait(tid)[tid].status is S.FAILED
     assert env.locked() == 0
-    env.index.check_consistency()
+    env.kv.control_plane.check_consistency()
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -680,7 +676,7 @@ def test_bad_layer_waits_are_refused(env: Env) -> None:
 @pytest.mark.parametrize("case", ["gap", "overlap", "short", "zero_stride"])
 def test_engine_layouts_that_do_not_tile_a_block_are_refused(env: Env, case: str) -> None:
     kv = env.kv
-    good = kv._engine
+    good = kv.engine_layout
     seg = good.segments.copy()
     if case == "gap":
         seg = seg[1:]  # the first chunk of every block would never be written
@@ -693,7 +689,7 @@ def test_engine_layouts_that_do_not_tile_a_block_are_refused(env: Env, case: str
     bad = EngineLayout(seg, good.num_blocks, good.block_bytes, keepalive=good.keepalive)
     with pytest.raises(LayoutError, match="EngineLayout"):
         kv.register_kv_caches(bad)
-    assert kv._engine is good
+    assert kv.engine_layout is good
     env.assert_healthy()
 
 

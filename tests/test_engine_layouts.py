@@ -120,4 +120,4 @@ def test_gpu_plane_without_a_gpu_says_so() -> None:
     with KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=8)) as kv:
         with pytest.raises(LayoutError, match="cuda:0"):
             kv.register_kv_caches(on_gpu)
-        assert kv._engine is None and isinstance(kv._copy, _core.HostCopyEngine)
+        assert kv.engine_layout is None

@@ -130,5 +130,5 @@ def test_external_loads_of_blocks_coming_up_from_ssd(tmp_path, timeout: float) -
             assert plane.poll(5_000_000) == [(job, "")]
         kv.finish_external(task, True)
         wait_until(lambda: kv.cache_stats()["cpu"]["num_locked"] == 0)
-        kv._tier.index.check_consistency()
+        kv.control_plane.check_consistency()
         plane.close()

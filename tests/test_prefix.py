@@ -120,7 +120,7 @@ def test_models_with_other_layouts_get_other_keys() -> None:
                   ModelConfig(num_layers=2, num_kv_heads=2, head_size=8, dtype="float16", tp_size=2),
                   ModelConfig(num_layers=3, num_kv_heads=2, head_size=8, dtype="float16")):
         kv = KVManager(model, CacheConfig(num_cpu_blocks=8, tokens_per_block=TPB))
-        keys.append(kv._keys(np.arange(TPB, dtype=np.int64), None).tobytes())
+        keys.append(kv.block_keys(np.arange(TPB, dtype=np.int64)).tobytes())
     assert len(set(keys)) == len(keys)
 
 

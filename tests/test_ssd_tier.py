@@ -11,12 +11,14 @@ import os
 import subprocess
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, ModelConfig
+from flexkv.core.control_plane import FaultInjectingIoEnv
 from flexkv.core.errors import ConfigError
 
 from kv_helpers import assert_no_locks, bitwise_equal, poison, random_tokens, slots_for
@@ -29,11 +31,12 @@ def model() -> ModelConfig:
     return ModelConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
 
 
-def make(dirs: list[Path], engine: str, cpu_blocks: int = 8, ssd_blocks: int = 64, fault: bool = False,
+def make(dirs: list[Path], engine: str, cpu_blocks: int = 8, ssd_blocks: int = 64, faults: Any = None,
          **extra) -> tuple[KVManager, list[torch.Tensor]]:
+    """A started, registered manager; ``faults`` (a FaultInjectingIoEnv) replaces the SSD tier's I/O."""
     cfg = CacheConfig(num_cpu_blocks=cpu_blocks, tokens_per_block=TPB, enable_ssd=True, num_ssd_blocks=ssd_blocks,
                       ssd_cache_dir=";".join(str(d) for d in dirs), **extra)
-    kv = KVManager(model(), cfg, ssd_io_engine=engine, ssd_fault_injection=fault)
+    kv = KVManager(model(), cfg, ssd_io_engine=engine, ssd_env=faults)
     kv.start()
     caches = [torch.zeros(2, ENGINE_BLOCKS, TPB, HEADS, HEAD, dtype=torch.float16) for _ in range(LAYERS)]
     kv.register_kv_caches(caches, KVCacheLayout(KVCacheLayoutType.LAYERFIRST, LAYERS, ENGINE_BLOCKS, TPB, HEADS,
@@ -89,7 +92,7 @@ def test_blocks_evicted_from_cpu_come_back_from_ssd_byte_exact(engine: str, ssd_
     gen, rng = seeds(request)
     kv, caches = make([ssd_dir], engine)
     try:
-        assert kv._ssd.store.io_engine == engine
+        assert kv.control_plane.ssd_io_engine == engine
         tokens = random_tokens(rng, 6 * TPB + 3)
         want = fill(caches, range(6), gen)
         put_completely(kv, tokens, range(6))
@@ -142,7 +145,7 @@ def test_a_restart_keeps_the_hits(engine: str, ssd_dir: Path, request) -> None:
         kv.shutdown()
     kv, caches = make([ssd_dir], engine)  # a new process would see the same files
     try:
-        assert kv._ssd.restored >= 5
+        assert kv.control_plane.ssd_restored >= 5
         poison(caches)
         mask, res = get(kv, tokens, range(30, 35))
         assert res.ok and mask.sum() == 5 * TPB
@@ -169,6 +172,7 @@ sys.path.insert(0, {str(Path(__file__).parent)!r})
 from test_ssd_tier import make, get, TPB
 from kv_helpers import bitwise_equal, poison
 from pathlib import Path
+from typing import Any
 kv, caches = make([Path({str(ssd_dir)!r})], "io_uring")
 tokens = np.load({str(ssd_dir.parent / "tokens.npy")!r})
 want = torch.load({str(ssd_dir.parent / "want.pt")!r})
@@ -193,16 +197,14 @@ def _stored(kv, caches, gen, rng, n=4):
 
 def _slot_offsets(kv, tokens) -> list[tuple[Path, int, int]]:
     """(file, header offset, payload offset) of each stored block of tokens, in chain order."""
-    ssd = kv._ssd
-    keys = kv._keys(tokens, None)
-    n, slots = ssd.index.acquire(keys, 0)
-    ssd.index.release(slots)
-    assert n == len(keys)
+    plane = kv.control_plane
+    slots = plane.ssd_slots(plane.token_run(plane.seed("", []), tokens))
+    assert len(slots) == len(tokens) // TPB
     # One directory, one file: slots follow each other, each a header then the payload padded to 4096.
     dirs = kv.cache_config.ssd_cache_dirs
     assert len(dirs) == 1
     (path,) = slot_files(Path(dirs[0]))
-    slot_bytes = ssd.store.slot_bytes
+    slot_bytes = plane.ssd_slot_bytes
     payload = -(-kv.block_bytes // 4096) * 4096
     return [(path, int(s) * slot_bytes, int(s) * slot_bytes + slot_bytes - payload) for s in slots]
 
@@ -265,7 +267,7 @@ def test_a_directory_of_another_layout_is_ignored(ssd_dir: Path, request, caplog
         kv2 = KVManager(other, cfg)
         kv2.start()
     try:
-        assert kv2._ssd.restored == 0
+        assert kv2.control_plane.ssd_restored == 0
         assert "another model or KV layout" in caplog.text
         before = {p: p.stat().st_mtime_ns for p in slot_files(ssd_dir)}
     finally:
@@ -277,9 +279,10 @@ def test_a_directory_of_another_layout_is_ignored(ssd_dir: Path, request, caplog
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
 def test_write_errors_skip_the_store_and_nothing_breaks(engine: str, err: int, ssd_dir: Path, request) -> None:
     gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], engine, fault=True)
+    faults = FaultInjectingIoEnv(engine)
+    kv, caches = make([ssd_dir], engine, faults=faults)
     try:
-        kv._ssd.store.inject("fail_writes", err, 0, -1)
+        faults.fail_writes(err, 0, -1)
         tokens = random_tokens(rng, 4 * TPB)
         want = fill(caches, range(4), gen)
         put_completely(kv, tokens, range(4))
@@ -288,7 +291,7 @@ def test_write_errors_skip_the_store_and_nothing_breaks(engine: str, err: int, s
         poison(caches)
         _, res = get(kv, tokens, range(10, 14))
         assert res.ok and all(bitwise_equal(w, c[:, 10:14]) for w, c in zip(want, caches))
-        kv._ssd.store.inject("clear")
+        faults.clear()
         push_out_of_cpu(kv, caches, gen, rng)
         # Off the CPU and never stored on SSD: a clean miss.
         task_id, mask = kv.get_match(tokens)
@@ -302,10 +305,11 @@ def test_write_errors_skip_the_store_and_nothing_breaks(engine: str, err: int, s
 @pytest.mark.parametrize("engine", ENGINES)
 def test_read_errors_are_misses(engine: str, ssd_dir: Path, request) -> None:
     gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], engine, fault=True)
+    faults = FaultInjectingIoEnv(engine)
+    kv, caches = make([ssd_dir], engine, faults=faults)
     try:
         tokens = _stored(kv, caches, gen, rng)
-        kv._ssd.store.inject("fail_reads", errno.EIO, 0, -1)
+        faults.fail_reads(errno.EIO, 0, -1)
         poison(caches)
         _, res = get(kv, tokens, range(50, 54))
         assert not res.ok and not res.return_mask.any()
@@ -318,9 +322,10 @@ def test_read_errors_are_misses(engine: str, ssd_dir: Path, request) -> None:
 
 def test_torn_writes_are_caught_on_read(ssd_dir: Path, request) -> None:
     gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring", fault=True)
+    faults = FaultInjectingIoEnv("io_uring")
+    kv, caches = make([ssd_dir], "io_uring", faults=faults)
     try:
-        kv._ssd.store.inject("tear_writes", 0, 0, 1)
+        faults.tear_writes(1)
         tokens = _stored(kv, caches, gen, rng, n=3)
         poison(caches)
         _, res = get(kv, tokens, range(50, 53))
@@ -337,10 +342,10 @@ def test_prefetch_brings_blocks_up_without_a_launch(ssd_dir: Path, request) -> N
     kv, caches = make([ssd_dir], "io_uring")
     try:
         tokens = _stored(kv, caches, gen, rng)
-        assert kv._tier.index.match(kv._keys(tokens, None)) == 0
+        assert kv.lookup(tokens)[0] == 0
         task_id = kv.prefetch_async(tokens)
         assert kv.wait(task_id)[task_id].ok
-        assert kv._tier.index.match(kv._keys(tokens, None)) == 4
+        assert kv.lookup(tokens)[0] == 4 * TPB
         assert_no_locks(kv)
     finally:
         kv.shutdown()
@@ -390,7 +395,7 @@ def test_two_caches_never_share_a_directory(ssd_dir: Path, request) -> None:
         kv.shutdown()
     kv2, _ = make([ssd_dir], "io_uring")  # free again once the first has shut down
     try:
-        assert kv2._ssd.restored == 2
+        assert kv2.control_plane.ssd_restored == 2
     finally:
         kv2.shutdown()
 
@@ -408,7 +413,7 @@ def test_a_put_whose_prefix_another_put_is_storing_still_reaches_ssd(ssd_dir: Pa
         kv.launch(short_id, slots_for(short_mask, list(range(8)), TPB))
         res = kv.wait([long_id, short_id], completely=True)
         assert res[long_id].ok and res[short_id].ok
-        assert kv._ssd.index.match(kv._keys(tokens, None)) == 8  # both halves are on SSD
+        assert kv.lookup(tokens)[1] == 8 * TPB  # both halves are on SSD
     finally:
         kv.shutdown()
 
@@ -427,7 +432,7 @@ def test_a_restart_scans_the_written_slots_and_copes_without_the_mark(ssd_dir: P
     for _ in range(2):
         kv, _ = make([ssd_dir], "io_uring", ssd_blocks=10_000)
         try:
-            assert kv._ssd.restored == 3
+            assert kv.control_plane.ssd_restored == 3
         finally:
             kv.shutdown()
         mark.unlink()  # the second start has no mark: it scans every slot and finds the same blocks

@@ -21,7 +21,6 @@ import torch
 
 from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus, ModelConfig
 from flexkv.core.errors import TaskError
-from flexkv.core.task import TaskState
 
 L, H, D, T = 2, 2, 8, 16  # layers, kv heads, head size, tokens per block
 NUM_ENGINE_BLOCKS = 64
@@ -120,12 +119,17 @@ class Env:
     def tokens(self, n: int) -> np.ndarray:
         return self.rng.integers(0, 50_000, size=n, dtype=np.int64)
 
-    @property
-    def index(self):  # the C++ RadixIndex of the CPU tier
-        return self.kv._tier.index
-
     def locked(self) -> int:
-        return int(self.index.stats()["num_locked"])
+        return int(self.kv.control_plane.locked_blocks()[0])
+
+    def lock_count(self, block_id: int) -> int:
+        return int(self.kv.control_plane.cpu_block(block_id)[1])
+
+    def is_ready(self, block_id: int) -> bool:
+        return bool(self.kv.control_plane.cpu_block(block_id)[0])
+
+    def host_ids(self, task_id: int) -> list[int]:
+        return [int(i) for i in self.kv.control_plane.inspect(task_id)["host_ids"]]
 
     def put(self, tokens: np.ndarray, src: Sequence[int], namespace: str | None = None) -> list[torch.Tensor]:
         """Fills engine blocks ``src`` (one per whole block of ``tokens``) with fresh data and stores them
@@ -158,10 +162,9 @@ class Env:
 
 
 def assert_index_clean(kv: KVManager) -> None:
-    index = kv._tier.index
-    stats = index.stats()
-    assert stats["num_locked"] == 0, f"blocks left locked: {stats}"
-    index.check_consistency()
+    locked = kv.control_plane.locked_blocks()
+    assert locked == (0, 0), f"blocks left locked: {locked}"
+    kv.control_plane.check_consistency()
 
 
 @pytest.fixture
@@ -184,7 +187,7 @@ def make_env(request) -> Iterator:
     yield factory
     try:
         for kv in created:
-            if kv._tier is not None:
+            if kv.control_plane is not None:
                 assert_index_clean(kv)
     finally:
         for kv in created:
@@ -198,22 +201,18 @@ def env(make_env) -> Env:
 
 @contextlib.contextmanager
 def gated(kv: KVManager) -> Iterator[SimpleNamespace]:
-    """Holds the end of every completing task until the test sets ``gate``: a launched task stays
-    observably RUNNING until then (its copy may finish; the manager does not end the task)."""
+    """Holds the end of every task whose copy finishes until the test sets ``gate``: a launched task stays
+    observably running until then (its copy may finish; the control plane does not end the task)."""
     gate = threading.Event()
-    inner = kv._finish
-
-    def finish(task, state, error):
-        if state is TaskState.COMPLETED:
-            gate.wait(30)
-        return inner(task, state, error)
-
-    kv._finish = finish
+    kv.control_plane.pause_completions(True)
+    opener = threading.Thread(target=lambda: gate.wait(30) and kv.control_plane.pause_completions(False))
+    opener.start()
     try:
         yield SimpleNamespace(gate=gate)
     finally:
         gate.set()
-        del kv._finish
+        opener.join()
+        kv.control_plane.pause_completions(False)
 
 
 def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
@@ -621,14 +620,14 @@ def test_cancel_unlaunched_get_unlocks_its_blocks(env: Env) -> None:
     data = env.put(tokens, [0, 1, 2])
     tid, mask = kv.get_match(tokens)
     assert mask.sum() == 3 * T
-    ids = kv._tasks[tid].host_ids.copy()
+    ids = env.host_ids(tid)
     assert len(ids) == 3
-    assert [env.index.lock_count(int(i)) for i in ids] == [1, 1, 1]
+    assert [env.lock_count(i) for i in ids] == [1, 1, 1]
     assert env.locked() == 3
     kv.cancel(tid)
-    assert [env.index.lock_count(int(i)) for i in ids] == [0, 0, 0]
+    assert [env.lock_count(i) for i in ids] == [0, 0, 0]
     assert env.locked() == 0
-    assert all(env.index.is_ready(int(i)) for i in ids)  # a cancelled get leaves the data cached
+    assert all(env.is_ready(i) for i in ids)  # a cancelled get leaves the data cached
     res = wait_one(kv, tid)
     assert res.status is S.CANCELLED
     with pytest.raises(TaskError, match=str(tid)):
@@ -654,11 +653,11 @@ def test_cancel_unlaunched_put_leaves_blocks_unreadable_until_rewritten(env: Env
     eng.fill([0, 1, 2])
     tid, mask = kv.put_match(tokens)
     assert mask.sum() == 3 * T
-    ids = kv._tasks[tid].host_ids.copy()
+    ids = env.host_ids(tid)
     assert env.locked() == 3
     kv.cancel(tid)
     assert env.locked() == 0
-    assert not any(env.index.is_ready(int(i)) for i in ids)
+    assert not any(env.is_ready(i) for i in ids)
     assert wait_one(kv, tid).status is S.CANCELLED
 
     tid, mask = kv.get_match(tokens)
@@ -694,7 +693,7 @@ def test_cancel_several_tasks_at_once(env: Env) -> None:
     tb, _ = kv.get_match(a)  # the same blocks, locked twice
     tp, _ = kv.put_match(b)
     assert env.locked() == 4
-    assert kv._tier.index.lock_count(int(kv._tasks[ta].host_ids[0])) == 2
+    assert env.lock_count(env.host_ids(ta)[0]) == 2
     kv.cancel(np.array([ta, tb, tp]))
     assert env.locked() == 0
     res = kv.wait([ta, tb, tp])
@@ -906,11 +905,11 @@ def test_shutdown_cancels_unlaunched_tasks_and_later_calls_raise(env: Env) -> No
     env.put(tokens, [0, 1])
     tg, _ = kv.get_match(tokens)
     tp, _ = kv.put_match(env.tokens(3 * T))
-    index = kv._tier.index
-    assert index.stats()["num_locked"] == 5
+    plane = kv.control_plane
+    assert plane.locked_blocks() == (5, 0)
     kv.shutdown()
-    assert index.stats()["num_locked"] == 0
-    index.check_consistency()
+    assert plane.locked_blocks() == (0, 0)
+    plane.check_consistency()
     assert not kv.is_ready()
     res = kv.wait([tg, tp], timeout=1)
     assert res[tg].status is S.CANCELLED and res[tp].status is S.CANCELLED
@@ -939,11 +938,11 @@ def test_shutdown_finishes_launched_copies(env: Env) -> None:
     tokens = env.tokens(4 * T)
     env.eng.fill([0, 1, 2, 3])
     tid = kv.put_async(tokens, slots([0, 1, 2, 3]))
-    index = kv._tier.index
-    host_ids = [int(i) for i in kv._tasks[tid].host_ids]
+    plane = kv.control_plane
+    host_ids = env.host_ids(tid)
     assert len(host_ids) == 4
     kv.shutdown()
     res = wait_one(kv, tid, timeout=1)
     assert res.status is S.SUCCESS
-    assert index.stats()["num_locked"] == 0
-    assert all(index.is_ready(i) for i in host_ids)  # the copy finished and its blocks were committed
+    assert plane.locked_blocks() == (0, 0)
+    assert all(plane.cpu_block(i)[0] for i in host_ids)  # the copy finished and its blocks were committed

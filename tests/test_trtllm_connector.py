@@ -164,11 +164,18 @@ def test_delayed_free_keeps_blocks_until_the_store_is_reported(config, executor_
     ex = executor_factory(llm_args())
     req = Request(30, prompt(25, rng), max_new_tokens=1)
     ex.add_request(req)
-    while req not in ex.finished:
-        ex.step()
-    # request_finished returned True: the blocks stay pinned until get_finished reports the request.
-    saved_once = ex.pinned.get(30)
-    assert saved_once and not set(saved_once) & set(ex.free)
+    plane = ex.scheduler.session.kv.control_plane
+    plane.pause_completions(True)  # the store's copy cannot end: get_finished cannot report it yet
+    try:
+        while req not in ex.finished:
+            ex.step()
+        for _ in range(3):
+            ex.step()
+        # request_finished returned True: the blocks stay pinned until get_finished reports the request.
+        saved_once = ex.pinned.get(30)
+        assert saved_once and not set(saved_once) & set(ex.free)
+    finally:
+        plane.pause_completions(False)
     ex.run()
     assert saved_once is not None and 30 not in ex.pinned
     assert set(saved_once) <= set(ex.free)

@@ -138,16 +138,11 @@ def _inject_lost_blocks() -> None:
 
     real = KVManager.get_match
 
-    def get_match(self, token_ids, token_mask=None, namespace=None):
-        import numpy as np
-
-        keys = self._chain(np.asarray(token_ids, dtype=np.int64), namespace).keys
-        n = self._tier.index.match(keys)
-        if n:
-            _, ids = self._tier.index.acquire(keys[:n], n - 1)  # the last cached block, locked
-            self._tier.index.set_ready(ids, False)
-            self._tier.index.release(ids)
-        return real(self, token_ids, token_mask, namespace)
+    def get_match(self, token_ids, token_mask=None, namespace=None, **kwargs):
+        cached, _ = self.lookup(token_ids, namespace)
+        if cached:
+            self.invalidate(token_ids, namespace, from_token=cached - self.tokens_per_block)  # the last cached block
+        return real(self, token_ids, token_mask, namespace, **kwargs)
 
     KVManager.get_match = get_match
 

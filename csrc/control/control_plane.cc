@@ -26,7 +26,9 @@ std::string ssd_fingerprint(const ControlPlaneOptions& o) {
 
 }  // namespace
 
-std::shared_ptr<ControlPlane> ControlPlane::open(ControlPlaneOptions options) {
+std::shared_ptr<ControlPlane> ControlPlane::open(ControlPlaneOptions options) { return create(std::move(options)); }
+
+std::unique_ptr<ControlPlane> ControlPlane::create(ControlPlaneOptions options) {
   if (options.tokens_per_block < 1) {
     throw ConfigError("cache_config.tokens_per_block must be at least 1", "cache_config.tokens_per_block");
   }
@@ -40,7 +42,7 @@ std::shared_ptr<ControlPlane> ControlPlane::open(ControlPlaneOptions options) {
     throw ConfigError("cache_config.num_ssd_blocks = " + std::to_string(options.num_ssd_blocks) + " is outside 1.." +
                           std::to_string(kMaxBlocks), "cache_config.num_ssd_blocks");
   }
-  return std::shared_ptr<ControlPlane>(new ControlPlane(std::move(options)));
+  return std::unique_ptr<ControlPlane>(new ControlPlane(std::move(options)));
 }
 
 ControlPlane::ControlPlane(ControlPlaneOptions options) : options_(std::move(options)) {
@@ -131,6 +133,10 @@ void ControlPlane::shutdown() {
     if (e.collector.joinable()) e.collector.join();
     e.engine.reset();  // a GPU engine unpins the CPU tier before the tier is unmapped
   }
+  // The tiers' memory and files go now (the SSD directories are free for the next cache); their indexes
+  // stay for the counters and for waits on tasks that ended.
+  if (ssd_) ssd_->close();
+  cpu_->close();
   {
     std::lock_guard<std::mutex> g(mu_);
     closed_ = true;
@@ -511,6 +517,17 @@ std::optional<TaskView> ControlPlane::inspect(TaskId id) {
   if (t == nullptr) return std::nullopt;
   return TaskView{stage_name(t->state), kind_name(t->kind), t->blocks, t->host_ids, t->held};
 }
+
+std::vector<int32_t> ControlPlane::ssd_slots(const KeyRun& run) {
+  if (!ssd_) return {};
+  std::vector<int32_t> slots(run.size());
+  const size_t got = run_acquire(ssd_->index(), run, 0, run.size(), slots.data());
+  slots.resize(got);
+  ssd_->index().release(slots.data(), slots.size());
+  return slots;
+}
+
+uint64_t ControlPlane::ssd_slot_bytes() const { return ssd_ ? ssd_->slot_bytes() : 0; }
 
 std::pair<bool, int32_t> ControlPlane::cpu_block(int32_t id) const {
   return {cpu_->index().is_ready(id), cpu_->index().lock_count(id)};

@@ -130,6 +130,9 @@ class ControlPlane {
   // Allocates the CPU tier, opens (and restores) the SSD tier, starts the SSD
   // threads. Throws ConfigError naming the key at fault.
   static std::shared_ptr<ControlPlane> open(ControlPlaneOptions options);
+  // The same, for a host that owns the object its own way (the Python module
+  // destroys it with the GIL released).
+  static std::unique_ptr<ControlPlane> create(ControlPlaneOptions options);
   ~ControlPlane();
   ControlPlane(const ControlPlane&) = delete;
   ControlPlane& operator=(const ControlPlane&) = delete;
@@ -221,6 +224,9 @@ class ControlPlane {
   std::pair<int64_t, int64_t> locked_blocks() const;
   // A task a caller may still name, or nullopt.
   std::optional<TaskView> inspect(TaskId id);
+  // The SSD slots of the run's leading blocks on SSD (tools: where a block lives on disk).
+  std::vector<int32_t> ssd_slots(const KeyRun& run);
+  uint64_t ssd_slot_bytes() const;
   // (ready, lock count) of a CPU block id.
   std::pair<bool, int32_t> cpu_block(int32_t id) const;
   // Makes the run's cached CPU blocks from position `start` on unreadable, as

@@ -36,7 +36,10 @@ std::chrono::steady_clock::time_point deadline_after(double seconds) {
                                                 std::chrono::duration<double>(s));
 }
 
-std::string ids_text(const Task& t) { return "task " + std::to_string(t.id); }
+// Task ids as callers wrote them: an id from Python may have been negative.
+std::string id_text(TaskId id) { return std::to_string(static_cast<int64_t>(id)); }
+
+std::string ids_text(const Task& t) { return "task " + id_text(t.id); }
 
 }  // namespace
 
@@ -76,7 +79,14 @@ void ControlPlane::commit_put(Task* t, Outcome* outcome) {
   const TaskId id = t->id;
   std::shared_ptr<const KeyRun> shared = t->run;
   if (!ssd_writes_->post([this, id, shared, n, own] { write_through_job(id, shared, n, own); })) {
-    write_through_job(id, shared, n, own);  // shutting down: the put still gets its copy
+    // Shut down (an external copy reported late): the SSD tier is closed, the block stays CPU-only.
+    cpu_->index().release(own.data(), own.size());
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      write_backlog_ -= own.size();
+    }
+    stats_.add(Counter::kSsdWriteSkippedBlocks, static_cast<int64_t>(t->held.size()));
+    outcome->state = TaskStage::kDone;
   }
 }
 
@@ -242,7 +252,7 @@ void ControlPlane::submit_copy(Task* t, std::unique_lock<std::mutex>& lock) {
   t->move_to(TaskStage::kFinishing);
   lock.unlock();
   end(t, Outcome{TaskStage::kFailed, "launch failed: " + refused});
-  throw TaskError("task " + std::to_string(id) + ": " + refused);
+  throw TaskError("task " + id_text(id) + ": " + refused);
 }
 
 void ControlPlane::collect(CopyEngine* engine) {
@@ -274,7 +284,7 @@ void ControlPlane::on_copy_done(const CopyCompletion& c) {
 
 std::vector<int64_t> ControlPlane::engine_blocks_of(const Task& t, const EngineTargets& targets,
                                                     const Layout* layout) const {
-  const std::string who = "task " + std::to_string(t.id) + ": ";
+  const std::string who = "task " + id_text(t.id) + ": ";
   if (!targets.error.empty()) throw TaskError(who + targets.error);
   const auto tpb = static_cast<size_t>(options_.tokens_per_block);
   const size_t want = targets.slots ? t.promised * tpb : t.promised;
@@ -334,9 +344,9 @@ void ControlPlane::launch(const std::vector<TaskId>& ids, const std::vector<Engi
     require_open("launch");
     for (TaskId id : ids) {
       Task* t = find(id);
-      if (t == nullptr) throw TaskError("launch: unknown task id " + std::to_string(id));
+      if (t == nullptr) throw TaskError("launch: unknown task id " + id_text(id));
       if (!t->launchable() || std::find(claimed.begin(), claimed.end(), t) != claimed.end()) {
-        throw TaskError("launch: task " + std::to_string(id) + " is " + stage_name(t->state) +
+        throw TaskError("launch: task " + id_text(id) + " is " + stage_name(t->state) +
                         " and was launched before; a task is launched once, after get_match or put_match");
       }
       claimed.push_back(t);
@@ -429,9 +439,9 @@ Taken ControlPlane::take(TaskId id, double timeout_s) {
   std::unique_lock<std::mutex> lock(mu_);
   require_open("take_external");
   Task* t = find(id);
-  if (t == nullptr) throw TaskError("launch: unknown task id " + std::to_string(id));
+  if (t == nullptr) throw TaskError("launch: unknown task id " + id_text(id));
   if (!t->launchable()) {
-    throw TaskError("launch: task " + std::to_string(id) + " is " + stage_name(t->state) +
+    throw TaskError("launch: task " + id_text(id) + " is " + stage_name(t->state) +
                     " and was launched before; a task is launched once, after get_match or put_match");
   }
   t->launched = Task::Clock::now();
@@ -457,7 +467,7 @@ Taken ControlPlane::take(TaskId id, double timeout_s) {
 void ControlPlane::complete(TaskId id, bool ok, const std::string& error) {
   std::unique_lock<std::mutex> lock(mu_);
   Task* t = find(id);
-  if (t == nullptr) throw TaskError("finish_external: unknown task id " + std::to_string(id));
+  if (t == nullptr) throw TaskError("finish_external: unknown task id " + id_text(id));
   if (t->state == TaskStage::kEndingAfterPromotion) {  // its SSD reads still write into its CPU blocks: they end it
     t->detached = true;
     return;
@@ -467,7 +477,7 @@ void ControlPlane::complete(TaskId id, bool ok, const std::string& error) {
     return;
   }
   if (t->state != TaskStage::kExternal) {
-    throw TaskError("finish_external: task " + std::to_string(id) + " was not taken by take_external");
+    throw TaskError("finish_external: task " + id_text(id) + " was not taken by take_external");
   }
   t->detached = true;  // nobody waits for it afterwards
   t->move_to(TaskStage::kFinishing);
@@ -488,7 +498,7 @@ void ControlPlane::cancel(const std::vector<TaskId>& ids) {
     if (t->state != TaskStage::kMatched) {
       const bool busy = running(t->state);
       lock.unlock();
-      if (busy) log_line(LogLevel::kWarning, "cancel: task " + std::to_string(id) + " is already copying; it will complete");
+      if (busy) log_line(LogLevel::kWarning, "cancel: task " + id_text(id) + " is already copying; it will complete");
       continue;
     }
     t->move_to(TaskStage::kFinishing);
@@ -512,7 +522,7 @@ void ControlPlane::write_through_job(TaskId id, std::shared_ptr<const KeyRun> ru
     }
     if (!written) counters.ssd_write_skipped_blocks += static_cast<int64_t>(own.size());
   } catch (const std::exception& e) {  // a failed write-through only costs an SSD copy
-    log_line(LogLevel::kError, "SSD tier: write-through of task " + std::to_string(id) + " failed: " + e.what());
+    log_line(LogLevel::kError, "SSD tier: write-through of task " + id_text(id) + " failed: " + e.what());
   }
   if (!own.empty()) {
     try {
@@ -614,9 +624,9 @@ bool ControlPlane::wait_layer(TaskId id, int32_t layer, void* stream, double tim
   uint64_t job = 0;
   for (;;) {
     Task* t = find(id);
-    if (t == nullptr) throw TaskError("wait_layer: unknown task id " + std::to_string(id) + " (or already reported by wait)");
+    if (t == nullptr) throw TaskError("wait_layer: unknown task id " + id_text(id) + " (or already reported by wait)");
     if (t->state == TaskStage::kMatched || t->state == TaskStage::kPromoting) {
-      throw TaskError("wait_layer: task " + std::to_string(id) + " is not launched; launch it first");
+      throw TaskError("wait_layer: task " + id_text(id) + " is not launched; launch it first");
     }
     if (t->ended()) return t->state == TaskStage::kDone || t->state == TaskStage::kWritingThrough;
     if (t->state == TaskStage::kCopying && t->job != 0) {

@@ -35,6 +35,9 @@ class CpuTier {
   uint64_t size() const { return static_cast<uint64_t>(num_blocks_) * block_stride_; }
   uint8_t* block(int32_t id) const { return shm_.data() + static_cast<uint64_t>(id) * block_stride_; }
   HostRegion region() const { return HostRegion{base(), block_stride_, num_blocks_}; }
+  // Unmaps the blocks and removes the segment (mappings others hold stay valid);
+  // the index stays. Nothing may copy to or from the tier afterwards.
+  void close() { shm_.close(); }
   // Shares the mapping: it stays mapped while any holder lives (views handed out).
   std::shared_ptr<const void> mapping() const { return shm_.mapping(); }
 

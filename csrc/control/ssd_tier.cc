@@ -174,9 +174,12 @@ SsdTier::SsdTier(const SsdTierOptions& options)
                                 " blocks restored");
 }
 
-SsdTier::~SsdTier() {
+SsdTier::~SsdTier() { close(); }
+
+void SsdTier::close() {
   store_.reset();
   for (int fd : lock_fds_) ::close(fd);
+  lock_fds_.clear();
 }
 
 int64_t SsdTier::restore() {
@@ -244,6 +247,7 @@ SsdBatchResult SsdTier::write(const CpuTier& cpu, const int32_t* cpu_ids, const 
   SsdBatchResult r;
   r.status.assign(n, SsdStatus::kIoError);
   if (n == 0) return r;
+  if (!store_) throw std::runtime_error("the SSD tier is closed");
   int32_t top = 0;
   for (size_t k = 0; k < n; ++k) top = std::max(top, slots[k]);
   note_high_water(int64_t{top} + 1, false);
@@ -257,6 +261,7 @@ SsdBatchResult SsdTier::read(const CpuTier& cpu, const int32_t* cpu_ids, const i
   SsdBatchResult r;
   r.status.assign(n, SsdStatus::kIoError);
   if (n == 0) return r;
+  if (!store_) throw std::runtime_error("the SSD tier is closed");
   const std::vector<SsdBlock> blocks = blocks_of(cpu, cpu_ids, slots, run, positions, n);
   store_->read(blocks.data(), n, r.status.data());
   return r;
@@ -265,7 +270,7 @@ SsdBatchResult SsdTier::read(const CpuTier& cpu, const int32_t* cpu_ids, const i
 void SsdTier::drop(const int32_t* slots, size_t n) {
   if (n == 0) return;
   index_.set_ready(slots, n, false);
-  store_->invalidate(slots, n);
+  if (store_) store_->invalidate(slots, n);
 }
 
 }  // namespace flexkv

@@ -56,7 +56,8 @@ class SsdTier {
   const RadixIndex& index() const { return index_; }
   int64_t num_blocks() const { return options_.num_blocks; }
   int64_t restored() const { return restored_; }
-  std::string io_engine() const { return store_->io_env_name(); }
+  std::string io_engine() const { return store_ ? store_->io_env_name() : "closed"; }
+  uint64_t slot_bytes() const { return store_ ? store_->slot_bytes() : 0; }
 
   // Writes CPU blocks to SSD slots (reserved in this tier's index), block k
   // being run position positions[k]; both locked by the caller. A header
@@ -70,6 +71,9 @@ class SsdTier {
                       const int64_t* positions, size_t n);
   // Makes locked slots unreadable (their bytes were wrong) and erases their headers.
   void drop(const int32_t* slots, size_t n);
+  // Closes the files and lets another cache use the directories; the index
+  // stays. Reads and writes afterwards throw std::runtime_error.
+  void close();
 
  private:
   std::vector<SsdBlock> blocks_of(const CpuTier& cpu, const int32_t* cpu_ids, const int32_t* slots,

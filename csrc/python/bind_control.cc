@@ -102,7 +102,7 @@ py::dict index_dict(const flexkv::RadixIndexStats& s) {
 py::list reports_list(const std::vector<flexkv::Report>& reports) {
   py::list out;
   for (const auto& r : reports) {
-    out.append(py::make_tuple(r.task, r.status, r.seq_len, to_array(r.blocks), r.error));
+    out.append(py::make_tuple(static_cast<int64_t>(r.task), r.status, r.seq_len, to_array(r.blocks), r.error));
   }
   return out;
 }
@@ -127,6 +127,16 @@ void bind_control(py::module_& m) {
       .value("CANCELLED", flexkv::ReportStatus::kCancelled)
       .value("FAILED", flexkv::ReportStatus::kFailed);
 
+  m.def("namespace_seed", [](const std::string& model_fingerprint, int tokens_per_block, const std::string& layout_tag,
+                             const std::vector<std::string>& salts) {
+    const BlockKey k = flexkv::namespace_seed(flexkv::NamespaceSpec{model_fingerprint, tokens_per_block, layout_tag}, salts);
+    KeyArray out(py::ssize_t{2});
+    out.mutable_at(0) = k.lo;
+    out.mutable_at(1) = k.hi;
+    return out;
+  }, py::arg("model_fingerprint"), py::arg("tokens_per_block"), py::arg("layout_tag"), py::arg("salts"),
+     "The seed of a namespace: the same as ControlPlane.seed for a plane of that model and block size.");
+
   m.def("salt_block_hashes", [](const KeyArray& seed, const KeyArray& hashes) {
     size_t n;
     const BlockKey* h = keys_of(hashes, &n, "hashes");
@@ -139,8 +149,20 @@ void bind_control(py::module_& m) {
                                                           "FlexKV's one cache: tiers, tasks, flows, events, counters.")
       .def(py::init([](const py::dict& options) {
              flexkv::ControlPlaneOptions o = options_of(options);
-             py::gil_scoped_release nogil;  // preallocating SSD files and restoring the index take a while
-             return ControlPlane::open(std::move(o));
+             std::unique_ptr<ControlPlane> plane;
+             {
+               py::gil_scoped_release nogil;  // preallocating SSD files and restoring the index take a while
+               plane = ControlPlane::create(std::move(o));
+             }
+             // Destroyed without the GIL: its threads may log (into Python) while it joins them.
+             return std::shared_ptr<ControlPlane>(plane.release(), [](ControlPlane* p) {
+               if (Py_IsInitialized() && PyGILState_Check()) {
+                 py::gil_scoped_release nogil;
+                 delete p;
+               } else {
+                 delete p;
+               }
+             });
            }),
            py::arg("options"))
       .def("shutdown", &ControlPlane::shutdown, py::call_guard<py::gil_scoped_release>())
@@ -202,8 +224,9 @@ void bind_control(py::module_& m) {
       // -------------------------------------------------------- protocol
       .def("lookup", [](ControlPlane& c, const KeyRun& run) {
         const flexkv::Lookup l = c.lookup(run);
-        return py::make_tuple(l.cpu, l.ssd);
-      }, py::arg("run"), py::call_guard<py::gil_scoped_release>())
+        return std::make_pair(l.cpu, l.ssd);
+      }, py::arg("run"), py::call_guard<py::gil_scoped_release>(),
+         "(leading blocks ready in the CPU tier, the same on SSD)")
       .def("get_match", [](ControlPlane& c, std::shared_ptr<const KeyRun> run, size_t first, size_t seq_len) {
         flexkv::Match m;
         {
@@ -339,6 +362,9 @@ void bind_control(py::module_& m) {
         d["held"] = to_array(v->held);
         return d;
       }, py::arg("task_id"), "What a task holds: state, kind, blocks, host_ids, held (None once reported).")
+      .def("ssd_slots", [](ControlPlane& c, const KeyRun& run) { return to_array(c.ssd_slots(run)); }, py::arg("run"),
+           "The SSD slots of the run's leading blocks on SSD.")
+      .def_property_readonly("ssd_slot_bytes", &ControlPlane::ssd_slot_bytes)
       .def("cpu_block", &ControlPlane::cpu_block, py::arg("block_id"), "(ready, lock count) of a CPU block.")
       .def("invalidate", &ControlPlane::invalidate, py::arg("run"), py::arg("start"),
            py::call_guard<py::gil_scoped_release>())

@@ -356,15 +356,12 @@ TEST(from_file_reads_flexkv_config_path_and_the_environment) {
 }
 
 TEST(cache_open_refuses_what_it_does_not_serve_yet) {
-  // The reader accepts every tier; flexkv::Cache serves the CPU tier of one rank so far and says so.
-  CacheOptions o = CacheOptions::from_json(R"({"cache_config": {"num_cpu_blocks": 4, "enable_ssd": true,
-                                               "ssd_cache_dir": "/tmp"}})");
+  // The reader accepts every tier; flexkv::Cache serves the CPU and SSD tiers of one rank and says so for the rest.
+  CacheOptions o = CacheOptions::from_json(R"({"cache_config": {"num_cpu_blocks": 4, "enable_remote": true,
+                                               "num_remote_blocks": 100}})");
   ModelShape m = shape(1, 1, 8, flexkv::DType::kFloat16);
-  CHECK(contains(error_of([&] { flexkv::Cache::open(o, m); }), "cache_config.enable_ssd: flexkv::Cache serves the CPU tier"));
-  o.enable_ssd = false;
-  o.ssd_cache_gb = 1.0;
-  CHECK(contains(error_of([&] { flexkv::Cache::open(o, m); }), "cache_config.enable_ssd"));
-  o.ssd_cache_gb.reset();
+  CHECK(contains(error_of([&] { flexkv::Cache::open(o, m); }), "cache_config.enable_remote"));
+  o.enable_remote = false;
   m.tp_size = 2;
   CHECK(contains(error_of([&] { flexkv::Cache::open(o, m); }), "model_config.tp_size"));
   m.tp_size = 1;
