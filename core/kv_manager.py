@@ -285,6 +285,10 @@ class KVManager:
         seq, host = self._plane("take_external").take(int(task_id), float(timeout))
         return seq, host
 
+    def try_take_external(self, task_id: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """take_external that never waits: None, the task unchanged, while its blocks come up from SSD."""
+        return self._plane("take_external").try_take(int(task_id))
+
     def finish_external(self, task_id: int, ok: bool, error: str | None = None) -> None:
         """Ends a task claimed by take_external (a put's blocks become readable when ``ok``)."""
         self._plane("finish_external").complete(int(task_id), bool(ok), error or "")

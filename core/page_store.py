@@ -102,12 +102,16 @@ class PageStore:
         cpu, ssd = self._cp.lookup(self._cp.entry_run(self.seed, keys))
         return int(max(cpu, ssd))
 
-    def put(self, keys: np.ndarray, layout: EngineLayout, pages: np.ndarray, parent: np.ndarray | None = None,
+    def put(self, keys: np.ndarray, layout: EngineLayout, pages: np.ndarray, prefix: np.ndarray | None = None,
             ) -> np.ndarray:
         """Copies page ``pages[i]`` of ``layout`` in under ``keys[i]``; returns per page whether the store holds
-        it now. ``parent`` is the key of the page before ``keys[0]`` (None: a sequence starts there)."""
+        it now. ``prefix`` holds the keys of the pages before ``keys[0]`` (its last one is enough; empty: a
+        sequence starts at keys[0]); without it each page is stored on its own."""
         self._check(layout, pages, len(keys))
-        run = self._cp.page_run(self.seed, keys, parent)
+        if prefix is None:
+            run = self._cp.entry_run(self.seed, keys)
+        else:
+            run = self._cp.page_run(self.seed, keys, prefix[-1] if len(prefix) else None)
         task, blocks, covered = self._cp.put_match(run, 0, len(keys) * self._tpb)
         self._copy(task, layout, pages, blocks)
         stored = np.zeros(len(keys), dtype=bool)
@@ -131,6 +135,10 @@ class PageStore:
         return moved
 
     # ------------------------------------------------------------------------------- other
+
+    def flush(self, timeout: float = 60.0) -> bool:
+        """Waits until the pages stored so far are on SSD too (no write-through pending); False on timeout."""
+        return bool(self._cp.flush(float(timeout)))
 
     def clear(self) -> None:
         """Drops every page from the indexes (pages on SSD are forgotten too)."""

@@ -126,12 +126,21 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         start = time.perf_counter()
         try:
             store, layout = self._ready()
-            stored = store.put(store.keys(keys), layout, self._pages(host_indices, len(keys))).tolist()
+            stored = store.put(store.keys(keys), layout, self._pages(host_indices, len(keys)),
+                               prefix=self._prefix(store, extra_info)).tolist()
         except Exception:
             self._failed("batch_set_v1")
             stored = [False] * len(keys)
         self._note("backup", sum(stored), start)
         return stored
+
+    @staticmethod
+    def _prefix(store: PageStore, extra_info: Any) -> np.ndarray | None:
+        """The key of the page before a batch (empty: the sequence starts there; None: SGLang did not say)."""
+        prefix = getattr(extra_info, "prefix_keys", None)
+        if prefix is None:
+            return None
+        return store.keys(list(prefix[-1:]))
 
     # ---------------------------------------------------------------------------------- legacy API
 

@@ -3,8 +3,9 @@ process, and orders the copies that the workers make.
 
 - Load: ``get_num_new_matched_tokens`` looks the prompt up without locking (``None`` while blocks come up
   from SSD) and answers that the load is asynchronous; ``update_state_after_alloc`` locks the blocks and
-  orders the copy into the blocks vLLM allocated; the request waits until the worker reports it in
-  ``finished_recving``, then its CPU blocks are unlocked.
+  orders the copy into the blocks vLLM allocated (in a later step, should some of them have to come up
+  from SSD again: the scheduler thread never waits for the disk); the request waits until the worker
+  reports it in ``finished_recving``, then its CPU blocks are unlocked.
 - Store: ``request_finished`` reserves CPU blocks for the request's computed whole blocks that the cache
   lacks and orders their copy; vLLM keeps the blocks until the worker reports the request in
   ``finished_sending``; then the blocks become ready (and are written through to SSD).
@@ -64,6 +65,7 @@ class SchedulerSide:
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
         self.prefetches: dict[str, int] = {}  # request -> SSD promotion task
         self.loads: dict[str, int] = {}  # request -> get task the workers are copying
+        self.promoting: dict[str, tuple[int, list[int], range]] = {}  # request -> (get task, block ids, blocks)
         self.stores: dict[str, int] = {}  # request -> put task the workers are copying
         self.orders: list[CopyOrder] = []  # ordered since the last build_connector_meta
         # vLLM calls the scheduler side from its one scheduling thread: nothing here needs a lock.
@@ -108,28 +110,54 @@ class SchedulerSide:
         bs = self.block_size
         end = start + num_external_tokens
         wanted = range(start // bs, end // bs)
-        order = CopyOrder(rid, [], [], error_blocks=[block_ids[p] for p in wanted])
         task = None
         try:
             tokens = _token_array(request, end)
             mask = np.zeros(end, dtype=bool)
             mask[start:] = True
             task, _ = self.kv.get_match(tokens, mask, _namespace(request))
-            seq_blocks, host_ids = self.kv.take_external(task)
-            engine = [block_ids[int(p)] for p in seq_blocks]
-            arriving = set(engine)
-            order = CopyOrder(rid, engine, host_ids.tolist(),
-                              error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in arriving])
-            self.loads[rid] = task
-            self.hit_tokens += len(engine) * bs
+            taken = self.kv.try_take_external(task)
+            if taken is None:  # some blocks come up from SSD again: ordered in a later step
+                self.promoting[rid] = (task, block_ids, wanted)
+                return
+            self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
         except Exception as e:  # nothing loads: the worker reports every promised block as failed
             self._failed("load", rid, e)
             self._abandon(task)
+            self._give_up(rid, block_ids, wanted)
+
+    def _load_order(self, rid: str, task: int, block_ids: list[int], wanted: range, seq_blocks: np.ndarray,
+                    host_ids: np.ndarray) -> CopyOrder:
+        engine = [block_ids[int(p)] for p in seq_blocks]
+        arriving = set(engine)
+        order = CopyOrder(rid, engine, host_ids.tolist(),
+                          error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in arriving])
+        self.loads[rid] = task
+        self.hit_tokens += len(engine) * self.block_size
         if order.error_blocks:
             self.failures += 1
             logger.warning("FlexKV: request %s: %d of %d promised blocks are gone; vLLM recomputes them", rid,
                            len(order.error_blocks), len(wanted))
-        self.orders.append(order)
+        return order
+
+    def _give_up(self, rid: str, block_ids: list[int], wanted: range) -> None:
+        """Orders nothing but reports every promised block as failed: vLLM recomputes them."""
+        self.failures += 1
+        self.orders.append(CopyOrder(rid, [], [], error_blocks=[block_ids[p] for p in wanted]))
+
+    def _order_promoted_loads(self) -> None:
+        for rid, (task, block_ids, wanted) in list(self.promoting.items()):
+            try:
+                taken = self.kv.try_take_external(task)
+                if taken is None:
+                    continue
+                del self.promoting[rid]
+                self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
+            except Exception as e:
+                del self.promoting[rid]
+                self._failed("load", rid, e)
+                self._abandon(task)
+                self._give_up(rid, block_ids, wanted)
 
     # --------------------------------------------------------------------------------------------- store
 
@@ -137,6 +165,9 @@ class SchedulerSide:
         rid = request.request_id
         self.matched.pop(rid, None)
         self.prefetches.pop(rid, None)
+        waiting = self.promoting.pop(rid, None)
+        if waiting is not None:  # never ordered: its blocks go back once its SSD reads end
+            self._abandon(waiting[0])
         bs = self.block_size
         n = min(request.num_computed_tokens, len(block_ids) * bs) // bs * bs
         if n == 0:
@@ -161,6 +192,7 @@ class SchedulerSide:
     # ------------------------------------------------------------------------------------------ per step
 
     def build_connector_meta(self, scheduler_output: Any) -> FlexKVConnectorMetadata:
+        self._order_promoted_loads()
         orders, self.orders = self.orders, []
         return FlexKVConnectorMetadata(tier=self.kv.tier_info(), orders=orders)
 

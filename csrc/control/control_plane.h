@@ -186,6 +186,9 @@ class ControlPlane {
   // Claims a matched task for a copy made elsewhere: waits up to timeout_s for
   // blocks coming up from SSD (0: never waits; what has not arrived is left out).
   Taken take(TaskId id, double timeout_s);
+  // take() without waiting or giving up: nullopt (the task unchanged) while its
+  // blocks still come up from SSD. A scheduler thread polls this instead of blocking.
+  std::optional<Taken> try_take(TaskId id);
   // Ends a taken task: ok commits a put's blocks, anything else unlocks them.
   void complete(TaskId id, bool ok, const std::string& error);
   void cancel(const std::vector<TaskId>& ids);
@@ -200,6 +203,10 @@ class ControlPlane {
   // cudaStream_t, makes it wait instead). False if the task ended without
   // completing or timeout_s passed.
   bool wait_layer(TaskId id, int32_t layer, void* stream, double timeout_s);
+
+  // Waits up to timeout_s until no write-through is pending (every stored
+  // block that will reach the SSD tier is there). False on timeout.
+  bool flush(double timeout_s);
 
   // Drops every cached block from the indexes (SSD blocks stay on disk).
   // TaskError while a task holds blocks.
@@ -260,7 +267,15 @@ class ControlPlane {
   Task& add_task(Task task);  // with mu_ held
   void trim_ended();          // with mu_ held
   void end(Task* t, Outcome outcome);
-  void commit_put(Task* t, Outcome* outcome);
+  // A completed put's write-through, queued once its task is kWritingThrough.
+  struct WriteThrough {
+    TaskId task = 0;
+    std::shared_ptr<const KeyRun> run;
+    size_t n = 0;
+    std::vector<int32_t> own;  // CPU blocks held locked until written
+  };
+  std::optional<WriteThrough> commit_put(Task* t);
+  void queue_write_through(WriteThrough w);
   void on_promoted(TaskId id, size_t arrived, FlowCounters counters);
   void submit_copy(Task* t, std::unique_lock<std::mutex>& lock);
   void on_copy_done(const CopyCompletion& c);

@@ -45,7 +45,7 @@ std::string ids_text(const Task& t) { return "task " + id_text(t.id); }
 
 // ------------------------------------------------------------------- ending
 
-void ControlPlane::commit_put(Task* t, Outcome* outcome) {
+std::optional<ControlPlane::WriteThrough> ControlPlane::commit_put(Task* t) {
   // A completed put's blocks become readable and, with an SSD tier, are written
   // through. While few blocks wait for the SSD they stay locked until written, so
   // eviction cannot take them first; past that they are queued unlocked.
@@ -54,7 +54,7 @@ void ControlPlane::commit_put(Task* t, Outcome* outcome) {
   if (!ssd_ || n == 0) {
     cpu_->index().commit(t->held.data(), t->held.size());
     events_.stored(Tier::kCpu, run, t->blocks.data(), t->blocks.size());
-    return;
+    return std::nullopt;
   }
   bool hold;
   {
@@ -62,7 +62,7 @@ void ControlPlane::commit_put(Task* t, Outcome* outcome) {
     hold = write_backlog_ + t->held.size() <= write_backlog_limit_;
     if (hold) write_backlog_ += t->held.size();
   }
-  std::vector<int32_t> own = hold ? t->held : std::vector<int32_t>{};
+  WriteThrough w{t->id, t->run, n, hold ? t->held : std::vector<int32_t>{}};
   try {
     if (hold) {
       cpu_->index().set_ready(t->held.data(), t->held.size(), true);  // readable now; unlocked once on SSD
@@ -71,32 +71,41 @@ void ControlPlane::commit_put(Task* t, Outcome* outcome) {
     }
   } catch (...) {
     std::lock_guard<std::mutex> g(mu_);
-    write_backlog_ -= own.size();
+    write_backlog_ -= w.own.size();
     throw;
   }
   events_.stored(Tier::kCpu, run, t->blocks.data(), t->blocks.size());
-  outcome->state = TaskStage::kWritingThrough;
-  const TaskId id = t->id;
-  std::shared_ptr<const KeyRun> shared = t->run;
-  if (!ssd_writes_->post([this, id, shared, n, own] { write_through_job(id, shared, n, own); })) {
-    // Shut down (an external copy reported late): the SSD tier is closed, the block stays CPU-only.
-    cpu_->index().release(own.data(), own.size());
-    {
-      std::lock_guard<std::mutex> g(mu_);
-      write_backlog_ -= own.size();
+  return w;
+}
+
+void ControlPlane::queue_write_through(WriteThrough w) {
+  // The task is kWritingThrough by now, so the job's end always finds it there (or forgotten).
+  auto job = std::make_shared<WriteThrough>(std::move(w));
+  if (ssd_writes_->post([this, job] { write_through_job(job->task, job->run, job->n, job->own); })) return;
+  // Shut down (an external copy reported late): the SSD tier is closed, the blocks stay CPU-only.
+  cpu_->index().release(job->own.data(), job->own.size());
+  stats_.add(Counter::kSsdWriteSkippedBlocks, static_cast<int64_t>(job->own.size()));
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    write_backlog_ -= job->own.size();
+    Task* t = find_any(job->task);
+    if (t != nullptr && t->state == TaskStage::kWritingThrough) {
+      t->move_to(TaskStage::kDone);
+      if (t->detached) tasks_.erase(job->task);
     }
-    stats_.add(Counter::kSsdWriteSkippedBlocks, static_cast<int64_t>(t->held.size()));
-    outcome->state = TaskStage::kDone;
   }
+  cv_.notify_all();
 }
 
 void ControlPlane::end(Task* t, Outcome outcome) {
   // The caller moved t to kFinishing: no other path touches its blocks now.
   std::vector<std::pair<LogLevel, std::string>> notes;
+  std::optional<WriteThrough> write;
   if (!t->held.empty()) {
     try {
       if (t->kind == TaskKind::kPut && outcome.state == TaskStage::kDone) {
-        commit_put(t, &outcome);
+        write = commit_put(t);
+        if (write) outcome.state = TaskStage::kWritingThrough;
         stats_.add(Counter::kPutStoredBlocks, static_cast<int64_t>(t->blocks.size()));
       } else {
         cpu_->index().release(t->held.data(), t->held.size());
@@ -126,9 +135,10 @@ void ControlPlane::end(Task* t, Outcome outcome) {
     if (outcome.state == TaskStage::kCancelled) stats_.add(Counter::kTasksCancelled, 1);
     t->error = outcome.error;
     t->move_to(outcome.state);
-    if (t->detached && t->ended()) tasks_.erase(t->id);
+    if (t->detached && t->settled()) tasks_.erase(t->id);
   }
   cv_.notify_all();
+  if (write) queue_write_through(std::move(*write));
   for (const auto& [level, line] : notes) log_line(level, line);
 }
 
@@ -243,13 +253,15 @@ void ControlPlane::submit_copy(Task* t, std::unique_lock<std::mutex>& lock) {
     refused = e.what();
   }
   lock.lock();
+  // The copy may have ended, and the task been reported and forgotten, while the lock was released.
+  t = find_any(id);
   if (refused.empty()) {
-    if (t->state == TaskStage::kCopying) t->job = job;
+    if (t != nullptr && t->state == TaskStage::kCopying) t->job = job;
     lock.unlock();
     cv_.notify_all();  // wait_layer waits for the job id
     return;
   }
-  t->move_to(TaskStage::kFinishing);
+  t->move_to(TaskStage::kFinishing);  // a refused job never completes: the task is still here, kCopying
   lock.unlock();
   end(t, Outcome{TaskStage::kFailed, "launch failed: " + refused});
   throw TaskError("task " + id_text(id) + ": " + refused);
@@ -338,24 +350,34 @@ void ControlPlane::launch(const std::vector<TaskId>& ids, const std::vector<Engi
     throw TaskError("launch: " + std::to_string(ids.size()) + " task ids but " + std::to_string(targets.size()) +
                     " slot mappings");
   }
-  std::vector<Task*> claimed;
+  // Claimed tasks stay in the table while claimed; a task with nothing to move (complete since its match)
+  // may be reported and forgotten by another thread at any time, so tasks are found again by id below.
+  std::vector<TaskId> claimed;
+  std::vector<Task> views;  // what validation needs, copied while claimed
   {
     std::lock_guard<std::mutex> g(mu_);
     require_open("launch");
+    std::vector<Task*> tasks;
     for (TaskId id : ids) {
       Task* t = find(id);
       if (t == nullptr) throw TaskError("launch: unknown task id " + id_text(id));
-      if (!t->launchable() || std::find(claimed.begin(), claimed.end(), t) != claimed.end()) {
+      if (!t->launchable() || std::find(tasks.begin(), tasks.end(), t) != tasks.end()) {
         throw TaskError("launch: task " + id_text(id) + " is " + stage_name(t->state) +
                         " and was launched before; a task is launched once, after get_match or put_match");
       }
-      claimed.push_back(t);
+      tasks.push_back(t);
     }
-    for (Task* t : claimed) {
+    for (Task* t : tasks) {
       t->launched = Task::Clock::now();
       t->layout = layout;
       t->layerwise = layerwise;
       if (t->state != TaskStage::kDone) t->move_to(TaskStage::kClaimed);
+      claimed.push_back(t->id);
+      Task view;
+      view.id = t->id;
+      view.kind = t->kind;
+      view.promised = t->promised;
+      views.push_back(std::move(view));
     }
     ++launching_;
   }
@@ -383,14 +405,15 @@ void ControlPlane::launch(const std::vector<TaskId>& ids, const std::vector<Engi
   std::vector<std::vector<int64_t>> plans(claimed.size());
   try {
     for (size_t k = 0; k < claimed.size(); ++k) {
-      plans[k] = engine_blocks_of(*claimed[k], targets[k], have_layout ? &found : nullptr);
+      plans[k] = engine_blocks_of(views[k], targets[k], have_layout ? &found : nullptr);
     }
   } catch (const TaskError& e) {
     // A bad argument: no copy starts, and every task of the call ends FAILED.
     const std::string why = std::string("launch failed: ") + e.what();
-    for (Task* t : claimed) {
+    for (TaskId id : claimed) {
       std::unique_lock<std::mutex> lock(mu_);
-      if (t->state != TaskStage::kClaimed) continue;
+      Task* t = find_any(id);
+      if (t == nullptr || t->state != TaskStage::kClaimed) continue;
       if (t->promotion) {  // its SSD reads still write into its CPU blocks: they end it
         t->ending = Outcome{TaskStage::kFailed, why};
         t->move_to(TaskStage::kEndingAfterPromotion);
@@ -403,9 +426,9 @@ void ControlPlane::launch(const std::vector<TaskId>& ids, const std::vector<Engi
     throw;
   }
   for (size_t k = 0; k < claimed.size(); ++k) {
-    Task* t = claimed[k];
     std::unique_lock<std::mutex> lock(mu_);
-    if (t->state != TaskStage::kClaimed) continue;  // nothing to copy: complete since the match
+    Task* t = find_any(claimed[k]);
+    if (t == nullptr || t->state != TaskStage::kClaimed) continue;  // nothing to copy: complete since the match
     t->plan = std::move(plans[k]);
     if (t->promotion) {
       t->move_to(TaskStage::kWaitingForPromotion);  // submitted once its blocks are in the CPU tier
@@ -416,9 +439,9 @@ void ControlPlane::launch(const std::vector<TaskId>& ids, const std::vector<Engi
     } catch (const TaskError&) {
       // The copy engine refused: the tasks not yet queued end too.
       for (size_t r = k + 1; r < claimed.size(); ++r) {
-        Task* rest = claimed[r];
         std::unique_lock<std::mutex> l2(mu_);
-        if (rest->state != TaskStage::kClaimed) continue;
+        Task* rest = find_any(claimed[r]);
+        if (rest == nullptr || rest->state != TaskStage::kClaimed) continue;
         if (rest->promotion) {
           rest->ending = Outcome{TaskStage::kFailed, "launch failed: the copy engine refused an earlier task"};
           rest->move_to(TaskStage::kEndingAfterPromotion);
@@ -464,12 +487,22 @@ Taken ControlPlane::take(TaskId id, double timeout_s) {
   return out;
 }
 
+std::optional<Taken> ControlPlane::try_take(TaskId id) {
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    require_open("take_external");
+    Task* t = find(id);
+    if (t != nullptr && t->launchable() && t->promotion) return std::nullopt;
+  }
+  return take(id, 0.0);  // no promotion pending now, and none can start: take() does not wait
+}
+
 void ControlPlane::complete(TaskId id, bool ok, const std::string& error) {
   std::unique_lock<std::mutex> lock(mu_);
   Task* t = find(id);
   if (t == nullptr) throw TaskError("finish_external: unknown task id " + id_text(id));
-  if (t->state == TaskStage::kEndingAfterPromotion) {  // its SSD reads still write into its CPU blocks: they end it
-    t->detached = true;
+  if (t->state == TaskStage::kEndingAfterPromotion || t->state == TaskStage::kFinishing) {
+    t->detached = true;  // its end is under way (its SSD reads still write into its blocks): it ends it
     return;
   }
   if (t->ended()) {
@@ -599,6 +632,15 @@ std::vector<Report> ControlPlane::try_wait(const std::vector<TaskId>& ids) {
     out.push_back(report(id));
   }
   return out;
+}
+
+bool ControlPlane::flush(double timeout_s) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_until(lock, deadline_after(timeout_s), [this] {
+    for (const auto& [id, t] : tasks_)
+      if (t.state == TaskStage::kWritingThrough) return false;
+    return true;
+  });
 }
 
 Report ControlPlane::try_wait_one(TaskId id) {

@@ -275,6 +275,15 @@ void bind_control(py::module_& m) {
         }
         return py::make_tuple(to_array(t.blocks), to_array(t.host_ids));
       }, py::arg("task_id"), py::arg("timeout"))
+      .def("try_take", [](ControlPlane& c, int64_t id) -> py::object {
+        std::optional<flexkv::Taken> t;
+        {
+          py::gil_scoped_release nogil;
+          t = c.try_take(static_cast<flexkv::TaskId>(id));
+        }
+        if (!t) return py::none();
+        return py::make_tuple(to_array(t->blocks), to_array(t->host_ids));
+      }, py::arg("task_id"), "take(task, 0) once its blocks are in the CPU tier; None (the task unchanged) before.")
       .def("complete", [](ControlPlane& c, int64_t id, bool ok, const std::string& error) {
         c.complete(static_cast<flexkv::TaskId>(id), ok, error);
       }, py::arg("task_id"), py::arg("ok"), py::arg("error") = "", py::call_guard<py::gil_scoped_release>())
@@ -301,6 +310,8 @@ void bind_control(py::module_& m) {
         py::gil_scoped_release nogil;
         return c.wait_layer(static_cast<flexkv::TaskId>(id), layer, s, timeout);
       }, py::arg("task_id"), py::arg("layer"), py::arg("stream"), py::arg("timeout"))
+      .def("flush", &ControlPlane::flush, py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
+           "Waits until no write-through to the SSD tier is pending; False on timeout.")
       .def("reset", &ControlPlane::reset, py::call_guard<py::gil_scoped_release>())
       // --------------------------------------------------- engine memory
       .def("register_layout", [](ControlPlane& c, const I64Array& segments, int64_t num_blocks, int device) {
