@@ -31,8 +31,8 @@ def test_cpp_unit_tests_pass_under_sanitizers() -> None:
         assert f"{name} " in run.stdout, f"ctest did not run {name}"
     # The C++ API's example: a stored prefix is found and loaded byte-exact.
     config = REPO / "examples" / "cpp" / "flexkv_config.json"
-    example = subprocess.run([str(build / "trtllm_pool_example"), str(config)], capture_output=True, text=True,
-                             timeout=60)
+    example = subprocess.run([str(build / "examples" / "cpp" / "trtllm_pool_example"), str(config)],
+                             capture_output=True, text=True, timeout=60)
     assert example.returncode == 0, example.stdout + example.stderr
     assert "request B: FlexKV matched 32 of 100 prompt tokens" in example.stdout
     assert "identical to request A's blocks: yes" in example.stdout

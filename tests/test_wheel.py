@@ -17,7 +17,8 @@ PUBLIC_MODULES = [
     "flexkv.common.request", "flexkv.adapters", "flexkv.core.kv_manager", "flexkv.core.config",
     "flexkv.core.config_file", "flexkv.core.config_keys", "flexkv.core.resources",
     "flexkv.core.layout", "flexkv.core.cli", "flexkv.core.bench", "flexkv._core", "flexkv.core.data_plane",
-    "flexkv.core.gpu_plane", "flexkv.adapters.vllm", "flexkv.integration.vllm.vllm_v1_adapter",
+    "flexkv.core.gpu_plane", "flexkv.core.cpp_package", "flexkv.adapters.vllm",
+    "flexkv.integration.vllm.vllm_v1_adapter",
     "flexkv.adapters.trtllm", "flexkv.integration.tensorrt_llm.trtllm_adapter", "flexkv.adapters.sglang",
     "flexkv.integration.config", "flexkv.server.client", "flexkv.transfer.layerwise", "flexkv.transfer_manager",
 ]
@@ -51,9 +52,17 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path: Path) -> None:
                    check=True, capture_output=True, text=True, timeout=900)
     wheels = list(dist.glob("flexkv-*.whl"))
     assert len(wheels) == 1, wheels
+    # CMake's install step lands in the flexkv package: the Python module and the C++ API's CMake package,
+    # whose headers are csrc/include/flexkv/'s and no internal one.
+    names = zipfile.ZipFile(wheels[0]).namelist()
+    assert [n for n in names if n.startswith("flexkv/_core") and n.endswith(".so")], names
+    headers = sorted(n for n in names if n.startswith("flexkv/include/"))
+    assert headers == sorted(f"flexkv/include/flexkv/{p.name}" for p in (REPO / "csrc/include/flexkv").glob("*.h"))
+    for name in ("lib/libflexkv.a", "lib/cmake/flexkv/flexkvConfig.cmake", "lib/cmake/flexkv/flexkvConfigVersion.cmake",
+                 "lib/cmake/flexkv/flexkvTargets.cmake"):
+        assert f"flexkv/{name}" in names, name
     # The config key table ships next to the module that reads it (the C++ library has its own copy compiled in).
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        assert "flexkv/core/config_keys.json" in wheel.namelist()
+    assert "flexkv/core/config_keys.json" in names
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -66,3 +75,6 @@ def test_wheel_installs_and_imports_in_a_clean_venv(tmp_path: Path) -> None:
     help_text = subprocess.run([str(env_dir / "bin" / "flexkv"), "--help"], capture_output=True, text=True,
                                check=True).stdout
     assert "bench" in help_text
+    cmake_dir = subprocess.run([str(env_dir / "bin" / "flexkv-cpp"), "--cmake-dir"], capture_output=True, text=True,
+                               check=True).stdout.strip()
+    assert (Path(cmake_dir) / "flexkvConfig.cmake").is_file() and cmake_dir.startswith(str(env_dir)), cmake_dir

@@ -6,10 +6,13 @@
 //   trtllm_pool_example [flexkv_config.json]   (default: FLEXKV_CONFIG_PATH)
 //
 // Exits 0 when B's loaded blocks equal A's bytes, 1 otherwise.
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <exception>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "flexkv/cache.h"
