@@ -19,6 +19,7 @@ void bind_copy_engines(py::module_& m);  // bind_copy_engines.cc
 void bind_control(py::module_& m);  // bind_control.cc
 void bind_support(py::module_& m);  // bind_support.cc
 void bind_config(py::module_& m);  // bind_config.cc
+void bind_cache(py::module_& m);  // bind_cache.cc
 using flexkv::BlockKey;
 using flexkv::python::check_1d;
 using flexkv::python::I32Array;
@@ -46,6 +47,7 @@ PYBIND11_MODULE(_core, m) {
   bind_copy_engines(m);
   bind_control(m);
   bind_config(m);
+  bind_cache(m);
 
   m.def("namespace_key", [](const std::string& ns) {
     BlockKey k = flexkv::namespace_key(ns);
