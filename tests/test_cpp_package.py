@@ -7,6 +7,7 @@ the last one installs a plain CMake build of the source tree."""
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
 import shutil
 import subprocess
@@ -54,14 +55,60 @@ def _build_and_run_example(flexkv_dir: Path, build: Path) -> list[str]:
     return [line for line in (build / "compile_commands.json").read_text().splitlines() if '"command"' in line]
 
 
-def test_example_builds_against_the_installed_package_and_runs(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def installed_examples(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    """examples/cpp built against the installed package, once: (build dir, its compile lines)."""
+    build = tmp_path_factory.mktemp("example") / "build"
+    return build, _build_and_run_example(_installed_cmake_dir(), build)
+
+
+def test_example_builds_against_the_installed_package_and_runs(installed_examples: tuple[Path, list[str]]) -> None:
     cmake_dir = _installed_cmake_dir()
     prefix = cmake_dir.parents[2]
     assert (cmake_dir / "flexkvConfig.cmake").is_file()
     assert prefix == Path(importlib.metadata.distribution("flexkv").locate_file("flexkv")).resolve()
-    commands = _build_and_run_example(cmake_dir, tmp_path / "build")
+    _, commands = installed_examples
     # It compiled with the installed headers, never the source tree's public or internal ones.
     assert commands and all(f"{prefix}/include" in c and str(REPO / "csrc") not in c for c in commands), commands
+
+
+def test_the_ssd_tier_of_the_installed_cpp_api(installed_examples: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """Built with find_package(flexkv): blocks evicted from the CPU tier come back from SSD byte-exact, a
+    block damaged on disk is a miss (only its verified prefix loads), and a fresh process finds the rest."""
+    build, _ = installed_examples
+    config = tmp_path / "flexkv.json"
+    config.write_text((EXAMPLE / "ssd_warm_restart.json").read_text().replace("/tmp/flexkv_ssd_example",
+                                                                              str(tmp_path / "ssd")))
+    seed = str(int.from_bytes(os.urandom(3), "little"))
+    print("seed", seed)
+
+    def run(phase: str) -> str:
+        done = subprocess.run([str(build / "ssd_warm_restart"), str(config), phase, seed], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    out = run("store")
+    assert "prompt 0: matched 96 tokens, load done (), 6 of 6 blocks exact" in out, out  # evicted, from SSD
+    assert "ssd: 18 blocks written" in out, out
+    # Damage block 3 of prompt 1 on disk: find its payload by its first bytes, flip one byte in it.
+    head = bytes.fromhex(re.search(r"head 1\.3 ([0-9a-f]+)", out).group(1))
+    files = [p for p in (tmp_path / "ssd").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    hits = [(f, f.read_bytes().find(head)) for f in files]
+    (path, at), = [(f, i) for f, i in hits if i >= 0]
+    with open(path, "r+b") as f:
+        f.seek(at + 100)
+        byte = f.read(1)[0]
+        f.seek(at + 100)
+        f.write(bytes([byte ^ 0xFF]))
+    out = run("check")
+    assert "restored 18 blocks from SSD" in out, out
+    assert "prompt 0: matched 96 tokens, load done (), 6 of 6 blocks exact, matched after 96" in out, out
+    assert "prompt 2: matched 96 tokens, load done (), 6 of 6 blocks exact, matched after 96" in out, out
+    # The damaged block ends the load with its verified prefix and is a miss from then on.
+    assert re.search(r"prompt 1: matched 96 tokens, load failed \(.*?did not arrive\), 3 of 6 blocks exact, "
+                     r"matched after 48", out), out
+    assert "1 did not verify" in out, out
 
 
 def test_installed_headers_are_the_public_api_and_each_compiles_alone(tmp_path: Path) -> None:

@@ -295,6 +295,11 @@ TaskState Cache::wait(TaskId task, int64_t timeout_us, std::string* error) {
   return state_of(impl_->plane->wait({task}, seconds, false).front(), error);
 }
 
+bool Cache::flush(int64_t timeout_us) {
+  const double seconds = timeout_us < 0 ? std::numeric_limits<double>::infinity() : static_cast<double>(timeout_us) / 1e6;
+  return impl_->plane->flush(seconds);
+}
+
 CacheStats Cache::stats() const {
   const ControlPlane& p = *impl_->plane;
   const IndexCounts ic = p.index_counts();

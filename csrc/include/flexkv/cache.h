@@ -142,6 +142,11 @@ class Cache {
   // Waits up to timeout_us microseconds (negative: no limit); kRunning on timeout.
   TaskState wait(TaskId task, int64_t timeout_us, std::string* error = nullptr);
 
+  // Waits up to timeout_us microseconds (negative: no limit) until every
+  // block stored so far that goes to the SSD tier is written there. False on
+  // timeout. Without an SSD tier it returns true at once.
+  bool flush(int64_t timeout_us);
+
   CacheStats stats() const;
 
  private:
