@@ -1,1 +1,47 @@
-"""flexkv.core: the control plane (config, KVManager, tiers, CLI)."""
+"""flexkv.core: the facades over FlexKV's control plane (KVManager, PageStore), its config, layouts and tools.
+
+``__all__`` is the API the engine adapters (``flexkv.adapters``) may use; they import nothing else from the
+core (tests/test_core_api.py checks it). Everything else here is the core's own business.
+"""
+
+from .config import CacheConfig, FlexKVConfig, ModelConfig, canonical_dtype_name
+from .config_file import load_config
+from .control_plane import FaultInjectingIoEnv
+from .data_plane import DataPlane
+from .engine_requests import Misses, RequestTasks, block_size_for_engine, end_task, request_namespace
+from .errors import ConfigError, FlexKVError, LayoutError, TaskError
+from .kv_manager import KVManager
+from .layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
+from .local_registry import manager_for, manager_with_model
+from .log import setup_logging
+from .page_store import PageStore
+from .request import KVResponse, KVResponseStatus
+
+__all__ = [
+    "CacheConfig",
+    "ConfigError",
+    "DataPlane",
+    "EngineLayout",
+    "FaultInjectingIoEnv",
+    "FlexKVConfig",
+    "FlexKVError",
+    "KVCacheLayout",
+    "KVCacheLayoutType",
+    "KVManager",
+    "KVResponse",
+    "KVResponseStatus",
+    "LayoutError",
+    "Misses",
+    "ModelConfig",
+    "PageStore",
+    "RequestTasks",
+    "TaskError",
+    "block_size_for_engine",
+    "canonical_dtype_name",
+    "end_task",
+    "load_config",
+    "manager_for",
+    "manager_with_model",
+    "request_namespace",
+    "setup_logging",
+]

@@ -17,10 +17,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from flexkv.core.config import CacheConfig, ModelConfig
-from flexkv.core.config import FlexKVConfig as FileConfig
-from flexkv.core.config_file import load_config
-from flexkv.core.errors import ConfigError
+from flexkv.core import CacheConfig, ConfigError, ModelConfig, block_size_for_engine, load_config
+from flexkv.core import FlexKVConfig as FileConfig
 
 from .versions import check_sglang_version
 
@@ -122,12 +120,9 @@ class FlexKVConfig:
 
 
 def block_size_for_page(tokens_per_block: int, page_size: int) -> int:
-    """A FlexKV block is one SGLang page. A config block size that divides or is a multiple of the page size
-    gives way to it (with a warning); any other is an error naming both."""
-    if page_size < 1:
-        raise ConfigError(f"SGLang's page size is {page_size}; it must be at least 1", "page_size")
-    if tokens_per_block == page_size:
-        return page_size
+    """A FlexKV block is one SGLang page (the core's one rule for every engine: block_size_for_engine)."""
+    return block_size_for_engine(CacheConfig(tokens_per_block=tokens_per_block), page_size, "SGLang",
+                                 "--page-size").tokens_per_block
     if page_size % tokens_per_block and tokens_per_block % page_size:
         raise ConfigError(f"cache_config.tokens_per_block = {tokens_per_block} and SGLang's --page-size "
                           f"{page_size}: one must be a multiple of the other, as a FlexKV block is one SGLang page; "

@@ -25,10 +25,7 @@ from typing import Any
 import numpy as np
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
 
-from flexkv.core.config_file import load_config
-from flexkv.core.errors import ConfigError
-from flexkv.core.layout import EngineLayout
-from flexkv.core.page_store import PageStore
+from flexkv.core import ConfigError, EngineLayout, PageStore, load_config
 
 from .flexkv_config import block_size_for_page
 from .host_layout import host_pool_layout

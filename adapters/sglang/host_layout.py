@@ -12,9 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from flexkv.core.config import ModelConfig, canonical_dtype_name
-from flexkv.core.errors import LayoutError
-from flexkv.core.layout import EngineLayout
+from flexkv.core import EngineLayout, LayoutError, ModelConfig, canonical_dtype_name
 
 SUPPORTED = {False: ("layer_first", "page_first", "page_first_direct", "page_head"),
              True: ("layer_first", "page_first", "page_first_direct")}

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from flexkv.core.local_registry import manager_with_model
+from flexkv.core import manager_with_model
 
 
 def build_layerwise_eventfd_socket_path(dp_client_id: int = 0, pp_rank: int = 0, model_config: Any = None) -> str:

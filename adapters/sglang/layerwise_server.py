@@ -20,7 +20,7 @@ import struct
 import threading
 from typing import Any
 
-from flexkv.core.errors import TaskError
+from flexkv.core import TaskError
 
 logger = logging.getLogger("flexkv")
 

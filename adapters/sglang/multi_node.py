@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexkv.core.errors import FlexKVError
+from flexkv.core import FlexKVError
 
 
 class TransferManagerOnRemote:

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexkv.core.errors import LayoutError
-from flexkv.core.layout import EngineLayout, KVCacheLayout
-from flexkv.core.local_registry import manager_for
+from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, manager_for
 
 
 def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout) -> EngineLayout:

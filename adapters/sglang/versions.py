@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from flexkv.core.errors import ConfigError
+from flexkv.core import ConfigError
 
 TESTED = (0, 5, 23)  # the tests run SGLang 0.5.23's own classes
 OLDEST = (0, 5, 16)  # --enable-flexkv and the HiCache storage API this adapter speaks

@@ -3,15 +3,10 @@ executor's ``llm_args`` (TensorRT-LLM's ``TorchLlmArgs``). Every refusal names t
 
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from flexkv.core.config import CacheConfig
-from flexkv.core.config_file import load_config
-from flexkv.core.errors import ConfigError
-
-logger = logging.getLogger("flexkv")
+from flexkv.core import CacheConfig, ConfigError, block_size_for_engine, load_config
 
 
 @dataclass
@@ -55,13 +50,9 @@ def settings_from_llm_args(llm_args: Any) -> TrtllmSettings:
             raise ConfigError("kv_cache_config.host_cache_size is set: TensorRT-LLM's own host offload moves "
                               "blocks between pool slots, which breaks the block ids FlexKV copies; FlexKV is "
                               "the host tier, so drop host_cache_size", "kv_cache_config.host_cache_size")
-    flexkv = load_config()
-    cache = flexkv.cache_config
+    cache = load_config().cache_config
     block = _get(kv_cache, "tokens_per_block", None) if kv_cache is not None else None
-    block = int(block) if block else cache.tokens_per_block
-    if block != cache.tokens_per_block:
-        logger.warning("FlexKV: tokens_per_block %d from the config is replaced by TensorRT-LLM's tokens_per_block "
-                       "%d: a FlexKV block is one TensorRT-LLM block", cache.tokens_per_block, block)
-        cache = replace(cache, tokens_per_block=block)
+    if block:
+        cache = block_size_for_engine(cache, int(block), "TensorRT-LLM", "kv_cache_config.tokens_per_block")
     return TrtllmSettings(cache_config=cache, model_name=str(_get(llm_args, "model", "") or ""),
-                          tokens_per_block=block)
+                          tokens_per_block=cache.tokens_per_block)

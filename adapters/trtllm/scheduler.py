@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from flexkv.core import request_namespace
+
 from .base import SchedulerBase
 from .config import settings_from_llm_args
 from .metadata import FlexKVConnectorMetadata
@@ -43,14 +45,9 @@ class _PendingLoad:
     is_async: bool
 
 
-def request_namespace(request: Any) -> tuple[str, ...]:
-    """Requests share cached blocks only within one LoRA adapter and one cache salt."""
-    parts = []
-    for attr, tag in (("lora_task_id", "lora"), ("cache_salt_id", "salt")):
-        value = getattr(request, attr, None)
-        if value is not None:
-            parts.append(f"{tag}:{value}")
-    return tuple(parts)
+def _namespace(request: Any) -> tuple[str, ...]:
+    return request_namespace(cache_salt=getattr(request, "cache_salt_id", None),
+                             lora=getattr(request, "lora_task_id", None))
 
 
 def _block_slots(block_ids: Any, tokens_per_block: int) -> np.ndarray:
@@ -85,7 +82,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             if num_computed_tokens % tpb or limit <= num_computed_tokens:
                 return 0, False
             tokens = np.asarray(request.get_tokens(0)[:limit], dtype=np.int64)
-            namespace = request_namespace(request)
+            namespace = _namespace(request)
             cpu_tokens, _ = kv.lookup(tokens, namespace)
             mask = np.zeros(limit, dtype=bool)
             mask[num_computed_tokens:] = True
@@ -99,9 +96,8 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             self.pending[rid] = _PendingLoad(task, num_computed_tokens, matched, is_async)
             self.hit_tokens += matched
             return matched, is_async
-        except Exception:
-            self.session.failures += 1
-            logger.exception("FlexKV: lookup for request %s failed; it is a miss", rid)
+        except Exception as e:
+            self.session.misses.failed("lookup", rid, e)
             self._drop_pending(rid)
             return 0, False
 
@@ -120,7 +116,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             kv.launch(load.task, _block_slots(blocks, tpb), layerwise_transfer=not load.is_async)
         except Exception:
             # TensorRT-LLM was promised these tokens and has no way to recompute them now; fail loudly.
-            self.session.failures += 1
+            self.session.misses.count += 1
             logger.exception("FlexKV: the load for request %s could not start", rid)
             kv.cancel(load.task)
             raise
@@ -151,16 +147,15 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             if n_blocks <= 0:
                 return False
             token_ids = np.asarray(tokens[: n_blocks * tpb], dtype=np.int64)
-            task, mask = kv.put_match(token_ids, namespace=request_namespace(request))
+            task, mask = kv.put_match(token_ids, namespace=_namespace(request))
             new = np.flatnonzero(np.asarray(mask).reshape(-1, tpb)[:, 0])
             if len(new) == 0:
                 kv.cancel(task)
                 return False
             blocks = np.asarray(cache_block_ids[:n_blocks], dtype=np.int64)[new]
             kv.launch(task, _block_slots(blocks, tpb))
-        except Exception:
-            self.session.failures += 1
-            logger.exception("FlexKV: storing request %s failed; it is not stored", rid)
+        except Exception as e:
+            self.session.misses.failed("store", rid, e)
             return False
         with self.session.lock:
             self.session.saving[rid] = task
@@ -176,7 +171,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens,
-                               "failures": self.session.failures}
+                               "failures": self.session.misses.count}
         if self.session.kv is not None:
             out["cache"] = self.session.kv.cache_stats()
         return out

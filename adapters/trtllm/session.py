@@ -11,10 +11,7 @@ import logging
 import threading
 from typing import Any
 
-from flexkv.core.config import ModelConfig, canonical_dtype_name
-from flexkv.core.errors import LayoutError
-from flexkv.core.kv_manager import KVManager
-from flexkv.core.layout import EngineLayout
+from flexkv.core import EngineLayout, KVManager, LayoutError, Misses, ModelConfig, canonical_dtype_name
 
 from .config import TrtllmSettings
 
@@ -33,7 +30,7 @@ class Session:
         self.lock = threading.Lock()
         self.saving: dict[int, int] = {}   # request id -> put task copying the request's blocks out
         self.loading: dict[int, int] = {}  # request id -> get task of an asynchronous load
-        self.failures = 0
+        self.misses = Misses()  # failures inside FlexKV: misses or stores skipped, logged and counted
 
     def start(self, pool: Any) -> None:
         """Starts the control plane over TensorRT-LLM's pool ``[num_blocks, num_layers, kv_factor, chunk]``."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flexkv.core.request import KVResponseStatus
+from flexkv.core import KVResponseStatus
 
 from .base import WorkerBase
 from .config import settings_from_llm_args
@@ -106,7 +106,7 @@ class FlexKVWorkerConnector(WorkerBase):  # type: ignore[misc, valid-type]
                 continue
             response = ended.get(task) if task is not None else None
             if response is not None and response.status is not KVResponseStatus.SUCCESS:
-                self.session.failures += 1
+                self.session.misses.count += 1
                 level = logging.ERROR if what == "load" else logging.WARNING
                 logger.log(level, "FlexKV: the %s of request %s ended %s: %s", what, rid, response.status.value,
                            response.error)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from flexkv.core.config import CacheConfig, ModelConfig
-from flexkv.core.config_file import load_config
-from flexkv.core.errors import ConfigError
+from flexkv.core import CacheConfig, ConfigError, ModelConfig, block_size_for_engine, load_config
 
 logger = logging.getLogger("flexkv")
 
@@ -34,18 +32,8 @@ def settings_from_vllm(vllm_config: Any) -> VllmSettings:
                           f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
                           f"{parallel.pipeline_parallel_size}, data_parallel_size="
                           f"{getattr(parallel, 'data_parallel_size', 1)}; use 1 for each")
-    flexkv = load_config()
-    cache = flexkv.cache_config
     block_size = int(vllm_config.cache_config.block_size)
-    tpb = cache.tokens_per_block
-    if tpb != block_size:
-        if block_size % tpb and tpb % block_size:
-            raise ConfigError(f"cache_config.tokens_per_block = {tpb} and vLLM's block_size = {block_size}: one must "
-                              f"be a multiple of the other; set tokens_per_block to {block_size}",
-                              "cache_config.tokens_per_block")
-        logger.warning("FlexKV: tokens_per_block %d from the config is replaced by vLLM's block_size %d: a FlexKV "
-                       "block is one vLLM block", tpb, block_size)
-        cache = replace(cache, tokens_per_block=block_size)
+    cache = block_size_for_engine(load_config().cache_config, block_size, "vLLM", "block_size")
     model = vllm_config.model_config
     kv_dtype = _kv_dtype(vllm_config)
     from vllm.platforms import current_platform

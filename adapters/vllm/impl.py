@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flexkv.core.log import setup_logging
+from flexkv.core import setup_logging
 
 from .config import settings_from_vllm
 from .versions import check_vllm_version

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flexkv.core.errors import LayoutError
-from flexkv.core.layout import EngineLayout
+from flexkv.core import EngineLayout, LayoutError
 
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)(?:\.|$)")
 

@@ -22,8 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flexkv.core.errors import TaskError
-from flexkv.core.kv_manager import KVManager
+from flexkv.core import KVManager, Misses, RequestTasks, end_task, request_namespace
 
 from .config import VllmSettings, model_config_for
 from .metadata import CopyOrder, FlexKVConnectorMetadata
@@ -43,15 +42,9 @@ def _token_array(request: Any, n: int | None = None) -> np.ndarray:
 
 
 def _namespace(request: Any) -> tuple[str, ...]:
-    """Requests share cached blocks only within one cache_salt and one LoRA adapter."""
-    parts = []
-    salt = getattr(request, "cache_salt", None)
-    if salt:
-        parts.append(f"salt:{salt}")
     lora = getattr(request, "lora_request", None)
-    if lora is not None:
-        parts.append(f"lora:{getattr(lora, 'lora_name', lora)}")
-    return tuple(parts)
+    return request_namespace(cache_salt=getattr(request, "cache_salt", None),
+                             lora=None if lora is None else getattr(lora, "lora_name", lora))
 
 
 class SchedulerSide:
@@ -63,15 +56,15 @@ class SchedulerSide:
                             layout_tag=settings.layout_tag)
         self.kv.start()
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
-        self.prefetches: dict[str, int] = {}  # request -> SSD promotion task
-        self.loads: dict[str, int] = {}  # request -> get task the workers are copying
+        self.prefetches = RequestTasks(self.kv, "prefetch")  # SSD promotions
+        self.loads = RequestTasks(self.kv, "load")  # get tasks the workers are copying
         self.promoting: dict[str, tuple[int, list[int], range]] = {}  # request -> (get task, block ids, blocks)
-        self.stores: dict[str, int] = {}  # request -> put task the workers are copying
+        self.stores = RequestTasks(self.kv, "store")  # put tasks the workers are copying
         self.orders: list[CopyOrder] = []  # ordered since the last build_connector_meta
         # vLLM calls the scheduler side from its one scheduling thread: nothing here needs a lock.
         self.hit_tokens = 0
         self.stored_tokens = 0
-        self.failures = 0
+        self.misses = Misses()
         _LIVE.add(self)
 
     # ---------------------------------------------------------------------------------------------- load
@@ -86,14 +79,15 @@ class SchedulerSide:
             if ssd > cpu and ssd > num_computed_tokens:
                 task = self.prefetches.get(rid)
                 if task is None:
-                    self.prefetches[rid] = task = kv.prefetch_async(tokens, ns)
+                    task = kv.prefetch_async(tokens, ns)
+                    self.prefetches.hold(rid, task)
                 if task not in kv.try_wait(task):
                     return None, False  # blocks are coming up from SSD: vLLM asks again later
-                del self.prefetches[rid]
+                self.prefetches.pop(rid)
                 cpu, _ = kv.lookup(tokens, ns)
         except Exception as e:  # a lookup that fails is a miss
-            self.prefetches.pop(rid, None)
-            self._failed("lookup", rid, e)
+            self.prefetches.pop(rid)
+            self.misses.failed("lookup", rid, e)
             return 0, False
         external = max(0, cpu - num_computed_tokens)
         if external == 0:
@@ -122,8 +116,8 @@ class SchedulerSide:
                 return
             self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
         except Exception as e:  # nothing loads: the worker reports every promised block as failed
-            self._failed("load", rid, e)
-            self._abandon(task)
+            self.misses.failed("load", rid, e)
+            end_task(self.kv, task)
             self._give_up(rid, block_ids, wanted)
 
     def _load_order(self, rid: str, task: int, block_ids: list[int], wanted: range, seq_blocks: np.ndarray,
@@ -132,17 +126,17 @@ class SchedulerSide:
         arriving = set(engine)
         order = CopyOrder(rid, engine, host_ids.tolist(),
                           error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in arriving])
-        self.loads[rid] = task
+        self.loads.hold(rid, task)
         self.hit_tokens += len(engine) * self.block_size
         if order.error_blocks:
-            self.failures += 1
+            self.misses.count += 1
             logger.warning("FlexKV: request %s: %d of %d promised blocks are gone; vLLM recomputes them", rid,
                            len(order.error_blocks), len(wanted))
         return order
 
     def _give_up(self, rid: str, block_ids: list[int], wanted: range) -> None:
         """Orders nothing but reports every promised block as failed: vLLM recomputes them."""
-        self.failures += 1
+        self.misses.count += 1
         self.orders.append(CopyOrder(rid, [], [], error_blocks=[block_ids[p] for p in wanted]))
 
     def _order_promoted_loads(self) -> None:
@@ -155,8 +149,8 @@ class SchedulerSide:
                 self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
             except Exception as e:
                 del self.promoting[rid]
-                self._failed("load", rid, e)
-                self._abandon(task)
+                self.misses.failed("load", rid, e)
+                end_task(self.kv, task)
                 self._give_up(rid, block_ids, wanted)
 
     # --------------------------------------------------------------------------------------------- store
@@ -164,10 +158,10 @@ class SchedulerSide:
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self.matched.pop(rid, None)
-        self.prefetches.pop(rid, None)
+        self.prefetches.pop(rid)
         waiting = self.promoting.pop(rid, None)
         if waiting is not None:  # never ordered: its blocks go back once its SSD reads end
-            self._abandon(waiting[0])
+            end_task(self.kv, waiting[0])
         bs = self.block_size
         n = min(request.num_computed_tokens, len(block_ids) * bs) // bs * bs
         if n == 0:
@@ -181,10 +175,10 @@ class SchedulerSide:
                 return False, None
             order = CopyOrder(rid, [block_ids[int(p)] for p in seq_blocks], host_ids.tolist(), store=True)
         except Exception as e:
-            self._failed("store", rid, e)
-            self._abandon(task)
+            self.misses.failed("store", rid, e)
+            end_task(self.kv, task)
             return False, None
-        self.stores[rid] = task
+        self.stores.hold(rid, task)
         self.stored_tokens += len(order.engine_blocks) * bs
         self.orders.append(order)
         return True, None
@@ -199,11 +193,11 @@ class SchedulerSide:
     def update_connector_output(self, connector_output: Any) -> None:
         """Ends the tasks whose copies the workers report done."""
         for rid in getattr(connector_output, "finished_recving", None) or ():
-            task = self.loads.pop(rid, None)
+            task = self.loads.pop(rid)
             if task is not None:
                 self.kv.finish_external(task, True)
         for rid in getattr(connector_output, "finished_sending", None) or ():
-            task = self.stores.pop(rid, None)
+            task = self.stores.pop(rid)
             if task is not None:
                 self.kv.finish_external(task, True)
 
@@ -211,21 +205,5 @@ class SchedulerSide:
         self.kv.shutdown()
 
     def stats(self) -> dict[str, Any]:
-        return {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.failures,
+        return {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.misses.count,
                 **{k: v for k, v in self.kv.cache_stats().items() if k.startswith("ssd_")}}
-
-    def _abandon(self, task: int | None) -> None:
-        """Ends a task a failed step left behind, so its blocks are unlocked."""
-        if task is None:
-            return
-        try:
-            try:
-                self.kv.finish_external(task, False, "abandoned")
-            except TaskError:  # not taken yet
-                self.kv.cancel(task)
-        except Exception as e:
-            logger.warning("FlexKV: ending task %d failed: %s", task, e)
-
-    def _failed(self, what: str, request_id: str, error: Exception) -> None:
-        self.failures += 1
-        logger.warning("FlexKV: %s for request %s failed, served as a miss: %s", what, request_id, error)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from flexkv.core.errors import ConfigError
+from flexkv.core import ConfigError
 
 TESTED = (0, 32)  # end-to-end tests run on vLLM 0.32 (its CPU build)
 OLDEST = (0, 17)  # the KV connector V1 API with FlexKVConnectorV1 built in

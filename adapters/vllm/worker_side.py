@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flexkv.core.data_plane import DataPlane
+from flexkv.core import DataPlane
 
 from .config import VllmSettings
 from .kv_layout import layout_from_kv_caches
