@@ -17,6 +17,7 @@ from typing import Any
 from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
+from .errors import ConfigError, FlexKVError
 from .resources import require_resources
 
 logger = logging.getLogger("flexkv")
@@ -38,6 +39,31 @@ def _shut_down_open_planes() -> None:
             plane.shutdown()
         except Exception:  # exiting anyway: a failure here must not hide the process's own exit status
             logger.exception("FlexKV: shutdown at exit failed")
+
+
+_MAX_BLOCKS = 2**31 - 1  # block ids are int32
+
+
+def checked_config(model_config: ModelConfig, cache_config: CacheConfig) -> CacheConfig:
+    """Validates a facade's configs and returns the cache config resolved for the model (block counts)."""
+    if not isinstance(model_config, ModelConfig):
+        raise TypeError(f"model_config must be a flexkv ModelConfig, got {type(model_config).__name__}")
+    if not isinstance(cache_config, CacheConfig):
+        raise TypeError(f"cache_config must be a flexkv CacheConfig, got {type(cache_config).__name__}")
+    model_config.validate()
+    cache_config.validate()
+    resolved = cache_config.resolved(model_config)
+    if model_config.dp_size != 1:
+        raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
+                          "not have; run one KVManager per data-parallel rank with dp_size=1")
+    if resolved.enable_remote:
+        raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
+                          "to false to run with the CPU tier")
+    if resolved.num_cpu_blocks > _MAX_BLOCKS:
+        raise ConfigError(f"cache_config.num_cpu_blocks = {resolved.num_cpu_blocks} exceeds {_MAX_BLOCKS}, the "
+                          "most one tier can index; use larger blocks (tokens_per_block) or fewer of them",
+                          "cache_config.num_cpu_blocks")
+    return resolved
 
 
 def plane_options(model_config: ModelConfig, cache_config: CacheConfig, *, num_copy_threads: int = 2,
@@ -75,4 +101,4 @@ def open_control_plane(model_config: ModelConfig, cache_config: CacheConfig, **k
     return plane
 
 
-__all__ = ["ControlPlane", "FaultInjectingIoEnv", "open_control_plane", "plane_options"]
+__all__ = ["ControlPlane", "FaultInjectingIoEnv", "checked_config", "open_control_plane", "plane_options"]

@@ -20,19 +20,15 @@ import numpy as np
 from flexkv import _core
 
 from . import task_args as args
-from .config import CacheConfig, ModelConfig, canonical_dtype_name
-from .control_plane import open_control_plane
-from .errors import ConfigError, FlexKVError, LayoutError, TaskError
-from .layout import EngineLayout, KVCacheLayout
+from .config import CacheConfig, ModelConfig
+from .control_plane import checked_config, open_control_plane
+from .errors import FlexKVError, TaskError
+from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import register_manager, unregister_manager
-from .request import KVResponse, KVResponseStatus
+from .request import KVResponse
 
 logger = logging.getLogger("flexkv")
 
-_MAX_BLOCKS = 2**31 - 1  # block ids are int32
-_STATUS = {_core.ReportStatus.SUCCESS: KVResponseStatus.SUCCESS, _core.ReportStatus.NOTFOUND: KVResponseStatus.NOTFOUND,
-           _core.ReportStatus.UNREADY: KVResponseStatus.UNREADY, _core.ReportStatus.TIMEOUT: KVResponseStatus.TIMEOUT,
-           _core.ReportStatus.CANCELLED: KVResponseStatus.CANCELLED, _core.ReportStatus.FAILED: KVResponseStatus.FAILED}
 _TOKEN_COUNTERS = ("get_query", "get_hit", "put_new", "put_cached", "put_dropped", "put_no_prefix", "ssd_hit")
 Namespace = Sequence[str] | str | None
 
@@ -48,23 +44,10 @@ class KVManager:
                  server_recv_port: str = "", gpu_register_port: str = "", event_collector: Any = None, *,
                  namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2, ssd_io_engine: str = "auto",
                  ssd_env: Any = None, control_plane: Any = None) -> None:
-        if not isinstance(model_config, ModelConfig):
-            raise TypeError(f"model_config must be a flexkv ModelConfig, got {type(model_config).__name__}")
-        if not isinstance(cache_config, CacheConfig):
-            raise TypeError(f"cache_config must be a flexkv CacheConfig, got {type(cache_config).__name__}")
-        model_config.validate()
-        cache_config.validate()
-        resolved = cache_config.resolved(model_config)
-        if model_config.dp_size != 1 or dp_client_id != 0:
-            raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
+        resolved = checked_config(model_config, cache_config)
+        if dp_client_id != 0:
+            raise FlexKVError("dp_client_id != 0 needs FlexKV's server mode (`flexkv serve`), which this version does "
                               "not have; run one KVManager per data-parallel rank with dp_size=1")
-        if resolved.enable_remote:
-            raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
-                              "to false to run with the CPU tier")
-        if resolved.num_cpu_blocks > _MAX_BLOCKS:
-            raise ConfigError(f"cache_config.num_cpu_blocks = {resolved.num_cpu_blocks} exceeds {_MAX_BLOCKS}, the "
-                              "most one tier can index; use larger blocks (tokens_per_block) or fewer of them",
-                              "cache_config.num_cpu_blocks")
         if isinstance(num_copy_threads, bool) or not isinstance(num_copy_threads, int) or num_copy_threads < 1:
             raise TaskError(f"num_copy_threads must be a positive int, got {num_copy_threads!r}")
         self.model_config, self.cache_config = model_config, resolved
@@ -144,28 +127,7 @@ class KVManager:
     def register_kv_caches(self, kv_caches: Any, kv_layout: KVCacheLayout | None = None) -> None:
         """Registers the engine's KV memory: per-layer tensors or one tensor described by ``kv_layout``, or an
         ``EngineLayout`` (``kv_layout`` None) for layouts ``KVCacheLayoutType`` cannot express."""
-        if isinstance(kv_caches, EngineLayout):
-            if kv_layout is not None:
-                raise LayoutError("register_kv_caches: give either an EngineLayout or tensors with a kv_layout")
-            layout = kv_caches
-        elif isinstance(kv_layout, KVCacheLayout):
-            self._check_kv_layout(kv_layout)
-            layout = EngineLayout.from_kv_layout(kv_caches, kv_layout)
-            for i, t in enumerate(kv_caches if isinstance(kv_caches, (list, tuple)) else [kv_caches]):
-                got = canonical_dtype_name(t.dtype, f"kv_caches[{i}].dtype")
-                if got != self.model_config.dtype_name:
-                    raise LayoutError(f"kv_caches[{i}] has dtype {got}, model_config.dtype is "
-                                      f"{self.model_config.dtype_name}; register the tensors the model writes")
-        else:
-            raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
-                              f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
-        if self.model_config.tp_size != 1:
-            raise LayoutError("model_config.tp_size > 1: registering one rank's slice needs the multi-worker data "
-                              "plane, which this version does not have; use tp_size=1")
-        if layout.block_bytes != self.block_bytes:
-            raise LayoutError(f"the registered KV memory holds {layout.block_bytes} bytes per block, but model_config "
-                              f"and tokens_per_block={self.tokens_per_block} give {self.block_bytes}; check "
-                              "num_layers, num_kv_heads, head_size, dtype and use_mla")
+        layout = model_layout(kv_caches, kv_layout, self.model_config, self.tokens_per_block)
         layout.validate()
         if self._cp is not None:
             handle = self._register(layout)
@@ -182,15 +144,6 @@ class KVManager:
         return self._cp.register_layout(layout.grouped_segments(), layout.num_blocks,
                                         layout.cuda_index if layout.is_cuda else -1)
 
-    def _check_kv_layout(self, kv_layout: KVCacheLayout) -> None:
-        if kv_layout.tokens_per_block != self.tokens_per_block:
-            raise LayoutError(f"kv_layout.tokens_per_block is {kv_layout.tokens_per_block} but "
-                              f"cache_config.tokens_per_block is {self.tokens_per_block}; they must be equal")
-        if kv_layout.num_layer != self.model_config.num_layers or kv_layout.is_mla != self.model_config.use_mla:
-            raise LayoutError(f"kv_layout ({kv_layout.num_layer} layers, mla={kv_layout.is_mla}) does not match "
-                              f"model_config ({self.model_config.num_layers} layers, "
-                              f"use_mla={self.model_config.use_mla})")
-
     # ---------------------------------------------------------------- matching
 
     def get_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
@@ -200,7 +153,7 @@ class KVManager:
         block, e.g. vLLM's ``request.block_hashes``) key the blocks instead of hashing the tokens again."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
         task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
-        return task, self._mask(len(tokens), blocks)
+        return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
                   block_hashes: Any = None) -> tuple[int, np.ndarray]:
@@ -208,7 +161,7 @@ class KVManager:
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
         task, blocks, _ = self._plane().put_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
-        return task, self._mask(len(tokens), blocks)
+        return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
         """(tokens of the leading whole blocks ready in the CPU tier, the same on SSD), locking nothing."""
@@ -304,12 +257,12 @@ class KVManager:
         """Waits up to ``timeout`` s for the tasks to end; an ended task is reported once and forgotten
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
-        ids = args.task_ids(task_ids)
-        return self._responses(self._tasks().wait(ids, max(0.0, float(timeout)), bool(completely)))
+        reports = self._tasks().wait(args.task_ids(task_ids), max(0.0, float(timeout)), bool(completely))
+        return args.responses(reports, self.tokens_per_block)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
-        return self._responses(self._tasks().try_wait(args.task_ids(task_ids)))
+        return args.responses(self._tasks().try_wait(args.task_ids(task_ids)), self.tokens_per_block)
 
     def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
         """Waits until ``layer`` of a launched get is in the engine's KV memory (with ``stream``, a
@@ -369,19 +322,3 @@ class KVManager:
         if block_hashes is None:
             return cp.token_run(seed, tokens)
         return cp.hash_run(seed, args.hashes_array(block_hashes), tokens)
-
-    def _mask(self, seq_len: int, blocks: np.ndarray) -> np.ndarray:
-        mask = np.zeros(seq_len, dtype=bool)
-        tpb = self.tokens_per_block
-        whole = seq_len // tpb
-        mask[: whole * tpb].reshape(whole, tpb)[blocks] = True
-        return mask
-
-    def _responses(self, reports: list[tuple]) -> dict[int, KVResponse]:
-        out = {}
-        for task, status, seq_len, blocks, error in reports:
-            ended = status in (_core.ReportStatus.SUCCESS, _core.ReportStatus.FAILED, _core.ReportStatus.CANCELLED)
-            mask = self._mask(seq_len, blocks) if ended else None
-            out[int(task)] = KVResponse(_STATUS[status], int(task), mask, error or None)
-        return out
-

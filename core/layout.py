@@ -305,3 +305,40 @@ def _merge_adjacent(rows: np.ndarray) -> np.ndarray:
                 continue
         merged.append([base, stride, off, nbytes, layer])
     return np.array(merged, dtype=np.int64)
+
+
+def model_layout(kv_caches: Any, kv_layout: KVCacheLayout | None, model: Any, tokens_per_block: int) -> EngineLayout:
+    """The engine layout of KV memory registered for ``model`` (a ModelConfig): tensors described by
+    ``kv_layout``, or an EngineLayout given as ``kv_caches`` (``kv_layout`` None). LayoutError names the
+    first thing that does not match the model."""
+    from .config import canonical_dtype_name
+
+    if isinstance(kv_caches, EngineLayout):
+        if kv_layout is not None:
+            raise LayoutError("register_kv_caches: give either an EngineLayout or tensors with a kv_layout")
+        layout = kv_caches
+    elif isinstance(kv_layout, KVCacheLayout):
+        if kv_layout.tokens_per_block != tokens_per_block:
+            raise LayoutError(f"kv_layout.tokens_per_block is {kv_layout.tokens_per_block} but "
+                              f"cache_config.tokens_per_block is {tokens_per_block}; they must be equal")
+        if kv_layout.num_layer != model.num_layers or kv_layout.is_mla != model.use_mla:
+            raise LayoutError(f"kv_layout ({kv_layout.num_layer} layers, mla={kv_layout.is_mla}) does not match "
+                              f"model_config ({model.num_layers} layers, use_mla={model.use_mla})")
+        layout = EngineLayout.from_kv_layout(kv_caches, kv_layout)
+        for i, t in enumerate(kv_caches if isinstance(kv_caches, (list, tuple)) else [kv_caches]):
+            got = canonical_dtype_name(t.dtype, f"kv_caches[{i}].dtype")
+            if got != model.dtype_name:
+                raise LayoutError(f"kv_caches[{i}] has dtype {got}, model_config.dtype is {model.dtype_name}; "
+                                  "register the tensors the model writes")
+    else:
+        raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
+                          f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
+    if model.tp_size != 1:
+        raise LayoutError("model_config.tp_size > 1: registering one rank's slice needs the multi-worker data "
+                          "plane, which this version does not have; use tp_size=1")
+    block_bytes = model.block_bytes(tokens_per_block)
+    if layout.block_bytes != block_bytes:
+        raise LayoutError(f"the registered KV memory holds {layout.block_bytes} bytes per block, but model_config "
+                          f"and tokens_per_block={tokens_per_block} give {block_bytes}; check "
+                          "num_layers, num_kv_heads, head_size, dtype and use_mla")
+    return layout

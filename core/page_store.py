@@ -23,7 +23,7 @@ import numpy as np
 from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
-from .control_plane import open_control_plane
+from .control_plane import checked_config, open_control_plane
 from .errors import LayoutError
 from .layout import EngineLayout
 
@@ -65,10 +65,8 @@ class PageStore:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, *, namespace: str, layout_tag: str,
                  num_copy_threads: int = 2, ssd_io_engine: str = "auto", ssd_env: Any = None,
                  control_plane: Any = None) -> None:
-        model_config.validate()
-        cache_config.validate()
         self.model_config = model_config
-        self.cache_config = cache_config.resolved(model_config)
+        self.cache_config = checked_config(model_config, cache_config)
         self.block_bytes = model_config.block_bytes(self.cache_config.tokens_per_block)
         self._owns = control_plane is None
         self._cp = control_plane if control_plane is not None else open_control_plane(

@@ -8,7 +8,15 @@ from typing import Any
 
 import numpy as np
 
+from flexkv import _core
+
 from .errors import TaskError
+from .request import KVResponse, KVResponseStatus
+
+_STATUS = {_core.ReportStatus.SUCCESS: KVResponseStatus.SUCCESS, _core.ReportStatus.NOTFOUND: KVResponseStatus.NOTFOUND,
+           _core.ReportStatus.UNREADY: KVResponseStatus.UNREADY, _core.ReportStatus.TIMEOUT: KVResponseStatus.TIMEOUT,
+           _core.ReportStatus.CANCELLED: KVResponseStatus.CANCELLED, _core.ReportStatus.FAILED: KVResponseStatus.FAILED}
+_ENDED = (_core.ReportStatus.SUCCESS, _core.ReportStatus.FAILED, _core.ReportStatus.CANCELLED)
 
 
 def is_tensor(x: Any) -> bool:
@@ -128,3 +136,20 @@ def hashes_array(block_hashes: Any) -> np.ndarray:
             raise TaskError(f"block_hashes[{i}] must be bytes or an int, got {type(h).__name__}")
         raw += b
     return np.frombuffer(bytes(raw), dtype="<u8").reshape(-1, 2).copy()
+
+
+def token_mask(seq_len: int, blocks: np.ndarray, tokens_per_block: int) -> np.ndarray:
+    """A bool mask over a sequence, True for the tokens of the whole blocks ``blocks``."""
+    mask = np.zeros(seq_len, dtype=bool)
+    whole = seq_len // tokens_per_block
+    mask[: whole * tokens_per_block].reshape(whole, tokens_per_block)[blocks] = True
+    return mask
+
+
+def responses(reports: list[tuple], tokens_per_block: int) -> dict[int, KVResponse]:
+    """The control plane's task reports as FlexKV's KVResponses (an ended task's mask of the tokens it moved)."""
+    out = {}
+    for task, status, seq_len, blocks, error in reports:
+        mask = token_mask(seq_len, blocks, tokens_per_block) if status in _ENDED else None
+        out[int(task)] = KVResponse(_STATUS[status], int(task), mask, error or None)
+    return out
