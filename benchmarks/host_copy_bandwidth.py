@@ -20,6 +20,7 @@ neighbour slows both alike.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -106,7 +107,8 @@ def main() -> None:
     args = p.parse_args()
     total = args.total_mib << 20
     print(f"host_copy_bandwidth: {args.total_mib} MiB per copy, best of {args.repeat} interleaved rounds; "
-          "ratio = scattered GB/s / contiguous memcpy GB/s on as many threads (same bytes, same run)")
+          "ratio = scattered GB/s / contiguous memcpy GB/s on as many threads (same bytes, same run); "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the start")
     print(f"{'chunk':>7} {'threads':>7} {'memcpy x1':>9} {'memcpy x2':>9} {'engine->host':>18} {'host->engine':>18} "
           f"{'contiguous':>10} {'e->h, h->e of it':>17}")
     with ThreadPoolExecutor(2) as pool:
@@ -118,6 +120,7 @@ def main() -> None:
                       f"{r['e2h']:>8.2f} ({100 * r['e2h'] / ceiling:>5.1f}%) "
                       f"{r['h2e']:>8.2f} ({100 * r['h2e'] / ceiling:>5.1f}%) {r['contiguous']:>10.2f} "
                       f"{100 * r['e2h'] / r['contiguous']:>7.1f}% {100 * r['h2e'] / r['contiguous']:>6.1f}%")
+    print(f"load average {os.getloadavg()[0]:.2f} at the end (a busy machine shows as 2 threads no faster than 1)")
 
 
 if __name__ == "__main__":
