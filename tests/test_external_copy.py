@@ -44,6 +44,9 @@ def test_store_then_load_through_a_data_plane(kv: KVManager) -> None:
         kv.launch(task, np.arange(5 * T))
     job = plane.submit("engine_to_host", [src[i] for i in seq], host)
     assert plane.poll(5_000_000) == [(job, "")]
+    assert plane.poll(0) == [] and plane.copy.in_flight == 0  # each job is reported once
+    with pytest.raises(IndexError, match="engine block id 99"):  # the registered layout checks the ids
+        plane.submit("engine_to_host", [99], host[:1])
     assert kv.lookup(tokens) == (0, 0)  # not ready before the copy is reported
     kv.finish_external(task, True)
     assert kv.lookup(tokens)[0] == 5 * T

@@ -5,7 +5,8 @@
 // and its constructor says how to get CUDA support.
 //
 // Every call that can block (a wait, a registration that pins memory, a submit
-// of the GPU engine, closing an engine) releases the GIL.
+// of the GPU engine, closing an engine) releases the GIL; the host engine's
+// submit, which cannot, keeps it.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -81,7 +82,13 @@ uint64_t submit(const EngineHandle& h, const std::string& direction, int32_t lay
   const flexkv::CopyDirection dir = flexkv::python::direction_of(direction);
   const size_t n = flexkv::python::block_pairs(engine_blocks, host_blocks);
   auto e = h.get();
-  py::gil_scoped_release nogil;
+  if (e->device() < 0) {
+    // The host engine's submit never blocks (it copies the block lists and queues them under a short
+    // mutex). Releasing the GIL here would let another Python thread, such as a completion collector,
+    // take it and keep the caller waiting up to a switch interval (5 ms).
+    return e->submit(dir, layout_id, engine_blocks.data(), host_blocks.data(), n, urgent, layerwise, tag);
+  }
+  py::gil_scoped_release nogil;  // CUDA calls can block while the device's queues are full
   return e->submit(dir, layout_id, engine_blocks.data(), host_blocks.data(), n, urgent, layerwise, tag);
 }
 

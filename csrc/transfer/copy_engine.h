@@ -39,6 +39,8 @@ struct CopyCompletion {
 
 class CopyEngine {
  public:
+  // Waits for the jobs in flight (the host engine finishes its queued ones),
+  // then unpins what the engine pinned.
   virtual ~CopyEngine() = default;
 
   // "host" or "cuda:<device>".
@@ -122,8 +124,8 @@ struct GpuCopyOptions {
 };
 
 // The GPU data plane on one device. Throws std::runtime_error when this build
-// has no CUDA (saying how to get it), the device does not exist, or an option
-// is out of range.
+// has no CUDA (saying how to get it) or no CUDA device is usable, and
+// std::invalid_argument for a device that does not exist or an option out of range.
 std::unique_ptr<CopyEngine> make_gpu_copy_engine(const GpuCopyOptions& options);
 
 // True when this build has CUDA support and a CUDA device is usable.

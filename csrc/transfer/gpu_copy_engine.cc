@@ -54,23 +54,28 @@ GpuCopyEngine::GpuCopyEngine(const GpuCopyOptions& options) : options_(options) 
     throw std::invalid_argument("GpuCopyEngine: transfer_sms_h2d and transfer_sms_d2h must be >= 1");
   }
   DeviceScope scope(options.device);
-  int least = 0, greatest = 0;
-  check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
-  check(cudaStreamCreateWithPriority(&load_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreate");
-  check(cudaStreamCreateWithPriority(&store_stream_, cudaStreamNonBlocking, least), "cudaStreamCreate");
-  for (int lane = 0; lane < 2; ++lane) {
-    for (int i = 0; i < kCeStreams; ++i) {
-      check(cudaStreamCreateWithPriority(&aux_[lane][i], cudaStreamNonBlocking, lane == 0 ? greatest : least),
-            "cudaStreamCreate");
+  try {
+    int least = 0, greatest = 0;
+    check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
+    check(cudaStreamCreateWithPriority(&load_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreate");
+    check(cudaStreamCreateWithPriority(&store_stream_, cudaStreamNonBlocking, least), "cudaStreamCreate");
+    for (int lane = 0; lane < 2; ++lane) {
+      for (int i = 0; i < kCeStreams; ++i) {
+        check(cudaStreamCreateWithPriority(&aux_[lane][i], cudaStreamNonBlocking, lane == 0 ? greatest : least),
+              "cudaStreamCreate");
+      }
     }
+    cudaMemPoolProps props = {};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = options.device;
+    check(cudaMemPoolCreate(&pool_, &props), "cudaMemPoolCreate");
+    uint64_t keep = 64ull << 20;  // block lists of recent jobs stay allocated
+    check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+  } catch (...) {
+    destroy_streams();  // no destructor runs for an engine whose constructor throws
+    throw;
   }
-  cudaMemPoolProps props = {};
-  props.allocType = cudaMemAllocationTypePinned;
-  props.location.type = cudaMemLocationTypeDevice;
-  props.location.id = options.device;
-  check(cudaMemPoolCreate(&pool_, &props), "cudaMemPoolCreate");
-  uint64_t keep = 64ull << 20;  // block lists of recent jobs stay allocated
-  check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
 #if CUDART_VERSION >= 12080
   int runtime = 0;
   cudaRuntimeGetVersion(&runtime);
@@ -78,17 +83,24 @@ GpuCopyEngine::GpuCopyEngine(const GpuCopyOptions& options) : options_(options) 
 #endif
 }
 
-GpuCopyEngine::~GpuCopyEngine() {
-  shut_down_registry();  // every callback has run: nothing refers to the streams any more
-  DeviceScope scope(options_.device);
+void GpuCopyEngine::destroy_streams() {
   for (auto& lane : aux_) {
-    for (cudaStream_t s : lane) {
+    for (cudaStream_t& s : lane) {
       if (s != nullptr) cudaStreamDestroy(s);
+      s = nullptr;
     }
   }
   if (load_stream_ != nullptr) cudaStreamDestroy(load_stream_);
   if (store_stream_ != nullptr) cudaStreamDestroy(store_stream_);
   if (pool_ != nullptr) cudaMemPoolDestroy(pool_);
+  load_stream_ = store_stream_ = nullptr;
+  pool_ = nullptr;
+}
+
+GpuCopyEngine::~GpuCopyEngine() {
+  shut_down_registry();  // every callback has run: nothing refers to the streams any more
+  DeviceScope scope(options_.device);
+  destroy_streams();
 }
 
 void* GpuCopyEngine::stream(CopyDirection dir) const {

@@ -74,6 +74,7 @@ class GpuCopyEngine final : public CopyEngineBase {
     gpu::PinnedPool::Buffer staging{nullptr, 0};
   };
   static void CUDART_CB on_complete(void* completion);
+  void destroy_streams();  // the streams and the pool, with this engine's device selected
 
   Pinned pin(uint64_t base, uint64_t bytes) override;
   void unpin(uint64_t base, const Pinned& pinned) override;

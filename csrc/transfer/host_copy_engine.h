@@ -1,7 +1,8 @@
 // HostCopyEngine: the CopyEngine for engine KV memory in host RAM. A pool of
 // threads moves whole blocks; a job is split into runs of (block, segment)
-// chunks that the threads claim, urgent jobs before queued ones. Copies of
-// chunks of 4 KiB and more use non-temporal stores. Built through
+// chunks that the threads claim, urgent jobs before queued ones. Chunks of 4
+// KiB and more are copied with 32-byte (AVX2, where the CPU has it) or 16-byte
+// loads and non-temporal stores, the next chunk's first lines prefetched. Built through
 // make_host_copy_engine (copy_engine.h); declared here for its own tests.
 #pragma once
 
@@ -42,7 +43,7 @@ class HostCopyEngine final : public CopyEngineBase {
   struct Job;
   Pinned pin(uint64_t base, uint64_t bytes) override;
   void unpin(uint64_t, const Pinned&) override {}
-  std::shared_ptr<const void> prepare_layout(const Layout&) override { return nullptr; }
+  std::shared_ptr<const void> prepare_layout(const Layout& layout) override;
 
   void worker_loop();
   void stop_workers();  // finishes queued jobs, joins the threads
