@@ -50,9 +50,10 @@ def gen(seed: int) -> torch.Generator:
 @pytest.fixture
 def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
     """``make_kv(**overrides) -> KVEnv``: a started manager over the default model and cache config
-    (kv_helpers.DEFAULT_MODEL / DEFAULT_CACHE) with keyword overrides of ModelConfig and CacheConfig keys and
-    KVManager keywords (``ssd_env=FaultInjectingIoEnv(...)``, ``ssd_io_engine``, ...), and its engine fake
-    (``engine=`` one of kv_helpers.ENGINE_KINDS, ``engine_blocks=``), registered unless ``register=False``.
+    (kv_helpers.DEFAULT_MODEL / DEFAULT_CACHE, or those of ``config=<file>`` as engines load it) with keyword
+    overrides of ModelConfig and CacheConfig keys and KVManager keywords (``ssd_env=FaultInjectingIoEnv(...)``,
+    ``ssd_io_engine``, ...), and its engine fake (``engine=`` one of kv_helpers.ENGINE_KINDS,
+    ``engine_blocks=``), registered unless ``register=False``.
 
     ``ssd=True`` turns the SSD tier on in ``<tmp_path>/ssd``; ``ssd=[dirs]`` in those directories. Managers
     of one test get different data (the seed plus their index). At teardown every manager's cache must be

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from flexkv import CacheConfig, EngineLayout, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus, ModelConfig
+from flexkv.core.config_file import load_config
 
 S = KVResponseStatus
 
@@ -228,7 +229,9 @@ class FakeEngine:
 
 def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(ModelConfig keys, CacheConfig keys, KVManager keywords) of keyword overrides; an unknown key is an error."""
-    model, cache, manager = dict(DEFAULT_MODEL), dict(DEFAULT_CACHE), {}
+    model: dict[str, Any] = {}
+    cache: dict[str, Any] = {}
+    manager: dict[str, Any] = {}
     for key, value in overrides.items():
         if key in _MODEL_KEYS:
             model[key] = value
@@ -241,12 +244,17 @@ def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str
     return model, cache, manager
 
 
-def configs(**overrides: Any) -> tuple[ModelConfig, CacheConfig]:
-    """The default model and cache config with keyword overrides (KVManager keywords are not allowed here)."""
+def configs(config: str | Path | None = None, **overrides: Any) -> tuple[ModelConfig, CacheConfig]:
+    """The default model and cache config (or those of a config file, as the engines load it) with keyword
+    overrides of single keys (KVManager keywords are not allowed here)."""
     model, cache, manager = split_overrides(overrides)
     if manager:
         raise TypeError(f"{sorted(manager)} are KVManager keywords, not config keys")
-    return ModelConfig(**model), CacheConfig(**cache)
+    if config is None:
+        return ModelConfig(**{**DEFAULT_MODEL, **model}), CacheConfig(**{**DEFAULT_CACHE, **cache})
+    loaded = load_config(config)
+    assert loaded.model_config is not None, f"{config} has no model_config"
+    return dataclasses.replace(loaded.model_config, **model), dataclasses.replace(loaded.cache_config, **cache)
 
 
 def engine_for(kv: KVManager, kind: str | KVCacheLayoutType = "layerfirst", *, num_blocks: int = DEFAULT_ENGINE_BLOCKS,
@@ -260,16 +268,17 @@ def engine_for(kv: KVManager, kind: str | KVCacheLayoutType = "layerfirst", *, n
 
 def start_manager(*, seed: int, engine: str | KVCacheLayoutType = "layerfirst",
                   engine_blocks: int = DEFAULT_ENGINE_BLOCKS, register: bool = True,
-                  ssd_dirs: Sequence[str | Path] | None = None, **overrides: Any) -> tuple[KVManager, FakeEngine]:
-    """The one way tests build a manager: a started KVManager over the default model and cache config with
-    keyword overrides (ModelConfig and CacheConfig keys, KVManager keywords such as ``ssd_env``), and an
-    engine fake of ``engine_blocks`` blocks, registered unless ``register`` is False. ``ssd_dirs`` turns the
-    SSD tier on (``num_ssd_blocks`` defaults to DEFAULT_SSD_BLOCKS)."""
-    model, cache, manager = split_overrides(overrides)
+                  ssd_dirs: Sequence[str | Path] | None = None, config: str | Path | None = None,
+                  **overrides: Any) -> tuple[KVManager, FakeEngine]:
+    """The one way tests build a manager: a started KVManager over the default model and cache config (or a
+    config file's) with keyword overrides (ModelConfig and CacheConfig keys, KVManager keywords such as
+    ``ssd_env``), and an engine fake of ``engine_blocks`` blocks, registered unless ``register`` is False.
+    ``ssd_dirs`` turns the SSD tier on (``num_ssd_blocks`` defaults to DEFAULT_SSD_BLOCKS)."""
+    manager = {k: overrides.pop(k) for k in list(overrides) if k in _MANAGER_KEYS}
     if ssd_dirs is not None:
-        cache.setdefault("num_ssd_blocks", DEFAULT_SSD_BLOCKS)
-        cache.update(enable_ssd=True, ssd_cache_dir=";".join(str(d) for d in ssd_dirs))
-    kv = KVManager(ModelConfig(**model), CacheConfig(**cache), **manager)
+        overrides.setdefault("num_ssd_blocks", DEFAULT_SSD_BLOCKS)
+        overrides.update(enable_ssd=True, ssd_cache_dir=";".join(str(d) for d in ssd_dirs))
+    kv = KVManager(*configs(config, **overrides), **manager)
     kv.start()
     try:
         eng = engine_for(kv, engine, num_blocks=engine_blocks, gen=torch.Generator().manual_seed(seed))
