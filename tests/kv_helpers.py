@@ -36,10 +36,13 @@ DEFAULT_SSD_BLOCKS = 64
 POISON_BYTE = 0xA5
 
 # The engine memory layouts the fake has: FlexKV's three KVCacheLayoutTypes (registered with a KVCacheLayout)
-# and two that only block views describe (registered as EngineLayout.from_block_views).
+# and three that only block views describe (registered as EngineLayout.from_block_views).
 ENUM_KINDS = ("layerfirst", "layerblock", "blockfirst")
-VIEW_KINDS = ("vllm_cpu", "trtllm_pool")
+VIEW_KINDS = ("vllm_cpu", "trtllm_pool", "sglang")
 ENGINE_KINDS = ENUM_KINDS + VIEW_KINDS
+# Kinds whose block bytes are FlexKV's host block layout [layer][k|v][token][head][dim]: a block stored from
+# one loads into any other. (vLLM's CPU backend transposes K inside a block: its blocks are copied whole.)
+HOST_ORDER_KINDS = tuple(k for k in ENGINE_KINDS if k != "vllm_cpu")
 
 _MODEL_KEYS = {f.name for f in dataclasses.fields(ModelConfig)}
 _CACHE_KEYS = {f.name for f in dataclasses.fields(CacheConfig)}
@@ -99,42 +102,44 @@ def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 class FakeEngine:
-    """An engine's paged KV memory: CPU torch tensors in one of ENGINE_KINDS.
+    """An engine's paged KV memory: torch tensors (on the CPU unless ``device`` says otherwise) in one of
+    ENGINE_KINDS.
 
     - ``layerfirst``: per layer [k|v, blocks, tokens, heads, dim] (vLLM's GPU layout)
     - ``layerblock``: per layer [blocks, k|v, tokens, heads, dim]
     - ``blockfirst``: one tensor [blocks, layers, k|v, tokens, heads, dim]
     - ``vllm_cpu``: per layer [blocks, heads, tokens, k|v * dim] (vLLM's CPU backend; block views)
     - ``trtllm_pool``: one tensor [blocks, layers, k|v, tokens * heads * dim] (TensorRT-LLM; block views)
+    - ``sglang``: SGLang's token-indexed buffers [blocks * tokens, heads, dim], every layer's K, then every
+      layer's V (MLA: one latent buffer per layer); block b is tokens b*T .. b*T+T-1 (block views)
 
     A block's data is its bytes in the order of its views, which is FlexKV's host block layout
-    ([layer][k|v][token][head][dim] for the three enum kinds), so blocks compare across kinds. New memory
-    is poisoned. MLA has one latent instead of k and v.
+    ([layer][k|v][token][head][dim] for every kind but vllm_cpu: HOST_ORDER_KINDS), so blocks compare across
+    those kinds. New memory is poisoned. MLA has one latent instead of k and v.
     """
 
     def __init__(self, kind: str | KVCacheLayoutType, *, num_layers: int, num_blocks: int, tokens_per_block: int,
                  num_kv_heads: int, head_size: int, dtype: torch.dtype, gen: torch.Generator,
-                 use_mla: bool = False) -> None:
+                 use_mla: bool = False, device: str = "cpu") -> None:
         kind = kind.value.lower() if isinstance(kind, KVCacheLayoutType) else kind
         if kind not in ENGINE_KINDS:
             raise ValueError(f"engine kind {kind!r}; use one of {ENGINE_KINDS}")
-        self.kind, self.gen, self.dtype = kind, gen, dtype
+        self.kind, self.gen, self.dtype, self.device = kind, gen, dtype, device
         self.num_layers, self.num_blocks, self.tokens_per_block = num_layers, num_blocks, tokens_per_block
         L, B, T, H, D = num_layers, num_blocks, tokens_per_block, num_kv_heads, head_size
         kv = 1 if use_mla else 2
         self.kv_layout: KVCacheLayout | None = None
         if kind in ENUM_KINDS:
             self.kv_layout = KVCacheLayout(KVCacheLayoutType(kind.upper()), L, B, T, H, D, is_mla=use_mla)
-        if kind == "layerfirst":
-            self.tensors = [torch.empty(kv, B, T, H, D, dtype=dtype) for _ in range(L)]
-        elif kind in ("layerblock",):
-            self.tensors = [torch.empty(B, kv, T, H, D, dtype=dtype) for _ in range(L)]
-        elif kind == "blockfirst":
-            self.tensors = [torch.empty(B, L, kv, T, H, D, dtype=dtype)]
-        elif kind == "vllm_cpu":
-            self.tensors = [torch.empty(B, H, T, kv * D, dtype=dtype) for _ in range(L)]
-        else:
-            self.tensors = [torch.empty(B, L, kv, T * H * D, dtype=dtype)]
+        shapes = {
+            "layerfirst": [(kv, B, T, H, D)] * L,
+            "layerblock": [(B, kv, T, H, D)] * L,
+            "blockfirst": [(B, L, kv, T, H, D)],
+            "vllm_cpu": [(B, H, T, kv * D)] * L,
+            "trtllm_pool": [(B, L, kv, T * H * D)],
+            "sglang": [(B * T, H, D)] * (kv * L),
+        }[kind]
+        self.tensors = [torch.empty(shape, dtype=dtype, device=device) for shape in shapes]
         self.block_bytes = sum(v.numel() * v.element_size() for v in self.views(0))
         self.poison()
 
@@ -146,6 +151,12 @@ class FakeEngine:
     def engine_layout(self) -> EngineLayout:
         if self.kv_layout is not None:
             return EngineLayout.from_kv_layout(self.kv_caches, self.kv_layout)
+        if self.kind == "sglang":
+            L, B = self.num_layers, self.num_blocks
+            per_block = [t.view(B, -1) for t in self.tensors]
+            order = list(range(L)) if len(per_block) == L else [i for layer in range(L) for i in (layer, L + layer)]
+            return EngineLayout.from_block_views([per_block[i] for i in order], "sglang",
+                                                 layers=[i % L for i in order])
         return EngineLayout.from_block_views(self.tensors, self.kind)
 
     def register(self, kv: KVManager) -> None:
@@ -158,11 +169,15 @@ class FakeEngine:
         """Block b's memory, as views into the engine's tensors, in host block order."""
         if self.kind == "layerfirst":
             return [t[:, b] for t in self.tensors]
+        if self.kind == "sglang":
+            L, T = self.num_layers, self.tokens_per_block
+            rows = [t[b * T:(b + 1) * T] for t in self.tensors]
+            return rows if len(rows) == L else [rows[i] for layer in range(L) for i in (layer, L + layer)]
         return [t[b] for t in self.tensors]
 
     def read(self, b: int) -> torch.Tensor:
-        """Block b's bytes (a copy)."""
-        return torch.cat([as_bytes(v) for v in self.views(int(b))])
+        """Block b's bytes (a copy, on the CPU)."""
+        return torch.cat([as_bytes(v).cpu() for v in self.views(int(b))])
 
     def write(self, b: int, data: torch.Tensor) -> None:
         """Writes bytes (as read() returns them) into block b."""
@@ -170,7 +185,7 @@ class FakeEngine:
         offset = 0
         for v in self.views(int(b)):
             n = v.numel() * v.element_size()
-            v.copy_(data[offset:offset + n].view(self.dtype).view(v.shape))
+            v.copy_(data[offset:offset + n].view(self.dtype).view(v.shape).to(v.device))
             offset += n
 
     def random_block(self) -> torch.Tensor:
@@ -258,30 +273,36 @@ def configs(config: str | Path | None = None, **overrides: Any) -> tuple[ModelCo
 
 
 def engine_for(kv: KVManager, kind: str | KVCacheLayoutType = "layerfirst", *, num_blocks: int = DEFAULT_ENGINE_BLOCKS,
-               gen: torch.Generator) -> FakeEngine:
+               gen: torch.Generator, device: str = "cpu") -> FakeEngine:
     """An engine fake shaped for the manager's model (not registered)."""
     m = kv.model_config
     return FakeEngine(kind, num_layers=m.num_layers, num_blocks=num_blocks, tokens_per_block=kv.tokens_per_block,
                       num_kv_heads=m.num_kv_heads, head_size=m.head_size, dtype=getattr(torch, m.dtype_name),
-                      gen=gen, use_mla=m.use_mla)
+                      gen=gen, use_mla=m.use_mla, device=device)
 
 
 def start_manager(*, seed: int, engine: str | KVCacheLayoutType = "layerfirst",
-                  engine_blocks: int = DEFAULT_ENGINE_BLOCKS, register: bool = True,
+                  engine_blocks: int = DEFAULT_ENGINE_BLOCKS, register: bool = True, device: str = "cpu",
                   ssd_dirs: Sequence[str | Path] | None = None, config: str | Path | None = None,
-                  **overrides: Any) -> tuple[KVManager, FakeEngine]:
+                  model_config: ModelConfig | None = None, **overrides: Any) -> tuple[KVManager, FakeEngine]:
     """The one way tests build a manager: a started KVManager over the default model and cache config (or a
     config file's) with keyword overrides (ModelConfig and CacheConfig keys, KVManager keywords such as
-    ``ssd_env``), and an engine fake of ``engine_blocks`` blocks, registered unless ``register`` is False.
-    ``ssd_dirs`` turns the SSD tier on (``num_ssd_blocks`` defaults to DEFAULT_SSD_BLOCKS)."""
+    ``ssd_env``), and an engine fake of ``engine_blocks`` blocks on ``device``, registered unless
+    ``register`` is False. ``ssd_dirs`` turns the SSD tier on (``num_ssd_blocks`` defaults to
+    DEFAULT_SSD_BLOCKS). ``model_config`` replaces the model config whole (an engine's subclass of it)."""
     manager = {k: overrides.pop(k) for k in list(overrides) if k in _MANAGER_KEYS}
     if ssd_dirs is not None:
         overrides.setdefault("num_ssd_blocks", DEFAULT_SSD_BLOCKS)
         overrides.update(enable_ssd=True, ssd_cache_dir=";".join(str(d) for d in ssd_dirs))
-    kv = KVManager(*configs(config, **overrides), **manager)
+    model, cache = configs(config, **overrides)
+    if model_config is not None:
+        if _MODEL_KEYS & set(overrides):
+            raise TypeError("give model_config or single model keys, not both")
+        model = model_config
+    kv = KVManager(model, cache, **manager)
     kv.start()
     try:
-        eng = engine_for(kv, engine, num_blocks=engine_blocks, gen=torch.Generator().manual_seed(seed))
+        eng = engine_for(kv, engine, num_blocks=engine_blocks, gen=torch.Generator().manual_seed(seed), device=device)
         if register:
             eng.register(kv)
     except BaseException:
