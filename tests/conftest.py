@@ -57,11 +57,10 @@ def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
 
     ``ssd=True`` turns the SSD tier on in ``<tmp_path>/ssd``; ``ssd=[dirs]`` in those directories. Managers
     of one test get different data (the seed plus their index). At teardown every manager's cache must be
-    consistent and hold no lock (``check=False`` opts one manager out, for a test that leaves it broken on
-    purpose); then each is shut down."""
-    created: list[tuple[KVEnv, bool]] = []
+    consistent and hold no lock (also one the test shut down); then each is shut down."""
+    created: list[KVEnv] = []
 
-    def factory(*, ssd: bool | list[Any] = False, check: bool = True, **overrides: Any) -> KVEnv:
+    def factory(*, ssd: bool | list[Any] = False, **overrides: Any) -> KVEnv:
         index = len(created)
         ssd_dirs = None
         if ssd is True:
@@ -70,16 +69,16 @@ def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
             ssd_dirs = list(ssd)
         kv, eng = start_manager(seed=seed + index, ssd_dirs=ssd_dirs, **overrides)
         env = KVEnv(kv, eng, np.random.default_rng(seed + index))
-        created.append((env, check))
+        created.append(env)
         return env
 
     yield factory
     try:
-        for env, check in created:
-            if check and env.kv.control_plane is not None:  # a manager shut down by the test is checked too
+        for env in created:
+            if env.kv.control_plane is not None:  # None only for a manager that joined another's plane and left
                 assert_clean(env.kv)
     finally:
-        for env, _ in created:
+        for env in created:
             env.kv.shutdown()
 
 
