@@ -96,11 +96,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8).reshape(-1).clone()
 
 
-def bitwise_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equality of bytes (NaN poison compares unequal to anything but itself as bytes)."""
-    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
-
-
 class FakeEngine:
     """An engine's paged KV memory: torch tensors (on the CPU unless ``device`` says otherwise) in one of
     ENGINE_KINDS.
