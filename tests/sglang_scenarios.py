@@ -2,7 +2,9 @@
 
     python tests/sglang_scenarios.py <workdir> <scenario> [<scenario> ...]
 
-Each scenario prints ``PASS <name>`` or ``FAIL <name>: <why>``. The subprocess keeps SGLang's process-wide
+Each scenario prints its seed (``SEED <name> <seed>``), then ``PASS <name>`` or ``FAIL <name>: <why>``; the
+seed is tests/kv_helpers.py's seed_for (a hash of the scenario's id unless FLEXKV_TEST_SEED is set), so
+``FLEXKV_TEST_SEED=<seed>`` replays a failure. The subprocess keeps SGLang's process-wide
 state (its published runtime context, the torchvision stand-in on sys.path, the CUDA stream stand-in that
 FlexKV's radix cache needs on a CPU build) away from the other tests.
 """
@@ -40,10 +42,13 @@ from sglang.srt.mem_cache.utils import get_hash_str  # noqa: E402
 
 from flexkv.core.errors import ConfigError, LayoutError  # noqa: E402
 
+from kv_helpers import seed_for  # noqa: E402  (this file's folder is on sys.path: it runs as a script there)
+
 BACKEND = {"backend_name": "flexkv", "module_path": "flexkv.adapters.sglang", "class_name": "FlexKVHiCacheStorage",
            "interface_v1": 1}
 LAYERS, HEADS, HEAD_DIM = 2, 2, 8
 MLA_RANK, MLA_ROPE = 16, 8
+SEED = 0  # the running scenario's seed (main sets it, and seeds torch's global generator with it)
 
 
 def write_config(name: str, *, ssd: bool = False, cpu_blocks: int = 256, tokens_per_block: int = PAGE) -> Path:
@@ -145,7 +150,6 @@ def hicache_every_layout_round_trip() -> None:
     """SGLang's factory loads the backend; pages go out and back through the controller, byte-exact."""
     from flexkv.adapters.sglang import FlexKVHiCacheStorage
 
-    seed = int.from_bytes(os.urandom(4), "little")
     for mla, layouts in ((False, ("layer_first", "page_first", "page_first_direct", "page_head")),
                          (True, ("layer_first", "page_first", "page_first_direct"))):
         for layout in layouts:
@@ -153,7 +157,7 @@ def hicache_every_layout_round_trip() -> None:
             ctrl, host = controller(layout, mla)
             try:
                 assert isinstance(ctrl.storage_backend, FlexKVHiCacheStorage), type(ctrl.storage_backend)
-                tokens = tokens_of(5 * PAGE, seed)
+                tokens = tokens_of(5 * PAGE, SEED)
                 src, stored = backup(ctrl, host, tokens)
                 assert stored == len(tokens), (layout, mla, stored)
                 dest, hit, done = prefetch(ctrl, host, tokens)
@@ -167,7 +171,7 @@ def hicache_every_layout_round_trip() -> None:
 
 def hicache_survives_a_restart_on_ssd() -> None:
     write_config("restart", ssd=True, cpu_blocks=8)
-    tokens = tokens_of(6 * PAGE, int.from_bytes(os.urandom(4), "little"))
+    tokens = tokens_of(6 * PAGE, SEED)
     ctrl, host = controller("page_first")
     src, stored = backup(ctrl, host, tokens)
     assert stored == len(tokens)
@@ -194,7 +198,7 @@ def hicache_exists_counts_leading_hits() -> None:
     ctrl, host = controller("page_first_direct")
     try:
         backend = ctrl.storage_backend
-        tokens = tokens_of(4 * PAGE, int.from_bytes(os.urandom(4), "little"))
+        tokens = tokens_of(4 * PAGE, SEED)
         keys = get_hash_str(tokens, None, page_size=PAGE)
         hidx = host.alloc(len(tokens))
         assert backend.batch_set_v1([keys[0], keys[2]], torch.cat([hidx[:PAGE], hidx[2 * PAGE:3 * PAGE]])) == \
@@ -217,7 +221,7 @@ def hicache_tp_ranks_never_share() -> None:
     from flexkv.adapters.sglang import FlexKVHiCacheStorage
 
     write_config("tp", ssd=True)
-    tokens = tokens_of(3 * PAGE, int.from_bytes(os.urandom(4), "little"))
+    tokens = tokens_of(3 * PAGE, SEED)
     keys = get_hash_str(tokens, None, page_size=PAGE)
     dev = device_pool(False)
     host = host_pool(dev, "page_first", False)
@@ -245,13 +249,12 @@ def hicache_tp_ranks_never_share() -> None:
 
 def hicache_legacy_flat_pages() -> None:
     """interface_v1 off: SGLang's generic get/set pass flat pages; the same pages serve the zero-copy calls."""
-    seed = int.from_bytes(os.urandom(4), "little")
     for layout in ("layer_first", "page_first"):
         write_config(f"legacy-{layout}")
         ctrl, host = controller(layout, interface_v1=False)
         try:
             assert ctrl.page_get_func.__name__ == "_generic_page_get", ctrl.page_get_func.__name__
-            tokens = tokens_of(3 * PAGE, seed)
+            tokens = tokens_of(3 * PAGE, SEED)
             src, stored = backup(ctrl, host, tokens)
             assert stored == len(tokens)
             dest, hit, done = prefetch(ctrl, host, tokens)
@@ -285,7 +288,7 @@ def hicache_concurrent_threads() -> None:
     def worker(w: int) -> None:
         try:
             for r in range(10):
-                tokens = tokens_of(4 * PAGE, w * 1000 + r + int.from_bytes(os.urandom(2), "little"))
+                tokens = tokens_of(4 * PAGE, SEED + w * 1000 + r)
                 keys = get_hash_str(tokens, None, page_size=PAGE)
                 with lock:
                     src, dst = host.alloc(len(tokens)), host.alloc(len(tokens))
@@ -304,8 +307,9 @@ def hicache_concurrent_threads() -> None:
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(120)
     ctrl.detach_storage_backend()
+    assert not any(t.is_alive() for t in threads), "a worker did not finish within 120 s"
     assert not errors, errors
 
 
@@ -325,9 +329,10 @@ def hicache_bad_input_is_refused() -> None:
     backend = FlexKVHiCacheStorage(config(), {})
     try:
         backend.register_mem_pool_host(host_pool(dev, "page_first", False))
-        raise AssertionError("a page size that does not fit tokens_per_block was accepted")
     except ConfigError as e:
         assert "tokens_per_block = 3" in str(e) and "page" in str(e), e
+    else:
+        raise AssertionError("a page size that does not fit tokens_per_block was accepted")
     write_config("gives-way", tokens_per_block=2)  # divides the page size: the page size wins, with a warning
     backend = FlexKVHiCacheStorage(config(), {})
     backend.register_mem_pool_host(host_pool(dev, "page_first", False))
@@ -336,20 +341,23 @@ def hicache_bad_input_is_refused() -> None:
     write_config("bad2")
     try:
         FlexKVHiCacheStorage(config(is_mla_model=True, tp_size=2, tp_rank=1), {})
-        raise AssertionError("MLA with TP 2 was accepted")
     except ConfigError as e:
         assert "tp_size" in str(e), e
+    else:
+        raise AssertionError("MLA with TP 2 was accepted")
     backend = FlexKVHiCacheStorage(config(), {})
     try:
         backend.register_mem_pool_host(host_pool(device_pool(False), "page_unified", False))
-        raise AssertionError("an unsupported host layout was accepted")
     except LayoutError as e:
         assert "page_unified" in str(e) and "page_head" in str(e), e
+    else:
+        raise AssertionError("an unsupported host layout was accepted")
     try:
         check_sglang_version("0.5.10")
-        raise AssertionError("SGLang 0.5.10 was accepted")
     except ConfigError as e:
         assert "0.5.16" in str(e), e
+    else:
+        raise AssertionError("SGLang 0.5.10 was accepted")
     # A backend used before its host pool is registered answers misses, it does not raise.
     fresh = FlexKVHiCacheStorage(config(), {})
     assert fresh.batch_exists(["ab" * 32]) == 0 and fresh.failures == 1
@@ -389,6 +397,16 @@ def radix_cache(mla: bool, server_args: ServerArgs | None = None):
     return cache, kv, alloc, r2t
 
 
+def wait_for_stores(cache) -> None:
+    """Until FlexKV reports the stores done: SGLang keeps a storing node locked (protected) until the
+    scheduler tick (check_hicache_events) sees the store complete, then unlocks it."""
+    deadline = time.monotonic() + 30
+    while cache.protected_size() and time.monotonic() < deadline:
+        cache.check_hicache_events()  # try_wait -> unlock the node
+        time.sleep(0.01)
+    assert cache.protected_size() == 0, "the store did not complete"
+
+
 def _buffers(kv) -> list:
     return list(kv.kv_buffer) if hasattr(kv, "kv_buffer") else list(kv.k_buffer) + list(kv.v_buffer)
 
@@ -409,7 +427,7 @@ def radix_round_trip(mla: bool) -> None:
             r2t.alloc([req])
             return req
 
-        tokens = tokens_of(4 * PAGE + 2, int.from_bytes(os.urandom(4), "little"))  # 4 whole pages and a tail
+        tokens = tokens_of(4 * PAGE + 2, SEED)  # 4 whole pages and a tail
         req = make_req("a", tokens)
         slots = alloc.alloc(5 * PAGE)[: len(tokens)]
         r2t.write((req.kv.req_pool_idx, slice(0, len(tokens))), slots)
@@ -417,12 +435,8 @@ def radix_round_trip(mla: bool) -> None:
             buf[slots] = torch.randn(buf[slots].shape, dtype=torch.float32).to(buf.dtype)
         ref = [buf[slots[: 4 * PAGE]].clone() for buf in _buffers(kv)]
         req.kv.kv_committed_len = len(tokens)
-        finish_req(cache, req, up_to=len(tokens))  # checkpoint -> put_match + launch
-        deadline = time.monotonic() + 30
-        while cache.flexkv_connector._inflight_stores and time.monotonic() < deadline:
-            cache.check_hicache_events()  # try_wait -> unlock the node
-            time.sleep(0.01)
-        assert not cache.flexkv_connector._inflight_stores, "the store did not complete"
+        finish_req(cache, req, up_to=len(tokens))  # checkpoint -> put_match + launch; the node stays locked
+        wait_for_stores(cache)
         cache.reset()  # SGLang drops its own tree; FlexKV keeps the pages
         for buf in _buffers(kv):
             buf.view(torch.uint8).fill_(0xA5)
@@ -437,7 +451,7 @@ def radix_round_trip(mla: bool) -> None:
         for buf, want in zip(_buffers(kv), ref):
             assert torch.equal(buf[node.value].view(torch.uint8), want.view(torch.uint8)), "loaded KV differs"
         # A different prompt finds nothing.
-        other = make_req("c", tokens_of(4 * PAGE, 7))
+        other = make_req("c", tokens_of(4 * PAGE, SEED + 1))
         res = cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", other.origin_input_ids.tolist())),
                                                    req=other))
         assert res.host_hit_length == 0
@@ -462,8 +476,8 @@ def radix_layerwise_round_trip() -> None:
     finally:
         del os.environ["FLEXKV_ENABLE_LAYERWISE_TRANSFER"]
     try:
-        assert cache._mode.name == "IP", cache._mode
-        tokens = tokens_of(3 * PAGE + 1, int.from_bytes(os.urandom(4), "little"))
+        assert cache.flexkv_connector.enable_layerwise, "FLEXKV_ENABLE_LAYERWISE_TRANSFER=1 was not taken up"
+        tokens = tokens_of(3 * PAGE + 1, SEED)
         req = Req(rid="lw-a", origin_input_text="", origin_input_ids=array("q", tokens),
                   sampling_params=SamplingParams(temperature=0, max_new_tokens=1))
         r2t.alloc([req])
@@ -474,10 +488,7 @@ def radix_layerwise_round_trip() -> None:
         ref = [buf[slots[: 3 * PAGE]].clone() for buf in _buffers(kv)]
         req.kv.kv_committed_len = len(tokens)
         finish_req(cache, req, up_to=len(tokens))
-        deadline = time.monotonic() + 30
-        while cache.flexkv_connector._inflight_stores and time.monotonic() < deadline:
-            cache.check_hicache_events()
-            time.sleep(0.01)
+        wait_for_stores(cache)
         cache.reset()
         for buf in _buffers(kv):
             buf.view(torch.uint8).fill_(0xA5)
@@ -552,15 +563,19 @@ SCENARIOS = {f.__name__: f for f in (
 
 def main(names: list[str]) -> int:
     WORK.mkdir(parents=True, exist_ok=True)
+    global SEED
     failed = 0
     for name in names or list(SCENARIOS):
+        SEED = seed_for(f"tests/sglang_scenarios.py::{name}")
+        torch.manual_seed(SEED)  # the scenarios' host and device pools draw from torch's global generator
+        print(f"SEED {name} {SEED}", flush=True)
         try:
             SCENARIOS[name]()
             print(f"PASS {name}", flush=True)
-        except Exception as e:
+        except Exception as e:  # every failure, an AssertionError too, is this scenario's FAIL line
             failed += 1
             traceback.print_exc()
-            print(f"FAIL {name}: {e!r}", flush=True)
+            print(f"FAIL {name}: {e!r} (FLEXKV_TEST_SEED={SEED} replays it)", flush=True)
     return 1 if failed else 0
 
 

@@ -7,7 +7,6 @@ engine blocks and comparing bytes.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -15,20 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv import (
-    CacheConfig,
-    EngineLayout,
-    KVCacheLayout,
-    KVCacheLayoutType,
-    KVManager,
-    KVResponseStatus,
-    ModelConfig,
-)
+from flexkv import EngineLayout, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus
 from flexkv.core.errors import ConfigError, FlexKVError, LayoutError, TaskError
 
-L, H, D, T = 2, 2, 8, 16  # layers, kv heads, head size, tokens per block
-NUM_ENGINE_BLOCKS = 64
-NUM_CPU_BLOCKS = 128
+from kv_helpers import DEFAULT_CACHE, DEFAULT_ENGINE_BLOCKS, DEFAULT_MODEL, KVEnv, configs, slots
+
+L, H, D = DEFAULT_MODEL["num_layers"], DEFAULT_MODEL["num_kv_heads"], DEFAULT_MODEL["head_size"]
+T = DEFAULT_CACHE["tokens_per_block"]
+NUM_ENGINE_BLOCKS = DEFAULT_ENGINE_BLOCKS
 DTYPE = torch.float16
 LAYERFIRST = KVCacheLayoutType.LAYERFIRST
 
@@ -38,137 +31,50 @@ REF_SRC = [0, 1, 2]        # engine blocks the reference sequence was stored fro
 REF_DST = [60, 61, 62]     # engine blocks it is loaded into by the health check
 
 
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def model_config() -> ModelConfig:
-    return ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="float16")
-
-
-def cache_config(**kw) -> CacheConfig:
-    return CacheConfig(tokens_per_block=T, num_cpu_blocks=NUM_CPU_BLOCKS, **kw)
-
-
-def slots(blocks: Sequence[int]) -> np.ndarray:
-    return np.concatenate([int(b) * T + np.arange(T, dtype=np.int64) for b in blocks])
-
-
 def layerfirst_caches(num_layers: int = L, num_blocks: int = NUM_ENGINE_BLOCKS, tpb: int = T, heads: int = H,
                       head_size: int = D, dtype: torch.dtype = DTYPE) -> list[torch.Tensor]:
+    """LAYERFIRST tensors of any shape, for registrations that must be refused."""
     return [torch.full((2, num_blocks, tpb, heads, head_size), float("nan"), dtype=dtype) for _ in range(num_layers)]
 
 
-class Engine:
-    """LAYERFIRST engine KV memory with block-level access; a block's data is [layer, k|v, token, head, dim]."""
-
-    def __init__(self, gen: torch.Generator) -> None:
-        self.gen = gen
-        self.caches = layerfirst_caches()
-        self.layout = KVCacheLayout(LAYERFIRST, L, NUM_ENGINE_BLOCKS, T, H, D)
-
-    def read(self, b: int) -> torch.Tensor:
-        return torch.stack([c[:, b].clone() for c in self.caches])
-
-    def write(self, b: int, data: torch.Tensor) -> None:
-        for layer, c in enumerate(self.caches):
-            c[:, b].copy_(data[layer])
-
-    def fill(self, blocks: Sequence[int]) -> list[torch.Tensor]:
-        out = []
-        for b in blocks:
-            data = torch.randn(L, 2, T, H, D, generator=self.gen, dtype=torch.float32).to(DTYPE)
-            self.write(b, data)
-            out.append(data)
-        return out
-
-    def poison(self, blocks: Sequence[int]) -> None:
-        for b in blocks:
-            self.write(b, torch.full((L, 2, T, H, D), float("nan"), dtype=DTYPE))
-
-    def is_poisoned(self, b: int) -> bool:
-        return bool(self.read(b).isnan().all())
-
-    def assert_blocks(self, blocks: Sequence[int], expected: Sequence[torch.Tensor]) -> None:
-        assert len(blocks) == len(expected)
-        for i, (b, data) in enumerate(zip(blocks, expected)):
-            assert torch.equal(self.read(b).view(torch.int16), data.view(torch.int16)), \
-                f"engine block {b} (sequence block {i}) differs from the data stored for it"
-
-
 @dataclass
-class Env:
-    kv: KVManager
-    eng: Engine
-    rng: np.random.Generator
+class Env(KVEnv):
+    """KVEnv with a reference sequence stored at start, which the health check loads byte-exact."""
+
     ref_tokens: np.ndarray | None = None
     ref_data: list[torch.Tensor] | None = None
 
-    def tokens(self, n: int) -> np.ndarray:
-        return self.rng.integers(0, 50_000, size=n, dtype=np.int64)
-
-    def locked(self) -> int:
-        return int(self.kv.control_plane.locked_blocks()[0])
-
-    def cached(self) -> int:
-        return int(self.kv.cache_stats()["cpu"]["num_cached"])
-
     def failed(self) -> int:
         return int(self.kv.cache_stats()["tasks_failed"])
-
-    def put(self, tokens: np.ndarray, src: Sequence[int]) -> list[torch.Tensor]:
-        nblocks = len(tokens) // T
-        data = self.eng.fill(src)
-        tid, mask = self.kv.put_match(tokens)
-        assert mask.sum() == nblocks * T and mask[: nblocks * T].all()
-        self.kv.launch(tid, slots(src))
-        res = self.kv.wait(tid)[tid]
-        assert res.status is S.SUCCESS, res
-        return data
-
-    def load_and_check(self, tokens: np.ndarray, dst: Sequence[int], expected: Sequence[torch.Tensor]) -> None:
-        self.eng.poison(dst)
-        tid, mask = self.kv.get_match(tokens)
-        assert mask.sum() == len(expected) * T and mask[: len(expected) * T].all(), mask
-        self.kv.launch(tid, slots(dst))
-        res = self.kv.wait(tid)[tid]
-        assert res.status is S.SUCCESS, res
-        self.eng.assert_blocks(dst, expected)
 
     def assert_healthy(self) -> None:
         """No lock left, index consistent, and the reference sequence still loads byte-exact."""
         assert self.locked() == 0, self.kv.cache_stats()["cpu"]
         self.kv.control_plane.check_consistency()
         if self.ref_tokens is not None:
-            self.load_and_check(self.ref_tokens, REF_DST, self.ref_data)
+            self.get_and_check(self.ref_tokens, REF_DST, self.ref_data)
             assert self.locked() == 0
             self.kv.control_plane.check_consistency()
 
 
 @pytest.fixture
-def make_env(request) -> Iterator[Callable[..., Env]]:
+def make_env(make_kv) -> Iterator[Callable[..., Env]]:
+    """make_kv plus the reference sequence; at teardown each manager still running must be healthy."""
     created: list[Env] = []
-    base_seed = zlib.crc32(request.node.nodeid.encode())
 
     def factory(register: bool = True) -> Env:
-        seed = base_seed + len(created)
-        kv = KVManager(model_config(), cache_config())
-        kv.start()
-        env = Env(kv, Engine(torch.Generator().manual_seed(seed)), np.random.default_rng(seed))
+        base = make_kv(register=register)
+        env = Env(base.kv, base.eng, base.rng)
         created.append(env)
         if register:
-            kv.register_kv_caches(env.eng.caches, env.eng.layout)
             env.ref_tokens = env.tokens(3 * T + 5)
             env.ref_data = env.put(env.ref_tokens[: 3 * T], REF_SRC)
         return env
 
     yield factory
-    try:
-        for env in created:
-            if env.kv.is_ready():
-                env.assert_healthy()
-    finally:
-        for env in created:
-            env.kv.shutdown()
+    for env in created:
+        if env.kv.is_ready():
+            env.assert_healthy()
 
 
 @pytest.fixture
@@ -250,19 +156,19 @@ def test_bad_tokens_on_prefetch(env: Env) -> None:
 
 
 def _bad_slots(case: str, good_blocks: Sequence[int]) -> np.ndarray | torch.Tensor:
-    good = slots(good_blocks)
+    good = slots(good_blocks, T)
     if case == "too_short":
         return good[:-1]
     if case == "one_block_short":
         return good[:-T]
     if case == "too_long":
-        return np.concatenate([good, slots([40])])
+        return np.concatenate([good, slots([40], T)])
     if case == "out_of_range_block":
-        return slots(list(good_blocks[:-1]) + [NUM_ENGINE_BLOCKS])
+        return slots(list(good_blocks[:-1]) + [NUM_ENGINE_BLOCKS], T)
     if case == "far_out_of_range":
-        return slots(list(good_blocks[:-1]) + [10**9])
+        return slots(list(good_blocks[:-1]) + [10**9], T)
     if case == "negative_block":
-        return slots([good_blocks[0], -1] + list(good_blocks[2:]))
+        return slots([good_blocks[0], -1] + list(good_blocks[2:]), T)
     if case == "negative_slot":
         s = good.copy()
         s[0] = -1
@@ -332,7 +238,7 @@ def test_bad_slots_fail_a_put_and_leave_its_blocks_rewritable(env: Env, case: st
     assert not mask.any()
     kv.wait(tid)
     data = env.put(tokens, [33, 34, 35])
-    env.load_and_check(tokens, [36, 37, 38], data)
+    env.get_and_check(tokens, [36, 37, 38], data)
     env.assert_healthy()
 
 
@@ -383,7 +289,7 @@ def test_async_bad_slot_values_fail_the_task(env: Env, call: str, case: str) -> 
         assert not mask.any()
         kv.wait(tid)
         data = env.put(tokens, [23, 24, 25])
-        env.load_and_check(tokens, [26, 27, 28], data)
+        env.get_and_check(tokens, [26, 27, 28], data)
     env.assert_healthy()
 
 
@@ -395,9 +301,9 @@ def test_double_launch_is_refused_and_the_first_completes(env: Env) -> None:
     dst = [20, 21, 22]
     eng.poison(dst + [23, 24, 25])
     tid, _ = kv.get_match(env.ref_tokens)
-    assert kv.launch(tid, slots(dst)) == [tid]
+    assert kv.launch(tid, env.slots(dst)) == [tid]
     with pytest.raises(TaskError) as exc:
-        kv.launch(tid, slots([23, 24, 25]))
+        kv.launch(tid, env.slots([23, 24, 25]))
     assert f"task {tid}" in str(exc.value), str(exc.value)
     res = kv.wait(tid)[tid]
     assert res.status is S.SUCCESS
@@ -405,7 +311,7 @@ def test_double_launch_is_refused_and_the_first_completes(env: Env) -> None:
     for b in (23, 24, 25):
         assert eng.is_poisoned(b)
     with pytest.raises(TaskError, match=f"unknown task id {tid}"):
-        kv.launch(tid, slots(dst))  # reported and forgotten
+        kv.launch(tid, env.slots(dst))  # reported and forgotten
     assert env.failed() == 0
     env.assert_healthy()
 
@@ -416,10 +322,10 @@ def test_same_task_twice_in_one_launch(env: Env) -> None:
     eng.poison(dst)
     tid, _ = kv.get_match(env.ref_tokens)
     with pytest.raises(TaskError, match=f"task {tid}"):
-        kv.launch([tid, tid], [slots(dst), slots([23, 24, 25])])
+        kv.launch([tid, tid], [env.slots(dst), env.slots([23, 24, 25])])
     # Nothing was launched: the task is still the caller's to launch once.
     assert kv.wait(tid, timeout=0)[tid].status is S.UNREADY
-    kv.launch(tid, slots(dst))
+    kv.launch(tid, env.slots(dst))
     assert kv.wait(tid)[tid].status is S.SUCCESS
     eng.assert_blocks(dst, env.ref_data)
     env.assert_healthy()
@@ -427,9 +333,9 @@ def test_same_task_twice_in_one_launch(env: Env) -> None:
 
 def test_launch_of_an_unknown_id(env: Env) -> None:
     with pytest.raises(TaskError, match="unknown task id 777777"):
-        env.kv.launch(777777, slots([20, 21, 22]))
+        env.kv.launch(777777, env.slots([20, 21, 22]))
     with pytest.raises(TaskError, match="unknown task id -3"):
-        env.kv.launch([-3], [slots([20])])
+        env.kv.launch([-3], [env.slots([20])])
     env.assert_healthy()
 
 
@@ -438,12 +344,12 @@ def test_launch_with_fewer_slot_mappings_than_tasks(env: Env) -> None:
     t1, _ = kv.get_match(env.ref_tokens)
     t2, _ = kv.get_match(env.ref_tokens)
     with pytest.raises(TaskError, match="slot mappings"):
-        kv.launch([t1, t2], [slots([20, 21, 22])])
+        kv.launch([t1, t2], [env.slots([20, 21, 22])])
     # Nothing was claimed: both tasks can still be launched.
     res = kv.wait([t1, t2], timeout=0)
     assert res[t1].status is S.UNREADY and res[t2].status is S.UNREADY
     eng.poison([20, 21, 22, 23, 24, 25])
-    kv.launch([t1, t2], [slots([20, 21, 22]), slots([23, 24, 25])])
+    kv.launch([t1, t2], [env.slots([20, 21, 22]), env.slots([23, 24, 25])])
     res = kv.wait([t1, t2])
     assert res[t1].status is S.SUCCESS and res[t2].status is S.SUCCESS
     eng.assert_blocks([20, 21, 22], env.ref_data)
@@ -458,7 +364,7 @@ def test_a_bad_task_in_a_batch_launch(env: Env) -> None:
     t3, _ = kv.get_match(env.ref_tokens)
     eng.poison([20, 21, 22, 26, 27, 28])
     with pytest.raises(TaskError, match=f"task {t2}.*slot_mapping"):
-        kv.launch([t1, t2, t3], [slots([20, 21, 22]), slots([23, 24]), slots([26, 27, 28])])
+        kv.launch([t1, t2, t3], [env.slots([20, 21, 22]), env.slots([23, 24]), env.slots([26, 27, 28])])
     # All or nothing: no copy started, every task of the call failed and holds no blocks.
     res = kv.wait([t1, t2, t3])
     assert all(res[t].status is S.FAILED and not res[t].return_mask.any() for t in (t1, t2, t3))
@@ -474,21 +380,21 @@ def test_launch_before_register_kv_caches(make_env) -> None:
     tid, mask = kv.put_match(tokens)
     assert mask.all()
     with pytest.raises(TaskError, match="register_kv_caches"):
-        kv.launch(tid, slots([0, 1]))
+        kv.launch(tid, env.slots([0, 1]))
     res = kv.wait(tid)[tid]
     assert res.status is S.FAILED and "register_kv_caches" in res.error
     assert env.locked() == 0
     env.kv.control_plane.check_consistency()
 
     with pytest.raises(TaskError, match="register_kv_caches"):
-        kv.put_async(tokens, slots([0, 1]))
+        kv.put_async(tokens, env.slots([0, 1]))
     assert env.locked() == 0
 
     # Once registered, the same blocks are offered again and round-trip byte-exact.
-    kv.register_kv_caches(env.eng.caches, env.eng.layout)
+    kv.register_kv_caches(env.eng.kv_caches, env.eng.kv_layout)
     assert kv.is_ready()
     data = env.put(tokens, [0, 1])
-    env.load_and_check(tokens, [2, 3], data)
+    env.get_and_check(tokens, [2, 3], data)
     env.assert_healthy()
 
 
@@ -561,7 +467,7 @@ def test_bad_register_kv_caches_keeps_the_previous_registration(env: Env, case: 
     env.assert_healthy()
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [40, 41])
-    env.load_and_check(tokens, [42, 43], data)
+    env.get_and_check(tokens, [42, 43], data)
 
 
 @pytest.mark.parametrize("case", ["float32_tensors", "wrong_head_size", "non_contiguous", "layout_is_none"])
@@ -574,7 +480,7 @@ def test_bad_register_kv_caches_on_a_fresh_manager_leaves_it_unregistered(make_e
     assert not kv.is_ready()
     tid, _ = kv.put_match(env.tokens(T))
     with pytest.raises(TaskError, match="register_kv_caches"):
-        kv.launch(tid, slots([0]))
+        kv.launch(tid, env.slots([0]))
     assert kv.wait(tid)[tid].status is S.FAILED
     assert env.locked() == 0
     env.kv.control_plane.check_consistency()
@@ -585,35 +491,35 @@ def test_bad_register_kv_caches_on_a_fresh_manager_leaves_it_unregistered(make_e
 
 def test_enable_ssd_without_a_directory_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as exc:
-        KVManager(model_config(), cache_config(enable_ssd=True))
+        KVManager(*configs(enable_ssd=True))
     assert "ssd_cache_dir" in str(exc.value)
 
 
 def test_enable_remote_is_refused_naming_the_key() -> None:
     with pytest.raises(FlexKVError) as exc:
-        KVManager(model_config(), cache_config(enable_remote=True, num_remote_blocks=1000))
+        KVManager(*configs(enable_remote=True, num_remote_blocks=1000))
     assert "enable_remote" in str(exc.value)
 
 
 def test_enable_remote_without_size_is_a_config_error() -> None:
     with pytest.raises(ConfigError) as exc:
-        KVManager(model_config(), cache_config(enable_remote=True))
+        KVManager(*configs(enable_remote=True))
     assert exc.value.key == "cache_config.num_remote_blocks"
     assert "num_remote_blocks" in str(exc.value)
 
 
 def test_wrong_config_types_are_refused() -> None:
     with pytest.raises(TypeError, match="model_config"):
-        KVManager({"num_layers": L}, cache_config())
+        KVManager({"num_layers": L}, configs()[1])
     with pytest.raises(TypeError, match="cache_config"):
-        KVManager(model_config(), {"tokens_per_block": T})
+        KVManager(configs()[0], {"tokens_per_block": T})
 
 
 def test_refused_configs_do_not_disturb_a_running_manager(env: Env) -> None:
     for kwargs in ({"enable_ssd": True, "ssd_cache_dir": "/dev/null/no-such-dir"},
                    {"enable_remote": True, "num_remote_blocks": 10}):
         with pytest.raises(FlexKVError):
-            KVManager(model_config(), cache_config(**kwargs)).start()
+            KVManager(*configs(**kwargs)).start()
     env.assert_healthy()
 
 
@@ -627,7 +533,7 @@ def test_failed_and_cancelled_gets_report_no_tokens(env: Env) -> None:
     kv.cancel(cancelled)
     failed, _ = kv.get_match(env.ref_tokens)
     with pytest.raises(TaskError):
-        kv.launch(failed, slots([20, 21, 10_000]))
+        kv.launch(failed, env.slots([20, 21, 10_000]))
     res = kv.wait([cancelled, failed])
     assert res[cancelled].status is S.CANCELLED and not res[cancelled].return_mask.any()
     assert res[failed].status is S.FAILED and not res[failed].return_mask.any()
@@ -639,7 +545,7 @@ def test_a_get_into_the_same_engine_block_twice_is_refused(env: Env) -> None:
     kv = env.kv
     tid, _ = kv.get_match(env.ref_tokens)
     with pytest.raises(TaskError, match="same engine block"):
-        kv.launch(tid, slots([20, 21, 20]))
+        kv.launch(tid, env.slots([20, 21, 20]))
     assert kv.wait(tid)[tid].status is S.FAILED
     env.assert_healthy()
 
@@ -668,7 +574,7 @@ def test_bad_layer_waits_are_refused(env: Env) -> None:
     with pytest.raises(TaskError, match="stream must be"):
         env.kv.wait_layer(tid, 0, stream="s0")
     # as_batch (SGLang passes it) launches the call's tasks together, as every launch does.
-    assert env.kv.launch(tid, slots([20, 21, 22]), as_batch=True, counter_id=3) == [tid]
+    assert env.kv.launch(tid, env.slots([20, 21, 22]), as_batch=True, counter_id=3) == [tid]
     assert env.kv.wait(tid)[tid].ok
     env.assert_healthy()
 
@@ -694,11 +600,10 @@ def test_engine_layouts_that_do_not_tile_a_block_are_refused(env: Env, case: str
 
 
 def test_manager_arguments_are_checked_before_anything_is_allocated() -> None:
-    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype=DTYPE)
     with pytest.raises(TaskError, match="num_copy_threads"):
-        KVManager(model, CacheConfig(num_cpu_blocks=8, tokens_per_block=T), num_copy_threads=0)
+        KVManager(*configs(num_cpu_blocks=8), num_copy_threads=0)
     with pytest.raises(ConfigError, match="num_cpu_blocks"):
-        KVManager(model, CacheConfig(num_cpu_blocks=2**31, tokens_per_block=T))
+        KVManager(*configs(num_cpu_blocks=2**31))
 
 
 def test_calls_after_shutdown_are_refused(make_env) -> None:
@@ -707,7 +612,7 @@ def test_calls_after_shutdown_are_refused(make_env) -> None:
     tid, _ = kv.get_match(env.ref_tokens)
     kv.shutdown()
     assert kv.wait(tid)[tid].status is S.CANCELLED
-    for call in (lambda: kv.get_match(env.ref_tokens), lambda: kv.launch(tid, slots([1, 2, 3]))):
+    for call in (lambda: kv.get_match(env.ref_tokens), lambda: kv.launch(tid, env.slots([1, 2, 3]))):
         with pytest.raises(TaskError, match="not started"):
             call()
     kv.shutdown()  # idempotent

@@ -20,7 +20,9 @@ from flexkv.core.resources import check_resources, describe, require_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"
-SEED = ROOT.parent / "shared" / "seed" / "000_19ded2a00a39b9cb.txt"
+# The manual sits in the workspace's shared/ folder, beside the checkout or beside the worktrees' folder.
+SEED = next((d / "shared" / "seed" / "000_19ded2a00a39b9cb.txt" for d in (ROOT.parent, ROOT.parent.parent)
+             if (d / "shared" / "seed").is_dir()), ROOT.parent / "shared" / "seed" / "000_19ded2a00a39b9cb.txt")
 GiB = 1024**3
 MiB = 1024**2
 

@@ -7,10 +7,12 @@ the last one installs a plain CMake build of the source tree."""
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -151,14 +153,24 @@ def test_installed_package_config_exposes_only_the_install_tree() -> None:
 
 
 def test_cmake_dir_says_how_to_get_the_package_when_it_is_missing(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cpp_package, "_PREFIX", tmp_path)
-    with pytest.raises(FileNotFoundError, match=r"not installed in .*pip install \."):
-        cpp_package.cmake_dir()
-    assert cpp_package.main(["--prefix"]) == 1
+    """A flexkv without the C++ package beside it (run from a source tree, or an install without it): the
+    module as it lies in such a tree, loaded from there, and its command run from there."""
+    module_file = tmp_path / "core" / "cpp_package.py"
+    module_file.parent.mkdir()
+    shutil.copy(cpp_package.__file__, module_file)
+    spec = importlib.util.spec_from_file_location("cpp_package_without_the_package", module_file)
+    bare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bare)
+    with pytest.raises(FileNotFoundError, match=rf"not installed in {re.escape(str(tmp_path))} .*pip install \."):
+        bare.cmake_dir()
+    assert bare.main(["--prefix"]) == 1
     out = capsys.readouterr()
     assert out.out == "" and "error: FlexKV's C++ package is not installed" in out.err
+    run = subprocess.run([sys.executable, str(module_file), "--cmake-dir"], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 1 and run.stdout == "", run
+    assert "error: FlexKV's C++ package is not installed" in run.stderr
 
 
 @pytest.mark.slow

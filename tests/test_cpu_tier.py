@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flexkv import _core
 from flexkv.core.cpu_tier import CpuTier, remove_orphaned_segments
@@ -58,9 +59,6 @@ def test_segment_of_a_killed_process_is_removed_by_the_next_tier() -> None:
 def test_segment_too_large_for_dev_shm_is_a_clear_error() -> None:
     st = os.statvfs("/dev/shm")
     free = st.f_blocks * st.f_frsize  # twice the whole filesystem: refused before any page is taken
-    try:
+    with pytest.raises(RuntimeError) as exc:
         CpuTier(num_blocks=2, block_bytes=free, evict_ratio=0.0)
-    except RuntimeError as e:
-        assert "/dev/shm" in str(e) and "num_cpu_blocks" in str(e)
-    else:
-        raise AssertionError("a segment larger than /dev/shm was created")
+    assert "/dev/shm" in str(exc.value) and "num_cpu_blocks" in str(exc.value), str(exc.value)

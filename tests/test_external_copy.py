@@ -11,31 +11,36 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv import CacheConfig, KVManager, ModelConfig
 from flexkv.core.data_plane import DataPlane
 from flexkv.core.errors import LayoutError, TaskError
 from flexkv.core.layout import EngineLayout
 
-L, H, D, T, B = 2, 2, 16, 16, 32
+from kv_helpers import KVEnv
 
-
-def engine(seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(B, 2, T, H, D, generator=g).to(torch.float16) for _ in range(L)]
+T, B = 16, 32  # tokens per block, engine blocks
 
 
 @pytest.fixture
-def kv():
-    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="float16")
-    with KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=64)) as kv:
-        yield kv
-        assert kv.cache_stats()["cpu"]["num_locked"] == 0
+def make_env(make_kv):
+    """A manager whose engine memory the test's DataPlane moves (so not registered with the manager): per layer
+    [blocks, k|v, tokens, heads, dim], as vLLM's worker registers it."""
+    def make(**overrides) -> KVEnv:
+        overrides.setdefault("num_cpu_blocks", 64)
+        return make_kv(engine="layerblock", engine_blocks=B, register=False, head_size=16, **overrides)
+    return make
 
 
-def test_store_then_load_through_a_data_plane(kv: KVManager) -> None:
-    caches = engine(1)
-    plane = DataPlane(kv.tier_info(), EngineLayout.from_block_views(caches, layers=[0, 1]), kv.cache_config)
-    tokens = np.random.default_rng(0).integers(0, 1000, size=5 * T + 3)
+def data_plane(env: KVEnv) -> DataPlane:
+    views = EngineLayout.from_block_views(env.eng.tensors, layers=[0, 1])
+    return DataPlane(env.kv.tier_info(), views, env.kv.cache_config)
+
+
+def test_store_then_load_through_a_data_plane(make_env) -> None:
+    env = make_env()
+    kv, eng = env.kv, env.eng
+    data = eng.fill(range(B))
+    plane = data_plane(env)
+    tokens = env.tokens(5 * T + 3)
     src = [7, 3, 30, 12, 0]
     task, mask = kv.put_match(tokens)
     seq, host = kv.take_external(task)
@@ -52,20 +57,19 @@ def test_store_then_load_through_a_data_plane(kv: KVManager) -> None:
     assert kv.lookup(tokens)[0] == 5 * T
 
     dst = [1, 2, 4, 8, 16]
-    for c in caches:
-        c[dst] = float("nan")
+    eng.poison(dst)
     task, mask = kv.get_match(tokens)
     seq, host = kv.take_external(task)
     job = plane.submit("host_to_engine", [dst[i] for i in seq], host, urgent=True)
     assert plane.poll(5_000_000) == [(job, "")]
     kv.finish_external(task, True)
-    want = engine(1)
-    for c, w in zip(caches, want):
-        assert torch.equal(c[dst].view(torch.int16), w[src].view(torch.int16))
+    eng.assert_blocks(dst, [data[s] for s in src])
+    eng.assert_blocks(src, [data[s] for s in src])  # the sources were only read
     plane.close()
 
 
-def test_a_failed_external_store_leaves_nothing_readable(kv: KVManager) -> None:
+def test_a_failed_external_store_leaves_nothing_readable(make_env) -> None:
+    kv = make_env().kv
     tokens = np.arange(3 * T)
     task, _ = kv.put_match(tokens)
     kv.take_external(task)
@@ -78,7 +82,8 @@ def test_a_failed_external_store_leaves_nothing_readable(kv: KVManager) -> None:
     assert kv.lookup(tokens)[0] == 3 * T
 
 
-def test_external_task_errors(kv: KVManager) -> None:
+def test_external_task_errors(make_env) -> None:
+    kv = make_env().kv
     with pytest.raises(TaskError, match="unknown task id"):
         kv.finish_external(12345, True)
     task, _ = kv.get_match(np.arange(2 * T))  # nothing cached: complete at once
@@ -90,17 +95,18 @@ def test_external_task_errors(kv: KVManager) -> None:
     kv.cancel(task)
 
 
-def test_a_data_plane_refuses_a_layout_of_another_size(kv: KVManager) -> None:
-    small = [torch.zeros(B, 2, T, H, D // 2, dtype=torch.float16) for _ in range(L)]
+def test_a_data_plane_refuses_a_layout_of_another_size(make_env) -> None:
+    kv = make_env().kv
+    small = [torch.zeros(B, 2, T, 2, 8, dtype=torch.float16) for _ in range(2)]
     with pytest.raises(LayoutError, match="disagree on the model's KV shape"):
         DataPlane(kv.tier_info(), EngineLayout.from_block_views(small), kv.cache_config)
 
 
-def store_external(kv: KVManager, plane: DataPlane, tokens: np.ndarray) -> None:
+def store_external(kv, plane: DataPlane, tokens: np.ndarray, engine_blocks) -> None:
     task, _ = kv.put_match(tokens)
     seq, host = kv.take_external(task)
-    plane.submit("engine_to_host", seq, host)
-    plane.poll(5_000_000)
+    job = plane.submit("engine_to_host", np.asarray(engine_blocks)[seq], host)
+    assert plane.poll(5_000_000) == [(job, "")]
     kv.finish_external(task, True)
 
 
@@ -112,26 +118,31 @@ def wait_until(condition, seconds: float = 20.0) -> None:
 
 
 @pytest.mark.parametrize("timeout", [0.0, 20.0])
-def test_external_loads_of_blocks_coming_up_from_ssd(tmp_path, timeout: float) -> None:
-    """A get whose blocks are only on SSD: take_external waits for them (or, given no time, may hand out
-    nothing); either way the task ends with every block unlocked and the index consistent."""
-    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="float16")
-    cfg = CacheConfig(tokens_per_block=T, num_cpu_blocks=16, enable_ssd=True, num_ssd_blocks=64,
-                      ssd_cache_dir=str(tmp_path))
-    tokens = np.random.default_rng(3).integers(0, 1000, size=6 * T)
-    with KVManager(model, cfg) as kv:
-        plane = DataPlane(kv.tier_info(), EngineLayout.from_block_views(engine(4)), kv.cache_config)
-        store_external(kv, plane, tokens)
-        wait_until(lambda: kv.lookup(tokens)[1] == 6 * T)  # written through to SSD
-        for t in range(8):  # other prompts push the first out of the small CPU tier
-            store_external(kv, plane, np.random.default_rng(100 + t).integers(0, 1000, size=4 * T))
-        assert kv.lookup(tokens)[0] < 6 * T
-        task, _ = kv.get_match(tokens)
-        seq, host = kv.take_external(task, timeout=timeout)
-        if len(seq):
-            job = plane.submit("host_to_engine", seq + 10, host)
-            assert plane.poll(5_000_000) == [(job, "")]
-        kv.finish_external(task, True)
-        wait_until(lambda: kv.cache_stats()["cpu"]["num_locked"] == 0)
-        kv.control_plane.check_consistency()
-        plane.close()
+def test_external_loads_of_blocks_coming_up_from_ssd(make_env, timeout: float) -> None:
+    """A get whose blocks are only on SSD: take_external waits for them (given no time, it may hand out
+    nothing, or a prefix); what it hands out loads byte-exact, and the task ends with every block unlocked and
+    the index consistent (checked by make_kv)."""
+    env = make_env(num_cpu_blocks=16, ssd=True)
+    kv, eng = env.kv, env.eng
+    data = eng.fill(range(B))
+    plane = data_plane(env)
+    tokens = env.tokens(6 * T)
+    store_external(kv, plane, tokens, range(6))
+    wait_until(lambda: kv.lookup(tokens)[1] == 6 * T)  # written through to SSD
+    for _ in range(8):  # other prompts push the first out of the small CPU tier
+        store_external(kv, plane, env.tokens(4 * T), range(6, 10))
+    assert kv.lookup(tokens)[0] < 6 * T
+    eng.poison(range(10, 16))
+    task, _ = kv.get_match(tokens)
+    seq, host = kv.take_external(task, timeout=timeout)
+    assert seq.tolist() == list(range(len(seq)))  # a prefix of the sequence, in order
+    if timeout:
+        assert len(seq) == 6  # given time, every block came up
+    if len(seq):
+        job = plane.submit("host_to_engine", seq + 10, host)
+        assert plane.poll(5_000_000) == [(job, "")]
+    kv.finish_external(task, True)
+    eng.assert_blocks(range(10, 10 + len(seq)), data[: len(seq)])
+    eng.assert_poisoned(range(10 + len(seq), 16))
+    wait_until(lambda: kv.cache_stats()["cpu"]["num_locked"] == 0)
+    plane.close()

@@ -9,7 +9,6 @@ their poison. Marked ``gpu``: deselected by default, run with ``pytest -m gpu`` 
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv import CacheConfig, KVManager, ModelConfig, _core
+from flexkv import _core
 from flexkv.core.cpu_tier import CpuTier
 from flexkv.core.errors import LayoutError
 from flexkv.core.layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
@@ -35,8 +34,9 @@ def _require_cuda() -> None:
 
 
 @pytest.fixture
-def gen(request) -> torch.Generator:
-    return torch.Generator(device="cuda").manual_seed(zlib.crc32(request.node.nodeid.encode()))
+def gen(seed: int) -> torch.Generator:
+    """This file's generator draws on the GPU (conftest's draws on the CPU); the seed is conftest's, printed."""
+    return torch.Generator(device="cuda").manual_seed(seed)
 
 
 def random_bytes_(t: torch.Tensor, gen: torch.Generator) -> None:
@@ -190,15 +190,14 @@ def check_round_trip(case: Case, path: str, lists: str, gen: torch.Generator, rn
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("kind", LAYOUTS)
-def test_round_trip_every_layout_and_path(kind: str, path: str, gen: torch.Generator) -> None:
-    rng = np.random.default_rng(zlib.crc32(f"{kind}{path}".encode()))
+def test_round_trip_every_layout_and_path(kind: str, path: str, gen: torch.Generator,
+                                          rng: np.random.Generator) -> None:
     for lists in ("unsorted", "runs", "single"):
         check_round_trip(make_case(kind, 48, gen), path, lists, gen, rng, host_blocks=64)
 
 
 @pytest.mark.parametrize("path", ["kernel", "copy_engine"])
-def test_thousands_of_blocks(path: str, gen: torch.Generator) -> None:
-    rng = np.random.default_rng(7)
+def test_thousands_of_blocks(path: str, gen: torch.Generator, rng: np.random.Generator) -> None:
     case = make_case("vllm_layerfirst", 3000, gen, layers=2, tpb=4, heads=1, head=64)
     check_round_trip(case, path, "all", gen, rng, host_blocks=3000)
     check_round_trip(case, path, "unsorted", gen, rng, host_blocks=4096)
@@ -207,16 +206,15 @@ def test_thousands_of_blocks(path: str, gen: torch.Generator) -> None:
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("head,dtype", [(5, torch.float16), (3, torch.float16), (3, torch.uint8), (7, torch.uint8)],
                          ids=["8B", "4B-or-8B", "1B", "1B-odd"])
-def test_chunks_that_are_not_16_byte_multiples(head: int, dtype: torch.dtype, path: str,
-                                               gen: torch.Generator) -> None:
-    rng = np.random.default_rng(head)
+def test_chunks_that_are_not_16_byte_multiples(head: int, dtype: torch.dtype, path: str, gen: torch.Generator,
+                                               rng: np.random.Generator) -> None:
     case = make_case("vllm_layerfirst", 40, gen, dtype=dtype, layers=2, tpb=4, heads=1, head=head)
     check_round_trip(case, path, "unsorted", gen, rng, host_blocks=50)
 
 
 @pytest.mark.parametrize("path", ["kernel", "copy_engine"])
-def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torch.Generator) -> None:
-    rng = np.random.default_rng(11)
+def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torch.Generator,
+                                                          rng: np.random.Generator) -> None:
     check_round_trip(make_case("vllm_layerfirst", 32, gen, layers=4), path, "unsorted", gen, rng, host_blocks=40,
                      layerwise=True)
     # Each layer's event: after wait_group(layer), that layer is complete (checked on the host right then).
@@ -246,10 +244,9 @@ def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torc
 
 
 @pytest.mark.parametrize("path", ["kernel", "copy_engine"])
-def test_tp_ranks_each_move_their_slice(path: str, gen: torch.Generator) -> None:
+def test_tp_ranks_each_move_their_slice(path: str, gen: torch.Generator, rng: np.random.Generator) -> None:
     """Two TP ranks (half the heads each) store into the same host blocks, which then hold
     [layer][k|v][rank][tokens, heads/2, head]; each rank loads exactly its own heads back."""
-    rng = np.random.default_rng(3)
     L, B, T, H, D, tp = 3, 24, 16, 4, 32, 2
     half = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, L, B, T, H // tp, D)
     ranks = [[torch.empty(half.kv_shape[1:], dtype=torch.bfloat16, device="cuda") for _ in range(L)]
@@ -286,8 +283,7 @@ def test_tp_ranks_each_move_their_slice(path: str, gen: torch.Generator) -> None
         host.close()
 
 
-def test_load_and_store_run_at_once_in_both_directions(gen: torch.Generator) -> None:
-    rng = np.random.default_rng(5)
+def test_load_and_store_run_at_once_in_both_directions(gen: torch.Generator, rng: np.random.Generator) -> None:
     case = make_case("vllm_layerfirst", 256, gen, layers=4)
     layout = case.build(case.gpu)
     host = Host(512, layout.block_bytes)
@@ -381,78 +377,79 @@ def test_mixed_devices_and_non_contiguous_blocks_are_refused(gen: torch.Generato
 
 
 @pytest.mark.parametrize("ce", [False, True], ids=["kernel", "copy_engine"])
-def test_kv_manager_round_trip_on_cuda_tensors(ce: bool, gen: torch.Generator) -> None:
+def test_kv_manager_round_trip_on_cuda_tensors(make_kv, ce: bool, gen: torch.Generator,
+                                              rng: np.random.Generator) -> None:
     """put then get through KVManager with the engine's KV memory on the GPU, layer-wise, both paths."""
     L, B, T, H, D = 4, 64, 16, 2, 64
-    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="bfloat16")
-    cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=128, use_ce_transfer_h2d=ce, use_ce_transfer_d2h=ce,
-                        transfer_sms_h2d=4, transfer_sms_d2h=4)
+    kv = make_kv(register=False, num_layers=L, num_kv_heads=H, head_size=D, dtype="bfloat16", tokens_per_block=T,
+                 num_cpu_blocks=128, use_ce_transfer_h2d=ce, use_ce_transfer_d2h=ce, transfer_sms_h2d=4,
+                 transfer_sms_d2h=4).kv
     kv_layout = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, L, B, T, H, D)
     caches = [torch.empty(kv_layout.kv_shape[1:], dtype=torch.bfloat16, device="cuda") for _ in range(L)]
     for t in caches:
         random_bytes_(t, gen)
-    rng = np.random.default_rng(int(ce))
     tokens = rng.integers(0, 30_000, size=10 * T + 3)
     src = rng.permutation(B)[:10]
     dst = rng.permutation(B)[:10]
-    with KVManager(model, cache) as kv:
-        kv.register_kv_caches(caches, kv_layout)
-        first = kv._copy
-        kv.register_kv_caches(caches, kv_layout)  # again: the new engine takes over pinning the CPU tier
-        assert isinstance(kv._copy, _core.GpuCopyEngine) and kv._copy is not first
-        del first
-        want = [t[:, src].clone() for t in caches]
-        tid, mask = kv.put_match(tokens)
-        kv.launch(tid, (src[:, None] * T + np.arange(T)).ravel())
-        assert kv.wait(tid)[tid].ok
-        for t in caches:
-            t.fill_(float("nan"))
-        tid, mask = kv.get_match(tokens)
-        assert mask[: 10 * T].all() and not mask[10 * T:].any()
-        kv.launch(tid, (dst[:, None] * T + np.arange(T)).ravel(), layerwise_transfer=True)
-        compute = torch.cuda.Stream()
-        for layer in range(L):
-            if layer % 2:
-                assert kv.wait_layer(tid, layer, stream=compute)  # the engine's stream waits, not this thread
-            else:
-                assert kv.wait_layer(tid, layer)
-            with torch.cuda.stream(compute):  # what an engine's attention would read, ordered after the load
-                got = caches[layer][:, dst].clone()
-            compute.synchronize()
-            assert torch.equal(got.view(torch.uint8), want[layer].view(torch.uint8)), layer
-        assert kv.wait(tid)[tid].ok
-        assert kv.cache_stats()["cpu"]["num_locked"] == 0
+    kv.register_kv_caches(caches, kv_layout)
+    first = kv.engine_layout
+    # Again: the new registration takes over (pinning the CPU tier for its copies); the old one is let go.
+    kv.register_kv_caches(caches, kv_layout)
+    assert kv.engine_layout is not first and kv.engine_layout.is_cuda
+    del first
+    want = [t[:, src].clone() for t in caches]
+    tid, mask = kv.put_match(tokens)
+    kv.launch(tid, (src[:, None] * T + np.arange(T)).ravel())
+    assert kv.wait(tid)[tid].ok
+    for t in caches:
+        t.fill_(float("nan"))
+    tid, mask = kv.get_match(tokens)
+    assert mask[: 10 * T].all() and not mask[10 * T:].any()
+    kv.launch(tid, (dst[:, None] * T + np.arange(T)).ravel(), layerwise_transfer=True)
+    compute = torch.cuda.Stream()
+    for layer in range(L):
+        if layer % 2:
+            assert kv.wait_layer(tid, layer, stream=compute)  # the engine's stream waits, not this thread
+        else:
+            assert kv.wait_layer(tid, layer)
+        with torch.cuda.stream(compute):  # what an engine's attention would read, ordered after the load
+            got = caches[layer][:, dst].clone()
+        compute.synchronize()
+        assert torch.equal(got.view(torch.uint8), want[layer].view(torch.uint8)), layer
+    assert kv.wait(tid)[tid].ok
+    assert kv.cache_stats()["cpu"]["num_locked"] == 0
 
 
-def test_data_plane_of_another_process_moves_cuda_blocks(gen: torch.Generator) -> None:
+def test_data_plane_of_another_process_moves_cuda_blocks(make_kv, gen: torch.Generator,
+                                                        rng: np.random.Generator) -> None:
     """A worker-side DataPlane (as vLLM's worker uses) maps a KVManager's CPU tier by name and copies CUDA
     KV blocks that the manager's tasks name (take_external / finish_external)."""
     from flexkv.core.data_plane import DataPlane
 
     L, B, T, H, D = 2, 32, 16, 2, 64
-    model = ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="bfloat16")
+    kv = make_kv(register=False, num_layers=L, num_kv_heads=H, head_size=D, dtype="bfloat16", tokens_per_block=T,
+                 num_cpu_blocks=64).kv
     kv_layout = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, L, B, T, H, D)
     caches = [torch.empty(kv_layout.kv_shape[1:], dtype=torch.bfloat16, device="cuda") for _ in range(L)]
     for t in caches:
         random_bytes_(t, gen)
-    tokens = np.random.default_rng(9).integers(0, 30_000, size=6 * T)
+    tokens = rng.integers(0, 30_000, size=6 * T)
     src, dst = [3, 9, 1, 30, 17, 22], [5, 6, 7, 8, 0, 31]
-    with KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=64)) as kv:
-        plane = DataPlane(kv.tier_info(), EngineLayout.from_kv_layout(caches, kv_layout), kv.cache_config)
-        assert isinstance(plane.copy, _core.GpuCopyEngine)
-        want = [t[:, src].clone() for t in caches]
-        task, _ = kv.put_match(tokens)
-        seq, host = kv.take_external(task)
-        job = plane.submit("engine_to_host", [src[i] for i in seq], host)
-        assert plane.poll(30_000_000) == [(job, "")]
-        kv.finish_external(task, True)
-        for t in caches:
-            t.fill_(float("nan"))
-        task, _ = kv.get_match(tokens)
-        seq, host = kv.take_external(task)
-        job = plane.submit("host_to_engine", [dst[i] for i in seq], host, urgent=True)
-        assert plane.poll(30_000_000) == [(job, "")]
-        kv.finish_external(task, True)
-        for t, w in zip(caches, want):
-            assert torch.equal(t[:, dst].view(torch.uint8), w.view(torch.uint8))
-        plane.close()
+    plane = DataPlane(kv.tier_info(), EngineLayout.from_kv_layout(caches, kv_layout), kv.cache_config)
+    assert isinstance(plane.copy, _core.GpuCopyEngine)
+    want = [t[:, src].clone() for t in caches]
+    task, _ = kv.put_match(tokens)
+    seq, host = kv.take_external(task)
+    job = plane.submit("engine_to_host", [src[i] for i in seq], host)
+    assert plane.poll(30_000_000) == [(job, "")]
+    kv.finish_external(task, True)
+    for t in caches:
+        t.fill_(float("nan"))
+    task, _ = kv.get_match(tokens)
+    seq, host = kv.take_external(task)
+    job = plane.submit("host_to_engine", [dst[i] for i in seq], host, urgent=True)
+    assert plane.poll(30_000_000) == [(job, "")]
+    kv.finish_external(task, True)
+    for t, w in zip(caches, want):
+        assert torch.equal(t[:, dst].view(torch.uint8), w.view(torch.uint8))
+    plane.close()

@@ -2,26 +2,26 @@
 byte-exact through KVManager and through PageStore with the same config, and the reverse; in one process
 (the facades share one control plane) and across processes (through the SSD tier).
 
-Engine memory is a TensorRT-LLM-style pool ``[blocks, layers, k|v, tokens*heads*head_size]`` of fresh
-random bytes (seed printed); destinations are poisoned first, so a block that was not written cannot pass.
+Engine memory is the engine fake's TensorRT-LLM-style pool ``[blocks, layers, k|v, tokens*heads*head_size]``
+of fresh random bytes (seed printed); destinations are poisoned first, so a block that was not written cannot
+pass.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
-import pytest
+import torch
 
-from flexkv import KVManager, _core
-from flexkv.core.config_file import load_config
-from flexkv.core.layout import EngineLayout
+from flexkv import _core
 from flexkv.core.page_store import PageStore
+
+from kv_helpers import slots
 
 MODEL = {"num_layers": 2, "num_kv_heads": 2, "head_size": 16, "dtype": "float16"}
 TPB = 16
@@ -37,83 +37,62 @@ def write_config(path: Path, ssd_dir: Path | None) -> Path:
     return path
 
 
-class Pool:
-    """The engine's KV memory: ENGINE_BLOCKS contiguous blocks of BLOCK bytes."""
-
-    def __init__(self, rng: np.random.Generator) -> None:
-        self.bytes = rng.integers(0, 256, (ENGINE_BLOCKS, BLOCK), dtype=np.uint8)
-
-    def layout(self) -> EngineLayout:
-        return EngineLayout.from_block_views([self.bytes], "pool")
-
-    def poison(self, blocks) -> None:
-        self.bytes[list(blocks)] = 0xA5
+def pool_kv(make_kv, config: Path):
+    """A manager opened from the config file, as every facade opens it, with a TensorRT-LLM pool registered."""
+    env = make_kv(config=config, engine="trtllm_pool", engine_blocks=ENGINE_BLOCKS)
+    assert env.eng.block_bytes == BLOCK
+    return env
 
 
-def manager(config: Path) -> KVManager:
-    cfg = load_config(config)
-    kv = KVManager(cfg.model_config, cfg.cache_config)
-    kv.start()
-    return kv
-
-
-@pytest.fixture
-def rng(request) -> np.random.Generator:
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"{request.node.name}: seed {seed}")
-    return np.random.default_rng(seed)
-
-
-def test_one_process_every_facade_sees_every_block(tmp_path: Path, rng: np.random.Generator) -> None:
-    config = write_config(tmp_path / "flexkv.json", None)
-    kv = manager(config)
-    pool = Pool(rng)
-    kv.register_kv_caches(pool.layout())
+def test_one_process_every_facade_sees_every_block(make_kv, tmp_path: Path, rng: np.random.Generator) -> None:
+    env = pool_kv(make_kv, write_config(tmp_path / "flexkv.json", None))
+    kv, eng = env.kv, env.eng
+    eng.fill(range(ENGINE_BLOCKS))
     cache = _core.Cache.attach(kv.control_plane, MODEL)
-    cache.register_block_major_pool(pool.bytes.ctypes.data, ENGINE_BLOCKS)
+    cache.register_block_major_pool(eng.tensors[0].data_ptr(), ENGINE_BLOCKS)
     pages = PageStore(kv.model_config, kv.cache_config, namespace="", layout_tag="", control_plane=kv.control_plane)
     try:
         # Stored by the C++ API ...
         a = rng.integers(0, 50_000, 4 * TPB + 3)
         task, new, cached = cache.store(a, np.array([3, 9, 1, 20, 21]))
         assert (new, cached) == (4, 0) and cache.wait(task) == ("done", "")
-        want = pool.bytes[[3, 9, 1, 20]].copy()
+        want = [eng.read(b) for b in (3, 9, 1, 20)]
         # ... is found and loaded by KVManager,
         assert kv.lookup(a) == (4 * TPB, 0)
-        pool.poison([10, 11, 12, 13])
+        eng.poison([10, 11, 12, 13])
         tid, mask = kv.get_match(a)
         assert mask.sum() == 4 * TPB
-        kv.launch(tid, (np.array([10, 11, 12, 13])[:, None] * TPB + np.arange(TPB)).reshape(-1))
+        kv.launch(tid, slots([10, 11, 12, 13], TPB))
         assert kv.wait(tid)[tid].ok
-        assert np.array_equal(pool.bytes[[10, 11, 12, 13]], want)
+        eng.assert_blocks([10, 11, 12, 13], want)
         # ... and by PageStore, whose keys for the same tokens are the same blocks.
-        pool.poison([14, 15, 16, 17])
+        eng.poison([14, 15, 16, 17])
         assert pages.exists(pages.token_keys(a)) == 4
-        assert pages.get(pages.token_keys(a), pool.layout(), np.array([14, 15, 16, 17])) == 4
-        assert np.array_equal(pool.bytes[[14, 15, 16, 17]], want)
+        assert pages.get(pages.token_keys(a), eng.engine_layout(), np.array([14, 15, 16, 17])) == 4
+        eng.assert_blocks([14, 15, 16, 17], want)
 
         # The reverse: stored by KVManager, by PageStore; found by the C++ API.
         b = rng.integers(0, 50_000, 3 * TPB)
-        pool.bytes[[4, 5, 6]] = rng.integers(0, 256, (3, BLOCK), dtype=np.uint8)
+        b_data = eng.fill([4, 5, 6])
         tid, mask = kv.put_match(b)
-        kv.launch(tid, (np.array([4, 5, 6])[:, None] * TPB + np.arange(TPB)).reshape(-1))
+        kv.launch(tid, slots([4, 5, 6], TPB))
         assert kv.wait(tid)[tid].ok
         c = rng.integers(0, 50_000, 2 * TPB)
-        pool.bytes[[7, 8]] = rng.integers(0, 256, (2, BLOCK), dtype=np.uint8)
-        assert pages.put(pages.token_keys(c), pool.layout(), np.array([7, 8]), prefix=np.zeros((0, 2), np.uint64)).all()
-        for tokens, src, dst in ((b, [4, 5, 6], [24, 25, 26]), (c, [7, 8], [27, 28])):
-            assert cache.match(tokens) == len(src) * TPB
-            pool.poison(dst)
+        c_data = eng.fill([7, 8])
+        assert pages.put(pages.token_keys(c), eng.engine_layout(), np.array([7, 8]),
+                         prefix=np.zeros((0, 2), np.uint64)).all()
+        for tokens, data, dst in ((b, b_data, [24, 25, 26]), (c, c_data, [27, 28])):
+            assert cache.match(tokens) == len(data) * TPB
+            eng.poison(dst)
             task, loaded, blocks = cache.load(tokens, 0, np.array(dst))
-            assert (loaded, blocks) == (len(src) * TPB, len(src)) and cache.wait(task) == ("done", "")
-            assert np.array_equal(pool.bytes[dst], pool.bytes[src])
+            assert (loaded, blocks) == (len(data) * TPB, len(data)) and cache.wait(task) == ("done", "")
+            eng.assert_blocks(dst, data)
         # A salt is a namespace of its own, in every facade.
         assert cache.match(a, "tenant-b") == 0 and kv.lookup(a, "tenant-b") == (0, 0)
         assert kv.control_plane.locked_blocks() == (0, 0)
     finally:
         del cache
         pages.close()
-        kv.shutdown()
 
 
 def run_cpp_api(script: str, **values: object) -> str:
@@ -149,38 +128,36 @@ CPP_LOAD = """
 """
 
 
-def test_fresh_processes_share_blocks_through_the_ssd_tier(tmp_path: Path, rng: np.random.Generator) -> None:
+def test_fresh_processes_share_blocks_through_the_ssd_tier(make_kv, tmp_path: Path,
+                                                           rng: np.random.Generator) -> None:
     config = write_config(tmp_path / "flexkv.json", tmp_path / "ssd")
     # The C++ API stores in one process ...
     a = rng.integers(0, 50_000, 3 * TPB)
     data = rng.integers(0, 256, (3, BLOCK), dtype=np.uint8)
     assert "stored" in run_cpp_api(CPP_STORE, config=str(config), model=MODEL, data=data.tobytes().hex(),
                                    block=BLOCK, tokens=a.tolist())
+    want = [torch.from_numpy(d) for d in data]
     # ... KVManager and PageStore in another find the blocks on SSD and load them byte-exact.
-    kv = manager(config)
-    pool = Pool(rng)
-    kv.register_kv_caches(pool.layout())
+    env = pool_kv(make_kv, config)
+    kv, eng = env.kv, env.eng
+    assert kv.lookup(a) == (0, 3 * TPB)
+    tid, mask = kv.get_match(a)
+    kv.launch(tid, slots([0, 1, 2], TPB))
+    assert kv.wait(tid)[tid].ok
+    eng.assert_blocks([0, 1, 2], want)
+    pages = PageStore(kv.model_config, kv.cache_config, namespace="", layout_tag="", control_plane=kv.control_plane)
     try:
-        assert kv.lookup(a) == (0, 3 * TPB)
-        pool.poison([0, 1, 2])
-        tid, mask = kv.get_match(a)
-        kv.launch(tid, (np.arange(3)[:, None] * TPB + np.arange(TPB)).reshape(-1))
-        assert kv.wait(tid)[tid].ok
-        assert np.array_equal(pool.bytes[:3], data)
-        pages = PageStore(kv.model_config, kv.cache_config, namespace="", layout_tag="",
-                          control_plane=kv.control_plane)
-        pool.poison([5, 6, 7])
-        assert pages.get(pages.token_keys(a), pool.layout(), np.array([5, 6, 7])) == 3
-        assert np.array_equal(pool.bytes[5:8], data)
-        # The reverse: KVManager stores, and the C++ API in a fresh process loads from SSD.
-        b = rng.integers(0, 50_000, 2 * TPB)
-        pool.bytes[[10, 11]] = rng.integers(0, 256, (2, BLOCK), dtype=np.uint8)
-        tid, mask = kv.put_match(b)
-        kv.launch(tid, (np.array([10, 11])[:, None] * TPB + np.arange(TPB)).reshape(-1))
-        assert kv.wait(tid, completely=True)[tid].ok  # written through to SSD
-        want = pool.bytes[[10, 11]].copy()
+        assert pages.get(pages.token_keys(a), eng.engine_layout(), np.array([5, 6, 7])) == 3
     finally:
-        kv.shutdown()
+        pages.close()
+    eng.assert_blocks([5, 6, 7], want)
+    # The reverse: KVManager stores, and the C++ API in a fresh process loads from SSD.
+    b = rng.integers(0, 50_000, 2 * TPB)
+    b_data = eng.fill([10, 11])
+    tid, mask = kv.put_match(b)
+    kv.launch(tid, slots([10, 11], TPB))
+    assert kv.wait(tid, completely=True)[tid].ok  # written through to SSD
+    kv.shutdown()  # the SSD directory belongs to one cache at a time
     out = run_cpp_api(CPP_LOAD, config=str(config), model=MODEL, blocks=2, block=BLOCK, tpb=TPB, tokens=b.tolist())
     got = np.frombuffer(bytes.fromhex(out.strip().splitlines()[-1]), dtype=np.uint8).reshape(2, BLOCK)
-    assert np.array_equal(got, want)
+    assert all(torch.equal(torch.from_numpy(g.copy()), d) for g, d in zip(got, b_data))

@@ -31,23 +31,29 @@ SCENARIOS = [
 
 
 @pytest.fixture(scope="module")
-def scenario_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def scenario_results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     import sglang  # noqa: F401  (a missing SGLang is an install error: ./build.sh --dev installs it)
 
     work = tmp_path_factory.mktemp("sglang")
     run = subprocess.run([sys.executable, str(HERE / "sglang_scenarios.py"), str(work), *SCENARIOS],
                          capture_output=True, text=True, timeout=900, cwd=str(work))
-    results = {}
+    results, seeds = {}, {}
     for line in run.stdout.splitlines():
         status, _, rest = line.partition(" ")
         if status in ("PASS", "FAIL"):
             name = rest.split(":", 1)[0]
             results[name] = line
+        elif status == "SEED":
+            name, seed = rest.split()
+            seeds[name] = seed
     results["__output__"] = run.stdout[-4000:] + run.stderr[-8000:]
+    results["__seeds__"] = seeds
     return results
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
-def test_sglang_scenario(scenario_results: dict[str, str], name: str) -> None:
+def test_sglang_scenario(scenario_results: dict, name: str) -> None:
+    seed = scenario_results["__seeds__"].get(name)
+    print(f"FLEXKV_TEST_SEED={seed} reproduces scenario {name}")
     line = scenario_results.get(name)
     assert line == f"PASS {name}", line or f"{name} did not run:\n{scenario_results['__output__']}"

@@ -1,7 +1,7 @@
 """The SSD tier through KVManager: write-through, promotion, verification, warm restart, faults.
 
-Every test runs on io_uring and on the thread-pool fallback. The CPU tier is kept
-small so that blocks must come back from SSD.
+Every test runs on io_uring and on the thread-pool fallback. The CPU tier is kept small so that blocks
+must come back from SSD. Faults come in through the manager's ``ssd_env`` argument (a FaultInjectingIoEnv).
 """
 
 from __future__ import annotations
@@ -9,78 +9,50 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-import zlib
+import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
-from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, ModelConfig
 from flexkv.core.control_plane import FaultInjectingIoEnv
 from flexkv.core.errors import ConfigError
 
-from kv_helpers import assert_no_locks, bitwise_equal, poison, random_tokens, slots_for
+from kv_helpers import KVEnv, configs, hit_tokens, slots_for, store, try_load
 
-TPB, LAYERS, HEADS, HEAD, ENGINE_BLOCKS = 16, 2, 2, 64, 64
+TPB, HEAD = 16, 64
 ENGINES = ["io_uring", "threads"]
+HERE = Path(__file__).resolve().parent
 
 
-def model() -> ModelConfig:
-    return ModelConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.float16)
+@pytest.fixture
+def make_ssd(make_kv):
+    """make_kv with this file's defaults: head size 64, an 8-block CPU tier, a 64-block SSD tier in
+    <tmp_path>/ssd (``ssd=[dirs]`` for others)."""
+    def make(engine: str = "io_uring", **overrides) -> KVEnv:
+        overrides.setdefault("ssd", True)
+        overrides.setdefault("num_cpu_blocks", 8)
+        return make_kv(ssd_io_engine=engine, head_size=HEAD, **overrides)
+    return make
 
 
-def make(dirs: list[Path], engine: str, cpu_blocks: int = 8, ssd_blocks: int = 64, faults: Any = None,
-         **extra) -> tuple[KVManager, list[torch.Tensor]]:
-    """A started, registered manager; ``faults`` (a FaultInjectingIoEnv) replaces the SSD tier's I/O."""
-    cfg = CacheConfig(num_cpu_blocks=cpu_blocks, tokens_per_block=TPB, enable_ssd=True, num_ssd_blocks=ssd_blocks,
-                      ssd_cache_dir=";".join(str(d) for d in dirs), **extra)
-    kv = KVManager(model(), cfg, ssd_io_engine=engine, ssd_env=faults)
-    kv.start()
-    caches = [torch.zeros(2, ENGINE_BLOCKS, TPB, HEADS, HEAD, dtype=torch.float16) for _ in range(LAYERS)]
-    kv.register_kv_caches(caches, KVCacheLayout(KVCacheLayoutType.LAYERFIRST, LAYERS, ENGINE_BLOCKS, TPB, HEADS,
-                                                HEAD))
-    return kv, caches
+def put_completely(env: KVEnv, tokens: np.ndarray, blocks) -> list[torch.Tensor]:
+    """Fills engine blocks with fresh data and stores it through to SSD; returns the data."""
+    data = env.eng.fill(list(blocks))
+    store(env.kv, tokens, list(blocks), completely=True)
+    return data
 
 
-def fill(caches: list[torch.Tensor], blocks, gen: torch.Generator) -> list[torch.Tensor]:
-    """Writes fresh random KV into engine blocks; returns a copy of it per layer."""
-    idx = torch.as_tensor(list(blocks))
-    for c in caches:
-        c[:, idx] = torch.randn(2, len(idx), TPB, HEADS, HEAD, generator=gen, dtype=torch.float32).half()
-    return [c[:, idx].clone() for c in caches]
-
-
-def put_completely(kv: KVManager, tokens: np.ndarray, blocks) -> None:
-    task_id, mask = kv.put_match(tokens)
-    kv.launch(task_id, slots_for(mask, list(blocks), TPB))
-    assert kv.wait(task_id, completely=True)[task_id].ok
-
-
-def get(kv: KVManager, tokens: np.ndarray, blocks):
-    task_id, mask = kv.get_match(tokens)
-    kv.launch(task_id, slots_for(mask, list(blocks), TPB))
-    return mask, kv.wait(task_id)[task_id]
-
-
-def push_out_of_cpu(kv: KVManager, caches, gen, rng, n_seq: int = 3) -> None:
+def push_out_of_cpu(env: KVEnv, n_seq: int = 3) -> None:
     """Stores other sequences until the small CPU tier has evicted what was there."""
     for _ in range(n_seq):
-        fill(caches, range(40, 48), gen)
-        put_completely(kv, random_tokens(rng, 8 * TPB), range(40, 48))
-
-
-def seeds(request) -> tuple[torch.Generator, np.random.Generator]:
-    seed = zlib.crc32(request.node.nodeid.encode())
-    return torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+        put_completely(env, env.tokens(8 * TPB), range(40, 48))
 
 
 @pytest.fixture
 def ssd_dir(tmp_path: Path) -> Path:
-    d = tmp_path / "ssd"
-    d.mkdir()
-    return d
+    return tmp_path / "ssd"  # make_ssd's default directory
 
 
 def slot_files(d: Path) -> list[Path]:
@@ -88,110 +60,85 @@ def slot_files(d: Path) -> list[Path]:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_blocks_evicted_from_cpu_come_back_from_ssd_byte_exact(engine: str, ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], engine)
-    try:
-        assert kv.control_plane.ssd_io_engine == engine
-        tokens = random_tokens(rng, 6 * TPB + 3)
-        want = fill(caches, range(6), gen)
-        put_completely(kv, tokens, range(6))
-        assert kv.cache_stats()["ssd_written_blocks"] == 6
-        push_out_of_cpu(kv, caches, gen, rng)
-        task_id, mask = kv.get_match(tokens)
-        assert mask.sum() == 6 * TPB  # promised from SSD, not on CPU any more
-        kv.cancel(task_id)
-        kv.wait(task_id)
-        poison(caches)
-        mask, res = get(kv, tokens, range(10, 16))
-        assert res.ok and res.return_mask.sum() == 6 * TPB
-        for w, c in zip(want, caches):
-            assert bitwise_equal(w, c[:, 10:16])
-        assert kv.cache_stats()["ssd_hit_tokens"] >= 6 * TPB
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+def test_blocks_evicted_from_cpu_come_back_from_ssd_byte_exact(make_ssd, engine: str) -> None:
+    env = make_ssd(engine)
+    kv, eng = env.kv, env.eng
+    assert kv.control_plane.ssd_io_engine == engine
+    tokens = env.tokens(6 * TPB + 3)
+    want = put_completely(env, tokens, range(6))
+    assert kv.cache_stats()["ssd_written_blocks"] == 6
+    push_out_of_cpu(env)
+    assert kv.lookup(tokens)[0] < 6 * TPB  # not all on CPU any more
+    assert hit_tokens(kv, tokens) == 6 * TPB  # promised from SSD
+    eng.poison()
+    mask, res = try_load(kv, tokens, range(10, 16))
+    assert res.ok and res.return_mask.sum() == 6 * TPB
+    eng.assert_blocks(range(10, 16), want)
+    eng.assert_poisoned([16])
+    assert kv.cache_stats()["ssd_hit_tokens"] >= 6 * TPB
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_several_directories_share_the_blocks(engine: str, tmp_path: Path, request) -> None:
-    gen, rng = seeds(request)
+def test_several_directories_share_the_blocks(make_ssd, engine: str, tmp_path: Path) -> None:
     dirs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
-    kv, caches = make(dirs, engine, ssd_blocks=48)
-    try:
-        tokens = random_tokens(rng, 7 * TPB)
-        want = fill(caches, range(7), gen)
-        put_completely(kv, tokens, range(7))
-        push_out_of_cpu(kv, caches, gen, rng)
-        poison(caches)
-        mask, res = get(kv, tokens, range(20, 27))
-        assert res.ok and mask.sum() == 7 * TPB
-        for w, c in zip(want, caches):
-            assert bitwise_equal(w, c[:, 20:27])
-        assert all(slot_files(d) for d in dirs)  # every directory holds slot files
-    finally:
-        kv.shutdown()
+    env = make_ssd(engine, ssd=dirs, num_ssd_blocks=48)
+    tokens = env.tokens(7 * TPB)
+    want = put_completely(env, tokens, range(7))
+    push_out_of_cpu(env)
+    env.eng.poison()
+    mask, res = try_load(env.kv, tokens, range(20, 27))
+    assert res.ok and mask.sum() == 7 * TPB
+    env.eng.assert_blocks(range(20, 27), want)
+    assert all(slot_files(d) for d in dirs)  # every directory holds slot files
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_a_restart_keeps_the_hits(engine: str, ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], engine)
-    tokens = random_tokens(rng, 5 * TPB)
-    try:
-        want = fill(caches, range(5), gen)
-        put_completely(kv, tokens, range(5))
-    finally:
-        kv.shutdown()
-    kv, caches = make([ssd_dir], engine)  # a new process would see the same files
-    try:
-        assert kv.control_plane.ssd_restored >= 5
-        poison(caches)
-        mask, res = get(kv, tokens, range(30, 35))
-        assert res.ok and mask.sum() == 5 * TPB
-        for w, c in zip(want, caches):
-            assert bitwise_equal(w, c[:, 30:35])
-    finally:
-        kv.shutdown()
+def test_a_restart_keeps_the_hits(make_ssd, engine: str) -> None:
+    first = make_ssd(engine)
+    tokens = first.tokens(5 * TPB)
+    want = put_completely(first, tokens, range(5))
+    first.kv.shutdown()
+    env = make_ssd(engine)  # a new process would see the same files
+    assert env.kv.control_plane.ssd_restored >= 5
+    mask, res = try_load(env.kv, tokens, range(30, 35))
+    assert res.ok and mask.sum() == 5 * TPB
+    env.eng.assert_blocks(range(30, 35), want)
 
 
-def test_a_restart_in_a_fresh_process_keeps_the_hits(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring")
-    tokens = random_tokens(rng, 4 * TPB)
-    try:
-        want = fill(caches, range(4), gen)
-        put_completely(kv, tokens, range(4))
-    finally:
-        kv.shutdown()
-    np.save(ssd_dir.parent / "tokens.npy", tokens)
-    torch.save(want, ssd_dir.parent / "want.pt")
-    script = f"""
-import numpy as np, torch, sys
-sys.path.insert(0, {str(Path(__file__).parent)!r})
-from test_ssd_tier import make, get, TPB
-from kv_helpers import bitwise_equal, poison
-from pathlib import Path
-from typing import Any
-kv, caches = make([Path({str(ssd_dir)!r})], "io_uring")
-tokens = np.load({str(ssd_dir.parent / "tokens.npy")!r})
-want = torch.load({str(ssd_dir.parent / "want.pt")!r})
-poison(caches)
-mask, res = get(kv, tokens, range(4))
-assert res.ok and mask.sum() == 4 * TPB, (mask.sum(), res)
-assert all(bitwise_equal(w, c[:, 0:4]) for w, c in zip(want, caches))
+FRESH_PROCESS = """
+import sys
+import numpy as np, torch
+sys.path.insert(0, {here!r})
+from kv_helpers import assert_clean, start_manager, try_load
+kv, eng = start_manager(seed=0, ssd_dirs=[{ssd!r}], ssd_io_engine="io_uring", head_size={head}, num_cpu_blocks=8)
+tokens = np.load({tokens!r})
+want = torch.load({want!r})
+mask, res = try_load(kv, tokens, range(4))
+assert res.ok and mask.sum() == {n}, (mask.sum(), res)
+eng.assert_blocks(range(4), want)
+assert_clean(kv)
 kv.shutdown()
 print("fresh-process-hit")
 """
-    run = subprocess.run(["python", "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
+
+
+def test_a_restart_in_a_fresh_process_keeps_the_hits(make_ssd, ssd_dir: Path, tmp_path: Path) -> None:
+    env = make_ssd()
+    tokens = env.tokens(4 * TPB)
+    want = put_completely(env, tokens, range(4))
+    env.kv.shutdown()
+    np.save(tmp_path / "tokens.npy", tokens)
+    torch.save(want, tmp_path / "want.pt")
+    script = FRESH_PROCESS.format(here=str(HERE), ssd=str(ssd_dir), head=HEAD, tokens=str(tmp_path / "tokens.npy"),
+                                  want=str(tmp_path / "want.pt"), n=4 * TPB)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd="/", timeout=120)
     assert "fresh-process-hit" in run.stdout, run.stderr
 
 
-def _stored(kv, caches, gen, rng, n=4):
-    tokens = random_tokens(rng, n * TPB)
-    fill(caches, range(n), gen)
-    put_completely(kv, tokens, range(n))
-    push_out_of_cpu(kv, caches, gen, rng)
+def _stored(env: KVEnv, n: int = 4) -> np.ndarray:
+    tokens = env.tokens(n * TPB)
+    put_completely(env, tokens, range(n))
+    push_out_of_cpu(env)
     return tokens
 
 
@@ -221,218 +168,181 @@ def _flip(path: Path, offset: int) -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("damage", ["payload", "header", "truncate"])
-def test_damaged_blocks_become_misses_never_wrong_bytes(engine: str, damage: str, ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], engine)
-    try:
-        tokens = _stored(kv, caches, gen, rng)
-        where = _slot_offsets(kv, tokens)
-        path, header, payload = where[2]  # damage block 2: blocks 0 and 1 still load
-        if damage == "payload":
-            _flip(path, payload + 123)
-        elif damage == "header":
-            _flip(path, header + 40)
-        else:
-            os.truncate(path, payload + 100)
-        poison(caches)
-        mask, res = get(kv, tokens, range(50, 54))
-        assert mask.sum() == 4 * TPB  # promised before the bytes were read
-        assert not res.ok and res.return_mask.sum() == 2 * TPB  # only the verified prefix arrived
-        assert all(torch.isnan(c[:, 52:54]).all() for c in caches)  # the damaged block never reached the engine
-        stats = kv.cache_stats()
-        assert stats["ssd_mismatch_blocks"] + stats["ssd_read_errors"] >= 1
-        # The dropped block is a miss from now on; the index stays consistent and unlocked.
-        task_id, mask = kv.get_match(tokens)
-        assert mask.sum() == 2 * TPB
-        kv.cancel(task_id)
-        kv.wait(task_id)
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+def test_damaged_blocks_become_misses_never_wrong_bytes(make_ssd, engine: str, damage: str) -> None:
+    env = make_ssd(engine)
+    kv, eng = env.kv, env.eng
+    tokens = env.tokens(4 * TPB)
+    want = put_completely(env, tokens, range(4))
+    push_out_of_cpu(env)
+    where = _slot_offsets(kv, tokens)
+    path, header, payload = where[2]  # damage block 2: blocks 0 and 1 still load
+    if damage == "payload":
+        _flip(path, payload + 123)
+    elif damage == "header":
+        _flip(path, header + 40)
+    else:
+        os.truncate(path, payload + 100)
+    eng.poison()
+    mask, res = try_load(kv, tokens, range(50, 54))
+    assert mask.sum() == 4 * TPB  # promised before the bytes were read
+    assert not res.ok and res.return_mask.sum() == 2 * TPB  # only the verified prefix arrived
+    eng.assert_blocks(range(50, 52), want[:2])
+    eng.assert_poisoned([52, 53])  # the damaged block never reached the engine, nor did the one after it
+    stats = kv.cache_stats()
+    assert stats["ssd_mismatch_blocks"] + stats["ssd_read_errors"] >= 1
+    # The dropped block is a miss from now on (the fixture checks the index stays consistent and unlocked).
+    assert hit_tokens(kv, tokens) == 2 * TPB
 
 
-def test_a_directory_of_another_layout_is_ignored(ssd_dir: Path, request, caplog) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring")
-    tokens = random_tokens(rng, 3 * TPB)
-    try:
-        fill(caches, range(3), gen)
-        put_completely(kv, tokens, range(3))
-    finally:
-        kv.shutdown()
-    other = ModelConfig(num_layers=LAYERS, num_kv_heads=HEADS, head_size=HEAD, dtype=torch.bfloat16)
-    cfg = CacheConfig(num_cpu_blocks=8, tokens_per_block=TPB, enable_ssd=True, num_ssd_blocks=64,
-                      ssd_cache_dir=str(ssd_dir))
+def test_a_directory_of_another_layout_is_ignored(make_ssd, ssd_dir: Path, caplog) -> None:
+    first = make_ssd()
+    put_completely(first, first.tokens(3 * TPB), range(3))
+    first.kv.shutdown()
+    before = {p: p.stat().st_mtime_ns for p in slot_files(ssd_dir)}
+    assert before, "the first cache wrote no slot file"
     with caplog.at_level("WARNING", logger="flexkv"):
-        kv2 = KVManager(other, cfg)
-        kv2.start()
-    try:
-        assert kv2.control_plane.ssd_restored == 0
-        assert "another model or KV layout" in caplog.text
-        before = {p: p.stat().st_mtime_ns for p in slot_files(ssd_dir)}
-    finally:
-        kv2.shutdown()
-    assert all(p.stat().st_mtime_ns == t for p, t in before.items() if "flexkv-" in str(p))
+        other = make_ssd(dtype="bfloat16")
+    assert other.kv.control_plane.ssd_restored == 0
+    assert "another model or KV layout" in caplog.text
+    other.kv.shutdown()
+    # The other model's cache left the first one's files alone, and kept its own in a directory of its own.
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert {p.parent for p in slot_files(ssd_dir)} - {p.parent for p in before}
 
 
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO])
-def test_write_errors_skip_the_store_and_nothing_breaks(engine: str, err: int, ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
+def test_write_errors_skip_the_store_and_nothing_breaks(make_ssd, engine: str, err: int) -> None:
     faults = FaultInjectingIoEnv(engine)
-    kv, caches = make([ssd_dir], engine, faults=faults)
-    try:
-        faults.fail_writes(err, 0, -1)
-        tokens = random_tokens(rng, 4 * TPB)
-        want = fill(caches, range(4), gen)
-        put_completely(kv, tokens, range(4))
-        assert kv.cache_stats()["ssd_write_errors"] >= 4
-        # Still on CPU: loads fine.
-        poison(caches)
-        _, res = get(kv, tokens, range(10, 14))
-        assert res.ok and all(bitwise_equal(w, c[:, 10:14]) for w, c in zip(want, caches))
-        faults.clear()
-        push_out_of_cpu(kv, caches, gen, rng)
-        # Off the CPU and never stored on SSD: a clean miss.
-        task_id, mask = kv.get_match(tokens)
-        assert not mask.any()
-        kv.wait(task_id)
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+    env = make_ssd(engine, ssd_env=faults)
+    kv, eng = env.kv, env.eng
+    faults.fail_writes(err, 0, -1)
+    tokens = env.tokens(4 * TPB)
+    want = put_completely(env, tokens, range(4))
+    assert kv.cache_stats()["ssd_write_errors"] >= 4
+    # Still on CPU: loads fine.
+    eng.poison()
+    _, res = try_load(kv, tokens, range(10, 14))
+    assert res.ok
+    eng.assert_blocks(range(10, 14), want)
+    faults.clear()
+    push_out_of_cpu(env)
+    # Off the CPU and never stored on SSD: a clean miss.
+    task_id, mask = kv.get_match(tokens)
+    assert not mask.any()
+    assert kv.wait(task_id)[task_id].ok
+    assert kv.lookup(tokens) == (0, 0)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_read_errors_are_misses(engine: str, ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
+def test_read_errors_are_misses(make_ssd, engine: str) -> None:
     faults = FaultInjectingIoEnv(engine)
-    kv, caches = make([ssd_dir], engine, faults=faults)
-    try:
-        tokens = _stored(kv, caches, gen, rng)
-        faults.fail_reads(errno.EIO, 0, -1)
-        poison(caches)
-        _, res = get(kv, tokens, range(50, 54))
-        assert not res.ok and not res.return_mask.any()
-        assert all(torch.isnan(c[:, 50:54]).all() for c in caches)
-        assert kv.cache_stats()["ssd_read_errors"] >= 1
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+    env = make_ssd(engine, ssd_env=faults)
+    tokens = _stored(env)
+    faults.fail_reads(errno.EIO, 0, -1)
+    env.eng.poison()
+    _, res = try_load(env.kv, tokens, range(50, 54))
+    assert not res.ok and not res.return_mask.any()
+    env.eng.assert_poisoned(range(50, 54))
+    assert env.kv.cache_stats()["ssd_read_errors"] >= 1
 
 
-def test_torn_writes_are_caught_on_read(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
+def test_torn_writes_are_caught_on_read(make_ssd) -> None:
     faults = FaultInjectingIoEnv("io_uring")
-    kv, caches = make([ssd_dir], "io_uring", faults=faults)
-    try:
-        faults.tear_writes(1)
-        tokens = _stored(kv, caches, gen, rng, n=3)
-        poison(caches)
-        _, res = get(kv, tokens, range(50, 53))
-        assert not res.ok
-        assert res.return_mask.sum() < 3 * TPB
-        assert kv.cache_stats()["ssd_mismatch_blocks"] >= 1
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+    env = make_ssd("io_uring", ssd_env=faults)
+    faults.tear_writes(1)
+    tokens = _stored(env, n=3)
+    env.eng.poison()
+    _, res = try_load(env.kv, tokens, range(50, 53))
+    assert not res.ok
+    hit = int(res.return_mask.sum()) // TPB
+    assert hit < 3
+    env.eng.assert_poisoned(range(50 + hit, 53))  # nothing past the torn block reached the engine
+    assert env.kv.cache_stats()["ssd_mismatch_blocks"] >= 1
 
 
-def test_prefetch_brings_blocks_up_without_a_launch(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring")
-    try:
-        tokens = _stored(kv, caches, gen, rng)
-        assert kv.lookup(tokens)[0] == 0
-        task_id = kv.prefetch_async(tokens)
-        assert kv.wait(task_id)[task_id].ok
-        assert kv.lookup(tokens)[0] == 4 * TPB
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_slot_file_that_cannot_be_opened_is_a_clear_error_at_start(make_ssd, engine: str, ssd_dir: Path) -> None:
+    """The error names the key, the file and the cause; nothing stays half open: the directory is free again
+    at once, and a cache on it works."""
+    faults = FaultInjectingIoEnv(engine)
+    faults.fail_open(errno.EACCES)
+    with pytest.raises(ConfigError, match=r"cache_config\.ssd_cache_dir: cannot open SSD cache file .*"
+                                          r"Permission denied") as exc:
+        make_ssd(engine, ssd_env=faults)
+    assert str(ssd_dir) in str(exc.value)
+    env = make_ssd(engine)
+    tokens = env.tokens(2 * TPB)
+    want = put_completely(env, tokens, range(2))
+    env.get_and_check(tokens, [5, 6], want)
 
 
-def test_cancel_during_a_promotion_unlocks_everything(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring")
-    try:
-        tokens = _stored(kv, caches, gen, rng)
-        task_id, mask = kv.get_match(tokens)
-        assert mask.sum() == 4 * TPB
-        kv.cancel(task_id)
-        res = kv.wait(task_id)[task_id]
-        assert res.status.value == "cancelled" and not res.return_mask.any()
-        assert_no_locks(kv)
-    finally:
-        kv.shutdown()
+def test_prefetch_brings_blocks_up_without_a_launch(make_ssd) -> None:
+    env = make_ssd()
+    kv = env.kv
+    tokens = _stored(env)
+    assert kv.lookup(tokens)[0] == 0
+    task_id = kv.prefetch_async(tokens)
+    assert kv.wait(task_id)[task_id].ok
+    assert kv.lookup(tokens)[0] == 4 * TPB
 
 
-def test_bad_directories_are_clear_errors_at_start(tmp_path: Path) -> None:
-    def start(dirs: str, **kw) -> None:
-        cfg = CacheConfig(num_cpu_blocks=8, tokens_per_block=TPB, enable_ssd=True, num_ssd_blocks=kw.pop("n", 16),
-                          ssd_cache_dir=dirs)
-        KVManager(model(), cfg).start()
+def test_cancel_during_a_promotion_unlocks_everything(make_ssd) -> None:
+    env = make_ssd()
+    kv = env.kv
+    tokens = _stored(env)
+    task_id, mask = kv.get_match(tokens)
+    assert mask.sum() == 4 * TPB
+    kv.cancel(task_id)
+    res = kv.wait(task_id)[task_id]
+    assert res.status.value == "cancelled" and not res.return_mask.any()
 
+
+def test_bad_directories_are_clear_errors_at_start(make_ssd, tmp_path: Path) -> None:
     a_file = tmp_path / "file"
     a_file.write_text("x")
     with pytest.raises(ConfigError, match=str(a_file)):
-        start(str(a_file))
+        make_ssd(ssd=[a_file], num_ssd_blocks=16)
     free = os.statvfs(tmp_path).f_bavail * os.statvfs(tmp_path).f_frsize
-    slot = 4096 + model().block_bytes(TPB)
+    slot = 4096 + configs(head_size=HEAD)[0].block_bytes(TPB)
     with pytest.raises(ConfigError, match="num_ssd_blocks|space"):
-        start(str(tmp_path / "big"), n=int(free // slot) * 4)
+        make_ssd(ssd=[tmp_path / "big"], num_ssd_blocks=int(free // slot) * 4)
 
 
-def test_two_caches_never_share_a_directory(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring")
-    try:
-        with pytest.raises(ConfigError, match="in use"):
-            make([ssd_dir], "io_uring")
-        tokens = random_tokens(rng, 2 * TPB)
-        fill(caches, range(2), gen)
-        put_completely(kv, tokens, range(2))
-    finally:
-        kv.shutdown()
-    kv2, _ = make([ssd_dir], "io_uring")  # free again once the first has shut down
-    try:
-        assert kv2.control_plane.ssd_restored == 2
-    finally:
-        kv2.shutdown()
+def test_two_caches_never_share_a_directory(make_ssd) -> None:
+    env = make_ssd()
+    with pytest.raises(ConfigError, match="in use"):
+        make_ssd()
+    put_completely(env, env.tokens(2 * TPB), range(2))
+    env.kv.shutdown()
+    again = make_ssd()  # free again once the first has shut down
+    assert again.kv.control_plane.ssd_restored == 2
 
 
-def test_a_put_whose_prefix_another_put_is_storing_still_reaches_ssd(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring", cpu_blocks=16)
-    try:
-        tokens = random_tokens(rng, 8 * TPB)
-        fill(caches, range(8), gen)
-        short_id, short_mask = kv.put_match(tokens[: 4 * TPB])   # blocks 0-3, still being stored
-        long_id, long_mask = kv.put_match(tokens)                  # blocks 4-7 only
-        assert short_mask.sum() == 4 * TPB and long_mask.sum() == 4 * TPB
-        kv.launch(long_id, slots_for(long_mask, list(range(8)), TPB))  # the longer one finishes first
-        kv.launch(short_id, slots_for(short_mask, list(range(8)), TPB))
-        res = kv.wait([long_id, short_id], completely=True)
-        assert res[long_id].ok and res[short_id].ok
-        assert kv.lookup(tokens)[1] == 8 * TPB  # both halves are on SSD
-    finally:
-        kv.shutdown()
+def test_a_put_whose_prefix_another_put_is_storing_still_reaches_ssd(make_ssd) -> None:
+    env = make_ssd(num_cpu_blocks=16)
+    kv = env.kv
+    tokens = env.tokens(8 * TPB)
+    data = env.eng.fill(range(8))
+    short_id, short_mask = kv.put_match(tokens[: 4 * TPB])   # blocks 0-3, still being stored
+    long_id, long_mask = kv.put_match(tokens)                  # blocks 4-7 only
+    assert short_mask.sum() == 4 * TPB and long_mask.sum() == 4 * TPB
+    kv.launch(long_id, slots_for(long_mask, range(8), TPB))  # the longer one finishes first
+    kv.launch(short_id, slots_for(short_mask, range(8), TPB))
+    res = kv.wait([long_id, short_id], completely=True)
+    assert res[long_id].ok and res[short_id].ok
+    assert kv.lookup(tokens)[1] == 8 * TPB  # both halves are on SSD
+    env.get_and_check(tokens, list(range(20, 28)), data)
 
 
-def test_a_restart_scans_the_written_slots_and_copes_without_the_mark(ssd_dir: Path, request) -> None:
-    gen, rng = seeds(request)
-    kv, caches = make([ssd_dir], "io_uring", ssd_blocks=10_000)
-    tokens = random_tokens(rng, 3 * TPB)
-    try:
-        fill(caches, range(3), gen)
-        put_completely(kv, tokens, range(3))
-    finally:
-        kv.shutdown()
+def test_a_restart_scans_the_written_slots_and_copes_without_the_mark(make_ssd, ssd_dir: Path) -> None:
+    env = make_ssd(num_ssd_blocks=10_000)
+    put_completely(env, env.tokens(3 * TPB), range(3))
+    env.kv.shutdown()
     (mark,) = ssd_dir.glob(".flexkv-*.watermark")
     assert 3 <= int(mark.read_text()) < 10_000  # a restart reads a few headers, not all 10000
     for _ in range(2):
-        kv, _ = make([ssd_dir], "io_uring", ssd_blocks=10_000)
-        try:
-            assert kv.control_plane.ssd_restored == 3
-        finally:
-            kv.shutdown()
+        again = make_ssd(num_ssd_blocks=10_000)
+        assert again.kv.control_plane.ssd_restored == 3
+        again.kv.shutdown()
         mark.unlink()  # the second start has no mark: it scans every slot and finds the same blocks

@@ -1,218 +1,29 @@
 """KVManager's task API over the CPU tier: masks, wait / try_wait / cancel semantics, reset, shutdown, threads.
 
-Engine KV memory is CPU torch tensors. Every load goes into poisoned (NaN) engine blocks and is compared
-byte for byte, so a block that was never written cannot pass. After every test the CPU index must hold no
-lock and pass its consistency check (the fixture checks it before shutting the manager down).
+Engine KV memory is the engine fake of tests/kv_helpers.py (CPU torch tensors). Every load goes into poisoned
+(NaN) engine blocks and is compared byte for byte, so a block that was never written cannot pass. After every
+test each manager's index must hold no lock and pass its consistency check (the make_kv fixture checks it
+before shutting the manager down).
 """
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-import zlib
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from flexkv import CacheConfig, KVCacheLayout, KVCacheLayoutType, KVManager, KVResponseStatus, ModelConfig
+from flexkv import KVCacheLayoutType, KVManager, KVResponseStatus
 from flexkv.core.errors import TaskError
 
-L, H, D, T = 2, 2, 8, 16  # layers, kv heads, head size, tokens per block
-NUM_ENGINE_BLOCKS = 64
-NUM_CPU_BLOCKS = 128
-DTYPE = torch.float16
+from kv_helpers import DEFAULT_CACHE, VIEW_KINDS, KVEnv, assert_clean, gated
+
+T = DEFAULT_CACHE["tokens_per_block"]
+NUM_CPU_BLOCKS = DEFAULT_CACHE["num_cpu_blocks"]
 
 S = KVResponseStatus
-
-
-# --------------------------------------------------------------------------------------------- helpers
-
-
-def model_config() -> ModelConfig:
-    return ModelConfig(num_layers=L, num_kv_heads=H, head_size=D, dtype="float16")
-
-
-def slots(blocks: Sequence[int]) -> np.ndarray:
-    """The engine slots of whole engine blocks, in order."""
-    if len(blocks) == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.concatenate([int(b) * T + np.arange(T, dtype=np.int64) for b in blocks])
-
-
-def partial_slots(block: int, n: int, start: int = 0) -> np.ndarray:
-    return int(block) * T + start + np.arange(n, dtype=np.int64)
-
-
-class Engine:
-    """An engine's KV memory in one of the three KVCacheLayoutTypes, with block-level access.
-
-    A block's data is always handled in the canonical shape [layer, k|v, token, head, dim].
-    """
-
-    def __init__(self, layout_type: KVCacheLayoutType, gen: torch.Generator) -> None:
-        self.type = layout_type
-        self.gen = gen
-        B = NUM_ENGINE_BLOCKS
-        if layout_type is KVCacheLayoutType.LAYERFIRST:
-            self.caches: list[torch.Tensor] | torch.Tensor = [torch.empty(2, B, T, H, D, dtype=DTYPE)
-                                                              for _ in range(L)]
-        elif layout_type is KVCacheLayoutType.LAYERBLOCK:
-            self.caches = [torch.empty(B, 2, T, H, D, dtype=DTYPE) for _ in range(L)]
-        else:
-            self.caches = torch.empty(B, L, 2, T, H, D, dtype=DTYPE)
-        self.layout = KVCacheLayout(layout_type, L, B, T, H, D)
-        self.poison(range(B))
-
-    def _views(self, b: int) -> list[torch.Tensor]:
-        if self.type is KVCacheLayoutType.LAYERFIRST:
-            return [c[:, b] for c in self.caches]
-        if self.type is KVCacheLayoutType.LAYERBLOCK:
-            return [c[b] for c in self.caches]
-        return [self.caches[b, layer] for layer in range(L)]
-
-    def read(self, b: int) -> torch.Tensor:
-        return torch.stack([v.clone() for v in self._views(b)])
-
-    def write(self, b: int, data: torch.Tensor) -> None:
-        for layer, v in enumerate(self._views(b)):
-            v.copy_(data[layer])
-
-    def random_block(self) -> torch.Tensor:
-        return torch.randn(L, 2, T, H, D, generator=self.gen, dtype=torch.float32).to(DTYPE)
-
-    def fill(self, blocks: Sequence[int]) -> list[torch.Tensor]:
-        """Writes fresh random data into engine blocks; returns it."""
-        out = []
-        for b in blocks:
-            data = self.random_block()
-            self.write(b, data)
-            out.append(data)
-        return out
-
-    def poison(self, blocks: Sequence[int]) -> None:
-        nan = torch.full((L, 2, T, H, D), float("nan"), dtype=DTYPE)
-        for b in blocks:
-            self.write(b, nan)
-
-    def is_poisoned(self, b: int) -> bool:
-        return bool(self.read(b).isnan().all())
-
-    def assert_blocks(self, blocks: Sequence[int], expected: Sequence[torch.Tensor]) -> None:
-        assert len(blocks) == len(expected)
-        for i, (b, data) in enumerate(zip(blocks, expected)):
-            got = self.read(b)
-            assert torch.equal(got.view(torch.int16), data.view(torch.int16)), \
-                f"engine block {b} (sequence block {i}) differs from the data stored for it"
-
-
-@dataclass
-class Env:
-    kv: KVManager
-    eng: Engine
-    rng: np.random.Generator
-
-    def tokens(self, n: int) -> np.ndarray:
-        return self.rng.integers(0, 50_000, size=n, dtype=np.int64)
-
-    def locked(self) -> int:
-        return int(self.kv.control_plane.locked_blocks()[0])
-
-    def lock_count(self, block_id: int) -> int:
-        return int(self.kv.control_plane.cpu_block(block_id)[1])
-
-    def is_ready(self, block_id: int) -> bool:
-        return bool(self.kv.control_plane.cpu_block(block_id)[0])
-
-    def host_ids(self, task_id: int) -> list[int]:
-        return [int(i) for i in self.kv.control_plane.inspect(task_id)["host_ids"]]
-
-    def put(self, tokens: np.ndarray, src: Sequence[int], namespace: str | None = None) -> list[torch.Tensor]:
-        """Fills engine blocks ``src`` (one per whole block of ``tokens``) with fresh data and stores them
-        with put_match + launch; returns the data of each whole block."""
-        nblocks = len(tokens) // T
-        assert len(src) == nblocks
-        data = self.eng.fill(src)
-        tid, mask = self.kv.put_match(tokens, namespace=namespace)
-        expected = np.zeros(len(tokens), dtype=bool)
-        expected[: nblocks * T] = True
-        np.testing.assert_array_equal(mask, expected)
-        self.kv.launch(tid, slots(src))
-        res = self.kv.wait(tid)[tid]
-        assert res.status is S.SUCCESS, res
-        return data
-
-    def get_and_check(self, tokens: np.ndarray, dst: Sequence[int], expected: Sequence[torch.Tensor],
-                      namespace: str | None = None) -> None:
-        """get_match + launch into poisoned ``dst``; asserts every block hits and loads byte-exact."""
-        self.eng.poison(dst)
-        tid, mask = self.kv.get_match(tokens, namespace=namespace)
-        want = np.zeros(len(tokens), dtype=bool)
-        want[: len(expected) * T] = True
-        np.testing.assert_array_equal(mask, want)
-        self.kv.launch(tid, slots(dst[: len(expected)]))
-        res = self.kv.wait(tid)[tid]
-        assert res.status is S.SUCCESS, res
-        np.testing.assert_array_equal(res.return_mask, want)
-        self.eng.assert_blocks(dst[: len(expected)], expected)
-
-
-def assert_index_clean(kv: KVManager) -> None:
-    locked = kv.control_plane.locked_blocks()
-    assert locked == (0, 0), f"blocks left locked: {locked}"
-    kv.control_plane.check_consistency()
-
-
-@pytest.fixture
-def make_env(request) -> Iterator:
-    """A factory of started KVManagers (registered unless asked otherwise); each is checked and shut down."""
-    created: list[KVManager] = []
-    base_seed = zlib.crc32(request.node.nodeid.encode())
-
-    def factory(layout_type: KVCacheLayoutType = KVCacheLayoutType.LAYERFIRST, register: bool = True,
-                num_cpu_blocks: int = NUM_CPU_BLOCKS) -> Env:
-        seed = base_seed + len(created)
-        kv = KVManager(model_config(), CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks))
-        kv.start()
-        created.append(kv)
-        eng = Engine(layout_type, torch.Generator().manual_seed(seed))
-        if register:
-            kv.register_kv_caches(eng.caches, eng.layout)
-        return Env(kv, eng, np.random.default_rng(seed))
-
-    yield factory
-    try:
-        for kv in created:
-            if kv.control_plane is not None:
-                assert_index_clean(kv)
-    finally:
-        for kv in created:
-            kv.shutdown()
-
-
-@pytest.fixture
-def env(make_env) -> Env:
-    return make_env()
-
-
-@contextlib.contextmanager
-def gated(kv: KVManager) -> Iterator[SimpleNamespace]:
-    """Holds the end of every task whose copy finishes until the test sets ``gate``: a launched task stays
-    observably running until then (its copy may finish; the control plane does not end the task)."""
-    gate = threading.Event()
-    kv.control_plane.pause_completions(True)
-    opener = threading.Thread(target=lambda: gate.wait(30) and kv.control_plane.pause_completions(False))
-    opener.start()
-    try:
-        yield SimpleNamespace(gate=gate)
-    finally:
-        gate.set()
-        opener.join()
-        kv.control_plane.pause_completions(False)
 
 
 def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
@@ -224,7 +35,7 @@ def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
 # --------------------------------------------------------------------------------------------- round trips
 
 
-def test_put_then_get_round_trip_task_api(env: Env) -> None:
+def test_put_then_get_round_trip_task_api(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(4 * T + 5)  # 4 whole blocks and a partial one
     src = [3, 9, 17, 40]
@@ -236,7 +47,7 @@ def test_put_then_get_round_trip_task_api(env: Env) -> None:
     want[: 4 * T] = True
     np.testing.assert_array_equal(mask, want)  # the trailing partial block is never stored
     assert env.locked() == 4
-    assert kv.launch(tid, slots(src)) == [tid]
+    assert kv.launch(tid, env.slots(src)) == [tid]
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS and res.error is None
     np.testing.assert_array_equal(res.return_mask, want)
@@ -256,7 +67,7 @@ def test_put_then_get_round_trip_task_api(env: Env) -> None:
     tid3, mask3 = kv.get_match(tokens)
     np.testing.assert_array_equal(mask3, want)
     assert env.locked() == 4
-    kv.launch(tid3, slots(dst))
+    kv.launch(tid3, env.slots(dst))
     res3 = wait_one(kv, tid3)
     assert res3.status is S.SUCCESS
     np.testing.assert_array_equal(res3.return_mask, want)
@@ -271,7 +82,7 @@ def test_put_then_get_round_trip_task_api(env: Env) -> None:
     assert stats["hit_rate"] == 1.0
 
 
-def test_launch_listeners_hear_every_successful_launch(env: Env) -> None:
+def test_launch_listeners_hear_every_successful_launch(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     heard: list[tuple[list[int], bool, int]] = []
     kv.add_launch_listener(lambda ids, layerwise, counter: heard.append((ids, layerwise, counter)))
@@ -279,24 +90,24 @@ def test_launch_listeners_hear_every_successful_launch(env: Env) -> None:
     tokens = env.tokens(2 * T)
     eng.fill([1, 2])
     tid, _ = kv.put_match(tokens)
-    kv.launch(tid, slots([1, 2]))
+    kv.launch(tid, env.slots([1, 2]))
     assert wait_one(kv, tid).status is S.SUCCESS
     tid2, _ = kv.get_match(tokens)
-    kv.launch([tid2], [slots([5, 6])], as_batch=True, layerwise_transfer=True, counter_id=2)
+    kv.launch([tid2], [env.slots([5, 6])], as_batch=True, layerwise_transfer=True, counter_id=2)
     assert wait_one(kv, tid2).status is S.SUCCESS
     tid3, _ = kv.get_match(tokens)
     with pytest.raises(TaskError):
-        kv.launch(tid3, slots([5]))  # a refused launch is not heard
+        kv.launch(tid3, env.slots([5]))  # a refused launch is not heard
     assert heard == [([tid], False, 0), ([tid2], True, 2)]
     assert env.locked() == 0  # the refused launch ended its task and unlocked its blocks
 
 
-def test_put_then_get_round_trip_async(env: Env) -> None:
+def test_put_then_get_round_trip_async(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(3 * T + 7)
     src = [5, 6, 20]
     data = eng.fill(src)
-    put_slots = np.concatenate([slots(src), partial_slots(21, 7)])
+    put_slots = np.concatenate([env.slots(src), env.partial_slots(21, 7)])
     tid = kv.put_async(tokens, put_slots)
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
@@ -306,7 +117,7 @@ def test_put_then_get_round_trip_async(env: Env) -> None:
 
     dst = [60, 2, 44]
     eng.poison(dst + [45])
-    get_slots = np.concatenate([slots(dst), partial_slots(45, 7)])
+    get_slots = np.concatenate([env.slots(dst), env.partial_slots(45, 7)])
     tid = kv.get_async(tokens, torch.from_numpy(get_slots))  # engines pass torch tensors
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
@@ -315,16 +126,16 @@ def test_put_then_get_round_trip_async(env: Env) -> None:
     assert eng.is_poisoned(45)  # the trailing partial block's slots were not written
 
 
-@pytest.mark.parametrize("layout_type", list(KVCacheLayoutType), ids=lambda t: t.value)
-def test_round_trip_every_layout(make_env, layout_type: KVCacheLayoutType) -> None:
-    env = make_env(layout_type)
+@pytest.mark.parametrize("kind", [*KVCacheLayoutType, *VIEW_KINDS], ids=lambda k: getattr(k, "value", k))
+def test_round_trip_every_layout(make_kv, kind: KVCacheLayoutType | str) -> None:
+    env = make_kv(engine=kind)
     tokens = env.tokens(5 * T)
     src = [0, 63, 31, 32, 8]
     data = env.put(tokens, src)
     env.get_and_check(tokens, [12, 1, 62, 30, 9], data)
 
 
-def test_get_hits_only_the_cached_prefix(env: Env) -> None:
+def test_get_hits_only_the_cached_prefix(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(4 * T)
     data = env.put(tokens[: 2 * T], [0, 1])
@@ -334,7 +145,7 @@ def test_get_hits_only_the_cached_prefix(env: Env) -> None:
     want = np.zeros(len(tokens), dtype=bool)
     want[: 2 * T] = True
     np.testing.assert_array_equal(mask, want)
-    kv.launch(tid, slots(dst[:2]))
+    kv.launch(tid, env.slots(dst[:2]))
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
     eng.assert_blocks(dst[:2], data)
@@ -348,7 +159,7 @@ def test_get_hits_only_the_cached_prefix(env: Env) -> None:
     assert wait_one(kv, tid).status is S.SUCCESS
 
 
-def test_put_skips_cached_blocks(env: Env) -> None:
+def test_put_skips_cached_blocks(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(4 * T)
     first = env.put(tokens[: 2 * T], [0, 1])
@@ -358,13 +169,13 @@ def test_put_skips_cached_blocks(env: Env) -> None:
     want = np.zeros(len(tokens), dtype=bool)
     want[2 * T:] = True
     np.testing.assert_array_equal(mask, want)
-    kv.launch(tid, slots(src[2:]))  # only the slots of the tokens the mask marks
+    kv.launch(tid, env.slots(src[2:]))  # only the slots of the tokens the mask marks
     assert wait_one(kv, tid).status is S.SUCCESS
     env.get_and_check(tokens, [20, 21, 22, 23], first + rest[2:])
 
 
 @pytest.mark.parametrize("prefix", [2 * T, T + 4, 1, 3 * T - 1])
-def test_get_match_with_false_prefix(env: Env, prefix: int) -> None:
+def test_get_match_with_false_prefix(env: KVEnv, prefix: int) -> None:
     """The get loads the blocks from the first True token's block on; the mask says so."""
     kv, eng = env.kv, env.eng
     tokens = env.tokens(4 * T + 3)
@@ -379,7 +190,7 @@ def test_get_match_with_false_prefix(env: Env, prefix: int) -> None:
     want[first_block * T: 4 * T] = True
     np.testing.assert_array_equal(mask, want)
     assert env.locked() == 4 - first_block  # the blocks the engine already has are not kept locked
-    kv.launch(tid, slots(dst[first_block:]))
+    kv.launch(tid, env.slots(dst[first_block:]))
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
     np.testing.assert_array_equal(res.return_mask, want)
@@ -388,7 +199,7 @@ def test_get_match_with_false_prefix(env: Env, prefix: int) -> None:
         assert eng.is_poisoned(b)
 
 
-def test_get_match_with_all_false_mask_loads_nothing(env: Env) -> None:
+def test_get_match_with_all_false_mask_loads_nothing(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(3 * T)
     env.put(tokens, [0, 1, 2])
@@ -401,7 +212,7 @@ def test_get_match_with_all_false_mask_loads_nothing(env: Env) -> None:
 
 
 @pytest.mark.parametrize("prefix", [2 * T, T + 4], ids=["block_aligned", "mid_block"])
-def test_get_async_with_false_prefix(env: Env, prefix: int) -> None:
+def test_get_async_with_false_prefix(env: KVEnv, prefix: int) -> None:
     """slot_mapping holds the slots of the tokens token_mask marks; the get loads the blocks from the
     first True token's block on. A prefix that ends mid-block still has its block loaded whole: the slots
     of that block's leading tokens follow from the first marked slot (a block's slots are consecutive)."""
@@ -413,7 +224,7 @@ def test_get_async_with_false_prefix(env: Env, prefix: int) -> None:
     eng.poison(dst + [34])
     token_mask = np.zeros(len(tokens), dtype=bool)
     token_mask[prefix:] = True
-    all_slots = np.concatenate([slots(dst), partial_slots(34, 5)])
+    all_slots = np.concatenate([env.slots(dst), env.partial_slots(34, 5)])
     tid = kv.get_async(tokens, all_slots[prefix:], token_mask=token_mask)
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS, res
@@ -426,7 +237,7 @@ def test_get_async_with_false_prefix(env: Env, prefix: int) -> None:
 
 
 @pytest.mark.parametrize("prefix", [T, T + 4], ids=["block_aligned", "mid_block"])
-def test_put_async_with_false_prefix(env: Env, prefix: int) -> None:
+def test_put_async_with_false_prefix(env: KVEnv, prefix: int) -> None:
     """A put with a False prefix stores the blocks from the first True token's block on, given that the
     blocks before it are cached; slot_mapping holds the slots of the tokens token_mask marks."""
     kv, eng = env.kv, env.eng
@@ -436,7 +247,7 @@ def test_put_async_with_false_prefix(env: Env, prefix: int) -> None:
     rest = eng.fill(src[1:])
     token_mask = np.zeros(len(tokens), dtype=bool)
     token_mask[prefix:] = True
-    tid = kv.put_async(tokens, slots(src)[prefix:], token_mask=token_mask)
+    tid = kv.put_async(tokens, env.slots(src)[prefix:], token_mask=token_mask)
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS, res
     want = np.zeros(len(tokens), dtype=bool)
@@ -445,7 +256,7 @@ def test_put_async_with_false_prefix(env: Env, prefix: int) -> None:
     env.get_and_check(tokens, [50, 51, 52, 53], head + rest)
 
 
-def test_put_with_false_prefix_over_uncached_blocks_stores_nothing(env: Env) -> None:
+def test_put_with_false_prefix_over_uncached_blocks_stores_nothing(env: KVEnv) -> None:
     """Blocks before the mask must be cached: the new blocks hang off them. If they are not, nothing is stored."""
     kv = env.kv
     tokens = env.tokens(4 * T)
@@ -464,7 +275,7 @@ def test_put_with_false_prefix_over_uncached_blocks_stores_nothing(env: Env) -> 
     env.get_and_check(tokens, [8, 9, 10, 11], data)
 
 
-def test_namespaces_do_not_share_blocks(env: Env) -> None:
+def test_namespaces_do_not_share_blocks(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [0, 1], namespace="tenant-a")
@@ -477,7 +288,7 @@ def test_namespaces_do_not_share_blocks(env: Env) -> None:
     env.get_and_check(tokens, [2, 3], data, namespace="tenant-a")
 
 
-def test_prefetch_completes_at_once(env: Env) -> None:
+def test_prefetch_completes_at_once(env: KVEnv) -> None:
     tokens = env.tokens(2 * T)
     env.put(tokens, [0, 1])
     tid = env.kv.prefetch_async(tokens)
@@ -489,19 +300,19 @@ def test_prefetch_completes_at_once(env: Env) -> None:
 # --------------------------------------------------------------------------------------------- wait
 
 
-def test_wait_notfound_for_unknown_and_already_reported(env: Env) -> None:
+def test_wait_notfound_for_unknown_and_already_reported(env: KVEnv) -> None:
     kv = env.kv
     assert wait_one(kv, 987654).status is S.NOTFOUND
     tokens = env.tokens(2 * T)
     env.eng.fill([0, 1])
-    tid = kv.put_async(tokens, slots([0, 1]))
+    tid = kv.put_async(tokens, env.slots([0, 1]))
     assert wait_one(kv, tid).status is S.SUCCESS
     again = wait_one(kv, tid, timeout=0.1)
     assert again.status is S.NOTFOUND and again.return_mask is None
     assert kv.try_wait(tid)[tid].status is S.NOTFOUND
 
 
-def test_wait_unready_for_unlaunched_task(env: Env) -> None:
+def test_wait_unready_for_unlaunched_task(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [0, 1])
@@ -513,16 +324,16 @@ def test_wait_unready_for_unlaunched_task(env: Env) -> None:
     assert kv.try_wait(tid)[tid].status is S.UNREADY
     assert env.locked() == 2  # still matched and locked; UNREADY did not consume it
     eng.poison([5, 6])
-    kv.launch(tid, slots([5, 6]))
+    kv.launch(tid, env.slots([5, 6]))
     assert wait_one(kv, tid).status is S.SUCCESS
     eng.assert_blocks([5, 6], data)
 
 
-def test_try_wait_reports_a_finished_task_once(env: Env) -> None:
+def test_try_wait_reports_a_finished_task_once(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     env.eng.fill([0, 1])
-    tid = kv.put_async(tokens, slots([0, 1]))
+    tid = kv.put_async(tokens, env.slots([0, 1]))
     deadline = time.monotonic() + 20
     got = {}
     while tid not in got and time.monotonic() < deadline:
@@ -534,7 +345,7 @@ def test_try_wait_reports_a_finished_task_once(env: Env) -> None:
     assert kv.try_wait([tid])[tid].status is S.NOTFOUND
 
 
-def test_running_task_times_out_and_try_wait_leaves_it_out(env: Env) -> None:
+def test_running_task_times_out_and_try_wait_leaves_it_out(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(3 * T)
     data = env.put(tokens, [0, 1, 2])
@@ -542,7 +353,7 @@ def test_running_task_times_out_and_try_wait_leaves_it_out(env: Env) -> None:
     eng.poison(dst)
     with gated(kv) as g:
         tid, _ = kv.get_match(tokens)
-        kv.launch(tid, slots(dst))
+        kv.launch(tid, env.slots(dst))
         t0 = time.monotonic()
         res = wait_one(kv, tid, timeout=0.2)
         assert res.status is S.TIMEOUT
@@ -559,12 +370,12 @@ def test_running_task_times_out_and_try_wait_leaves_it_out(env: Env) -> None:
     assert wait_one(kv, tid, timeout=0).status is S.NOTFOUND
 
 
-def test_wait_for_several_tasks(env: Env) -> None:
+def test_wait_for_several_tasks(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     a, b = env.tokens(2 * T), env.tokens(T + 3)
     eng.fill([0, 1, 2])
-    ta = kv.put_async(a, slots([0, 1]))
-    tb = kv.put_async(b, np.concatenate([slots([2]), partial_slots(3, 3)]))
+    ta = kv.put_async(a, env.slots([0, 1]))
+    tb = kv.put_async(b, np.concatenate([env.slots([2]), env.partial_slots(3, 3)]))
     unknown = 10**6
     res = kv.wait([ta, tb, unknown])
     assert set(res) == {ta, tb, unknown}
@@ -573,18 +384,18 @@ def test_wait_for_several_tasks(env: Env) -> None:
     assert res[unknown].status is S.NOTFOUND
 
 
-def test_wait_with_a_repeated_id_still_reports_the_task(env: Env) -> None:
+def test_wait_with_a_repeated_id_still_reports_the_task(env: KVEnv) -> None:
     """A finished task is reported once: an id given twice in one wait() must not turn its result into
     NOTFOUND (the second lookup must not overwrite the first)."""
     kv = env.kv
     tokens = env.tokens(2 * T)
     env.eng.fill([0, 1])
-    tid = kv.put_async(tokens, slots([0, 1]))
+    tid = kv.put_async(tokens, env.slots([0, 1]))
     res = kv.wait([tid, tid])
     assert res[tid].status is S.SUCCESS, res
 
 
-def test_return_mask_is_not_changed_by_the_caller_editing_the_match_mask(env: Env) -> None:
+def test_return_mask_is_not_changed_by_the_caller_editing_the_match_mask(env: KVEnv) -> None:
     """wait() reports the tokens the task moved; the caller editing the array get_match / put_match gave it
     (engines reuse or clear such arrays) must not change that report, nor the copy."""
     kv, eng = env.kv, env.eng
@@ -595,7 +406,7 @@ def test_return_mask_is_not_changed_by_the_caller_editing_the_match_mask(env: En
     want = mask.copy()
     assert want.all()
     mask[:] = False
-    kv.launch(tid, slots(src))
+    kv.launch(tid, env.slots(src))
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
     np.testing.assert_array_equal(res.return_mask, want)
@@ -604,7 +415,7 @@ def test_return_mask_is_not_changed_by_the_caller_editing_the_match_mask(env: En
     eng.poison(dst)
     tid, mask = kv.get_match(tokens)
     mask[:T] = False
-    kv.launch(tid, slots(dst))
+    kv.launch(tid, env.slots(dst))
     res = wait_one(kv, tid)
     assert res.status is S.SUCCESS
     np.testing.assert_array_equal(res.return_mask, want)
@@ -614,7 +425,7 @@ def test_return_mask_is_not_changed_by_the_caller_editing_the_match_mask(env: En
 # --------------------------------------------------------------------------------------------- cancel
 
 
-def test_cancel_unlaunched_get_unlocks_its_blocks(env: Env) -> None:
+def test_cancel_unlaunched_get_unlocks_its_blocks(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(3 * T)
     data = env.put(tokens, [0, 1, 2])
@@ -631,23 +442,23 @@ def test_cancel_unlaunched_get_unlocks_its_blocks(env: Env) -> None:
     res = wait_one(kv, tid)
     assert res.status is S.CANCELLED
     with pytest.raises(TaskError, match=str(tid)):
-        kv.launch(tid, slots([5, 6, 7]))  # it is forgotten now
+        kv.launch(tid, env.slots([5, 6, 7]))  # it is forgotten now
     assert kv.cache_stats()["tasks_cancelled"] == 1
     env.get_and_check(tokens, [5, 6, 7], data)
 
 
-def test_cancel_then_launch_is_refused(env: Env) -> None:
+def test_cancel_then_launch_is_refused(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     env.put(tokens, [0, 1])
     tid, _ = kv.get_match(tokens)
     kv.cancel([tid])
     with pytest.raises(TaskError, match=str(tid)):
-        kv.launch(tid, slots([5, 6]))
+        kv.launch(tid, env.slots([5, 6]))
     assert wait_one(kv, tid).status is S.CANCELLED
 
 
-def test_cancel_unlaunched_put_leaves_blocks_unreadable_until_rewritten(env: Env) -> None:
+def test_cancel_unlaunched_put_leaves_blocks_unreadable_until_rewritten(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(3 * T + 2)
     eng.fill([0, 1, 2])
@@ -669,23 +480,23 @@ def test_cancel_unlaunched_put_leaves_blocks_unreadable_until_rewritten(env: Env
     env.get_and_check(tokens, [6, 7, 8], data)
 
 
-def test_cancel_unknown_or_finished_task_is_a_no_op(env: Env) -> None:
+def test_cancel_unknown_or_finished_task_is_a_no_op(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     env.eng.fill([0, 1])
-    tid = kv.put_async(tokens, slots([0, 1]))
+    tid = kv.put_async(tokens, env.slots([0, 1]))
     res_before = kv.wait(tid)[tid]
     assert res_before.status is S.SUCCESS
     kv.cancel([tid, 424242])
     tid2, mask = kv.get_match(tokens)
     assert mask.all()
-    kv.launch(tid2, slots([2, 3]))
+    kv.launch(tid2, env.slots([2, 3]))
     assert wait_one(kv, tid2).status is S.SUCCESS
     kv.cancel(tid2)  # already reported
     assert kv.cache_stats()["tasks_cancelled"] == 0
 
 
-def test_cancel_several_tasks_at_once(env: Env) -> None:
+def test_cancel_several_tasks_at_once(env: KVEnv) -> None:
     kv = env.kv
     a, b = env.tokens(2 * T), env.tokens(2 * T)
     env.put(a, [0, 1])
@@ -703,7 +514,7 @@ def test_cancel_several_tasks_at_once(env: Env) -> None:
 # --------------------------------------------------------------------------------------------- threads
 
 
-def test_concurrent_puts_and_gets_of_distinct_and_shared_prefixes(env: Env) -> None:
+def test_concurrent_puts_and_gets_of_distinct_and_shared_prefixes(env: KVEnv) -> None:
     """Six threads store and load sequences that share a common prefix (all), a pair prefix (two threads)
     and a suffix of their own, half through get_async/put_async and half through match + launch.
     Every load a thread sees must be byte-exact; afterwards every sequence loads whole."""
@@ -735,19 +546,19 @@ def test_concurrent_puts_and_gets_of_distinct_and_shared_prefixes(env: Env) -> N
                 for b, d in zip(src, data + [partial_data[t]]):
                     eng.write(b, d)
                 if use_async:
-                    tid = kv.put_async(tokens, np.concatenate([slots(src[:4]), partial_slots(src[4], 3)]))
+                    tid = kv.put_async(tokens, np.concatenate([env.slots(src[:4]), env.partial_slots(src[4], 3)]))
                 else:
                     tid, mask = kv.put_match(tokens)
                     assert not mask[4 * T:].any()
-                    kv.launch(tid, slots([b for i, b in enumerate(src[:4]) if mask[i * T]]))
+                    kv.launch(tid, env.slots([b for i, b in enumerate(src[:4]) if mask[i * T]]))
                 res = kv.wait(tid)[tid]
                 assert res.status is S.SUCCESS, res
                 eng.poison(dst)
                 if use_async:
-                    tid = kv.get_async(tokens, np.concatenate([slots(dst[:4]), partial_slots(dst[4], 3)]))
+                    tid = kv.get_async(tokens, np.concatenate([env.slots(dst[:4]), env.partial_slots(dst[4], 3)]))
                 else:
                     tid, mask = kv.get_match(tokens)
-                    kv.launch(tid, slots(dst[: int(mask.sum()) // T]))
+                    kv.launch(tid, env.slots(dst[: int(mask.sum()) // T]))
                 res = kv.wait(tid)[tid]
                 assert res.status is S.SUCCESS, res
                 hit = int(res.return_mask.sum()) // T
@@ -768,7 +579,7 @@ def test_concurrent_puts_and_gets_of_distinct_and_shared_prefixes(env: Env) -> N
     if errors:
         raise errors[0]
 
-    assert_index_clean(kv)
+    assert_clean(kv)
     dst = [60, 61, 62, 63]
     for t in range(n_threads):
         for r in range(rounds):
@@ -779,7 +590,7 @@ def test_concurrent_puts_and_gets_of_distinct_and_shared_prefixes(env: Env) -> N
     assert stats["evicted"] == 0
 
 
-def test_concurrent_gets_of_one_sequence(env: Env) -> None:
+def test_concurrent_gets_of_one_sequence(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(3 * T)
     data = env.put(tokens, [0, 1, 2])
@@ -790,7 +601,7 @@ def test_concurrent_gets_of_one_sequence(env: Env) -> None:
             dst = [8 + 3 * t, 9 + 3 * t, 10 + 3 * t]
             for _ in range(20):
                 eng.poison(dst)
-                tid = kv.get_async(tokens, slots(dst))
+                tid = kv.get_async(tokens, env.slots(dst))
                 res = kv.wait(tid)[tid]
                 assert res.status is S.SUCCESS and res.return_mask.all(), res
                 eng.assert_blocks(dst, data)
@@ -802,6 +613,7 @@ def test_concurrent_gets_of_one_sequence(env: Env) -> None:
         th.start()
     for th in threads:
         th.join(60)
+    assert not any(th.is_alive() for th in threads), "a get did not end within 60 s"
     if errors:
         raise errors[0]
     assert kv.cache_stats()["get_hit_tokens"] == 8 * 20 * 3 * T
@@ -810,14 +622,14 @@ def test_concurrent_gets_of_one_sequence(env: Env) -> None:
 # --------------------------------------------------------------------------------------------- eviction
 
 
-def test_eviction_keeps_loaded_data_exact(make_env) -> None:
-    env = make_env(num_cpu_blocks=16)
+def test_eviction_keeps_loaded_data_exact(make_kv) -> None:
+    env = make_kv(num_cpu_blocks=16)
     kv, eng = env.kv, env.eng
     seqs = []
     for _ in range(10):  # 30 blocks into a 16-block tier
         tokens = env.tokens(3 * T)
         seqs.append((tokens, env.put(tokens, [0, 1, 2])))
-        assert_index_clean(kv)
+        assert_clean(kv)
     stats = kv.cache_stats()["cpu"]
     assert stats["evicted"] >= 14
     assert stats["num_cached"] <= 16
@@ -828,7 +640,7 @@ def test_eviction_keeps_loaded_data_exact(make_env) -> None:
         tid, mask = kv.get_match(tokens)
         hit = int(mask.sum()) // T
         assert mask[: hit * T].all() and not mask[hit * T:].any()
-        kv.launch(tid, slots(dst[:hit]))
+        kv.launch(tid, env.slots(dst[:hit]))
         assert wait_one(kv, tid).status is S.SUCCESS
         eng.assert_blocks(dst[:hit], data[:hit])
         hits.append(hit)
@@ -839,7 +651,7 @@ def test_eviction_keeps_loaded_data_exact(make_env) -> None:
 # --------------------------------------------------------------------------------------------- reset
 
 
-def test_reset_drops_every_cached_block(env: Env) -> None:
+def test_reset_drops_every_cached_block(env: KVEnv) -> None:
     kv = env.kv
     a, b = env.tokens(3 * T), env.tokens(2 * T)
     env.put(a, [0, 1, 2])
@@ -852,14 +664,14 @@ def test_reset_drops_every_cached_block(env: Env) -> None:
         tid, mask = kv.get_match(tokens)
         assert not mask.any()
         wait_one(kv, tid)
-    assert_index_clean(kv)
+    assert_clean(kv)
     # The tier works after a reset.
     data = env.put(a, [5, 6, 7])
     env.get_and_check(a, [8, 9, 10], data)
 
 
 @pytest.mark.parametrize("kind", ["get", "put"])
-def test_reset_refuses_while_a_task_is_unlaunched(env: Env, kind: str) -> None:
+def test_reset_refuses_while_a_task_is_unlaunched(env: KVEnv, kind: str) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [0, 1])
@@ -880,13 +692,13 @@ def test_reset_refuses_while_a_task_is_unlaunched(env: Env, kind: str) -> None:
     wait_one(kv, tid)
 
 
-def test_reset_refuses_while_a_task_is_running(env: Env) -> None:
+def test_reset_refuses_while_a_task_is_running(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [0, 1])
     eng.poison([4, 5])
     with gated(kv) as g:
-        tid = kv.get_async(tokens, slots([4, 5]))
+        tid = kv.get_async(tokens, env.slots([4, 5]))
         with pytest.raises(TaskError, match="reset"):
             kv.reset()
         g.gate.set()
@@ -899,7 +711,7 @@ def test_reset_refuses_while_a_task_is_running(env: Env) -> None:
 # --------------------------------------------------------------------------------------------- shutdown
 
 
-def test_shutdown_cancels_unlaunched_tasks_and_later_calls_raise(env: Env) -> None:
+def test_shutdown_cancels_unlaunched_tasks_and_later_calls_raise(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(2 * T)
     env.put(tokens, [0, 1])
@@ -917,12 +729,12 @@ def test_shutdown_cancels_unlaunched_tasks_and_later_calls_raise(env: Env) -> No
     calls = {
         "get_match": lambda: kv.get_match(tokens),
         "put_match": lambda: kv.put_match(tokens),
-        "get_async": lambda: kv.get_async(tokens, slots([2, 3])),
-        "put_async": lambda: kv.put_async(tokens, slots([2, 3])),
+        "get_async": lambda: kv.get_async(tokens, env.slots([2, 3])),
+        "put_async": lambda: kv.put_async(tokens, env.slots([2, 3])),
         "prefetch_async": lambda: kv.prefetch_async(tokens),
         "reset": kv.reset,
         "cache_stats": kv.cache_stats,
-        "launch": lambda: kv.launch(tg, slots([2, 3])),
+        "launch": lambda: kv.launch(tg, env.slots([2, 3])),
     }
     for name, call in calls.items():
         with pytest.raises(TaskError):
@@ -933,11 +745,11 @@ def test_shutdown_cancels_unlaunched_tasks_and_later_calls_raise(env: Env) -> No
     kv.shutdown()  # idempotent
 
 
-def test_shutdown_finishes_launched_copies(env: Env) -> None:
+def test_shutdown_finishes_launched_copies(env: KVEnv) -> None:
     kv = env.kv
     tokens = env.tokens(4 * T)
     env.eng.fill([0, 1, 2, 3])
-    tid = kv.put_async(tokens, slots([0, 1, 2, 3]))
+    tid = kv.put_async(tokens, env.slots([0, 1, 2, 3]))
     plane = kv.control_plane
     host_ids = env.host_ids(tid)
     assert len(host_ids) == 4

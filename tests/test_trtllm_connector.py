@@ -15,7 +15,7 @@ from trtllm_executor import MiniExecutor, Request
 
 from flexkv.adapters.trtllm import FlexKVSchedulerConnector, FlexKVWorkerConnector
 from flexkv.adapters.trtllm.session import drop_session
-from flexkv.core.errors import ConfigError, LayoutError
+from flexkv.core.errors import ConfigError, LayoutError, TaskError
 
 TPB = 4
 LAYERS = 3
@@ -95,7 +95,7 @@ def run_sequence(ex: MiniExecutor, rng: random.Random) -> None:
         req.block_ids = [block] * 2
         for layer in range(LAYERS):
             for p in range(i * TPB, (i + 1) * TPB):
-                ex._write(req, p, layer)
+                ex.write_kv(req, p, layer)
     hits = ex.scheduler.stats()["hit_tokens"]
     third = Request(3, second.tokens + prompt(9, rng), max_new_tokens=2)
     ex.add_request(third)
@@ -106,15 +106,15 @@ def run_sequence(ex: MiniExecutor, rng: random.Random) -> None:
     assert ex.worker.load_failures == 0 and ex.scheduler.stats()["failures"] == 0
 
 
-def test_conversation_turns_load_their_prefix_byte_exact(config, executor_factory) -> None:
+def test_conversation_turns_load_their_prefix_byte_exact(config, executor_factory, seed: int) -> None:
     config()
     ex = executor_factory(llm_args())
-    run_sequence(ex, random.Random())
+    run_sequence(ex, random.Random(seed))
 
 
-def test_chunked_prefill_and_concurrent_requests(config, executor_factory) -> None:
+def test_chunked_prefill_and_concurrent_requests(config, executor_factory, seed: int) -> None:
     config()
-    rng = random.Random()
+    rng = random.Random(seed)
     ex = executor_factory(llm_args(), chunk_tokens=2 * TPB, num_blocks=160)
     shared = prompt(30, rng)
     ex.add_request(Request(10, shared + prompt(5, rng), max_new_tokens=2))
@@ -129,9 +129,9 @@ def test_chunked_prefill_and_concurrent_requests(config, executor_factory) -> No
     assert ex.worker.load_failures == 0
 
 
-def test_blocks_on_ssd_load_asynchronously(config, executor_factory) -> None:
+def test_blocks_on_ssd_load_asynchronously(config, executor_factory, seed: int) -> None:
     config(num_cpu_blocks=12, ssd_blocks=256)
-    rng = random.Random()
+    rng = random.Random(seed)
     ex = executor_factory(llm_args())
     old = Request(20, prompt(41, rng), max_new_tokens=2)
     ex.add_request(old)
@@ -158,9 +158,9 @@ def test_blocks_on_ssd_load_asynchronously(config, executor_factory) -> None:
     assert ex.worker.load_failures == 0 and ex.scheduler.stats()["failures"] == 0
 
 
-def test_delayed_free_keeps_blocks_until_the_store_is_reported(config, executor_factory) -> None:
+def test_delayed_free_keeps_blocks_until_the_store_is_reported(config, executor_factory, seed: int) -> None:
     config()
-    rng = random.Random()
+    rng = random.Random(seed)
     ex = executor_factory(llm_args())
     req = Request(30, prompt(25, rng), max_new_tokens=1)
     ex.add_request(req)
@@ -227,10 +227,10 @@ def test_module_paths_from_the_docs_resolve() -> None:
 
 
 @pytest.mark.gpu
-def test_conversation_turns_on_cuda_tensors(config, executor_factory) -> None:
+def test_conversation_turns_on_cuda_tensors(config, executor_factory, seed: int) -> None:
     config()
     ex = executor_factory(llm_args(), device="cuda")
-    run_sequence(ex, random.Random())
+    run_sequence(ex, random.Random(seed))
 
 
 def test_the_example_yaml_configures_the_connector(config) -> None:
@@ -254,16 +254,16 @@ def test_the_example_yaml_configures_the_connector(config) -> None:
         drop_session(args)
 
 
-def test_unexpected_dtypes_and_block_ids_are_refused(config, executor_factory) -> None:
+def test_unexpected_dtypes_and_block_ids_are_refused(config, executor_factory, seed: int) -> None:
     config()
     args = llm_args()
     worker = FlexKVWorkerConnector(args)
     try:
-        with pytest.raises(Exception, match="dtype"):
+        with pytest.raises(ConfigError, match="dtype"):
             worker.register_kv_caches(torch.zeros(8, 3, 2, 16, dtype=torch.float64))
     finally:
         drop_session(args)
-    rng = random.Random()
+    rng = random.Random(seed)
     ex = executor_factory(llm_args(), num_blocks=32)
     first = Request(50, prompt(21, rng), max_new_tokens=1)
     ex.add_request(first)
@@ -273,6 +273,6 @@ def test_unexpected_dtypes_and_block_ids_are_refused(config, executor_factory) -
     matched, is_async = ex.scheduler.get_num_new_matched_tokens(again, 0)
     assert matched == 20 and not is_async
     kv = ex.scheduler.session.kv
-    with pytest.raises(Exception, match="engine blocks"):
+    with pytest.raises(TaskError, match="engine blocks"):
         ex.scheduler.update_state_after_alloc(again, [0, 1, 2, 99, 4, 5])  # block 99: the pool has 32
     assert kv.cache_stats()["cpu"]["num_locked"] == 0  # the refused load holds nothing

@@ -205,7 +205,7 @@ class MiniExecutor:
             for req, pos, count in batch:
                 self._check_prefix(req, pos, layer)
                 for p in range(pos, pos + count):
-                    self._write(req, p, layer)
+                    self.write_kv(req, p, layer)
             self.worker.save_kv_layer(layer, self.stream)
 
     def _sample(self, batch: list[tuple[Request, int, int]]) -> None:
@@ -244,7 +244,9 @@ class MiniExecutor:
 
     # --------------------------------------------------------------------------------- "model"
 
-    def _write(self, req: Request, position: int, layer: int) -> None:
+    def write_kv(self, req: Request, position: int, layer: int) -> None:
+        """Computes the KV of one token position at one layer into the request's engine block (what the
+        forward pass does; a test also calls it to give the engine blocks it already holds)."""
         block, offset = req.block_ids[position // self.tpb], position % self.tpb
         data = kv_bytes(tuple(req.tokens[: position + 1]), layer, self.token_bytes)
         row = self.pool[block, layer].view(torch.uint8).view(2, self.tpb, -1)

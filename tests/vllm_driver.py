@@ -36,15 +36,12 @@ def main() -> None:
     p.add_argument("--kv-cache-mib", type=float, default=64)
     p.add_argument("--multiprocessing", action="store_true")
     p.add_argument("--drop-last-block", action="store_true",
-                   help="fault injection: every load loses its last block, as if it was evicted meanwhile")
+                   help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
+                        "--connector module: the connector of tests/vllm_fault_connector.py)")
     args = p.parse_args()
     os.environ["FLEXKV_CONFIG_PATH"] = args.config
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if args.multiprocessing else "0"
-    if args.drop_last_block:
-        _inject_lost_blocks()
-    preemptions = _count_preemptions()
-
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
@@ -53,10 +50,14 @@ def main() -> None:
         ktc = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both", "kv_load_failure_policy": "recompute"}
         if args.connector == "module":
             ktc["kv_connector_module_path"] = "flexkv.adapters.vllm"
+        if args.drop_last_block:  # this file's folder is sys.path[0]: vLLM imports the module from there
+            if args.connector != "module" or args.multiprocessing:
+                p.error("--drop-last-block needs --connector module without --multiprocessing")
+            ktc.update(kv_connector="LosesLastBlockConnector", kv_connector_module_path="vllm_fault_connector")
         kw["kv_transfer_config"] = KVTransferConfig(**ktc)
     llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=1536, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=int(args.kv_cache_mib * 2**20),
-              max_num_seqs=8, seed=0, **kw)
+              max_num_seqs=8, seed=0, disable_log_stats=False, **kw)  # stats on: get_metrics counts preemptions
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=1, detokenize=False)
 
     def generate(prompts: list[list[int]], salts: list[str | None] | None = None, params=sp) -> list[dict]:
@@ -99,7 +100,7 @@ def main() -> None:
         result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
 
     result["flexkv"] = _flexkv_counters()
-    result["preemptions"] = preemptions[0]
+    result["preemptions"] = _preemptions(llm)
     print("FLEXKV_RESULT " + json.dumps(result), flush=True)
 
 
@@ -116,35 +117,9 @@ def _flexkv_counters() -> dict:
     return out
 
 
-def _count_preemptions() -> list[int]:
-    """Counts vLLM's preemptions of running requests (when its scheduler runs in this process)."""
-    from vllm.v1.core.sched.scheduler import Scheduler
-
-    count = [0]
-    real = Scheduler._preempt_request
-
-    def preempt(self, *a, **kw):
-        count[0] += 1
-        return real(self, *a, **kw)
-
-    Scheduler._preempt_request = preempt
-    return count
-
-
-def _inject_lost_blocks() -> None:
-    """Makes every get lose its last block after the lookup promised it (the race of an eviction between
-    vLLM's two scheduler calls), by un-readying it in the index right before the get locks blocks."""
-    from flexkv.core.kv_manager import KVManager
-
-    real = KVManager.get_match
-
-    def get_match(self, token_ids, token_mask=None, namespace=None, **kwargs):
-        cached, _ = self.lookup(token_ids, namespace)
-        if cached:
-            self.invalidate(token_ids, namespace, from_token=cached - self.tokens_per_block)  # the last cached block
-        return real(self, token_ids, token_mask, namespace, **kwargs)
-
-    KVManager.get_match = get_match
+def _preemptions(llm) -> int:
+    """vLLM's own count of preempted requests (its vllm:num_preemptions counter, summed over engines)."""
+    return sum(int(m.value) for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,88 @@
+"""Fixtures shared by the tests: the printed seed, seeded generators, and the manager factory.
+
+- ``seed``: one int per test, printed, so a failure reproduces: rerun with ``FLEXKV_TEST_SEED=<seed>``.
+  It is a hash of the test's id unless FLEXKV_TEST_SEED is set (an int, or ``random`` for a fresh one
+  per test from os.urandom).
+- ``rng`` / ``gen``: numpy and torch generators seeded with it.
+- ``make_kv``: started KVManagers with engine fakes (tests/kv_helpers.py); each is checked clean (index
+  consistent, no block locked) and shut down after the test.
+
+The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kv_helpers import KVEnv, assert_clean, seed_for, start_manager
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    mode = os.environ.get("FLEXKV_TEST_SEED") or "per test (a hash of its id)"
+    return f"flexkv test seed: {mode}; each test prints its own (FLEXKV_TEST_SEED=<seed> reruns it)"
+
+
+@pytest.fixture
+def seed(request: pytest.FixtureRequest) -> int:
+    value = seed_for(request.node.nodeid)
+    # Printed during setup: pytest shows it with a failing test's captured output.
+    print(f"FLEXKV_TEST_SEED={value} reproduces {request.node.nodeid}")
+    return value
+
+
+@pytest.fixture
+def rng(seed: int) -> np.random.Generator:
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
+    """``make_kv(**overrides) -> KVEnv``: a started manager over the default model and cache config
+    (kv_helpers.DEFAULT_MODEL / DEFAULT_CACHE, or those of ``config=<file>`` as engines load it) with keyword
+    overrides of ModelConfig and CacheConfig keys and KVManager keywords (``ssd_env=FaultInjectingIoEnv(...)``,
+    ``ssd_io_engine``, ...), and its engine fake (``engine=`` one of kv_helpers.ENGINE_KINDS,
+    ``engine_blocks=``), registered unless ``register=False``.
+
+    ``ssd=True`` turns the SSD tier on in ``<tmp_path>/ssd``; ``ssd=[dirs]`` in those directories. Managers
+    of one test get different data (the seed plus their index). At teardown every manager's cache must be
+    consistent and hold no lock (also one the test shut down); then each is shut down."""
+    created: list[KVEnv] = []
+
+    def factory(*, ssd: bool | list[Any] = False, **overrides: Any) -> KVEnv:
+        index = len(created)
+        ssd_dirs = None
+        if ssd is True:
+            ssd_dirs = [tmp_path / "ssd"]
+        elif ssd:
+            ssd_dirs = list(ssd)
+        kv, eng = start_manager(seed=seed + index, ssd_dirs=ssd_dirs, **overrides)
+        env = KVEnv(kv, eng, np.random.default_rng(seed + index))
+        created.append(env)
+        return env
+
+    yield factory
+    try:
+        for env in created:
+            if env.kv.control_plane is not None:  # None only for a manager that joined another's plane and left
+                assert_clean(env.kv)
+    finally:
+        for env in created:
+            env.kv.shutdown()
+
+
+@pytest.fixture
+def env(make_kv: Callable[..., KVEnv]) -> KVEnv:
+    """A started manager with the defaults and a registered LAYERFIRST engine fake."""
+    return make_kv()
