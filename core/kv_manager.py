@@ -233,8 +233,9 @@ class KVManager:
 
     def take_external(self, task_id: int, timeout: float = 20.0) -> tuple[np.ndarray, np.ndarray]:
         """Claims a matched task for a copy made elsewhere; returns (sequence index of each block to copy, its
-        CPU block id). Waits up to ``timeout`` s for blocks coming up from SSD (0: never waits); what has not
-        arrived is left out. End it with finish_external."""
+        CPU block id). Waits up to ``timeout`` s for blocks coming up from SSD (0: never waits); blocks that
+        failed to come up are left out; if the SSD reads are still running at the timeout it hands out
+        nothing and the task ends failed. End it with finish_external (try_take_external never waits)."""
         seq, host = self._plane("take_external").take(int(task_id), float(timeout))
         return seq, host
 
