@@ -122,10 +122,11 @@ class SchedulerSide:
 
     def _load_order(self, rid: str, task: int, block_ids: list[int], wanted: range, seq_blocks: np.ndarray,
                     host_ids: np.ndarray) -> CopyOrder:
-        engine = [block_ids[int(p)] for p in seq_blocks]
-        arriving = set(engine)
-        order = CopyOrder(rid, engine, host_ids.tolist(),
-                          error_blocks=[block_ids[p] for p in wanted if block_ids[p] not in arriving])
+        ids = np.asarray(block_ids, dtype=np.int64)
+        engine = ids[np.asarray(seq_blocks, dtype=np.int64)]
+        promised = ids[wanted.start:wanted.stop]
+        order = CopyOrder(rid, engine.tolist(), host_ids.tolist(),
+                          error_blocks=promised[~np.isin(promised, engine)].tolist())
         self.loads.hold(rid, task)
         self.hit_tokens += len(engine) * self.block_size
         if order.error_blocks:
@@ -137,7 +138,7 @@ class SchedulerSide:
     def _give_up(self, rid: str, block_ids: list[int], wanted: range) -> None:
         """Orders nothing but reports every promised block as failed: vLLM recomputes them."""
         self.misses.count += 1
-        self.orders.append(CopyOrder(rid, [], [], error_blocks=[block_ids[p] for p in wanted]))
+        self.orders.append(CopyOrder(rid, [], [], error_blocks=list(block_ids[wanted.start:wanted.stop])))
 
     def _order_promoted_loads(self) -> None:
         for rid, (task, block_ids, wanted) in list(self.promoting.items()):
@@ -173,7 +174,8 @@ class SchedulerSide:
             if len(seq_blocks) == 0:
                 self.kv.finish_external(task, True)
                 return False, None
-            order = CopyOrder(rid, [block_ids[int(p)] for p in seq_blocks], host_ids.tolist(), store=True)
+            sources = np.asarray(block_ids, dtype=np.int64)[np.asarray(seq_blocks, dtype=np.int64)]
+            order = CopyOrder(rid, sources.tolist(), host_ids.tolist(), store=True)
         except Exception as e:
             self.misses.failed("store", rid, e)
             end_task(self.kv, task)
