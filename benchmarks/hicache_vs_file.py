@@ -10,16 +10,19 @@ copies through ``batch_set``, FlexKV the host pool's pages through ``batch_set_v
 ``batch_get_v1``). Both backends store the same pages (fresh SGLang page hashes every round) from the same
 host pages and load them into the same host pages; HiCacheFile's directory and FlexKV's ``ssd_cache_dir``
 are two folders of one directory (``--dir``, one disk). Rounds alternate which backend goes first; the
-figure is the best round; throughput counts page bytes; ratio = FlexKV / HiCacheFile.
+figure is the best round; throughput counts page bytes; ratio = FlexKV / HiCacheFile. As in SGLang's scheduler
+on a GPU server, torch runs one intra-op thread, and the garbage collector is frozen after setup (SGLang's
+``freeze_gc``).
 
 Rows (what each measures):
 
-* ``cpu``: FlexKV with its CPU tier only (it holds two rounds; from the third round on, puts reuse
-  evicted blocks whose pages are mapped). put / get of a round's pages, the get right after the put.
-* ``ssd``: FlexKV with the SSD tier on (CPU tier as above). *put (caller's time)* is what SGLang's backup
+* ``cpu``: FlexKV with its CPU tier only. It holds two rounds, and two warm-up rounds (not counted) write
+  every block once, so measured puts reuse evicted blocks whose pages are mapped, the steady state of a full
+  tier. put / get of a round's pages, the get right after the put.
+* ``ssd``: FlexKV with the SSD tier on (CPU tier and warm-up as above). *put (caller's time)* is what SGLang's backup
   thread waits for (FlexKV's SSD write-through runs in the background; HiCacheFile's files go to the page
-  cache); *put until on disk* adds the wait until the round is on disk (FlexKV's ``flush``; ``fdatasync`` of
-  every HiCacheFile file): the rate each sustains. *get (pages in CPU tier)* reads a round's pages back.
+  cache); *put until on disk* adds the wait until the round is on disk (FlexKV's ``flush``; for HiCacheFile a
+  ``syncfs`` of its file system): the rate each sustains. *get (pages in CPU tier)* reads a round's pages back.
 * ``ssd after restart``: both backends detached and attached again (SGLang's runtime restart of the storage
   backend): FlexKV's new control plane has an empty CPU tier and its SSD index rebuilt from disk, so every
   page comes from SSD (O_DIRECT; the counter of SSD reads is checked against the pages loaded).
@@ -36,14 +39,18 @@ Goals (SSD tier on): put >= 3x, get >= 10x HiCacheFile.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -57,6 +64,7 @@ import torch  # noqa: E402
 
 LAYERS, HEAD_DIM = 8, 128  # bf16: a page is page_tokens x kv_heads x 4 KiB
 BATCH = 128  # SGLang's STORAGE_BATCH_SIZE
+WARMUP = 2  # rounds before the measured ones: FlexKV's CPU tier holds two rounds
 sg = SimpleNamespace()  # SGLang's classes, imported once the page size is published
 
 
@@ -73,12 +81,14 @@ def import_sglang(page_tokens: int) -> None:
     from sglang.srt.mem_cache.pool_host.mha import MHATokenToKVPoolHost
     from sglang.srt.mem_cache.utils import get_hash_str
 
+    torch.set_num_threads(1)  # as SGLang's model runner sets it in the scheduler process on a GPU server
     sg.__dict__.update(HiCacheController=HiCacheController, PrefetchOperation=PrefetchOperation,
                        PagedTokenToKVPoolAllocator=PagedTokenToKVPoolAllocator,
                        HiCacheStorageExtraInfo=HiCacheStorageExtraInfo, MHATokenToKVPool=MHATokenToKVPool,
                        MHATokenToKVPoolHost=MHATokenToKVPoolHost, get_hash_str=get_hash_str)
 
 
+LIBC = ctypes.CDLL(None, use_errno=True)
 FLEXKV = {"backend_name": "flexkv", "module_path": "flexkv.adapters.sglang", "class_name": "FlexKVHiCacheStorage",
           "interface_v1": 1}
 MODEL = "bench-model"
@@ -112,7 +122,8 @@ class Bench:
         cpu_blocks = 2 * self.batches * BATCH
         cache = {"tokens_per_block": self.page, "num_cpu_blocks": cpu_blocks, "enable_ssd": ssd}
         if ssd:
-            cache.update(num_ssd_blocks=(self.rounds + 1) * self.batches * BATCH, ssd_cache_dir=str(self.ssd_dir))
+            cache.update(num_ssd_blocks=(self.rounds + WARMUP + 1) * self.batches * BATCH,
+                         ssd_cache_dir=str(self.ssd_dir))
         path = self.work / f"flexkv-{'ssd' if ssd else 'cpu'}.json"
         path.write_text(json.dumps({"cache_config": cache}))
         return dict(FLEXKV, flexkv_config=str(path))
@@ -167,7 +178,13 @@ class Bench:
             self.host.set_from_flat_data_page(i, bad)
 
     def sync_files(self) -> None:
-        """Writes HiCacheFile's dirty pages to disk (fdatasync of every file; clean ones return at once)."""
+        """Writes HiCacheFile's dirty pages to disk: one syncfs of its file system (fdatasync per file without it)."""
+        fd = os.open(self.file_dir, os.O_RDONLY)
+        try:
+            if getattr(LIBC, "syncfs", None) is not None and LIBC.syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
         for path in self.file_dir.glob("*.bin"):
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -191,35 +208,37 @@ class Bench:
 
     def run(self) -> dict[str, dict[str, float]]:
         file_extra = {"file_storage_path": str(self.file_dir)}
-        rows: dict[str, dict[str, float]] = {}
+        rows: dict[str, dict[str, list[float]]] = {}
         file_ctrl = self.controller("file", file_extra)
         for ssd in (False, True):
             fx_extra = self.flexkv_config(ssd)
             fx_ctrl = self.controller("dynamic", fx_extra)
             backend = fx_ctrl.storage_backend
             assert type(backend).__name__ == "FlexKVHiCacheStorage" and backend.store.cache_config.enable_ssd == ssd
-            best = {k: float("inf") for k in ("file_put", "fx_put", "file_flush", "fx_flush", "file_get", "fx_get")}
+            times: dict[str, list[float]] = defaultdict(list)
             rounds = []
-            written0 = backend.flexkv_stats()["ssd_writes"]
-            for r in range(self.rounds + (0 if ssd else 1)):  # CPU only: one more, to reach the full tier
+            for r in range(-WARMUP, self.rounds):  # warm-up rounds write every CPU block once; not counted
+                if r == 0:
+                    times.clear()
+                    written0 = backend.flexkv_stats()["ssd_writes"]
                 rnd_file, rnd_fx = self.keys(), self.keys()
                 order = (("file", file_ctrl, rnd_file), ("fx", fx_ctrl, rnd_fx))
                 for name, ctrl, rnd in order if r % 2 == 0 else order[::-1]:
-                    best[f"{name}_put"] = min(best[f"{name}_put"], t := self.put(ctrl, rnd))
+                    times[f"{name}_put"].append(t := self.put(ctrl, rnd))
                     if ssd:  # then until the round is on disk: FlexKV's write-through, HiCacheFile's dirty pages
                         t0 = time.perf_counter()
                         if name == "fx":
                             assert backend.store.flush(600), "write-through did not finish"
                         else:
                             self.sync_files()
-                        best[f"{name}_flush"] = min(best[f"{name}_flush"], t + time.perf_counter() - t0)
+                        times[f"{name}_flush"].append(t + time.perf_counter() - t0)
                 for name, ctrl, rnd in order if r % 2 == 0 else order[::-1]:
                     self.poison()
-                    best[f"{name}_get"] = min(best[f"{name}_get"], self.get(ctrl, rnd))
+                    times[f"{name}_get"].append(self.get(ctrl, rnd))
                     self.check_pages()
-                rounds.append((rnd_file, rnd_fx))
-            row = "ssd" if ssd else "cpu"
-            rows[row] = best
+                if r >= 0:
+                    rounds.append((rnd_file, rnd_fx))
+            rows["ssd" if ssd else "cpu"] = times
             if not ssd:
                 fx_ctrl.detach_storage_backend()
                 file_ctrl.storage_backend.clear()  # its dirty files go before the SSD rows share the disk
@@ -232,24 +251,24 @@ class Bench:
             self.restart(file_ctrl, "file", file_extra)
             restored = fx_ctrl.storage_backend.store.ssd_restored
             assert restored >= pages, f"FlexKV restored {restored} pages from SSD, expected {pages}"
-            cold = {k: float("inf") for k in ("file_get_cached", "file_get_disk", "fx_get")}
+            cold: dict[str, list[float]] = defaultdict(list)
             resident = []
             for r, (rnd_file, rnd_fx) in enumerate(rounds):
                 reads0 = fx_ctrl.storage_backend.flexkv_stats()["ssd_reads"]
                 self.poison()
-                cold["fx_get"] = min(cold["fx_get"], self.get(fx_ctrl, rnd_fx))
+                cold["fx_get"].append(self.get(fx_ctrl, rnd_fx))
                 self.check_pages()
                 reads = fx_ctrl.storage_backend.flexkv_stats()["ssd_reads"] - reads0
                 assert reads == self.batches * BATCH, f"round {r}: {reads} pages came from SSD, not all"
                 self.poison()
-                cold["file_get_cached"] = min(cold["file_get_cached"], self.get(file_ctrl, rnd_file))
+                cold["file_get_cached"].append(self.get(file_ctrl, rnd_file))
                 self.check_pages()
                 resident.append(self.drop_file_cache())
                 self.poison()
-                cold["file_get_disk"] = min(cold["file_get_disk"], self.get(file_ctrl, rnd_file))
+                cold["file_get_disk"].append(self.get(file_ctrl, rnd_file))
                 self.check_pages()
+            cold["resident_after_drop"] = [max(resident)]
             rows["restart"] = cold
-            rows["restart"]["resident_after_drop"] = max(resident)
             fx_ctrl.detach_storage_backend()
         file_ctrl.detach_storage_backend()
         return rows
@@ -289,7 +308,11 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     try:
         bench = Bench(args.page_tokens, args.kv_heads, args.batches, args.rounds, work)
-        rows = bench.run()
+        gc.freeze()  # as SGLang's freeze_gc: full collections of the imported modules' objects stay out of the timing
+        try:
+            rows = bench.run()
+        finally:
+            gc.unfreeze()  # modules are torn down as usual at exit
         total = args.batches * BATCH * bench.page_bytes
         disk = {rw: fio(work, bench.page_bytes, total, rw) for rw in ("randwrite", "randread")} \
             if shutil.which("fio") else {}
@@ -300,11 +323,13 @@ def main() -> None:
           f"({args.page_tokens} tokens), {args.batches} batches of {BATCH} pages ({gb * 1e3:.0f} MB) per round, best "
           f"of {args.rounds} rounds; dir {args.dir}; load average {load0:.2f} -> {os.getloadavg()[0]:.2f}")
     print(f"{'FlexKV tier':<18} {'operation':<27} {'HiCacheFile GB/s':>16} {'FlexKV GB/s':>12} {'ratio':>7} "
-          f"{'FlexKV / disk':>13}")
+          f"{'FlexKV / disk':>13} {'noise H/F':>10}")
 
-    def line(tier: str, op: str, file_s: float, fx_s: float, ceiling: str = "") -> None:
-        vs_disk = f"{total / fx_s / disk[ceiling]:>12.0%}" if ceiling in disk else ""
-        print(f"{tier:<18} {op:<27} {gb / file_s:>16.2f} {gb / fx_s:>12.2f} {file_s / fx_s:>6.2f}x {vs_disk:>13}")
+    def line(tier: str, op: str, file_s: list[float], fx_s: list[float], ceiling: str = "") -> None:
+        f, x = min(file_s), min(fx_s)
+        vs_disk = f"{total / x / disk[ceiling]:>12.0%}" if ceiling in disk else ""
+        noise = f"{statistics.median(file_s) / f:.2f}/{statistics.median(fx_s) / x:.2f}"
+        print(f"{tier:<18} {op:<27} {gb / f:>16.2f} {gb / x:>12.2f} {f / x:>6.2f}x {vs_disk:>13} {noise:>10}")
 
     c, s, r = rows["cpu"], rows["ssd"], rows["restart"]
     line("CPU", "put", c["file_put"], c["fx_put"])
@@ -314,14 +339,14 @@ def main() -> None:
     line("CPU + SSD", "get (pages in CPU tier)", s["file_get"], s["fx_get"])
     line("SSD after restart", "get vs files in page cache", r["file_get_cached"], r["fx_get"], "randread")
     line("SSD after restart", "get, both from disk", r["file_get_disk"], r["fx_get"], "randread")
-    resident = int(r["resident_after_drop"])
+    resident = int(r["resident_after_drop"][0])
     print("disk (fio, O_DIRECT, one page per request, 64 in flight, same directory): "
           + (f"write {disk['randwrite'] / 1e9:.2f} GB/s, read {disk['randread'] / 1e9:.2f} GB/s" if disk else
              "not measured (no fio)")
           + "; HiCacheFile bytes in the page cache after the drop: "
           + ("unknown (no fincore)" if resident < 0 else str(resident)))
-    print("ratio: FlexKV GB/s / HiCacheFile GB/s (goals with the SSD tier on: put >= 3x, get >= 10x); "
-          "FlexKV / disk: FlexKV's rate over fio's")
+    print("ratio: FlexKV GB/s / HiCacheFile GB/s, best rounds (goals with the SSD tier on: put >= 3x, get >= 10x); "
+          "FlexKV / disk: FlexKV's rate over fio's; noise: median / best round, HiCacheFile/FlexKV")
 
 
 if __name__ == "__main__":
