@@ -9,13 +9,14 @@ rounds of batches, so from the third round on stores reuse blocks whose pages ar
 steady state of a full cache); best of the rounds. CPU tier only (the SSD tier is measured by
 benchmarks/ssd_bandwidth.py).
 
-    python benchmarks/page_store.py [--page-kib 256] [--batches 16] [--repeat 5]
+    python -P benchmarks/page_store.py [--page-kib 256] [--batches 16] [--repeat 6]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -25,7 +26,8 @@ from flexkv.core.config import CacheConfig, ModelConfig
 from flexkv.core.layout import EngineLayout
 from flexkv.core.page_store import PageStore
 
-from timing import best_of
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # timing.py; `python -P` leaves it off sys.path
+from timing import best_of  # noqa: E402
 
 BATCH = 128
 
