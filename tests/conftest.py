@@ -6,6 +6,7 @@
 - ``rng`` / ``gen``: numpy and torch generators seeded with it.
 - ``make_kv``: started KVManagers with engine fakes (tests/kv_helpers.py); each is checked clean (index
   consistent, no block locked) and shut down after the test.
+- ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -86,3 +87,11 @@ def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
 def env(make_kv: Callable[..., KVEnv]) -> KVEnv:
     """A started manager with the defaults and a registered LAYERFIRST engine fake."""
     return make_kv()
+
+
+@pytest.fixture
+def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' own environment must not leak FLEXKV_* overrides into load_config / check_config."""
+    for name in list(os.environ):
+        if name.startswith("FLEXKV_"):
+            monkeypatch.delenv(name)
