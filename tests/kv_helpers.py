@@ -341,6 +341,13 @@ def try_load(kv: KVManager, tokens: np.ndarray, engine_blocks: Sequence[int], to
     return mask, kv.wait(task_id)[task_id]
 
 
+def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
+    """wait() for one task; it must report exactly that task. Returns its KVResponse."""
+    res = kv.wait(tid, timeout=timeout)
+    assert set(res) == {tid}
+    return res[tid]
+
+
 def hit_tokens(kv: KVManager, tokens: np.ndarray, namespace: Any = None) -> int:
     """How many tokens a get would load now (the get is cancelled: it locks nothing afterwards)."""
     task_id, mask = kv.get_match(tokens, namespace=namespace)
