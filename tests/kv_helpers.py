@@ -440,6 +440,31 @@ class KVEnv:
         self.eng.assert_poisoned(dst[len(expected):])
 
 
+REF_SRC = [0, 1, 2]        # engine blocks the reference sequence was stored from
+REF_DST = [60, 61, 62]     # engine blocks it is loaded into by the health check
+
+
+@dataclass
+class RefKVEnv(KVEnv):
+    """KVEnv with a reference sequence stored at start, which the health check loads byte-exact (the bad-input
+    tests: conftest's ``make_env`` stores it and checks every manager still running at teardown)."""
+
+    ref_tokens: np.ndarray | None = None
+    ref_data: list[torch.Tensor] | None = None
+
+    def failed(self) -> int:
+        return int(self.kv.cache_stats()["tasks_failed"])
+
+    def assert_healthy(self) -> None:
+        """No lock left, index consistent, and the reference sequence still loads byte-exact."""
+        assert self.locked() == 0, self.kv.cache_stats()["cpu"]
+        self.kv.control_plane.check_consistency()
+        if self.ref_tokens is not None:
+            self.get_and_check(self.ref_tokens, REF_DST, self.ref_data)
+            assert self.locked() == 0
+            self.kv.control_plane.check_consistency()
+
+
 # --------------------------------------------------------------------------------------------- config files
 
 
