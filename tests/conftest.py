@@ -6,6 +6,9 @@
 - ``rng`` / ``gen``: numpy and torch generators seeded with it.
 - ``make_kv``: started KVManagers with engine fakes (tests/kv_helpers.py); each is checked clean (index
   consistent, no block locked) and shut down after the test.
+- ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
+  still running must load it byte-exact after the test (the bad-input tests).
+- ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -21,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from kv_helpers import KVEnv, assert_clean, seed_for, start_manager
+from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -86,3 +89,31 @@ def make_kv(seed: int, tmp_path: Path) -> Iterator[Callable[..., KVEnv]]:
 def env(make_kv: Callable[..., KVEnv]) -> KVEnv:
     """A started manager with the defaults and a registered LAYERFIRST engine fake."""
     return make_kv()
+
+
+@pytest.fixture
+def make_env(make_kv: Callable[..., KVEnv]) -> Iterator[Callable[..., RefKVEnv]]:
+    """make_kv plus the reference sequence; at teardown each manager still running must be healthy."""
+    created: list[RefKVEnv] = []
+
+    def factory(register: bool = True) -> RefKVEnv:
+        base = make_kv(register=register)
+        env = RefKVEnv(base.kv, base.eng, base.rng)
+        created.append(env)
+        if register:
+            env.ref_tokens = env.tokens(3 * env.tpb + 5)
+            env.ref_data = env.put(env.ref_tokens[: 3 * env.tpb], REF_SRC)
+        return env
+
+    yield factory
+    for env in created:
+        if env.kv.is_ready():
+            env.assert_healthy()
+
+
+@pytest.fixture
+def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tests' own environment must not leak FLEXKV_* overrides into load_config / check_config."""
+    for name in list(os.environ):
+        if name.startswith("FLEXKV_"):
+            monkeypatch.delenv(name)

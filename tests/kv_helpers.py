@@ -1,6 +1,7 @@
 """Plain helpers for tests that move KV bytes through FlexKV: the engine fake, the one way to build a
-manager, and the small steps every test repeats. Fixtures over them live in tests/conftest.py; this
-module holds no fixture, so scripts that tests start in a fresh process import it too.
+manager, and the small steps every test repeats; and the few the config-file tests share (at the end).
+Fixtures over them live in tests/conftest.py; this module holds no fixture, so scripts that tests start
+in a fresh process import it too.
 
 Every block's data is handled as its bytes (a uint8 tensor): a load is checked byte for byte, so NaN
 poison, and NaN patterns in the random data, compare as what they are.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
 import os
 import threading
 import zlib
@@ -339,6 +341,13 @@ def try_load(kv: KVManager, tokens: np.ndarray, engine_blocks: Sequence[int], to
     return mask, kv.wait(task_id)[task_id]
 
 
+def wait_one(kv: KVManager, tid: int, timeout: float = 20.0):
+    """wait() for one task; it must report exactly that task. Returns its KVResponse."""
+    res = kv.wait(tid, timeout=timeout)
+    assert set(res) == {tid}
+    return res[tid]
+
+
 def hit_tokens(kv: KVManager, tokens: np.ndarray, namespace: Any = None) -> int:
     """How many tokens a get would load now (the get is cancelled: it locks nothing afterwards)."""
     task_id, mask = kv.get_match(tokens, namespace=namespace)
@@ -429,3 +438,109 @@ class KVEnv:
         np.testing.assert_array_equal(res.return_mask, want)
         self.eng.assert_blocks(dst[: len(expected)], expected)
         self.eng.assert_poisoned(dst[len(expected):])
+
+
+REF_SRC = [0, 1, 2]        # engine blocks the reference sequence was stored from
+REF_DST = [60, 61, 62]     # engine blocks it is loaded into by the health check
+
+
+@dataclass
+class RefKVEnv(KVEnv):
+    """KVEnv with a reference sequence stored at start, which the health check loads byte-exact (the bad-input
+    tests: conftest's ``make_env`` stores it and checks every manager still running at teardown)."""
+
+    ref_tokens: np.ndarray | None = None
+    ref_data: list[torch.Tensor] | None = None
+
+    def failed(self) -> int:
+        return int(self.kv.cache_stats()["tasks_failed"])
+
+    def assert_healthy(self) -> None:
+        """No lock left, index consistent, and the reference sequence still loads byte-exact."""
+        assert self.locked() == 0, self.kv.cache_stats()["cpu"]
+        self.kv.control_plane.check_consistency()
+        if self.ref_tokens is not None:
+            self.get_and_check(self.ref_tokens, REF_DST, self.ref_data)
+            assert self.locked() == 0
+            self.kv.control_plane.check_consistency()
+
+
+# --------------------------------------------------------------------------------------------- config files
+
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "configs"  # the example config files
+GiB = 1024**3
+MiB = 1024**2
+QWEN_BLOCK_16 = 64 * 2 * 8 * 128 * 2 * 16  # layers * k|v * heads * head_size * bf16 * tokens = 4 MiB
+
+# The three JSON blocks of the manual's chapter 17, exactly as printed (17.1.2, 17.2.2, 17.4.2).
+MANUAL_SINGLE_NODE = """{
+    "server_recv_port": "ipc:///tmp/flexkv_test",
+    "cache_config": {
+        "enable_cpu": true,
+        "enable_ssd": true,
+        "enable_remote": false,
+        "tokens_per_block": 16,
+        "num_cpu_blocks": 50000,   // 约 400GB CPU 内存
+        "num_ssd_blocks": 200000,  // 约 1.6TB SSD
+        "ssd_cache_dir": "/data/flexkv_ssd/",
+        "evict_ratio": 0.05,
+        "use_ce_transfer_h2d": true,
+        "use_ce_transfer_d2h": true,
+        "transfer_sms_h2d": 8,
+        "ssd_cache_iouring_entries": 512
+    }
+}
+"""
+
+MANUAL_DISTRIBUTED_WORKER = """{
+    "server_recv_port": "ipc:///tmp/flexkv_${worker_id}_test",
+    "cache_config": {
+        "enable_cpu": true,
+        "enable_ssd": true,
+        "enable_remote": true,
+        "tokens_per_block": 64,
+        "num_cpu_blocks": 200000,
+        "num_ssd_blocks": 2000000,
+        "num_remote_blocks": 20000000,
+        "ssd_cache_dir": "/data/flexkv_ssd/",
+        "remote_cache_path": "s3://flexkv-cache/",
+        "evict_ratio": 0.05,
+        "remote_config_custom": {
+            "endpoint": "s3.amazonaws.com",
+            "bucket": "flexkv-cache"
+        }
+    }
+}
+"""
+
+MANUAL_LARGE_SCALE = """{
+    "cache_config": {
+        "tokens_per_block": 64,        // 大 Block，减少传输
+        "num_cpu_blocks": 500000,      // 大容量 CPU 缓存
+        "num_ssd_blocks": 5000000,     // 大容量 SSD 缓存
+        "evict_ratio": 0.0,            // 不淘汰
+        "use_ce_transfer_h2d": true,   // 启用 Copy Engine
+        "transfer_sms_h2d": 16,        // 增加 SM
+        "ssd_cache_iouring_entries": 1024  // 大 I/O 队列
+    }
+}
+"""
+
+MANUAL_BLOCKS = {
+    "single_node.json": MANUAL_SINGLE_NODE,
+    "distributed_worker.json": MANUAL_DISTRIBUTED_WORKER,
+    "large_scale.json": MANUAL_LARGE_SCALE,
+}
+
+
+def write(tmp_path: Path, name: str, text: str) -> Path:
+    """Writes a config file ``name`` with ``text`` under tmp_path."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def write_json(tmp_path: Path, data: object, name: str = "c.json") -> Path:
+    return write(tmp_path, name, json.dumps(data))

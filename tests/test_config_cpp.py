@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 import yaml
-from test_config import MANUAL_BLOCKS
 
 from flexkv import _core
 from flexkv.core.config import MODEL_PRESETS, CacheConfig, ModelConfig
 from flexkv.core.config_file import load_config
 from flexkv.core.config_keys import KEYS_FILE, section_keys
 from flexkv.core.errors import ConfigError
+
+from kv_helpers import MANUAL_BLOCKS
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "configs"

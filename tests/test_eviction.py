@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from kv_helpers import hit_tokens, slots_for, store
+from kv_helpers import S, assert_clean, hit_tokens, slots_for, store, wait_one
 
 TPB = 16  # the default tokens_per_block
+T = TPB  # its name in the test moved here from the task API tests
 
 
 def test_locked_blocks_survive_pressure_and_load_byte_exact(make_kv) -> None:
@@ -81,3 +82,29 @@ def test_a_put_whose_prefix_is_not_cached_evicts_nothing_and_stores_nothing(make
     stats = kv.cache_stats()
     assert stats["cpu"]["evicted"] == 0 and stats["put_no_prefix_tokens"] == 2 * TPB
     env.get_and_check(a, list(range(10, 18)), data)  # a is untouched, byte for byte
+
+
+def test_eviction_keeps_loaded_data_exact(make_kv) -> None:
+    env = make_kv(num_cpu_blocks=16)
+    kv, eng = env.kv, env.eng
+    seqs = []
+    for _ in range(10):  # 30 blocks into a 16-block tier
+        tokens = env.tokens(3 * T)
+        seqs.append((tokens, env.put(tokens, [0, 1, 2])))
+        assert_clean(kv)
+    stats = kv.cache_stats()["cpu"]
+    assert stats["evicted"] >= 14
+    assert stats["num_cached"] <= 16
+    hits = []
+    dst = [20, 21, 22]
+    for tokens, data in seqs:
+        eng.poison(dst)
+        tid, mask = kv.get_match(tokens)
+        hit = int(mask.sum()) // T
+        assert mask[: hit * T].all() and not mask[hit * T:].any()
+        kv.launch(tid, env.slots(dst[:hit]))
+        assert wait_one(kv, tid).status is S.SUCCESS
+        eng.assert_blocks(dst[:hit], data[:hit])
+        hits.append(hit)
+    assert hits[-1] == 3  # the newest sequence is whole
+    assert sum(hits) <= 16
