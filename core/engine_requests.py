@@ -104,5 +104,6 @@ def end_task(kv: Any, task: int | None) -> None:
             kv.finish_external(task, False, "abandoned")
         except TaskError:  # not taken by another process: never launched
             kv.cancel(task)
+            kv.try_wait(task)  # nobody waits for it: collect it now if it ended, else its table entry stays
     except Exception as e:
         logger.warning("FlexKV: ending task %d failed: %s", task, e)

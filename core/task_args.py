@@ -53,7 +53,7 @@ def check_tokens(token_ids: Any, token_mask: Any, tokens_per_block: int) -> tupl
     tokens = as_array(token_ids, "token_ids")
     if tokens.ndim != 1:
         raise TaskError(f"token_ids must be 1-D, got shape {tokens.shape}")
-    if not np.issubdtype(tokens.dtype, np.integer):
+    if tokens.dtype.kind not in "iu":
         raise TaskError(f"token_ids must be integers, got dtype {tokens.dtype}")
     tokens = np.ascontiguousarray(tokens, dtype=np.int64)
     if token_mask is None:
@@ -78,7 +78,7 @@ def slot_target(slots: Any) -> np.ndarray | str:
         s = as_array(slots, "slot_mapping")
     except TaskError as e:
         return str(e)
-    if s.ndim != 1 or not np.issubdtype(s.dtype, np.integer):
+    if s.ndim != 1 or s.dtype.kind not in "iu":
         return f"slot_mapping must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}"
     return np.ascontiguousarray(s, dtype=np.int64)
 
@@ -126,6 +126,9 @@ def hashes_array(block_hashes: Any) -> np.ndarray:
     BlockHash), ints, or an (n, 2) uint64 array."""
     if isinstance(block_hashes, np.ndarray) and block_hashes.dtype == np.uint64 and block_hashes.ndim == 2:
         return np.ascontiguousarray(block_hashes)
+    if isinstance(block_hashes, list) and block_hashes and all(type(h) is bytes for h in block_hashes):
+        # vLLM's BlockHash list: numpy keeps the first 16 bytes of each, zero-padded, as the loop below does.
+        return np.array(block_hashes, dtype="S16").view("<u8").reshape(-1, 2)
     raw = bytearray()
     for i, h in enumerate(block_hashes):
         if isinstance(h, (bytes, bytearray)):
@@ -141,8 +144,12 @@ def hashes_array(block_hashes: Any) -> np.ndarray:
 def token_mask(seq_len: int, blocks: np.ndarray, tokens_per_block: int) -> np.ndarray:
     """A bool mask over a sequence, True for the tokens of the whole blocks ``blocks``."""
     mask = np.zeros(seq_len, dtype=bool)
-    whole = seq_len // tokens_per_block
-    mask[: whole * tokens_per_block].reshape(whole, tokens_per_block)[blocks] = True
+    n = len(blocks)
+    if n and int(blocks[-1]) - int(blocks[0]) + 1 == n:  # ascending and contiguous (every get): one slice
+        mask[int(blocks[0]) * tokens_per_block: (int(blocks[-1]) + 1) * tokens_per_block] = True
+    elif n:
+        whole = seq_len // tokens_per_block
+        mask[: whole * tokens_per_block].reshape(whole, tokens_per_block)[blocks] = True
     return mask
 
 

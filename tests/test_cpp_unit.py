@@ -28,6 +28,7 @@ def test_cpp_unit_tests_pass_under_sanitizers() -> None:
     assert "100% tests passed" in run.stdout
     for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "copy_engine", "shm_region", "io_env",
                  "ssd_store_io", "ssd_store_verify", "ssd_store_scan", "ssd_store_faults", "cache_options", "cache",
+                 "control_stress",
                  "example_trtllm_pool"):
         assert f"{name} " in run.stdout, f"ctest did not run {name}"
     # The C++ API's example: a stored prefix is found and loaded byte-exact.

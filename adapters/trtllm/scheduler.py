@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flexkv.core import request_namespace
+from flexkv.core import end_task, request_namespace
 
 from .base import SchedulerBase
 from .config import settings_from_llm_args
@@ -89,7 +89,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             task, loadable = kv.get_match(tokens, mask, namespace)
             matched = int(np.count_nonzero(loadable))
             if matched == 0:
-                kv.cancel(task)
+                end_task(kv, task)
                 return 0, False
             # Blocks past the CPU tier's prefix come up from SSD first: the load is asynchronous then.
             is_async = cpu_tokens < num_computed_tokens + matched
@@ -118,7 +118,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             # TensorRT-LLM was promised these tokens and has no way to recompute them now; fail loudly.
             self.session.misses.count += 1
             logger.exception("FlexKV: the load for request %s could not start", rid)
-            kv.cancel(load.task)
+            end_task(kv, load.task)
             raise
         if load.is_async:
             with self.session.lock:
@@ -150,7 +150,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             task, mask = kv.put_match(token_ids, namespace=_namespace(request))
             new = np.flatnonzero(np.asarray(mask).reshape(-1, tpb)[:, 0])
             if len(new) == 0:
-                kv.cancel(task)
+                end_task(kv, task)
                 return False
             blocks = np.asarray(cache_block_ids[:n_blocks], dtype=np.int64)[new]
             kv.launch(task, _block_slots(blocks, tpb))
@@ -167,7 +167,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
     def _drop_pending(self, rid: int) -> None:
         load = self.pending.pop(rid, None)
         if load is not None and self.session.kv is not None:
-            self.session.kv.cancel(load.task)
+            end_task(self.session.kv, load.task)
 
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens,

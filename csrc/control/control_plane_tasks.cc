@@ -113,6 +113,10 @@ void ControlPlane::end(Task* t, Outcome outcome) {
     if (outcome.state == TaskStage::kCancelled) stats_.add(Counter::kTasksCancelled, 1);
     t->error = outcome.error;
     t->move_to(outcome.state);
+    // Its keys and tokens (a MiB for a long prompt) are of no use now: a report needs only blocks and error.
+    t->run.reset();
+    t->plan.clear();
+    t->plan.shrink_to_fit();
     if (t->detached && t->settled()) tasks_.erase(t->id);
   }
   cv_.notify_all();
