@@ -126,9 +126,16 @@ def hashes_array(block_hashes: Any) -> np.ndarray:
     BlockHash), ints, or an (n, 2) uint64 array."""
     if isinstance(block_hashes, np.ndarray) and block_hashes.dtype == np.uint64 and block_hashes.ndim == 2:
         return np.ascontiguousarray(block_hashes)
-    if isinstance(block_hashes, list) and block_hashes and all(type(h) is bytes for h in block_hashes):
-        # vLLM's BlockHash list: numpy keeps the first 16 bytes of each, zero-padded, as the loop below does.
-        return np.array(block_hashes, dtype="S16").view("<u8").reshape(-1, 2)
+    if isinstance(block_hashes, list) and block_hashes and isinstance(block_hashes[0], bytes):
+        # vLLM's BlockHash list. join (a C loop) raises TypeError unless every hash is bytes-like; numpy then
+        # keeps the first 16 bytes of each, zero-padded, as the loop below does.
+        try:
+            b"".join(block_hashes)
+            fixed = np.array(block_hashes, dtype="S16")
+        except (TypeError, ValueError):
+            fixed = None
+        if fixed is not None and fixed.shape == (len(block_hashes),):
+            return fixed.view("<u8").reshape(-1, 2)
     raw = bytearray()
     for i, h in enumerate(block_hashes):
         if isinstance(h, (bytes, bytearray)):

@@ -1,6 +1,7 @@
 // ControlPlane: launch (copies by this plane's engines), take and complete
 // (copies made elsewhere), cancel.
 #include <algorithm>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -29,15 +30,19 @@ std::vector<int64_t> ControlPlane::engine_blocks_of(const Task& t, const EngineT
   if (layout == nullptr) throw TaskError("launch: no KV memory registered; call register_kv_caches first");
   std::vector<int64_t> blocks(t.promised);
   if (targets.slots) {
+    // Branch-free: any slot off its block's run sets a bit of `off`; the inner loop vectorizes.
+    const auto tpb_i = static_cast<int64_t>(tpb);
+    uint64_t off = 0;
     for (size_t b = 0; b < t.promised; ++b) {
-      const int64_t first = targets.data[b * tpb];
-      bool ok = first >= 0 && first % static_cast<int64_t>(tpb) == 0;
-      for (size_t k = 1; ok && k < tpb; ++k) ok = targets.data[b * tpb + k] == first + static_cast<int64_t>(k);
-      if (!ok) {
-        throw TaskError(who + "slot_mapping must give each block's tokens consecutive slots starting at a multiple "
-                        "of tokens_per_block=" + std::to_string(tpb));
-      }
-      blocks[b] = first / static_cast<int64_t>(tpb);
+      const int64_t* s = targets.data + b * tpb;
+      const int64_t first = s[0];
+      off |= static_cast<uint64_t>(first < 0) | static_cast<uint64_t>(first % tpb_i);
+      for (size_t k = 1; k < tpb; ++k) off |= static_cast<uint64_t>(s[k] ^ (first + static_cast<int64_t>(k)));
+      blocks[b] = first / tpb_i;
+    }
+    if (off != 0) {
+      throw TaskError(who + "slot_mapping must give each block's tokens consecutive slots starting at a multiple "
+                      "of tokens_per_block=" + std::to_string(tpb));
     }
   } else {
     blocks.assign(targets.data, targets.data + targets.n);
@@ -48,7 +53,8 @@ std::vector<int64_t> ControlPlane::engine_blocks_of(const Task& t, const EngineT
                     std::to_string(*lo) + ".." + std::to_string(*hi) + ", the registered KV memory has blocks 0.." +
                     std::to_string(layout->num_blocks - 1));
   }
-  if (t.kind == TaskKind::kGet) {
+  if (t.kind == TaskKind::kGet && !std::is_sorted(blocks.begin(), blocks.end(), std::less_equal<int64_t>())) {
+    // Not strictly ascending (the common case is): look for a block loaded twice.
     std::vector<int64_t> sorted = blocks;
     std::sort(sorted.begin(), sorted.end());
     if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end()) {
