@@ -184,7 +184,9 @@ class ControlPlane {
   void launch(const std::vector<TaskId>& ids, const std::vector<EngineTargets>& targets, int32_t layout,
               bool layerwise);
   // Claims a matched task for a copy made elsewhere: waits up to timeout_s for
-  // blocks coming up from SSD (0: never waits; what has not arrived is left out).
+  // blocks coming up from SSD (0: never waits). Blocks that failed to come up
+  // are left out; if the reads still run at the timeout, it hands out nothing
+  // and the task ends failed.
   Taken take(TaskId id, double timeout_s);
   // take() without waiting or giving up: nullopt (the task unchanged) while its
   // blocks still come up from SSD. A scheduler thread polls this instead of blocking.
