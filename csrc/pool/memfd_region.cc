@@ -105,7 +105,9 @@ MemfdRegion MemfdRegion::create(const std::string& label, size_t bytes, bool hug
       why = std::string("mmap of hugetlb memory: ") + std::strerror(errno);
       ::close(fd);
     }
-    if (note != nullptr) *note = "hugetlb pages not used (" + why + "); using ordinary pages with transparent huge pages";
+    if (note != nullptr) {
+      *note = "hugetlb pages not used (" + why + "); using ordinary pages with transparent huge pages";
+    }
   }
   if (auto room = host_memory_room(); room && bytes > *room) {
     throw std::runtime_error("the memory needs " + gib(bytes) + " but only " + gib(*room) +
