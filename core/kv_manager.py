@@ -26,8 +26,9 @@ from .control_plane import checked_config, open_control_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import register_manager, unregister_manager
+from .manager_ranks import ManagerRanks
 from .request import KVResponse
-from .server_launch import ServerSettings, open_client_plane, stop_embedded_server
+from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 
 logger = logging.getLogger("flexkv")
 
@@ -63,6 +64,10 @@ class KVManager:
         self.server_recv_port, self.gpu_register_port = settings.server_recv_port, gpu_register_port
         self.dp_client_id, self.server_settings = dp_client_id, settings
         self._server_child: Any = None  # the embedded `flexkv serve` this manager started
+        self._ranks: ManagerRanks | None = None  # KV memory in rank processes (server mode, tp_size > 1)
+        if ManagerRanks.needed(self._client_mode, model_config):
+            instance = client_instance(settings, model_config, dp_client_id) if self._client_mode else 0
+            self._ranks = ManagerRanks(self, self._client_mode, instance)
         self.event_collector = event_collector
         self.layout_tag = layout_tag
         self._salt = [namespace] if namespace else []
@@ -98,11 +103,21 @@ class KVManager:
             else:
                 self._cp = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
                 self._owns_plane = True
-            if self._engine is not None and not self._client_mode:
+            if self._ranks is not None:
+                self._ranks.start(self._cp)
+                if self._engine is not None:
+                    self._ranks.register(self._engine)
+            elif self._engine is not None:
                 self._layout = self._register(self._engine)
         except BaseException:
             self._release_plane()
             raise
+
+    @property
+    def uses_ranks(self) -> bool:
+        """True when rank processes copy the blocks (server mode, or tp_size > 1): KV memory registers with
+        KVTPClient.register_to_server in each rank."""
+        return self._ranks is not None
 
     @property
     def engine_layout(self) -> EngineLayout | None:
@@ -110,8 +125,15 @@ class KVManager:
         return self._engine
 
     def is_ready(self) -> bool:
-        """True once started and the engine's KV memory is registered."""
-        return self._cp is not None and not self._cp.closed and self._engine is not None
+        """True once started and the engine's KV memory is registered (by every rank, where ranks copy)."""
+        if self._cp is None or self._cp.closed:
+            return False
+        if self._ranks is None:
+            return self._engine is not None
+        if self._client_mode:
+            got, want = self._cp.ranks_ready()
+            return want > 0 and got == want
+        return self._layout >= 0
 
     def shutdown(self) -> None:
         """Refuses new launches, cancels tasks not yet launched, waits for copies in flight and stops the
@@ -120,6 +142,8 @@ class KVManager:
             self._release_plane(keep_results=True)
 
     def _release_plane(self, keep_results: bool = False) -> None:
+        if self._ranks is not None:
+            self._ranks.close()
         cp = self._cp
         if cp is not None and self._owns_plane:
             cp.shutdown()
@@ -144,7 +168,10 @@ class KVManager:
         ``EngineLayout`` (``kv_layout`` None) for layouts ``KVCacheLayoutType`` cannot express."""
         layout = model_layout(kv_caches, kv_layout, self.model_config, self.tokens_per_block)
         layout.validate()
-        if self._cp is not None and not self._client_mode:
+        if self._ranks is not None:
+            if self._cp is not None:
+                self._ranks.register(layout)
+        elif self._cp is not None:
             handle = self._register(layout)
             if self._layout >= 0:
                 try:

@@ -268,12 +268,28 @@ class RemotePlane:
 
     # -------------------------------------------------------------------- engine memory (copies by ranks)
 
+    def launch(self, tasks: list[int], targets: list[Any], slots: bool, layout: int, layerwise: bool) -> None:
+        """Starts the copies of matched tasks on the ranks of this client's instance (``layout`` is the
+        server's to choose); ``targets[i]`` is task i's slot mapping or why it is malformed."""
+        del slots, layout
+        wire_targets = [wire.Target(error=t) if isinstance(t, str) else wire.Target(wire.ids_bytes(t)) for t in targets]
+        self._call(lambda s: wire.Launch(s, [int(t) for t in tasks], wire_targets, bool(layerwise)))
+
+    def ranks_ready(self) -> tuple[int, int]:
+        """(ranks of this instance that registered their KV memory, ranks expected)."""
+        got, want = self._call(lambda s: wire.RanksReady(s))
+        return got, want
+
     def register_layout(self, *args: Any) -> int:
         raise TaskError("this KVManager is a client of `flexkv serve`: engine memory is registered by each rank "
-                        "(KVTPClient.register_to_server or the engine's worker connector), not here")
+                        "with the server (KVTPClient.register_to_server, or KVManager.register_kv_caches)")
 
     def unregister_layout(self, layout: int) -> None:
         return None
+
+    def wait_layer(self, task: int, layer: int, stream: Any, timeout: float) -> bool:
+        raise TaskError("wait_layer: the copies of a client of `flexkv serve` run in its ranks; each rank waits "
+                        "for its own layers")
 
 
 def query_stats(endpoint: str, token: str = "", timeout_s: float = 2.0) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from . import wire
 from .config import CacheConfig, ModelConfig, format_bytes
 from .control_plane import checked_config, open_control_plane
 from .endpoint import EndpointLock, parse_endpoint, private_umask
-from .errors import FlexKVError
+from .errors import FlexKVError, TaskError
+from .rank_hub import RankHub, describe_model, rank_endpoint
 from .server_sessions import Session, SessionTable
 
 logger = logging.getLogger("flexkv")
@@ -53,6 +54,7 @@ class FlexKVServer:
         self._plane_args = plane_args
         self.plane: Any = None
         self.sessions: SessionTable | None = None
+        self.hub: RankHub | None = None
         self._lock = EndpointLock(self.endpoint)
         self._ctx = zmq.Context()
         self._stop = threading.Event()
@@ -72,6 +74,9 @@ class FlexKVServer:
         try:
             self.plane = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
             self.sessions = SessionTable(self.plane, self.lease_s, self.clock)
+            self.hub = RankHub(self.plane, rank_endpoint(self.endpoint.address),
+                               describe_model(self.model_config, self.cache_config), token=self.token,
+                               lease_s=self.lease_s, clock=self.clock).start()
             router = self._ctx.socket(zmq.ROUTER)
             router.setsockopt(zmq.LINGER, 0)
             router.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -88,8 +93,8 @@ class FlexKVServer:
         for t in self._threads:
             t.start()
         self.started.set()
-        logger.warning("FlexKV server (pid %d) at %s: %s; lease %.1f s", os.getpid(), self.endpoint.address,
-                       self.describe_tiers(), self.lease_s)
+        logger.warning("FlexKV server (pid %d) at %s (ranks at %s): %s; lease %.1f s", os.getpid(),
+                       self.endpoint.address, self.hub.endpoint.address, self.describe_tiers(), self.lease_s)
 
     def describe_tiers(self) -> str:
         c, block = self.cache_config, self.plane.block_bytes
@@ -116,10 +121,14 @@ class FlexKVServer:
         self._threads = []
         if self.sessions is not None:
             self.sessions.close_all("the FlexKV server stopped")
+        if self.hub is not None:
+            self.hub.close()  # copies the ranks have begun may finish first
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._release()
 
     def _release(self) -> None:
+        if self.hub is not None:
+            self.hub.close(0)
         if self.plane is not None and not self.plane.closed:
             self.plane.shutdown()  # copies in flight end first
         self._lock.release()
@@ -261,6 +270,18 @@ class FlexKVServer:
             out = [[int(t), int(st), int(n), wire.ids_bytes(np.asarray(b)), err] for t, st, n, b, err in reports]
             self.sessions.release(s, [r[0] for r in out if r[1] not in _RUNNING])
             return out
+        if isinstance(msg, wire.Launch):
+            layout = self.hub.layout_of(s.instance)
+            if layout < 0:
+                got, want = self.hub.ranks_of(s.instance)
+                raise TaskError(f"launch: {got} of {want or 'the'} tensor-parallel ranks of instance {s.instance} "
+                                "registered their KV memory; each rank registers it (KVTPClient.register_to_server, "
+                                "or KVManager.register_kv_caches in the rank's process)")
+            targets = [t.error if t.error else wire.ids_array(t.slots) for t in msg.targets]
+            p.launch(msg.tasks, targets, True, layout, msg.layerwise)
+            return None
+        if isinstance(msg, wire.RanksReady):
+            return list(self.hub.ranks_of(s.instance))
         if isinstance(msg, wire.Heartbeat):
             return None
         if isinstance(msg, wire.Bye):
@@ -275,6 +296,7 @@ class FlexKVServer:
         p = self.plane
         return {"endpoint": self.endpoint.address, "pid": os.getpid(), "tiers": self.describe_tiers(),
                 "counters": dict(p.counters()), "index": dict(p.index_counts()), "sessions": self.sessions.describe(),
+                "ranks": self.hub.describe(),
                 "expired_sessions": self.sessions.expired, "requests": self.requests, "refused": self.refused}
 
 

@@ -130,8 +130,30 @@ class Stats(msgspec.Struct, tag="stats", tag_field="op"):
     token: str = ""
 
 
+class Target(msgspec.Struct, frozen=True):
+    """One task's slot mapping (int64 bytes), or why the client found it malformed (the tasks then fail)."""
+
+    slots: bytes = b""
+    error: str = ""
+
+
+class Launch(msgspec.Struct, tag="launch", tag_field="op"):
+    """Starts the copies of matched tasks on the ranks of the session's engine instance."""
+
+    session: str
+    tasks: list[int]
+    targets: list[Target]
+    layerwise: bool = False
+
+
+class RanksReady(msgspec.Struct, tag="ranks_ready", tag_field="op"):
+    """How many ranks of the session's instance have registered their KV memory, of how many expected."""
+
+    session: str
+
+
 Request = (Hello | Heartbeat | Bye | GetMatch | PutMatch | Lookup | Prefetch | Invalidate | TryTake | Take | Complete
-           | Cancel | Wait | TryWait | Reset | Stats)
+           | Cancel | Wait | TryWait | Reset | Stats | Launch | RanksReady)
 
 
 class Ok(msgspec.Struct, tag="ok", tag_field="op"):
@@ -163,9 +185,69 @@ class ServerUnavailable(FlexKVError):
     """The server did not answer within the client's bound, or the client is backing off after that."""
 
 
+# ------------------------------------------------------------------------- ranks (gpu_register_port)
+# A rank's agent registers its KV memory with the dispatcher of the process that owns the control plane, gets
+# the CPU tier to map, and then receives the orders of its instance's launches, unasked, on the same socket.
+
+
+class DescribeModel(msgspec.Struct, tag="describe_model", tag_field="op"):
+    """The model a rank must register for: its config keys, tokens_per_block, block_bytes, fingerprint."""
+
+    token: str = ""
+
+
+class RegisterRank(msgspec.Struct, tag="register_rank", tag_field="op"):
+    protocol: int
+    client: str
+    pid: int
+    instance: int
+    rank: int
+    tp_size: int
+    num_blocks: int  # engine blocks of the rank's KV memory (the same on every rank)
+    fingerprint: str
+    tokens_per_block: int
+    block_bytes: int  # the host block (every rank's slices)
+    token: str = ""
+    replicated: bool = False  # MLA: every rank holds the whole block; one rank stores it, every rank loads it
+
+
+class RankHeartbeat(msgspec.Struct, tag="rank_heartbeat", tag_field="op"):
+    session: str
+
+
+class RankDone(msgspec.Struct, tag="rank_done", tag_field="op"):
+    """A rank copied its slice of an order (``error`` "") or could not. Not answered."""
+
+    session: str
+    job: int
+    error: str = ""
+
+
+class RankBye(msgspec.Struct, tag="rank_bye", tag_field="op"):
+    session: str
+
+
+RankRequest = DescribeModel | RegisterRank | RankHeartbeat | RankDone | RankBye
+
+
+class Order(msgspec.Struct, tag="order", tag_field="op"):
+    """To a rank, unasked: copy these blocks (int64 bytes) between its KV memory and the CPU tier."""
+
+    job: int
+    task: int
+    load: bool
+    layerwise: bool
+    engine_blocks: bytes
+    host_blocks: bytes
+
+
+RankInbound = Ok | Err | Order
+
 _request_encoder = msgspec.msgpack.Encoder()
 _request_decoder = msgspec.msgpack.Decoder(Request)
 _reply_decoder = msgspec.msgpack.Decoder(Reply)
+_rank_request_decoder = msgspec.msgpack.Decoder(RankRequest)
+_rank_inbound_decoder = msgspec.msgpack.Decoder(RankInbound)
 
 
 def encode(message: msgspec.Struct) -> bytes:
@@ -179,6 +261,14 @@ def decode_request(body: bytes) -> Any:
 
 def decode_reply(body: bytes) -> Ok | Err:
     return _reply_decoder.decode(body)
+
+
+def decode_rank_request(body: bytes) -> Any:
+    return _rank_request_decoder.decode(body)
+
+
+def decode_rank_inbound(body: bytes) -> Ok | Err | Order:
+    return _rank_inbound_decoder.decode(body)
 
 
 def error_reply(exc: BaseException) -> Err:
