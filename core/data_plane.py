@@ -1,5 +1,6 @@
 """A worker process's side of the data plane: copies between its KV memory and a CPU tier that a
-KVManager in another process owns (``KVManager.tier_info``), as that manager's scheduler orders them."""
+KVManager in another process owns (``KVManager.tier_info``, mapped with :func:`.cpu_tier.map_cpu_tier`), as
+that manager's scheduler orders them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from flexkv import _core
 
 from .config import CacheConfig
+from .cpu_tier import map_cpu_tier
 from .errors import LayoutError
 from .gpu_plane import make_gpu_copy_engine
 from .layout import EngineLayout
@@ -28,11 +30,11 @@ class DataPlane:
                               f"{tier_info['block_bytes']}: the scheduler and the worker disagree on the model's "
                               "KV shape (layers, heads, head size, dtype or block size)")
         layout.validate()
-        self.region = _core.ShmRegion.open(tier_info["shm_name"])
+        # The owner hands its memory only to processes of its own user; map_cpu_tier checks that the geometry
+        # it announces is tier_info's before mapping it.
+        self.region = map_cpu_tier(tier_info)
         self.tier = SimpleNamespace(base=int(self.region.address), num_blocks=int(tier_info["num_blocks"]),
                                     block_stride=int(tier_info["block_stride"]))
-        if self.region.size < self.tier.num_blocks * self.tier.block_stride:
-            raise LayoutError(f"shared memory {tier_info['shm_name']} is smaller than the CPU tier it should hold")
         self.layout = layout
         t = self.tier
         if layout.is_cuda:

@@ -6,7 +6,7 @@ SSD flows and the counters.
 only on SSD start coming up at once); ``launch`` gives the engine slots of those tokens and starts the copy;
 ``wait`` / ``try_wait`` report the end. ``put_match`` + ``launch`` store. Every task ends, on every path,
 with its blocks unlocked. Another process may move the bytes instead (``take_external`` /
-``finish_external``, as vLLM's worker does), with the CPU tier mapped by name (``tier_info``).
+``finish_external``, as vLLM's worker does), with the CPU tier mapped through ``tier_info``.
 """
 
 from __future__ import annotations
@@ -290,7 +290,9 @@ class KVManager:
         self._plane("finish_external").complete(int(task_id), bool(ok), error or "")
 
     def tier_info(self) -> dict[str, Any]:
-        """What a worker process needs to map the CPU tier: its shared-memory name and geometry."""
+        """What a worker process needs to map the CPU tier (``flexkv.core.cpu_tier.map_cpu_tier``): the socket
+        that hands out its memory and its geometry, ``{"socket", "num_blocks", "block_stride", "block_bytes",
+        "size"}``."""
         return dict(self._plane().tier_info())
 
     # ------------------------------------------------------------------- waits

@@ -1,8 +1,12 @@
-"""Machine resources: whether the cache tiers fit this machine's memory, /dev/shm and disks, and ``describe``.
+"""Machine resources: whether the cache tiers fit this machine's memory and disks, and ``describe``.
 
-The readers (:func:`read_mem_available`, :func:`read_shm_free`, :func:`read_disk_free`) look at /proc/meminfo,
-the cgroup memory limit and statvfs; :func:`check_resources` and :func:`require_resources` compare them with the
-bytes each tier needs; :func:`describe` prints a config resolved, with the bytes per block and per tier.
+The CPU tier is anonymous shared memory (a memfd): it is not limited by /dev/shm's size but by the memory the
+kernel can give (MemAvailable) and by the memory cgroup the owning process runs in (a container's limit), or
+it takes hugetlb pages (``use_hugepage_cpu_buffer``) when enough are free. The readers
+(:func:`read_mem_available`, :func:`read_cgroup_room`, :func:`read_hugepages_free`, :func:`read_disk_free`) look
+at /proc/meminfo, the cgroup's files and statvfs; :func:`check_resources` and :func:`require_resources` compare
+them with the bytes each tier needs; :func:`describe` prints a config resolved, with the bytes per block and per
+tier.
 """
 
 from __future__ import annotations
@@ -30,17 +34,27 @@ from .errors import ConfigError
 # resources
 # ---------------------------------------------------------------------------------------------
 
-def read_mem_available() -> int | None:
-    """Bytes of memory this process can still get: MemAvailable, capped by a cgroup limit if one is set."""
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field: bytes for the "kB" ones, the count for the others (HugePages_Free)."""
     try:
         text = Path("/proc/meminfo").read_text()
     except OSError:
         return None
-    available = None
     for line in text.splitlines():
-        if line.startswith("MemAvailable:"):
-            available = int(line.split()[1]) * 1024
-            break
+        if line.startswith(field + ":"):
+            parts = line.split()
+            return int(parts[1]) * (1024 if parts[-1] == "kB" else 1)
+    return None
+
+
+def read_mem_available() -> int | None:
+    """MemAvailable: the memory the kernel can give without swapping, the CPU tier's memfd included."""
+    return _meminfo("MemAvailable")
+
+
+def read_cgroup_room() -> int | None:
+    """Bytes left under this process's memory cgroup limit (v2 memory.max, v1 memory.limit_in_bytes), which
+    the CPU tier's memfd pages are charged to; None when no limit is set or none can be read."""
     for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                                    ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                                     "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
@@ -50,15 +64,16 @@ def read_mem_available() -> int | None:
         except (OSError, ValueError):
             continue
         if limit_text.isdigit() and int(limit_text) < (1 << 60):
-            room = max(0, int(limit_text) - usage)
-            available = room if available is None else min(available, room)
-        break
-    return available
+            return max(0, int(limit_text) - usage)
+        return None
+    return None
 
 
-def read_shm_free() -> int | None:
-    """Free bytes of /dev/shm, where the CPU tier's POSIX shared memory lives."""
-    return read_disk_free("/dev/shm")
+def read_hugepages_free() -> int | None:
+    """Bytes of free hugetlb pages (HugePages_Free x Hugepagesize), which use_hugepage_cpu_buffer takes when
+    they hold the whole CPU tier; they are not part of MemAvailable."""
+    free, size = _meminfo("HugePages_Free"), _meminfo("Hugepagesize")
+    return None if free is None or size is None else free * size
 
 
 def read_disk_free(path: str) -> int | None:
@@ -81,36 +96,45 @@ def _floor2(x: float) -> float:
     return math.floor(x * 100) / 100
 
 
+Reader = Callable[[], int | None]
+
+
 def _resource_problems(cache_config: CacheConfig, model_config: ModelConfig,
-                       mem_available: Callable[[], int | None] | None = None,
-                       shm_free: Callable[[], int | None] | None = None,
+                       mem_available: Reader | None = None, cgroup_room: Reader | None = None,
+                       hugepages_free: Reader | None = None,
                        disk_free: Callable[[str], int | None] | None = None) -> list[tuple[str, str]]:
     mem_available = mem_available or read_mem_available
-    shm_free = shm_free or read_shm_free
+    cgroup_room = cgroup_room or read_cgroup_room
+    hugepages_free = hugepages_free or read_hugepages_free
     disk_free = disk_free or read_disk_free
     resolved = cache_config.resolved(model_config)
     block = model_config.block_bytes(resolved.tokens_per_block)
     problems: list[tuple[str, str]] = []
 
-    # CPU tier: POSIX shared memory, so both MemAvailable and the free space of /dev/shm bound it. With
-    # an SSD tier its blocks start on 4096-byte boundaries (O_DIRECT), so each takes a whole number of pages.
+    # CPU tier: a memfd, charged to MemAvailable and to the memory cgroup (not to /dev/shm); with
+    # use_hugepage_cpu_buffer, hugetlb pages instead when enough are free (the core falls back to ordinary pages
+    # otherwise). With an SSD tier its blocks start on 4096-byte boundaries (O_DIRECT): whole pages each.
     cpu_block = -(-block // 4096) * 4096 if resolved.enable_ssd else block
     need = resolved.num_cpu_blocks * cpu_block
+    huge = hugepages_free() if resolved.use_hugepage_cpu_buffer else None
+    mem, cgroup = mem_available(), cgroup_room()
     limits = []
-    mem, shm = mem_available(), shm_free()
     if mem is not None:
         limits.append((mem, f"MemAvailable {format_bytes(mem)}"))
-    if shm is not None:
-        limits.append((shm, f"/dev/shm free {format_bytes(shm)}"))
-    if limits and need > min(v for v, _ in limits):
+    if cgroup is not None:
+        limits.append((cgroup, f"{format_bytes(cgroup)} left under the memory cgroup's limit"))
+    if limits and need > min(v for v, _ in limits) and not (huge is not None and huge >= need):
         room = min(v for v, _ in limits)
         key, advice = _largest("cpu", cache_config.cpu_cache_gb is not None, room // cpu_block, block)
         fix = ""
-        if shm is not None and shm == room and (mem is None or shm < mem):
-            fix = "; or grow /dev/shm (in Docker: --shm-size)"
-        problems.append((key, f"{key}: the CPU tier needs {format_bytes(need)} of CPU memory "
+        if cgroup is not None and cgroup == room and (mem is None or cgroup < mem):
+            fix = "; or raise the memory limit of the container (docker run --memory) or cgroup"
+        if huge is not None:
+            fix += f"; or free enough hugetlb pages (HugePages_Free holds {format_bytes(huge)})"
+        problems.append((key, f"{key}: the CPU tier needs {format_bytes(need)} of memory "
                               f"({resolved.num_cpu_blocks} blocks x {format_bytes(cpu_block)}) but only "
-                              f"{format_bytes(room)} is available ({', '.join(t for _, t in limits)}); {advice}{fix}"))
+                              f"{format_bytes(room)} is available ({', '.join(t for _, t in limits)}; the tier is "
+                              f"anonymous shared memory, not limited by /dev/shm); {advice}{fix}"))
 
     # SSD tier: the need is split evenly across the directories; directories on one filesystem add up.
     if resolved.enable_ssd and resolved.ssd_cache_dirs:
@@ -164,22 +188,24 @@ def _largest(tier: str, by_gb: bool, largest_blocks: int, block: int) -> tuple[s
 
 
 def check_resources(cache_config: CacheConfig, model_config: ModelConfig, *,
-                    mem_available: Callable[[], int | None] | None = None,
-                    shm_free: Callable[[], int | None] | None = None,
+                    mem_available: Reader | None = None, cgroup_room: Reader | None = None,
+                    hugepages_free: Reader | None = None,
                     disk_free: Callable[[str], int | None] | None = None) -> list[str]:
     """Messages for each tier that does not fit this machine (empty when everything fits).
 
-    The readers default to this machine (/proc/meminfo, /dev/shm, statvfs); tests pass fakes.
+    The readers default to this machine (/proc/meminfo, the memory cgroup, statvfs); tests pass fakes.
     """
-    return [msg for _, msg in _resource_problems(cache_config, model_config, mem_available, shm_free, disk_free)]
+    return [msg for _, msg in _resource_problems(cache_config, model_config, mem_available, cgroup_room,
+                                                 hugepages_free, disk_free)]
 
 
 def require_resources(cache_config: CacheConfig, model_config: ModelConfig, *,
-                      mem_available: Callable[[], int | None] | None = None,
-                      shm_free: Callable[[], int | None] | None = None,
+                      mem_available: Reader | None = None, cgroup_room: Reader | None = None,
+                      hugepages_free: Reader | None = None,
                       disk_free: Callable[[str], int | None] | None = None) -> None:
     """Raise ConfigError (naming the first key that does not fit) when a tier does not fit this machine."""
-    problems = _resource_problems(cache_config, model_config, mem_available, shm_free, disk_free)
+    problems = _resource_problems(cache_config, model_config, mem_available, cgroup_room, hugepages_free,
+                                  disk_free)
     if problems:
         raise ConfigError("; ".join(msg for _, msg in problems), problems[0][0])
 
@@ -189,8 +215,8 @@ def require_resources(cache_config: CacheConfig, model_config: ModelConfig, *,
 # ---------------------------------------------------------------------------------------------
 
 def describe(config: FlexKVConfig, model_config: ModelConfig | None = None, *,
-             mem_available: Callable[[], int | None] | None = None,
-             shm_free: Callable[[], int | None] | None = None,
+             mem_available: Reader | None = None, cgroup_room: Reader | None = None,
+             hugepages_free: Reader | None = None,
              disk_free: Callable[[str], int | None] | None = None, check_machine: bool = True) -> str:
     """The resolved config, one key a line, and (with a model) the bytes per block and per enabled tier.
 
@@ -230,7 +256,11 @@ def describe(config: FlexKVConfig, model_config: ModelConfig | None = None, *,
                  f"({model.token_size_in_bytes} B: {model.num_layers} layers x {model.bytes_per_token_per_layer} B)")
     lines.append(f"  per block                    = {format_bytes(block)} ({block} B: "
                  f"{resolved.tokens_per_block} tokens)")
-    tiers = [("CPU", True, resolved.num_cpu_blocks, "in POSIX shared memory"),
+    cpu_where = ("in anonymous shared memory (memfd): counted against MemAvailable and the memory cgroup, "
+                 "not /dev/shm")
+    if resolved.use_hugepage_cpu_buffer:
+        cpu_where += "; hugetlb pages when HugePages_Free holds it"
+    tiers = [("CPU", True, resolved.num_cpu_blocks, cpu_where),
              ("SSD", resolved.enable_ssd, resolved.num_ssd_blocks,
               f"over {len(resolved.ssd_cache_dirs)} dir(s)"),
              ("REMOTE", resolved.enable_remote, resolved.num_remote_blocks,
@@ -246,7 +276,8 @@ def describe(config: FlexKVConfig, model_config: ModelConfig | None = None, *,
     if not check_machine:
         lines.append("resources: not checked against this machine")
         return "\n".join(lines)
-    problems = check_resources(cache, model, mem_available=mem_available, shm_free=shm_free, disk_free=disk_free)
+    problems = check_resources(cache, model, mem_available=mem_available, cgroup_room=cgroup_room,
+                               hugepages_free=hugepages_free, disk_free=disk_free)
     if problems:
         lines.append("resources: DO NOT FIT on this machine:")
         lines.extend(f"  - {p}" for p in problems)
@@ -258,8 +289,9 @@ def describe(config: FlexKVConfig, model_config: ModelConfig | None = None, *,
 __all__ = [
     "check_resources",
     "describe",
+    "read_cgroup_room",
     "read_disk_free",
+    "read_hugepages_free",
     "read_mem_available",
-    "read_shm_free",
     "require_resources",
 ]

@@ -1,5 +1,5 @@
-"""flexkv.core.resources (do the tiers fit this machine's memory, /dev/shm and disks), describe, and the
-check-config command (flexkv.core.check_config)."""
+"""flexkv.core.resources (do the tiers fit this machine's memory, memory cgroup, huge pages and disks),
+describe, and the check-config command (flexkv.core.check_config)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,10 @@ from kv_helpers import EXAMPLES, GiB, MiB, write, write_json
 pytestmark = pytest.mark.usefixtures("no_flexkv_env")
 
 
-def fake_resources(mem: int | None = 64 * GiB, shm: int | None = 64 * GiB, disk: int | None = 1024 * GiB) -> dict:
-    return {"mem_available": lambda: mem, "shm_free": lambda: shm, "disk_free": lambda path: disk}
+def fake_resources(mem: int | None = 64 * GiB, cgroup: int | None = None, huge: int | None = 0,
+                   disk: int | None = 1024 * GiB) -> dict:
+    return {"mem_available": lambda: mem, "cgroup_room": lambda: cgroup, "hugepages_free": lambda: huge,
+            "disk_free": lambda path: disk}
 
 
 def test_resources_fit() -> None:
@@ -42,11 +44,34 @@ def test_cpu_tier_too_big_for_memory() -> None:
     assert e.value.key == "cache_config.num_cpu_blocks"
 
 
-def test_cpu_tier_bounded_by_dev_shm() -> None:
+def test_cpu_tier_bounded_by_the_memory_cgroup() -> None:
     cache = CacheConfig(num_cpu_blocks=100)
-    problems = check_resources(cache, model_preset("qwen-32b"), **fake_resources(shm=64 * MiB))
-    assert len(problems) == 1 and "/dev/shm" in problems[0] and "--shm-size" in problems[0]
-    assert "fits is 16" in problems[0]
+    problems = check_resources(cache, model_preset("qwen-32b"), **fake_resources(cgroup=64 * MiB))
+    assert len(problems) == 1 and "64 MiB left under the memory cgroup's limit" in problems[0]
+    assert "docker run --memory" in problems[0] and "fits is 16" in problems[0]
+    assert "--shm-size" not in problems[0]  # the memfd does not live in /dev/shm
+
+
+def test_cpu_tier_is_not_bounded_by_dev_shm(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A 64 MiB /dev/shm (Docker's default) and every other filesystem full: the CPU tier still fits in memory.
+    asked: list[str] = []
+    monkeypatch.setattr(resources_module, "read_disk_free", lambda path: asked.append(path) or 0)
+    cache = CacheConfig(num_cpu_blocks=100)
+    assert check_resources(cache, model_preset("qwen-32b"), mem_available=lambda: 64 * GiB,
+                           cgroup_room=lambda: None) == []
+    assert asked == []
+
+
+def test_cpu_tier_in_free_huge_pages_fits_beyond_mem_available() -> None:
+    model = model_preset("qwen-32b")  # 4 MiB blocks: 400 MiB for 100
+    cache = CacheConfig(num_cpu_blocks=100, use_hugepage_cpu_buffer=True)
+    assert check_resources(cache, model, **fake_resources(mem=100 * MiB, huge=512 * MiB)) == []
+    problems = check_resources(cache, model, **fake_resources(mem=100 * MiB, huge=256 * MiB))
+    assert len(problems) == 1 and "MemAvailable 100 MiB" in problems[0] and "HugePages_Free holds 256 MiB" \
+        in problems[0]
+    # Without use_hugepage_cpu_buffer free huge pages are not the tier's
+    plain = dataclasses.replace(cache, use_hugepage_cpu_buffer=False)
+    assert len(check_resources(plain, model, **fake_resources(mem=100 * MiB, huge=512 * MiB))) == 1
 
 
 def test_cpu_tier_in_gib_names_cpu_cache_gb() -> None:
@@ -116,14 +141,16 @@ def test_describe_with_model_lists_every_key_and_bytes() -> None:
 @pytest.fixture
 def roomy_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(resources_module, "read_mem_available", lambda: 1024 * GiB)
-    monkeypatch.setattr(resources_module, "read_shm_free", lambda: 1024 * GiB)
+    monkeypatch.setattr(resources_module, "read_cgroup_room", lambda: None)
+    monkeypatch.setattr(resources_module, "read_hugepages_free", lambda: 0)
     monkeypatch.setattr(resources_module, "read_disk_free", lambda path: 1 << 50)
 
 
 @pytest.fixture
 def small_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(resources_module, "read_mem_available", lambda: 1 * GiB)
-    monkeypatch.setattr(resources_module, "read_shm_free", lambda: 1 * GiB)
+    monkeypatch.setattr(resources_module, "read_mem_available", lambda: 4 * GiB)
+    monkeypatch.setattr(resources_module, "read_cgroup_room", lambda: 1 * GiB)
+    monkeypatch.setattr(resources_module, "read_hugepages_free", lambda: 0)
     monkeypatch.setattr(resources_module, "read_disk_free", lambda path: 1 * GiB)
 
 
@@ -134,7 +161,8 @@ def test_check_config_good_file(capsys: pytest.CaptureFixture[str], roomy_machin
     assert err == ""
     assert "single_node.json" in out
     assert "4 MiB (4194304 B" in out
-    assert "195.31 GiB (50000 blocks x 4 MiB)" in out  # CPU tier
+    assert "195.31 GiB (50000 blocks x 4 MiB) in anonymous shared memory (memfd)" in out  # CPU tier
+    assert "counted against MemAvailable and the memory cgroup, not /dev/shm" in out
     assert "781.25 GiB (200000 blocks x 4 MiB)" in out  # SSD tier
     assert "fit on this machine" in out
 
@@ -152,6 +180,7 @@ def test_check_config_does_not_fit(capsys: pytest.CaptureFixture[str], small_mac
     out, err = capsys.readouterr()
     assert rc == 1
     assert "cache_config.num_cpu_blocks" in err and "the largest num_cpu_blocks that fits is 256" in err
+    assert "1 GiB left under the memory cgroup's limit" in err and "MemAvailable 4 GiB" in err
     assert "cache_config.num_ssd_blocks" in err
     # --skip-resources checks the file only
     assert check_config.main([str(EXAMPLES / "single_node.json"), "--model", "qwen-32b", "--skip-resources"]) == 0
@@ -200,7 +229,7 @@ def test_cpu_tier_need_counts_page_aligned_blocks_when_ssd_is_on(tmp_path: Path)
     plain = CacheConfig(num_cpu_blocks=1000, tokens_per_block=16)
     with_ssd = CacheConfig(num_cpu_blocks=1000, tokens_per_block=16, enable_ssd=True, num_ssd_blocks=10,
                            ssd_cache_dir=str(tmp_path))
-    readers = {"mem_available": lambda: 1 << 20, "shm_free": lambda: 1 << 20, "disk_free": lambda p: 1 << 40}
+    readers = {"mem_available": lambda: 1 << 20, "cgroup_room": lambda: None, "disk_free": lambda p: 1 << 40}
     assert resources_module.check_resources(plain, model, **readers) == []  # 1000 x 512 B fit in 1 MiB
     problems = resources_module.check_resources(with_ssd, model, **readers)  # 1000 x 4 KiB do not
     assert len(problems) == 1 and "num_cpu_blocks" in problems[0] and "largest num_cpu_blocks that fits is 256" \

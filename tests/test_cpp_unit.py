@@ -26,7 +26,7 @@ def test_cpp_unit_tests_pass_under_sanitizers() -> None:
     run = subprocess.run(["ctest", "--output-on-failure"], cwd=build, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "100% tests passed" in run.stdout
-    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "copy_engine", "shm_region", "io_env",
+    for name in ("block_key", "block_pool", "radix_index", "host_copy_engine", "copy_engine", "memfd_region", "io_env",
                  "ssd_store_io", "ssd_store_verify", "ssd_store_scan", "ssd_store_faults", "cache_options", "cache",
                  "control_stress",
                  "example_trtllm_pool"):

@@ -97,7 +97,7 @@ LAYOUTS = ["vllm_layerfirst", "vllm_layerblock", "blockfirst", "mla", "sglang", 
 
 
 class Host:
-    """A CPU tier's memory (POSIX shm) for the GPU engine and a plain array for the reference."""
+    """A CPU tier's memory (a memfd mapping) for the GPU engine and a plain array for the reference."""
 
     def __init__(self, num_blocks: int, block_bytes: int) -> None:
         self.tier = CpuTier(num_blocks, block_bytes, 0.0)
@@ -422,8 +422,9 @@ def test_kv_manager_round_trip_on_cuda_tensors(make_kv, ce: bool, gen: torch.Gen
 
 def test_data_plane_of_another_process_moves_cuda_blocks(make_kv, gen: torch.Generator,
                                                         rng: np.random.Generator) -> None:
-    """A worker-side DataPlane (as vLLM's worker uses) maps a KVManager's CPU tier by name and copies CUDA
-    KV blocks that the manager's tasks name (take_external / finish_external)."""
+    """A worker-side DataPlane (as vLLM's worker uses) maps a KVManager's CPU tier (a memfd received through the
+    tier's socket), pins it and copies CUDA KV blocks that the manager's tasks name (take_external /
+    finish_external)."""
     from flexkv.core.data_plane import DataPlane
 
     L, B, T, H, D = 2, 32, 16, 2, 64

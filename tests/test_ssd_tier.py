@@ -346,3 +346,24 @@ def test_a_restart_scans_the_written_slots_and_copes_without_the_mark(make_ssd, 
         assert again.kv.control_plane.ssd_restored == 3
         again.kv.shutdown()
         mark.unlink()  # the second start has no mark: it scans every slot and finds the same blocks
+
+
+def test_files_and_directories_flexkv_creates_are_owner_only(make_ssd, tmp_path: Path) -> None:
+    """The slot files hold token ids of users' prompts: every file FlexKV creates under ssd_cache_dir is 0600,
+    every directory it creates 0700; a directory that exists already is left as it is."""
+    existing, created = tmp_path / "existing", tmp_path / "new" / "nested"
+    existing.mkdir()
+    existing.chmod(0o755)
+    old = os.umask(0)  # the modes then come from FlexKV alone
+    try:
+        env = make_ssd(ssd=[existing, created], num_ssd_blocks=16)
+        put_completely(env, env.tokens(3 * TPB), range(3))  # slot files, lock files, the written-slot mark
+        env.kv.shutdown()
+    finally:
+        os.umask(old)
+    files = [p for d in (existing, created) for p in d.rglob("*") if p.is_file()]
+    dirs = [created.parent, created] + [p for d in (existing, created) for p in d.rglob("*") if p.is_dir()]
+    assert {p.suffix for p in files} == {".dat", ".lock", ".watermark"} and len(dirs) == 4
+    modes = {str(p): oct(p.stat().st_mode & 0o777) for p in files + dirs}
+    assert all(modes[str(p)] == "0o600" for p in files) and all(modes[str(p)] == "0o700" for p in dirs), modes
+    assert existing.stat().st_mode & 0o777 == 0o755

@@ -106,7 +106,7 @@ class WorkerSide:
             if self.layout is None:
                 raise RuntimeError("vLLM has not registered its KV caches with the connector")
             self.plane = DataPlane(tier, self.layout, self.settings.cache_config)
-            logger.info("FlexKV: worker mapped the CPU tier %s", tier.get("shm_name"))
+            logger.info("FlexKV: worker mapped the CPU tier from %s", tier.get("socket"))
         except Exception as e:
             self.plane_error = f"the worker cannot reach FlexKV's CPU tier: {e}"
             logger.error("FlexKV: %s; FlexKV is off for this worker (every load is recomputed)",

@@ -70,7 +70,7 @@ ControlPlane::ControlPlane(ControlPlaneOptions options) : options_(std::move(opt
     ssd_writes_ = std::make_unique<SerialWorker>();
   }
   log_line(LogLevel::kInfo, "FlexKV CPU tier: " + std::to_string(options_.num_cpu_blocks) + " blocks x " +
-                                std::to_string(options_.block_bytes) + " bytes in " + cpu_->shm_name());
+                                std::to_string(options_.block_bytes) + " bytes, shared at " + cpu_->info().socket);
 }
 
 ControlPlane::~ControlPlane() {
@@ -151,7 +151,7 @@ void ControlPlane::shutdown() {
 }
 
 TierInfo ControlPlane::tier_info() const {
-  return TierInfo{cpu_->shm_name(), cpu_->num_blocks(), cpu_->block_stride(), cpu_->block_bytes()};
+  return cpu_->info();
 }
 
 int64_t ControlPlane::ssd_restored() const { return ssd_ ? ssd_->restored() : 0; }

@@ -69,13 +69,6 @@ struct ControlPlaneOptions {
   int num_copy_threads = 2;
 };
 
-struct TierInfo {
-  std::string shm_name;
-  int64_t num_blocks = 0;
-  uint64_t block_stride = 0;
-  uint64_t block_bytes = 0;
-};
-
 struct Lookup {
   size_t cpu = 0;  // leading blocks ready in the CPU tier
   size_t ssd = 0;  // leading blocks ready on SSD

@@ -1,58 +1,27 @@
 #include "control/cpu_tier.h"
 
-#include <dirent.h>
-#include <signal.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
-#include <cerrno>
-#include <cstdio>
-#include <random>
-
 #include "control/log.h"
+#include "flexkv/errors.h"
 
 namespace flexkv {
 namespace {
 
-uint64_t pid_namespace() {
-  struct stat st {};
-  return ::stat("/proc/self/ns/pid", &st) == 0 ? static_cast<uint64_t>(st.st_ino) : 0;
-}
-
-bool alive(long pid) { return ::kill(static_cast<pid_t>(pid), 0) == 0 || errno == EPERM; }
-
-std::string new_segment_name() {
-  std::random_device rd;
-  std::mt19937_64 rng((static_cast<uint64_t>(rd()) << 32) ^ rd());
-  char tag[16];
-  std::snprintf(tag, sizeof tag, "%012llx", static_cast<unsigned long long>(rng() & 0xffffffffffffull));
-  return "/flexkv-" + std::to_string(pid_namespace()) + "-" + std::to_string(::getpid()) + "-" + tag;
-}
-
-// Parses "flexkv-<digits>-<digits>-<12 hex>" into (namespace, pid).
-bool parse_segment_name(const std::string& name, uint64_t* ns, long* pid) {
-  const std::string prefix = "flexkv-";
-  if (name.compare(0, prefix.size(), prefix) != 0) return false;
-  size_t i = prefix.size();
-  auto digits = [&](uint64_t* out) {
-    const size_t from = i;
-    uint64_t v = 0;
-    while (i < name.size() && name[i] >= '0' && name[i] <= '9' && i - from < 19) v = v * 10 + uint64_t(name[i++] - '0');
-    *out = v;
-    return i > from && i < name.size() && name[i++] == '-';
-  };
-  uint64_t p = 0;
-  if (!digits(ns) || !digits(&p)) return false;
-  if (name.size() - i != 12) return false;
-  for (; i < name.size(); ++i) {
-    const char c = name[i];
-    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
-  }
-  *pid = static_cast<long>(p);
-  return true;
-}
-
 uint64_t round_up(uint64_t v, uint64_t align) { return align <= 1 ? v : (v + align - 1) / align * align; }
+
+MemfdRegion make_memory(int64_t num_blocks, uint64_t stride, bool huge_pages) {
+  const uint64_t bytes = static_cast<uint64_t>(num_blocks) * stride;
+  std::string note;
+  try {
+    MemfdRegion r = MemfdRegion::create("flexkv-cpu-tier", bytes, huge_pages, &note);
+    if (!note.empty()) log_line(LogLevel::kInfo, "FlexKV CPU tier: use_hugepage_cpu_buffer: " + note);
+    return r;
+  } catch (const std::exception& e) {
+    throw ConfigError("cache_config.num_cpu_blocks: the CPU tier (" + std::to_string(num_blocks) + " blocks x " +
+                          std::to_string(stride) + " bytes) cannot be reserved: " + e.what() +
+                          "; lower num_cpu_blocks (or cpu_cache_gb) or free memory",
+                      "cache_config.num_cpu_blocks");
+  }
+}
 
 }  // namespace
 
@@ -60,31 +29,19 @@ CpuTier::CpuTier(int64_t num_blocks, uint64_t block_bytes, uint64_t block_align,
     : num_blocks_(num_blocks),
       block_bytes_(block_bytes),
       block_stride_(round_up(block_bytes, block_align)),
-      shm_((remove_orphaned_segments(),
-            ShmRegion::create(new_segment_name(), static_cast<size_t>(num_blocks) * block_stride_, huge_pages))),
+      region_(make_memory(num_blocks, block_stride_, huge_pages)),
+      memory_bytes_(region_.size()),
+      server_(std::make_unique<RegionServer>(
+          region_.fd(), RegionGeometry{memory_bytes_, num_blocks_, block_stride_, block_bytes_}, "flexkv-cpu")),
       index_(static_cast<int32_t>(num_blocks), evict_ratio) {}
 
-std::vector<std::string> remove_orphaned_segments(const std::string& shm_dir) {
-  std::vector<std::string> removed;
-  const uint64_t own = pid_namespace();
-  if (own == 0) return removed;
-  DIR* dir = ::opendir(shm_dir.c_str());
-  if (dir == nullptr) return removed;
-  while (dirent* e = ::readdir(dir)) {
-    const std::string name = e->d_name;
-    uint64_t ns = 0;
-    long pid = 0;
-    if (!parse_segment_name(name, &ns, &pid) || ns != own || alive(pid)) continue;
-    if (::unlink((shm_dir + "/" + name).c_str()) == 0) removed.push_back(name);
-  }
-  ::closedir(dir);
-  if (!removed.empty()) {
-    std::string list;
-    for (const auto& n : removed) list += (list.empty() ? "" : ", ") + n;
-    log_line(LogLevel::kInfo, "removed " + std::to_string(removed.size()) +
-                                  " shared-memory segment(s) left by exited processes: " + list);
-  }
-  return removed;
+TierInfo CpuTier::info() const {
+  return TierInfo{server_->name(), num_blocks_, block_stride_, block_bytes_, memory_bytes_};
+}
+
+void CpuTier::close() {
+  server_->stop();  // first: nobody gets the memory from here on
+  region_.close();
 }
 
 }  // namespace flexkv

@@ -216,11 +216,14 @@ void SsdTier::note_high_water(int64_t end, bool force) {
   if (!force && high_water_ <= persisted_) return;
   // Written before the slots it covers, rounded up, so the mark is never behind the disk.
   const int64_t target = (high_water_ + kWatermarkStep - 1) / kWatermarkStep * kWatermarkStep;
+  // Owner-only (0600) like every file of the tier; a stale .tmp of any mode is replaced, not reused.
   const std::string tmp = watermark_path_ + ".tmp";
-  std::ofstream out(tmp, std::ios::trunc);
-  out << target;
-  out.close();
-  if (out && std::rename(tmp.c_str(), watermark_path_.c_str()) == 0) {
+  const std::string text = std::to_string(target);
+  ::unlink(tmp.c_str());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+  if (fd >= 0) ok = ::close(fd) == 0 && ok;
+  if (ok && std::rename(tmp.c_str(), watermark_path_.c_str()) == 0) {
     persisted_ = target;
   } else {  // only costs a longer scan at the next start
     persisted_ = high_water_;

@@ -15,6 +15,7 @@
 #include "transfer/io_env.h"
 
 namespace py = pybind11;
+py::dict tier_info_dict(const flexkv::TierInfo& t);  // bind_tier.cc
 using flexkv::BlockKey;
 using flexkv::ControlPlane;
 using flexkv::KeyRun;
@@ -173,15 +174,7 @@ void bind_control(py::module_& m) {
       .def_property_readonly("has_ssd", &ControlPlane::has_ssd)
       .def_property_readonly("ssd_restored", &ControlPlane::ssd_restored)
       .def_property_readonly("ssd_io_engine", &ControlPlane::ssd_io_engine)
-      .def("tier_info", [](const ControlPlane& c) {
-        const flexkv::TierInfo t = c.tier_info();
-        py::dict d;
-        d["shm_name"] = t.shm_name;
-        d["num_blocks"] = t.num_blocks;
-        d["block_stride"] = t.block_stride;
-        d["block_bytes"] = t.block_bytes;
-        return d;
-      })
+      .def("tier_info", [](const ControlPlane& c) { return tier_info_dict(c.tier_info()); })
       // ------------------------------------------------------------ keys
       .def("seed", [](const ControlPlane& c, const std::string& layout_tag, const std::vector<std::string>& salts) {
         const BlockKey k = c.seed(layout_tag, salts);

@@ -1,7 +1,6 @@
 // flexkv._core support: FlexKV's C++ exceptions as flexkv.core.errors
-// classes, log lines into Python's `flexkv` logger, the CPU tier on its own
-// (its shared memory for tests and tools) and the fault-injecting I/O env the
-// SSD tier can be given.
+// classes, log lines into Python's `flexkv` logger and the fault-injecting I/O
+// env the SSD tier can be given.
 #include <Python.h>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -10,7 +9,6 @@
 #include <memory>
 #include <string>
 
-#include "control/cpu_tier.h"
 #include "control/log.h"
 #include "flexkv/errors.h"
 #include "transfer/io_env.h"
@@ -72,25 +70,6 @@ void bind_support(py::module_& m) {
       }
     });
   }, py::arg("logger"), "Routes the core's log lines to logger.log(level, msg); None restores stderr.");
-
-  m.def("remove_orphaned_segments", &flexkv::remove_orphaned_segments, py::arg("shm_dir") = "/dev/shm",
-        "Unlinks CPU-tier segments whose creating process (in this PID namespace) is gone; returns their names.");
-
-  py::class_<flexkv::CpuTier>(m, "CpuTier", "Host blocks in one POSIX shared-memory segment, with their index.")
-      .def(py::init<int64_t, uint64_t, uint64_t, double, bool>(), py::arg("num_blocks"), py::arg("block_bytes"),
-           py::arg("block_align") = 1, py::arg("evict_ratio") = 0.0, py::arg("huge_pages") = false,
-           py::call_guard<py::gil_scoped_release>())
-      .def_property_readonly("shm_name", &flexkv::CpuTier::shm_name)
-      .def_property_readonly("num_blocks", &flexkv::CpuTier::num_blocks)
-      .def_property_readonly("block_bytes", &flexkv::CpuTier::block_bytes)
-      .def_property_readonly("block_stride", &flexkv::CpuTier::block_stride)
-      .def_property_readonly("base", &flexkv::CpuTier::base)
-      .def("as_array", [](const flexkv::CpuTier& t) {
-        // The array holds the mapping itself, so it stays valid after the tier is gone.
-        auto* hold = new std::shared_ptr<const void>(t.mapping());
-        py::capsule owner(hold, [](void* p) { delete static_cast<std::shared_ptr<const void>*>(p); });
-        return py::array_t<uint8_t>({static_cast<py::ssize_t>(t.size())}, {py::ssize_t{1}}, t.block(0), owner);
-      }, "A uint8 view of the whole segment, valid as long as the array lives.");
 
   py::class_<flexkv::IoEnv, std::shared_ptr<flexkv::IoEnv>>(m, "IoEnv", "Where the SSD tier's file I/O goes.");
   py::class_<flexkv::FaultInjectingEnv, flexkv::IoEnv, std::shared_ptr<flexkv::FaultInjectingEnv>>(

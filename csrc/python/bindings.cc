@@ -10,7 +10,6 @@
 
 #include "index/block_key.h"
 #include "index/radix_index.h"
-#include "pool/shm_region.h"
 #include "array_args.h"
 
 namespace py = pybind11;
@@ -20,6 +19,7 @@ void bind_control(py::module_& m);  // bind_control.cc
 void bind_support(py::module_& m);  // bind_support.cc
 void bind_config(py::module_& m);  // bind_config.cc
 void bind_cache(py::module_& m);  // bind_cache.cc
+void bind_tier(py::module_& m);  // bind_tier.cc
 using flexkv::BlockKey;
 using flexkv::python::check_1d;
 using flexkv::python::I32Array;
@@ -43,6 +43,7 @@ KeyArray make_keys(size_t n) { return KeyArray({static_cast<py::ssize_t>(n), py:
 PYBIND11_MODULE(_core, m) {
   m.doc() = "FlexKV C++ core: block keys, radix index, host copy engine, shared memory";
   bind_support(m);
+  bind_tier(m);
   bind_ssd(m);
   bind_copy_engines(m);
   bind_control(m);
@@ -177,22 +178,4 @@ PYBIND11_MODULE(_core, m) {
         d["evicted"] = s.evicted;
         return d;
       });
-
-  py::class_<flexkv::ShmRegion>(m, "ShmRegion")
-      .def_static("create", &flexkv::ShmRegion::create, py::arg("name"), py::arg("size"),
-                  py::arg("huge_pages") = false, py::call_guard<py::gil_scoped_release>())
-      .def_static("open", &flexkv::ShmRegion::open, py::arg("name"))
-      .def_property_readonly("name", &flexkv::ShmRegion::name)
-      .def_property_readonly("size", &flexkv::ShmRegion::size)
-      .def_property_readonly("address", [](const flexkv::ShmRegion& r) {
-        return reinterpret_cast<uintptr_t>(r.data());
-      })
-      .def("close", &flexkv::ShmRegion::close)
-      .def("as_array", [](const flexkv::ShmRegion& r) {
-        if (r.data() == nullptr) throw py::value_error("shared memory segment is closed");
-        // The array holds the mapping itself, so it stays valid after close().
-        auto* hold = new std::shared_ptr<const void>(r.mapping());
-        py::capsule owner(hold, [](void* p) { delete static_cast<std::shared_ptr<const void>*>(p); });
-        return py::array_t<uint8_t>({static_cast<py::ssize_t>(r.size())}, {py::ssize_t{1}}, r.data(), owner);
-      }, "A uint8 numpy view of the whole segment, valid as long as the array lives.");
 }

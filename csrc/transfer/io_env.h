@@ -55,9 +55,9 @@ class IoEnv {
     if (hooks.complete)
       for (size_t i = 0; i < n; ++i) hooks.complete(i, results[i]);
   }
-  // Opens (creating if asked) a file with O_DIRECT|O_RDWR and preallocates it to `size` bytes (fallocate;
-  // ENOSPC and EOPNOTSUPP are reported). Throws std::runtime_error naming the path, the errno text and
-  // the remedy (e.g. "the filesystem does not support O_DIRECT (tmpfs?); put ssd_cache_dir on a disk").
+  // Opens (creating it owner-only, 0600, if missing) a file with O_DIRECT|O_RDWR and preallocates it to
+  // `size` bytes (fallocate; ENOSPC and EOPNOTSUPP are reported). Throws std::runtime_error naming the
+  // path, the errno text and the remedy (e.g. "the filesystem does not support O_DIRECT (tmpfs?); put ssd_cache_dir on a disk").
   virtual int open_file(const std::string& path, uint64_t size) = 0;
   virtual void close_file(int fd) = 0;
 };

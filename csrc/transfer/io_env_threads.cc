@@ -60,7 +60,8 @@ std::runtime_error open_file_error(const std::string& path, uint64_t size, int e
 }
 
 int open_direct_file(const std::string& path, uint64_t size) {
-  int fd = ::open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0644);
+  // Created owner-only: the slots hold token ids of users' prompts. An existing file is used as it is.
+  int fd = ::open(path.c_str(), O_CREAT | O_RDWR | O_DIRECT | O_CLOEXEC, 0600);
   if (fd < 0) throw open_file_error(path, size, errno);
   if (size > 0) {
     int rc;

@@ -117,7 +117,8 @@ std::string gib(uint64_t bytes) {
   return buf;
 }
 
-// mkdir -p. Returns 0 or the errno that stopped it.
+// mkdir -p; the directories it creates are owner-only (0700: the slots hold users' token ids), those that
+// exist are left as they are. Returns 0 or the errno that stopped it.
 int make_dirs(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) == 0) return S_ISDIR(st.st_mode) ? 0 : ENOTDIR;
@@ -125,7 +126,7 @@ int make_dirs(const std::string& path) {
   for (;;) {
     pos = path.find('/', pos + 1);
     const std::string prefix = path.substr(0, pos);
-    if (!prefix.empty() && ::mkdir(prefix.c_str(), 0755) != 0 && errno != EEXIST) return errno;
+    if (!prefix.empty() && ::mkdir(prefix.c_str(), 0700) != 0 && errno != EEXIST) return errno;
     if (pos == std::string::npos) break;
   }
   if (::stat(path.c_str(), &st) != 0) return errno;
@@ -324,7 +325,7 @@ SsdStore::SsdStore(SsdStoreOptions options, std::shared_ptr<IoEnv> env) : impl_(
     }
 
     const std::string sub = join(dir, subname);
-    if (::mkdir(sub.c_str(), 0755) != 0 && errno != EEXIST) {
+    if (::mkdir(sub.c_str(), 0700) != 0 && errno != EEXIST) {  // owner-only, as the files in it
       const int err = errno;
       if (err == EACCES || err == EPERM || err == EROFS) throw dir_error(dir, "is not writable", err, kNotWritable);
       throw dir_error(dir, "cannot hold the SSD cache: creating " + sub + " failed", err,
