@@ -52,7 +52,8 @@ class KVManager:
         settings = server_settings if server_settings is not None else ServerSettings.from_env()
         if server_recv_port:
             settings = dataclasses.replace(settings, server_recv_port=server_recv_port)
-        self._client_mode = control_plane is None and settings.client_mode(model_config)
+        self._client_mode = (control_plane is None and isinstance(model_config, ModelConfig)
+                             and settings.client_mode(model_config))  # checked_config names a wrong type
         resolved = checked_config(model_config, cache_config, server=self._client_mode)
         if dp_client_id != 0 and not self._client_mode:
             raise FlexKVError(f"dp_client_id = {dp_client_id} needs model_config.dp_size > 1 (server mode)")

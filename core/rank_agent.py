@@ -37,6 +37,9 @@ class RankAgent:
     def __init__(self, endpoint: str, make_layout: Callable[[dict[str, Any]], EngineLayout], *, instance: int = 0,
                  token: str = "", timeout_s: float = 5.0, num_copy_threads: int = 2) -> None:
         self.endpoint = parse_endpoint(endpoint, token)
+        if self.endpoint.scheme == "ipc" and not os.path.exists(self.endpoint.path):
+            raise wire.ServerUnavailable(f"nothing listens at {endpoint}: no FlexKV KVManager of this model (with "
+                                         "tp_size > 1 or in server mode) nor `flexkv serve` has started there yet")
         self.timeout_s = float(timeout_s)
         self._ctx = zmq.Context()
         try:

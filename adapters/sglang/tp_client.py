@@ -10,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, manager_for
-from flexkv.core.rank_agent import RankAgent
-from flexkv.core.server_launch import ServerSettings
+from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, RankAgent, ServerSettings, load_config, manager_for
 
 
 def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size: int = 1,
@@ -82,7 +80,5 @@ class KVTPClient:
 
 
 def _dp_size() -> int:
-    from flexkv.core.config_file import load_config
-
     model = load_config(None).model_config
     return model.dp_size if model is not None else 1
