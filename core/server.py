@@ -188,8 +188,11 @@ class FlexKVServer:
                 raise wire.ServerError("session", "unknown session: the server restarted or the client's lease ran "
                                        "out; reconnect")
             if isinstance(msg, wire.Wait) and msg.timeout > 0:
-                self._pool.submit(self._wait_later, session, msg, identity, rid)
-                return None
+                done = self._call(session, wire.Wait(msg.session, msg.tasks, 0.0, msg.completely))
+                if any(r[1] in _RUNNING for r in done):  # blocks a pool thread, not the loop
+                    self._pool.submit(self._wait_later, session, msg, identity, rid)
+                    return None
+                return wire.Ok(done)
             return wire.Ok(self._call(session, msg))
         except Exception as e:
             if not isinstance(e, FlexKVError):

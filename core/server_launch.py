@@ -27,6 +27,8 @@ from .wire import ServerError, ServerUnavailable
 
 logger = logging.getLogger("flexkv")
 
+_RUN_SERVE = ("import runpy, sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+              "runpy.run_module('flexkv.core.serve_cmd', run_name='__main__')")
 _STARTUP_S = 120.0  # how long a client waits for a server to come up (an SSD tier is preallocated first)
 
 
@@ -75,8 +77,9 @@ def start_embedded_server(model_config: ModelConfig, cache_config: CacheConfig,
     fd, path = tempfile.mkstemp(prefix="flexkv-serve-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)
-    cmd = [sys.executable, "-m", "flexkv.core.serve_cmd", "--config", path, "--remove-config",
-           "--parent-pid", str(os.getpid())]
+    # The child imports the flexkv this process runs, never a ``flexkv/`` folder in the working directory (a
+    # source checkout): `python -m` would put the working directory first on its path.
+    cmd = [sys.executable, "-c", _RUN_SERVE, "--config", path, "--remove-config", "--parent-pid", str(os.getpid())]
     logger.warning("FlexKV: starting the embedded server at %s", settings.server_recv_port)
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=False)

@@ -13,14 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from flexkv.core import DataPlane, KVManager
 from flexkv.core.remote_plane import query_stats
 from flexkv.core.server_launch import ServerSettings
 
-from kv_helpers import DEFAULT_CACHE, DEFAULT_MODEL, configs
+from kv_helpers import DEFAULT_CACHE, DEFAULT_MODEL, configs, engine_for, random_tokens
 
 LEASE_S = 1.0
+TPB = 16
 TIMEOUT_S = 0.5
 
 
@@ -76,8 +78,9 @@ class ServerProcess:
 
 
 def settings(endpoint: str, **kw: Any) -> ServerSettings:
-    return ServerSettings(server_recv_port=endpoint, server_client_mode=True, server_launch_mode="external",
-                          server_lease_seconds=LEASE_S, server_timeout_seconds=TIMEOUT_S, **kw)
+    kw = {"server_client_mode": True, "server_launch_mode": "external", "server_lease_seconds": LEASE_S,
+          "server_timeout_seconds": TIMEOUT_S, **kw}
+    return ServerSettings(server_recv_port=endpoint, **kw)
 
 
 def client(endpoint: str, **overrides: Any) -> KVManager:
@@ -101,3 +104,29 @@ def copy_task(kv: KVManager, plane: DataPlane, task: int, engine_blocks: np.ndar
         assert done == [(job, "")], done
     kv.finish_external(task, True)
     return moved
+
+
+def store_in_one_load_in_other(writer: KVManager, reader: KVManager, rng: np.random.Generator, seed: int) -> None:
+    """Four blocks the writer stores (from its engine) load byte-exact into the reader's poisoned engine."""
+    tokens = random_tokens(rng, 4 * TPB + 5)
+    src = engine_for(writer, num_blocks=16, gen=torch.Generator().manual_seed(seed))
+    dst = engine_for(reader, num_blocks=16, gen=torch.Generator().manual_seed(seed + 1))
+    expected = src.fill(range(4))
+    dst.poison()
+    wp = DataPlane(writer.tier_info(), src.engine_layout(), writer.cache_config)
+    rp = DataPlane(reader.tier_info(), dst.engine_layout(), reader.cache_config)
+    try:
+        task, mask = writer.put_match(tokens)
+        assert mask.sum() == 4 * TPB
+        copy_task(writer, wp, task, np.arange(4), store=True)
+        task, mask = reader.get_match(tokens)
+        assert mask.sum() == 4 * TPB, "the second client must hit what the first stored"
+        moved = copy_task(reader, rp, task, np.array([8, 9, 10, 11]), store=False)
+    finally:
+        wp.close()
+        rp.close()
+    assert sorted(moved) == [8, 9, 10, 11]
+    dst.assert_blocks([8, 9, 10, 11], expected)
+    dst.assert_poisoned([0, 1, 2, 3, 12])
+    stats = reader.cache_stats()
+    assert stats["get_hit_blocks"] >= 4 and stats["cpu"]["num_locked"] == 0

@@ -6,6 +6,7 @@ one serves again; SIGTERM stops it cleanly."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -18,10 +19,21 @@ import numpy as np
 import pytest
 import torch
 import zmq
-from server_helpers import LEASE_S, TIMEOUT_S, ServerProcess, client, copy_task, server_config, settings
+from server_helpers import (
+    LEASE_S,
+    TIMEOUT_S,
+    ServerProcess,
+    client,
+    copy_task,
+    server_config,
+    settings,
+    store_in_one_load_in_other,
+)
 
 from flexkv.core import ConfigError, DataPlane, KVManager
+from flexkv.core.config_file import load_config
 from flexkv.core.remote_plane import query_stats
+from flexkv.core.server_launch import ServerSettings
 from flexkv.core.wire import ServerError, ServerUnavailable
 
 from kv_helpers import configs, engine_for, random_tokens
@@ -44,30 +56,36 @@ def engine(kv, seed: int, blocks: int = 16):
 def test_a_block_stored_by_one_client_loads_byte_exact_in_another(server: ServerProcess, rng, seed: int) -> None:
     writer, reader = client(server.endpoint), client(server.endpoint)
     try:
-        tokens = random_tokens(rng, 4 * TPB + 5)
-        src, dst = engine(writer, seed), engine(reader, seed + 1)
-        expected = src.fill(range(4))
-        dst.poison()
-        wp = DataPlane(writer.tier_info(), src.engine_layout(), writer.cache_config)
-        rp = DataPlane(reader.tier_info(), dst.engine_layout(), reader.cache_config)
-        try:
-            task, mask = writer.put_match(tokens)
-            assert mask.sum() == 4 * TPB
-            copy_task(writer, wp, task, np.arange(4), store=True)
-            task, mask = reader.get_match(tokens)
-            assert mask.sum() == 4 * TPB, "the second client must hit what the first stored"
-            moved = copy_task(reader, rp, task, np.array([8, 9, 10, 11]), store=False)
-        finally:
-            wp.close()
-            rp.close()
-        assert sorted(moved) == [8, 9, 10, 11]
-        dst.assert_blocks([8, 9, 10, 11], expected)
-        dst.assert_poisoned([0, 1, 2, 3, 12])
-        stats = reader.cache_stats()
-        assert stats["get_hit_blocks"] >= 4 and stats["cpu"]["num_locked"] == 0
+        store_in_one_load_in_other(writer, reader, rng, seed)
     finally:
         writer.shutdown()
         reader.shutdown()
+
+
+def test_the_first_instance_starts_an_embedded_server_which_ends_with_it(tmp_path: Path, rng, seed: int) -> None:
+    endpoint = f"ipc://{tmp_path}/embedded.sock"
+    model, cache = configs()
+    first = KVManager(model, cache, server_settings=settings(endpoint, server_launch_mode="embedded",
+                                                             instance_num=2, instance_id=0))
+    first.start()
+    second = None
+    try:
+        child = first._server_child  # the embedded `flexkv serve` is the first manager's child
+        assert child is not None and child.poll() is None
+        assert query_stats(endpoint, "", timeout_s=1.0)["pid"] == child.pid
+        second = KVManager(model, cache, server_settings=settings(endpoint, server_launch_mode="embedded",
+                                                                  instance_num=2, instance_id=1))
+        second.start()
+        assert second._server_child is None, "only instance 0 starts a server"
+        store_in_one_load_in_other(first, second, rng, seed)
+    finally:
+        if second is not None:
+            second.shutdown()
+        first.shutdown()
+    assert child.returncode == 0, "SIGTERM from its parent's shutdown stops the embedded server cleanly"
+    assert not Path(endpoint[len("ipc://"):]).exists()
+    with pytest.raises(ServerUnavailable):
+        query_stats(endpoint, "", timeout_s=0.3)
 
 
 def test_a_client_of_another_model_is_refused_by_name(server: ServerProcess) -> None:
@@ -213,12 +231,23 @@ def test_a_killed_client_loses_its_locks_and_its_unfinished_store_with_its_lease
         owner.shutdown()
 
 
-def test_a_killed_server_costs_each_call_a_bounded_delay_and_a_restarted_one_serves(tmp_path: Path) -> None:
-    proc = ServerProcess(tmp_path, server_config(tmp_path, f"ipc://{tmp_path}/restart.sock")).start()
+def test_a_killed_server_costs_each_call_a_bounded_delay_and_a_restarted_one_serves_warm_from_ssd(
+        tmp_path: Path, rng, seed: int) -> None:
+    ssd = {"enable_ssd": True, "num_ssd_blocks": 64, "ssd_cache_dir": str(tmp_path / "ssd")}
+    proc = ServerProcess(tmp_path, server_config(tmp_path, f"ipc://{tmp_path}/restart.sock", cache_config=ssd)).start()
     kv = client(proc.endpoint)
+    src, dst = engine(kv, seed), engine(kv, seed + 1)
+    expected = src.fill(range(3))
+    dst.poison()
+    plane = DataPlane(kv.tier_info(), src.engine_layout(), kv.cache_config)
     try:
-        tokens = np.arange(3 * TPB)
-        assert kv.lookup(tokens) == (0, 0)
+        tokens = random_tokens(rng, 3 * TPB)
+        task, _ = kv.put_match(tokens)
+        copy_task(kv, plane, task, np.arange(3), store=True)
+        deadline = time.monotonic() + 10
+        while kv.lookup(tokens)[1] < 3 * TPB:  # written through to SSD
+            assert time.monotonic() < deadline, "the write-through to SSD did not finish"
+            time.sleep(0.02)
         proc.stop(signal.SIGKILL)
         t0 = time.monotonic()
         with pytest.raises(ServerUnavailable, match="server_timeout_seconds"):
@@ -228,18 +257,24 @@ def test_a_killed_server_costs_each_call_a_bounded_delay_and_a_restarted_one_ser
         with pytest.raises(ServerUnavailable):  # backing off: fails at once
             kv.put_match(tokens)
         assert time.monotonic() - t0 < 0.1
+        plane.close()
         proc.start()
         deadline = time.monotonic() + 10
         while True:
             try:
-                task, mask = kv.put_match(tokens)
+                task, mask = kv.get_match(tokens)
                 break
             except ServerUnavailable:
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
-        assert mask.sum() == 3 * TPB
-        kv.cancel([task])
+        assert mask.sum() == 3 * TPB, "the restarted server finds the blocks on its SSD tier"
+        plane = DataPlane(kv.tier_info(), dst.engine_layout(), kv.cache_config)  # the new server's CPU tier
+        moved = copy_task(kv, plane, task, np.array([5, 6, 7]), store=False)
+        assert sorted(moved) == [5, 6, 7]
+        dst.assert_blocks([5, 6, 7], expected)
+        dst.assert_poisoned([0, 1, 2, 8])
     finally:
+        plane.close()
         kv.shutdown()
         proc.stop()
 
@@ -258,8 +293,6 @@ def test_flexkv_stats_prints_the_live_counters(server: ServerProcess, tmp_path: 
 
 
 def test_server_settings_come_from_the_config_and_the_environment(tmp_path: Path) -> None:
-    from flexkv.core.server_launch import ServerSettings
-
     path = server_config(tmp_path, "ipc:///tmp/x.sock", server_client_mode=True, instance_num=2)
     s = ServerSettings.from_env({"FLEXKV_CONFIG_PATH": str(path), "FLEXKV_SERVER_LAUNCH_MODE": "external",
                                  "FLEXKV_INSTANCE_ID": "1"})
@@ -267,3 +300,19 @@ def test_server_settings_come_from_the_config_and_the_environment(tmp_path: Path
         ("ipc:///tmp/x.sock", True, "external", 2, 1)
     with pytest.raises(ConfigError, match="server_launch_mode"):
         ServerSettings.from_env({"FLEXKV_SERVER_LAUNCH_MODE": "sideways"})
+
+
+def test_the_configs_docs_server_md_shows_load_as_printed(tmp_path: Path) -> None:
+    text = (Path(__file__).resolve().parents[1] / "docs" / "server.md").read_text()
+    blocks = re.findall(r"```json\n(.*?)```", text, re.S)
+    heredoc = re.search(r"<<EOF\n(.*?)EOF\n", text, re.S)
+    assert blocks and heredoc
+    shared = tmp_path / "shared.json"
+    shared.write_text(blocks[0])
+    cfg = load_config(shared)
+    s = ServerSettings.of(cfg)
+    assert (s.instance_num, s.server_launch_mode) == (2, "external") and cfg.model_config.tp_size == 2
+    worker = tmp_path / "worker.json"
+    worker.write_text(heredoc.group(1).replace("${i}", "1"))
+    cfg = load_config(worker)
+    assert cfg.server_recv_port == "ipc:///tmp/flexkv_1_test" and cfg.cache_config.tokens_per_block == 64
