@@ -8,7 +8,10 @@ vLLM alone recomputes the history; FlexKV's CPU tier keeps every conversation. T
 history is a fixed random stand-in, so both runs see identical prompts. The model is a Llama-shaped model
 with random weights, made on the fly (4 layers, hidden 512, 4 KV heads of 64, bf16).
 
-    python benchmarks/vllm_ttft.py [--conversations 6] [--turns 4] [--json out.json]
+    python benchmarks/vllm_ttft.py [--conversations 6] [--turns 4] [--server] [--json out.json]
+
+``--server`` adds a third run: FlexKV in server mode (the engine starts ``flexkv serve`` as its child and is
+its client over ipc), compared with FlexKV in the engine's process.
 
 Each configuration runs in its own process (one vLLM engine per process).
 """
@@ -64,7 +67,7 @@ def run_engine(args: argparse.Namespace) -> None:
     from vllm.config import KVTransferConfig
 
     kw = {}
-    if args.mode == "flexkv":
+    if args.mode in ("flexkv", "server"):
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
                                                     kv_load_failure_policy="recompute")
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
@@ -97,8 +100,9 @@ def main() -> None:
     p.add_argument("--later", type=int, default=200, help="tokens of each later user message")
     p.add_argument("--reply", type=int, default=16, help="tokens of each assistant reply in the history")
     p.add_argument("--vllm-kv-tokens", type=int, default=4096, help="vLLM's own KV cache, in tokens")
+    p.add_argument("--server", action="store_true", help="also run FlexKV in server mode")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--mode", choices=["none", "flexkv"], help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["none", "flexkv", "server"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
@@ -107,11 +111,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         make_model(model)
-        config = Path(tmp) / "flexkv.json"
-        config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "cpu_cache_gb": 1,
-                                                       "tokens_per_block": BLOCK}}))
+        cache = {"enable_cpu": True, "cpu_cache_gb": 1, "tokens_per_block": BLOCK}
+        configs = {"none": {"cache_config": cache}, "flexkv": {"cache_config": cache},
+                   "server": {"cache_config": cache, "server_client_mode": True,
+                              "server_recv_port": f"ipc://{tmp}/flexkv.sock"}}
         results = {}
-        for mode in ("none", "flexkv"):
+        for mode in ("none", "flexkv", "server") if args.server else ("none", "flexkv"):
+            config = Path(tmp) / f"flexkv-{mode}.json"
+            config.write_text(json.dumps(configs[mode]))
             cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens")]
@@ -128,9 +135,15 @@ def main() -> None:
     for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
                       ("turn1_mean_s", "TTFT mean, turn 1")):
         print(f"{name:>22} {base[key] * 1e3:>9.1f}ms {fx[key] * 1e3:>10.1f}ms {base[key] / fx[key]:>6.2f}x")
+    if args.server:
+        sv = summary(results["server"])
+        print(f"{'':>22} {'in process':>11} {'server mode':>12} {'ratio':>7}   (goal: in process / server >= 0.95)")
+        for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
+                          ("turn1_mean_s", "TTFT mean, turn 1")):
+            print(f"{name:>22} {fx[key] * 1e3:>9.1f}ms {sv[key] * 1e3:>10.1f}ms {fx[key] / sv[key]:>6.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"none": results["none"], "flexkv": results["flexkv"],
-                                               "summary": {"none": base, "flexkv": fx}}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": results, "summary": {m: summary(r) for m, r in
+                                                                                results.items()}}, indent=1))
 
 
 if __name__ == "__main__":

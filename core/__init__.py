@@ -15,7 +15,10 @@ from .layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 from .local_registry import manager_for, manager_with_model
 from .log import setup_logging
 from .page_store import PageStore
+from .rank_agent import RankAgent
 from .request import KVResponse, KVResponseStatus
+from .server_launch import ServerSettings
+from .wire import ServerError, ServerUnavailable
 
 __all__ = [
     "CacheConfig",
@@ -34,7 +37,11 @@ __all__ = [
     "Misses",
     "ModelConfig",
     "PageStore",
+    "RankAgent",
     "RequestTasks",
+    "ServerError",
+    "ServerSettings",
+    "ServerUnavailable",
     "TaskError",
     "block_size_for_engine",
     "canonical_dtype_name",

@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
 
     bench_mod.add_arguments(bench)
     sub.add_parser("check-config", add_help=False, help="print a config file resolved, with the bytes each tier uses")
+    from . import serve_cmd
+
+    serve_cmd.add_serve_arguments(sub.add_parser("serve", help="run the control plane as a server for engines"))
+    serve_cmd.add_stats_arguments(sub.add_parser("stats", help="print a running server's counters and clients"))
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["check-config"]:
         from .check_config import main as check_config_main
@@ -28,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return bench_mod.main(args)
+        if args.command == "serve":
+            if args.log_level.upper() == "WARNING":  # a server says what it does
+                logging.getLogger().setLevel(logging.INFO)
+            return serve_cmd.serve(args)
+        if args.command == "stats":
+            return serve_cmd.stats(args)
     except FlexKVError as e:
         print(f"flexkv {args.command}: {e}", file=sys.stderr)
         return 1

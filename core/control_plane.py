@@ -44,8 +44,9 @@ def _shut_down_open_planes() -> None:
 _MAX_BLOCKS = 2**31 - 1  # block ids are int32
 
 
-def checked_config(model_config: ModelConfig, cache_config: CacheConfig) -> CacheConfig:
-    """Validates a facade's configs and returns the cache config resolved for the model (block counts)."""
+def checked_config(model_config: ModelConfig, cache_config: CacheConfig, *, server: bool = False) -> CacheConfig:
+    """Validates a facade's configs and returns the cache config resolved for the model (block counts).
+    ``server``: for ``flexkv serve`` and its clients, which serve several data-parallel ranks."""
     if not isinstance(model_config, ModelConfig):
         raise TypeError(f"model_config must be a flexkv ModelConfig, got {type(model_config).__name__}")
     if not isinstance(cache_config, CacheConfig):
@@ -53,9 +54,9 @@ def checked_config(model_config: ModelConfig, cache_config: CacheConfig) -> Cach
     model_config.validate()
     cache_config.validate()
     resolved = cache_config.resolved(model_config)
-    if model_config.dp_size != 1:
-        raise FlexKVError("dp_size > 1 needs FlexKV's server mode (`flexkv serve`), which this version does "
-                          "not have; run one KVManager per data-parallel rank with dp_size=1")
+    if model_config.dp_size != 1 and not server:
+        raise FlexKVError("model_config.dp_size > 1 needs FlexKV's server mode: the data-parallel ranks share one "
+                          "cache through `flexkv serve` (KVManager becomes its client by itself)")
     if resolved.enable_remote:
         raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
                           "to false to run with the CPU tier")

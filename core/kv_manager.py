@@ -11,6 +11,7 @@ with its blocks unlocked. Another process may move the bytes instead (``take_ext
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -25,7 +26,9 @@ from .control_plane import checked_config, open_control_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import register_manager, unregister_manager
+from .manager_ranks import ManagerRanks
 from .request import KVResponse
+from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 
 logger = logging.getLogger("flexkv")
 
@@ -37,23 +40,35 @@ class KVManager:
     """``layout_tag`` names the engine's byte order inside a block (engines with different ones never share
     blocks); ``namespace`` salts every request of this manager. ``control_plane`` shares another facade's
     cache (its blocks, tiers and counters) instead of opening one; ``ssd_env`` (a ``FaultInjectingIoEnv``)
-    replaces the SSD tier's I/O for tests. ``server_recv_port``, ``gpu_register_port`` and
-    ``event_collector`` are FlexKV's; the in-process manager uses ``gpu_register_port`` only."""
+    replaces the SSD tier's I/O for tests. ``server_recv_port``, ``gpu_register_port``, ``dp_client_id`` and
+    ``event_collector`` are FlexKV's. The manager is a client of ``flexkv serve`` at ``server_recv_port`` when
+    the config asks for server mode (``server_client_mode``, ``dp_size > 1``, ``instance_num > 1``;
+    ``server_settings`` default to the config file's and ``FLEXKV_*``)."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dp_client_id: int = 0,
                  server_recv_port: str = "", gpu_register_port: str = "", event_collector: Any = None, *,
                  namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2, ssd_io_engine: str = "auto",
-                 ssd_env: Any = None, control_plane: Any = None) -> None:
-        resolved = checked_config(model_config, cache_config)
-        if dp_client_id != 0:
-            raise FlexKVError("dp_client_id != 0 needs FlexKV's server mode (`flexkv serve`), which this version does "
-                              "not have; run one KVManager per data-parallel rank with dp_size=1")
+                 ssd_env: Any = None, control_plane: Any = None, server_settings: ServerSettings | None = None) -> None:
+        settings = server_settings if server_settings is not None else ServerSettings.from_env()
+        if server_recv_port:
+            settings = dataclasses.replace(settings, server_recv_port=server_recv_port)
+        self._client_mode = (control_plane is None and isinstance(model_config, ModelConfig)
+                             and settings.client_mode(model_config))  # checked_config names a wrong type
+        resolved = checked_config(model_config, cache_config, server=self._client_mode)
+        if dp_client_id != 0 and not self._client_mode:
+            raise FlexKVError(f"dp_client_id = {dp_client_id} needs model_config.dp_size > 1 (server mode)")
         if isinstance(num_copy_threads, bool) or not isinstance(num_copy_threads, int) or num_copy_threads < 1:
             raise TaskError(f"num_copy_threads must be a positive int, got {num_copy_threads!r}")
         self.model_config, self.cache_config = model_config, resolved
         self.tokens_per_block = resolved.tokens_per_block
         self.block_bytes = model_config.block_bytes(self.tokens_per_block)
-        self.server_recv_port, self.gpu_register_port = server_recv_port, gpu_register_port
+        self.server_recv_port, self.gpu_register_port = settings.server_recv_port, gpu_register_port
+        self.dp_client_id, self.server_settings = dp_client_id, settings
+        self._server_child: Any = None  # the embedded `flexkv serve` this manager started
+        self._ranks: ManagerRanks | None = None  # KV memory in rank processes (server mode, tp_size > 1)
+        if ManagerRanks.needed(self._client_mode, model_config):
+            instance = client_instance(settings, model_config, dp_client_id) if self._client_mode else 0
+            self._ranks = ManagerRanks(self, self._client_mode, instance)
         self.event_collector = event_collector
         self.layout_tag = layout_tag
         self._salt = [namespace] if namespace else []
@@ -82,14 +97,28 @@ class KVManager:
         try:
             if self._shared_plane is not None:
                 self._cp = self._shared_plane
+            elif self._client_mode:
+                self._cp, self._server_child = open_client_plane(self.model_config, self.cache_config,
+                                                                 self.server_settings, self.dp_client_id, "KVManager")
+                self._owns_plane = True
             else:
                 self._cp = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
                 self._owns_plane = True
-            if self._engine is not None:
+            if self._ranks is not None:
+                self._ranks.start(self._cp)
+                if self._engine is not None:
+                    self._ranks.register(self._engine)
+            elif self._engine is not None:
                 self._layout = self._register(self._engine)
         except BaseException:
             self._release_plane()
             raise
+
+    @property
+    def uses_ranks(self) -> bool:
+        """True when rank processes copy the blocks (server mode, or tp_size > 1): KV memory registers with
+        KVTPClient.register_to_server in each rank."""
+        return self._ranks is not None
 
     @property
     def engine_layout(self) -> EngineLayout | None:
@@ -97,8 +126,15 @@ class KVManager:
         return self._engine
 
     def is_ready(self) -> bool:
-        """True once started and the engine's KV memory is registered."""
-        return self._cp is not None and not self._cp.closed and self._engine is not None
+        """True once started and the engine's KV memory is registered (by every rank, where ranks copy)."""
+        if self._cp is None or self._cp.closed:
+            return False
+        if self._ranks is None:
+            return self._engine is not None
+        if self._client_mode:
+            got, want = self._cp.ranks_ready()
+            return want > 0 and got == want
+        return self._layout >= 0
 
     def shutdown(self) -> None:
         """Refuses new launches, cancels tasks not yet launched, waits for copies in flight and stops the
@@ -107,6 +143,8 @@ class KVManager:
             self._release_plane(keep_results=True)
 
     def _release_plane(self, keep_results: bool = False) -> None:
+        if self._ranks is not None:
+            self._ranks.close()
         cp = self._cp
         if cp is not None and self._owns_plane:
             cp.shutdown()
@@ -114,6 +152,8 @@ class KVManager:
             cp.unregister_layout(self._layout)
         self._cp = cp if keep_results and self._owns_plane else None
         self._owns_plane, self._layout = False, -1
+        stop_embedded_server(self._server_child)
+        self._server_child = None
         if self.gpu_register_port:
             unregister_manager(self.gpu_register_port, self)
 
@@ -129,7 +169,10 @@ class KVManager:
         ``EngineLayout`` (``kv_layout`` None) for layouts ``KVCacheLayoutType`` cannot express."""
         layout = model_layout(kv_caches, kv_layout, self.model_config, self.tokens_per_block)
         layout.validate()
-        if self._cp is not None:
+        if self._ranks is not None:
+            if self._cp is not None:
+                self._ranks.register(layout)
+        elif self._cp is not None:
             handle = self._register(layout)
             if self._layout >= 0:
                 try:

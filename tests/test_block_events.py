@@ -37,6 +37,7 @@ def test_stored_blocks_carry_their_chain_and_tokens_in_each_tier(make_kv) -> Non
             assert np.array_equal(e[5], tokens[i * TPB:(i + 1) * TPB])
     # A fourth and fifth block push the CPU tier (4 blocks) to evict: those blocks leave the CPU tier only.
     env.put(env.tokens(2 * TPB), [3, 4])
+    assert kv.control_plane.flush(30)  # their write-throughs end before reset(), which refuses a running one
     removed = [e for e in events(kv) if e[0] == "removed"]
     assert removed and all(e[1] == "cpu" and e[2] in keys for e in removed)
     kv.reset()

@@ -11,7 +11,7 @@ import torch
 from flexkv import KVCacheLayout, KVCacheLayoutType
 from flexkv.adapters.sglang.flexkv_config import SglangModelConfig
 from flexkv.adapters.sglang.tp_client import KVTPClient
-from flexkv.core.errors import LayoutError
+from flexkv.core import LayoutError, ServerUnavailable
 
 from kv_helpers import FakeEngine, slots
 
@@ -75,7 +75,7 @@ def test_registration_errors_name_the_problem(make_kv, gen: torch.Generator) -> 
     layout = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, LAYERS, PAGES + 1, PAGE, HEADS, DIM)
     caches = FakeEngine("sglang", num_layers=LAYERS, num_blocks=PAGES + 1, tokens_per_block=PAGE, num_kv_heads=HEADS,
                         head_size=DIM, dtype=torch.bfloat16, gen=gen).tensors
-    with pytest.raises(RuntimeError, match="no FlexKV KVManager listens"):
+    with pytest.raises(ServerUnavailable, match="nothing listens at ipc:///tmp/flexkv-test-errors_gpu_register"):
         KVTPClient(port).register_to_server(kv_caches=caches, kv_layout=layout)
     settings = dict(model_config=model(False), tokens_per_block=PAGE, num_cpu_blocks=16, gpu_register_port=port,
                     register=False)

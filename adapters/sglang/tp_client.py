@@ -10,11 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, manager_for
+from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, RankAgent, ServerSettings, load_config, manager_for
 
 
-def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout) -> EngineLayout:
-    """An engine layout over SGLang's token-indexed per-layer buffers: engine block b is page b."""
+def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size: int = 1,
+                      tp_rank: int = 0) -> EngineLayout:
+    """An engine layout over SGLang's token-indexed per-layer buffers: engine block b is page b; with
+    ``tp_size`` > 1 the buffers hold TP rank ``tp_rank``'s heads."""
     layers, ps, num_pages = kv_layout.num_layer, kv_layout.tokens_per_block, kv_layout.num_block
     per_layer = 1 if kv_layout.is_mla else 2
     if len(kv_caches) != layers * per_layer:
@@ -29,15 +31,22 @@ def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout) -> EngineL
                                   f"expected a contiguous [{num_pages * ps}, heads, head_dim]")
             views.append(buf[: num_pages * ps].reshape(num_pages, -1))
             owners.append(layer)
-    return EngineLayout.from_block_views(views, f"SGLang token pool ({layers} layers, page {ps})", layers=owners)
+    return EngineLayout.from_block_views(views, f"SGLang token pool ({layers} layers, page {ps})", layers=owners,
+                                         tp_size=tp_size, tp_rank=tp_rank)
 
 
 class KVTPClient:
+    """One rank's registration. With one rank and the KVManager in this process, the manager takes the buffers
+    directly; otherwise (tensor parallelism, or server mode) the rank joins the manager's (or the server's)
+    rank dispatcher at ``gpu_register_port`` with a RankAgent, which copies this rank's head slice of every
+    block (tp rank: ``device_id % tp_size``)."""
+
     def __init__(self, gpu_register_port: str, dp_client_id: int = 0, pp_rank: int = 0, device_id: int = 0) -> None:
         self.gpu_register_port = gpu_register_port
         self.dp_client_id = dp_client_id
         self.pp_rank = pp_rank
         self.device_id = device_id
+        self.agent: RankAgent | None = None
 
     def register_to_server(self, kv_caches: list[Any], kv_layout: KVCacheLayout, indexer_buffers: Any = None,
                            indexer_layout: Any = None) -> None:
@@ -45,11 +54,31 @@ class KVTPClient:
             raise LayoutError("register_to_server: the sparse-attention indexer cache (NSA models) is not served "
                               "by FlexKV in this version")
         manager = manager_for(self.gpu_register_port)
-        if manager is None:
-            raise RuntimeError(f"no FlexKV KVManager listens on {self.gpu_register_port!r} in this process; FlexKV's "
-                               "--enable-flexkv runs with one rank per SGLang scheduler in this version")
-        manager.register_kv_caches(token_pool_layout(list(kv_caches), kv_layout))
+        if manager is not None and not manager.uses_ranks:
+            manager.register_kv_caches(token_pool_layout(list(kv_caches), kv_layout))
+            return
+        settings = ServerSettings.from_env()
+        caches = list(kv_caches)
+
+        def layout(model: dict[str, Any]) -> EngineLayout:
+            tp = 1 if model["use_mla"] else int(model["tp_size"])
+            return token_pool_layout(caches, kv_layout, tp_size=tp, tp_rank=self.device_id % tp)
+
+        if self.agent is not None:
+            self.agent.close()
+        instance = settings.instance_id * max(1, _dp_size()) + self.dp_client_id
+        self.agent = RankAgent(self.gpu_register_port, layout, instance=instance, token=settings.server_token)
+
+    def close(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None
 
     def set_slot_mapping(self, task_id: int, slot_mapping: Any) -> None:
         raise NotImplementedError("set_slot_mapping serves cross-node pipeline parallelism, which FlexKV does not "
                                   "support in this version")
+
+
+def _dp_size() -> int:
+    model = load_config(None).model_config
+    return model.dp_size if model is not None else 1

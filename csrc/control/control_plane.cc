@@ -128,6 +128,12 @@ void ControlPlane::shutdown() {
     engines.swap(engines_);
     layouts_.clear();
   }
+  std::shared_ptr<RankOrderEngine> ranks;
+  {
+    std::lock_guard<std::mutex> g(engines_mu_);
+    ranks.swap(rank_engine_);
+  }
+  if (ranks) ranks->close();  // a dispatcher waiting for orders returns
   for (auto& [device, e] : engines) {
     e.engine->interrupt();
     if (e.collector.joinable()) e.collector.join();

@@ -40,6 +40,7 @@
 #include "control/stats.h"
 #include "control/task.h"
 #include "transfer/copy_engine.h"
+#include "transfer/rank_order_engine.h"
 
 namespace flexkv {
 
@@ -213,6 +214,15 @@ class ControlPlane {
   int32_t register_layout(const EngineLayout& layout, int device);
   // TaskError while copies on it are in flight.
   void unregister_layout(int32_t handle);
+  // KV memory of `num_blocks` blocks in other processes (an engine's
+  // tensor-parallel ranks, each copying its own slice with its own data plane):
+  // a launch on the handle becomes an order that next_rank_order hands to a
+  // dispatcher, which sends it to the ranks and ends it with finish_rank_order
+  // once every rank has copied ("" then, else why not). The task waits in
+  // kCopying meanwhile, like any copy.
+  int32_t register_rank_layout(int64_t num_blocks);
+  std::optional<RankOrder> next_rank_order(int64_t timeout_us);
+  void finish_rank_order(uint64_t job, const std::string& error);
 
   // ------------------------------------------------------------ observation
   std::vector<std::pair<std::string, int64_t>> counters() const;
@@ -240,7 +250,7 @@ class ControlPlane {
 
  private:
   struct Engine {
-    std::unique_ptr<CopyEngine> engine;
+    std::shared_ptr<CopyEngine> engine;
     std::thread collector;
   };
   struct Layout {
@@ -299,7 +309,9 @@ class ControlPlane {
   size_t write_backlog_limit_ = 1;
 
   std::mutex engines_mu_;  // engines_ and layouts_
-  std::map<int, Engine> engines_;  // by device, -1 the host
+  std::map<int, Engine> engines_;  // by device, -1 the host, kRankDevice the ranks' order queue
+  std::shared_ptr<RankOrderEngine> rank_engine_;  // engines_[kRankDevice]'s engine, once made
+  static constexpr int kRankDevice = -2;
   std::map<int32_t, Layout> layouts_;
   int32_t next_layout_ = 1;
   bool completions_paused_ = false;           // guarded by mu_

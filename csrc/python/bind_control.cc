@@ -307,6 +307,23 @@ void bind_control(py::module_& m) {
            "Waits until no write-through to the SSD tier is pending; False on timeout.")
       .def("reset", &ControlPlane::reset, py::call_guard<py::gil_scoped_release>())
       // --------------------------------------------------- engine memory
+      .def("register_rank_layout", &ControlPlane::register_rank_layout, py::arg("num_blocks"),
+           py::call_guard<py::gil_scoped_release>(),
+           "A handle for KV memory of num_blocks blocks in other processes: launches on it become rank orders.")
+      .def("next_rank_order", [](ControlPlane& c, double timeout_s) -> py::object {
+        std::optional<flexkv::RankOrder> o;
+        {
+          py::gil_scoped_release nogil;
+          o = c.next_rank_order(timeout_s < 0 ? -1 : static_cast<int64_t>(timeout_s * 1e6));
+        }
+        if (!o) return py::none();
+        const bool load = o->direction == flexkv::CopyDirection::kHostToEngine;
+        return py::make_tuple(o->job, o->tag, o->layout_id, load ? "host_to_engine" : "engine_to_host", o->layerwise,
+                              to_array(o->engine_blocks), to_array(o->host_blocks));
+      }, py::arg("timeout_s"),
+         "(job, task, rank layout, direction, layerwise, engine blocks, host blocks) of the next order, or None.")
+      .def("finish_rank_order", &ControlPlane::finish_rank_order, py::arg("job"), py::arg("error") = "",
+           py::call_guard<py::gil_scoped_release>())
       .def("register_layout", [](ControlPlane& c, const I64Array& segments, int64_t num_blocks, int device) {
         if (segments.ndim() != 2 || segments.shape(1) != 5) {
           throw py::value_error("segments must be a (n, 5) int64 array of [engine_base, engine_block_stride, "

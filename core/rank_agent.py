@@ -1,0 +1,219 @@
+"""RankAgent: one tensor-parallel rank's end of the rank orders (see ``rank_hub.py``).
+
+In the rank's process it registers the rank's KV memory (its head slice of every block) at the hub's
+``gpu_register_port``, maps the CPU tier the hub names, and from then on copies every order it receives with
+its own data plane (the GPU copy engine on the rank's device, or host threads), answering each with
+``RankDone``. One thread receives orders; one collects finished copies; a heartbeat keeps the rank's lease.
+If the hub stops answering for a lease, the agent registers again when it is back (a restarted server has a
+new CPU tier: the agent maps the new one).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from . import wire
+from .config import CacheConfig
+from .data_plane import DataPlane
+from .endpoint import parse_endpoint
+from .errors import FlexKVError
+from .layout import EngineLayout
+
+logger = logging.getLogger("flexkv")
+
+
+class RankAgent:
+    """``make_layout(model)`` builds this rank's EngineLayout from the hub's model description (its config
+    keys, ``tp_size``, ``tokens_per_block``, ``block_bytes``): the rank's KV tensors as its head slice."""
+
+    def __init__(self, endpoint: str, make_layout: Callable[[dict[str, Any]], EngineLayout], *, instance: int = 0,
+                 token: str = "", timeout_s: float = 5.0, num_copy_threads: int = 2) -> None:
+        self.endpoint = parse_endpoint(endpoint, token)
+        if self.endpoint.scheme == "ipc" and not os.path.exists(self.endpoint.path):
+            raise wire.ServerUnavailable(f"nothing listens at {endpoint}: no FlexKV KVManager of this model (with "
+                                         "tp_size > 1 or in server mode) nor `flexkv serve` has started there yet")
+        self.timeout_s = float(timeout_s)
+        self._ctx = zmq.Context()
+        try:
+            self.model = self._ask(wire.DescribeModel(token))
+            self.layout = make_layout(self.model)
+            self.layout.validate()
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self.cache_config = CacheConfig(tokens_per_block=self.model["tokens_per_block"], **self.model["copy"])
+        layout = self.layout
+        self._register = wire.RegisterRank(wire.PROTOCOL, f"rank{layout.tp_rank}@{socket.gethostname()}:{os.getpid()}",
+                                           os.getpid(), int(instance), layout.tp_rank, layout.tp_size,
+                                           layout.num_blocks, self.model["fingerprint"],
+                                           self.model["tokens_per_block"], layout.block_bytes, token,
+                                           bool(self.model["use_mla"]))
+        self._threads_n = num_copy_threads
+        self._sock: zmq.Socket | None = None  # the receiver thread's (orders arrive on it)
+        self._send_lock = threading.Lock()
+        self._out: zmq.Socket | None = None  # answers and heartbeats
+        self.session = ""
+        self.lease_s = 10.0
+        self.tier: dict[str, Any] = {}
+        self.plane: DataPlane | None = None
+        self._jobs: dict[int, int] = {}  # data-plane job -> order job
+        self._jobs_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._last_answer = time.monotonic()
+        self.orders = 0
+        self.failed = 0
+        try:
+            self._connect()
+        except BaseException:
+            self._ctx.destroy(linger=0)
+            raise
+        self._threads = [threading.Thread(target=self._receive, name="flexkv-rank-orders", daemon=True),
+                         threading.Thread(target=self._collect, name="flexkv-rank-copies", daemon=True)]
+        for t in self._threads:
+            t.start()
+
+    def _ask(self, msg: Any) -> Any:
+        """One question to the hub on a socket of its own."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        try:
+            sock.connect(self.endpoint.address)
+            sock.send_multipart([b"ask", wire.encode(msg)])
+            if not sock.poll(int(self.timeout_s * 1000)):
+                raise wire.ServerUnavailable(f"no FlexKV rank dispatcher answered at {self.endpoint.address} within "
+                                             f"{self.timeout_s:g} s")
+            reply = wire.decode_rank_inbound(sock.recv_multipart()[-1])
+        finally:
+            sock.close(0)
+        if isinstance(reply, wire.Err):
+            wire.raise_error(reply)
+        return reply.value
+
+    # -------------------------------------------------------------------------------------------- session
+
+    def _connect(self) -> None:
+        """Registers (again) and maps the hub's CPU tier; raises what the hub refused."""
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint.address)
+        sock.send_multipart([b"register", wire.encode(self._register)])  # this socket then receives the orders
+        if not sock.poll(int(self.timeout_s * 1000)):
+            sock.close(0)
+            raise wire.ServerUnavailable(f"no FlexKV rank dispatcher answered at {self.endpoint.address} within "
+                                         f"{self.timeout_s:g} s")
+        reply = wire.decode_rank_inbound(sock.recv_multipart()[-1])
+        if isinstance(reply, wire.Err):
+            sock.close(0)
+            wire.raise_error(reply)
+        info = reply.value
+        tier = dict(info["tier"])
+        if tier != self.tier:
+            old, self.plane = self.plane, None
+            if old is not None:
+                old.close()
+            self.plane = DataPlane(tier, self.layout, self.cache_config, self._threads_n)
+            self.tier = tier
+        if self._sock is not None:
+            self._sock.close(0)
+        self._sock = sock
+        self.session = info["session"]
+        self.lease_s = float(info["lease_s"])
+        self._last_answer = time.monotonic()
+        logger.info("FlexKV: rank %d/%d registered at %s", self.layout.tp_rank, self.layout.tp_size,
+                    self.endpoint.address)
+
+    def _send(self, msg: Any) -> None:
+        with self._send_lock:
+            if self._out is None:
+                self._out = self._ctx.socket(zmq.DEALER)
+                self._out.setsockopt(zmq.LINGER, 0)
+                self._out.connect(self.endpoint.address)
+            self._out.send_multipart([b"\0" * 8, wire.encode(msg)])
+
+    def close(self) -> None:
+        """Says goodbye (open orders of this rank fail at once), waits for copies in flight, unmaps the tier."""
+        if self._stop.is_set():
+            return
+        try:
+            self._send(wire.RankBye(self.session))
+        except zmq.ZMQError:
+            pass
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.plane is not None:
+            self.plane.close()
+            self.plane = None
+        self._ctx.destroy(linger=0)
+
+    # -------------------------------------------------------------------------------------------- threads
+
+    def _receive(self) -> None:
+        next_beat = time.monotonic()
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_beat:
+                self._send(wire.RankHeartbeat(self.session))
+                next_beat = now + max(0.05, self.lease_s / 3)
+            if now - self._last_answer > self.lease_s:
+                self._reconnect()
+                continue
+            sock = self._sock
+            if sock is None or not sock.poll(50):
+                continue
+            frames = sock.recv_multipart()
+            self._last_answer = time.monotonic()
+            try:
+                msg = wire.decode_rank_inbound(frames[-1])
+            except Exception as e:
+                logger.error("FlexKV rank %d: an unreadable message from the hub: %s", self.layout.tp_rank, e)
+                continue
+            if isinstance(msg, wire.Order):
+                self._copy(msg)
+            elif isinstance(msg, wire.Err) and msg.kind == "session":
+                self._reconnect()
+
+    def _reconnect(self) -> None:
+        try:
+            self._connect()
+        except (FlexKVError, zmq.ZMQError) as e:
+            logger.warning("FlexKV rank %d: the dispatcher at %s is gone (%s); retrying", self.layout.tp_rank,
+                           self.endpoint.address, e)
+            self._stop.wait(min(1.0, self.lease_s / 3))
+
+    def _copy(self, order: wire.Order) -> None:
+        self.orders += 1
+        plane = self.plane
+        try:
+            if plane is None:
+                raise FlexKVError("the CPU tier is not mapped")
+            engine, host = wire.ids_array(order.engine_blocks), wire.ids_array(order.host_blocks)
+            with self._jobs_lock:
+                job = plane.submit("host_to_engine" if order.load else "engine_to_host", engine, host,
+                                   urgent=order.load)
+                self._jobs[job] = order.job
+        except Exception as e:  # never leave the order open: the task would wait for this rank
+            self.failed += 1
+            self._send(wire.RankDone(self.session, order.job, str(e) or type(e).__name__))
+
+    def _collect(self) -> None:
+        while not self._stop.is_set():
+            plane = self.plane
+            if plane is None:
+                self._stop.wait(0.01)
+                continue
+            for job, error in plane.poll(20_000):
+                with self._jobs_lock:
+                    order = self._jobs.pop(job, None)
+                if order is not None:
+                    if error:
+                        self.failed += 1
+                    self._send(wire.RankDone(self.session, order, error))

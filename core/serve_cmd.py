@@ -1,0 +1,122 @@
+"""``flexkv serve --config cfg.json`` and ``flexkv stats``.
+
+``serve`` runs the control plane of the config's ``model_config`` and ``cache_config`` at its
+``server_recv_port`` until SIGTERM or SIGINT, then ends every client's tasks, lets copies in flight finish and
+removes its socket and lock files. ``stats`` prints a running server's counters and clients.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+
+from .config_file import load_config
+from .errors import ConfigError, FlexKVError
+
+logger = logging.getLogger("flexkv")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the FlexKV config file (default: FLEXKV_CONFIG_PATH); it needs model_config")
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)  # the embedded launch's engine
+    p.add_argument("--remove-config", action="store_true", help=argparse.SUPPRESS)
+
+
+def add_stats_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="the config file whose server_recv_port names the server")
+    p.add_argument("--endpoint", help="the server's endpoint (instead of --config)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """An embedded server gets SIGTERM when the engine process that started it ends, however it ends."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent_pid:  # it ended before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from .server import FlexKVServer
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    if args.parent_pid:
+        _end_with_parent(args.parent_pid)
+    try:
+        config = load_config(args.config)
+    finally:
+        if args.remove_config and args.config:
+            with contextlib.suppress(OSError):
+                os.unlink(args.config)
+    if config.model_config is None:
+        raise ConfigError("flexkv serve needs model_config in the config file: the server sizes the CPU and SSD "
+                          "blocks of one model's KV layout", "model_config")
+    server = FlexKVServer(config.model_config, config.resolved_cache(), config.server_recv_port,
+                          token=config.server_token, lease_s=config.server_lease_seconds)
+    server.start()
+    try:
+        while not stop.wait(0.2):
+            if server.stopped:
+                logger.error("FlexKV server: stopped by an internal error")
+                return 1
+    finally:
+        logger.warning("FlexKV server (pid %d): stopping", os.getpid())
+        server.close()
+    return 0
+
+
+def stats(args: argparse.Namespace) -> int:
+    from .remote_plane import query_stats
+
+    token = ""
+    endpoint = args.endpoint
+    if endpoint is None or args.config:
+        config = load_config(args.config)
+        endpoint = endpoint or config.server_recv_port
+        token = config.server_token
+    else:
+        token = os.environ.get("FLEXKV_SERVER_TOKEN", "")
+    s = query_stats(endpoint, token)
+    if args.json:
+        print(json.dumps(s, indent=1, sort_keys=True))
+        return 0
+    c = s["counters"]
+    print(f"FlexKV server pid {s['pid']} at {s['endpoint']}: {s['tiers']}")
+    print(f"  requests {s['requests']}, refused {s['refused']}, clients {len(s['sessions'])}, "
+          f"leases expired {s['expired_sessions']}")
+    for sess in s["sessions"]:
+        print(f"  client {sess['client']} (instance {sess['instance']}): {sess['tasks']} tasks, "
+              f"idle {sess['idle_s']:.1f} s")
+    for name in sorted(c):
+        print(f"  {name} {c[name]}")
+    for name, value in sorted(s["index"].items()):
+        print(f"  index {name} {value}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flexkv serve", description=__doc__.splitlines()[0])
+    add_serve_arguments(p)
+    p.add_argument("--log-level", default="INFO")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args)
+    except FlexKVError as e:
+        print(f"flexkv serve: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
