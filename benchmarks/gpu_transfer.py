@@ -9,6 +9,8 @@ ids are random permutations. Rows:
   contiguous      one cudaMemcpyAsync of all the bytes (the ceiling every ratio divides by)
   per-chunk       one cudaMemcpyAsync per chunk (what a naive block copy does)
   kernel/N        FlexKV's copy kernel on N thread blocks (transfer_sms_*)
+  staged/N        whole host blocks by DMA through 4 device slots of 8 MiB, scattered (gathered) there by the
+                  copy kernel on N thread blocks: the default path
   copy_engine     cudaMemcpyBatchAsync, no SMs (use_ce_transfer_*)
   kernel+ce       the kernel for host to GPU and the copy engine for GPU to host (ce+kernel: the reverse)
 
@@ -139,7 +141,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--chunks", default="4,16,32,128", help="chunk sizes in KiB")
     p.add_argument("--sms", default="4,8,16", help="thread blocks of the kernel path")
-    p.add_argument("--paths", default="per-chunk,kernel,copy_engine,mixed", help="rows besides contiguous")
+    p.add_argument("--paths", default="per-chunk,kernel,staged,copy_engine,mixed", help="rows besides contiguous")
     p.add_argument("--no-prefix", action="store_true", help="skip the 1K-token prefix timing")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -173,6 +175,9 @@ def main() -> None:
         if "kernel" in paths:
             for sms in (int(s) for s in args.sms.split(",")):
                 rows.append((f"kernel/{sms}", measure(rig, rig.engine("kernel", sms), jobs, nbytes, args.repeat)))
+        if "staged" in paths:  # whole-block DMA through device slots, scattered by the kernel on `sms` blocks
+            for sms in (int(s) for s in args.sms.split(",") if int(s) <= 8):
+                rows.append((f"staged/{sms}", measure(rig, rig.engine("staged", sms), jobs, nbytes, args.repeat)))
         if "copy_engine" in paths:
             rows.append(("copy_engine", measure(rig, rig.engine("copy_engine"), jobs, nbytes, args.repeat)))
         if "mixed" in paths:  # H2D by one path, D2H by the other
@@ -194,10 +199,10 @@ def main() -> None:
         jobs = scattered_jobs(rig, chunk, n, 1)
         reps = max(20, args.repeat)
         prefix = {"contiguous": timed(rig.engine("memcpy_per_chunk"), [contiguous_jobs(rig, nbytes)["h2d"]], reps)}
-        for path in ("kernel", "copy_engine"):
+        for path in ("kernel", "staged", "copy_engine"):
             prefix[path] = timed(rig.engine(path), [jobs["h2d"]], reps)
         print(f"1K-token prefix load ({nbytes >> 20} MiB): " + ", ".join(
-            f"{k} {v * 1e3:.2f} ms" for k, v in prefix.items()) + " (kernel on 8 thread blocks)")
+            f"{k} {v * 1e3:.2f} ms" for k, v in prefix.items()) + " (kernel and staged on 8 thread blocks)")
         results["prefix_1k_ms"] = {k: v * 1e3 for k, v in prefix.items()}
     if args.json:
         with open(args.json, "w") as f:

@@ -41,8 +41,8 @@ def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: 
                           "(nvcc was not found when it was built); reinstall FlexKV with the CUDA toolkit on PATH")
     if not _core.cuda_available():
         raise LayoutError(f"the KV tensors live on {layout.device}, but no CUDA device is usable in this process")
-    path_h2d = "copy_engine" if cache_config.use_ce_transfer_h2d else "kernel"
-    path_d2h = "copy_engine" if cache_config.use_ce_transfer_d2h else "kernel"
+    path_h2d = "copy_engine" if cache_config.use_ce_transfer_h2d else "staged"
+    path_d2h = "copy_engine" if cache_config.use_ce_transfer_d2h else "staged"
     try:
         engine = _core.GpuCopyEngine(layout.cuda_index, path_h2d, path_d2h, cache_config.transfer_sms_h2d,
                                      cache_config.transfer_sms_d2h)
@@ -54,6 +54,6 @@ def make_gpu_copy_engine(cache_config: CacheConfig, layout: EngineLayout, tier: 
     smallest = int(layout.segments[:, 3].min())
     if (cache_config.use_ce_transfer_h2d or cache_config.use_ce_transfer_d2h) and smallest < _CE_MIN_CHUNK:
         logger.warning("use_ce_transfer_*: the engine layout moves chunks of %d bytes; the copy engine is slow below "
-                       "%d KiB chunks, the copy kernel (use_ce_transfer_* false) is faster for this layout",
+                       "%d KiB chunks; the default path (use_ce_transfer_* false) is faster for this layout",
                        smallest, _CE_MIN_CHUNK >> 10)
     return engine, layout_id

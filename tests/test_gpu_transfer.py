@@ -24,7 +24,7 @@ from flexkv.core.layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 pytestmark = pytest.mark.gpu
 
 POISON = 0xA5
-PATHS = ["kernel", "copy_engine", "memcpy_per_chunk"]
+PATHS = ["staged", "kernel", "copy_engine", "memcpy_per_chunk"]
 
 
 @pytest.fixture(autouse=True)
@@ -113,8 +113,8 @@ class Host:
         self.tier.close()
 
 
-def gpu_engine(path: str, host: Host, sms: int = 8) -> _core.GpuCopyEngine:
-    engine = _core.GpuCopyEngine(torch.cuda.current_device(), path, path, sms, sms)
+def gpu_engine(path: str, host: Host, sms: int = 8, stage_slot_bytes: int = 8 << 20) -> _core.GpuCopyEngine:
+    engine = _core.GpuCopyEngine(torch.cuda.current_device(), path, path, sms, sms, stage_slot_bytes)
     engine.register_host(host.tier.base, host.num_blocks * host.tier.block_stride)
     return engine
 
@@ -156,13 +156,13 @@ def block_lists(kind: str, engine_blocks: int, host_blocks: int, rng: np.random.
 
 
 def check_round_trip(case: Case, path: str, lists: str, gen: torch.Generator, rng: np.random.Generator,
-                     host_blocks: int, layerwise: bool = False) -> None:
+                     host_blocks: int, layerwise: bool = False, stage_slot_bytes: int = 8 << 20) -> None:
     layout = case.build(case.gpu)
     mirror = case.cpu()
     ref_layout = case.build(mirror)
     host = Host(host_blocks, layout.block_bytes)
     try:
-        engine = gpu_engine(path, host)
+        engine = gpu_engine(path, host, stage_slot_bytes=stage_slot_bytes)
         eng_ids, host_ids = block_lists(lists, layout.num_blocks, host_blocks, rng)
         # Engine -> host: the host blocks must equal what the host copy engine makes of the CPU mirror.
         host.poison()
@@ -196,11 +196,21 @@ def test_round_trip_every_layout_and_path(kind: str, path: str, gen: torch.Gener
         check_round_trip(make_case(kind, 48, gen), path, lists, gen, rng, host_blocks=64)
 
 
-@pytest.mark.parametrize("path", ["kernel", "copy_engine"])
+@pytest.mark.parametrize("path", ["staged", "kernel", "copy_engine"])
 def test_thousands_of_blocks(path: str, gen: torch.Generator, rng: np.random.Generator) -> None:
     case = make_case("vllm_layerfirst", 3000, gen, layers=2, tpb=4, heads=1, head=64)
     check_round_trip(case, path, "all", gen, rng, host_blocks=3000)
     check_round_trip(case, path, "unsorted", gen, rng, host_blocks=4096)
+
+
+@pytest.mark.parametrize("slot_blocks", [1, 3, 7])
+def test_staged_jobs_cycle_slots_of_a_few_blocks(slot_blocks: int, gen: torch.Generator,
+                                                 rng: np.random.Generator) -> None:
+    """Slots of 1, 3 or 7 blocks: a job spans many slot groups and wraps the 4-slot ring many times."""
+    case = make_case("vllm_layerfirst", 120, gen, layers=2)
+    slot = slot_blocks * case.build(case.gpu).block_bytes
+    for lists in ("unsorted", "runs", "all"):
+        check_round_trip(case, "staged", lists, gen, rng, host_blocks=160, stage_slot_bytes=slot)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -212,7 +222,7 @@ def test_chunks_that_are_not_16_byte_multiples(head: int, dtype: torch.dtype, pa
     check_round_trip(case, path, "unsorted", gen, rng, host_blocks=50)
 
 
-@pytest.mark.parametrize("path", ["kernel", "copy_engine"])
+@pytest.mark.parametrize("path", ["staged", "kernel", "copy_engine"])
 def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torch.Generator,
                                                           rng: np.random.Generator) -> None:
     check_round_trip(make_case("vllm_layerfirst", 32, gen, layers=4), path, "unsorted", gen, rng, host_blocks=40,
@@ -243,7 +253,7 @@ def test_layerwise_load_is_exact_and_each_layer_event_waits(path: str, gen: torc
         host.close()
 
 
-@pytest.mark.parametrize("path", ["kernel", "copy_engine"])
+@pytest.mark.parametrize("path", ["staged", "kernel", "copy_engine"])
 def test_tp_ranks_each_move_their_slice(path: str, gen: torch.Generator, rng: np.random.Generator) -> None:
     """Two TP ranks (half the heads each) store into the same host blocks, which then hold
     [layer][k|v][rank][tokens, heads/2, head]; each rank loads exactly its own heads back."""
@@ -283,12 +293,15 @@ def test_tp_ranks_each_move_their_slice(path: str, gen: torch.Generator, rng: np
         host.close()
 
 
-def test_load_and_store_run_at_once_in_both_directions(gen: torch.Generator, rng: np.random.Generator) -> None:
+@pytest.mark.parametrize("path", ["staged", "kernel"])
+def test_load_and_store_run_at_once_in_both_directions(path: str, gen: torch.Generator,
+                                                       rng: np.random.Generator) -> None:
     case = make_case("vllm_layerfirst", 256, gen, layers=4)
     layout = case.build(case.gpu)
     host = Host(512, layout.block_bytes)
     try:
-        engine = gpu_engine("kernel", host)
+        # Small slots for the staged path: each direction's jobs cycle its ring many times, both at once.
+        engine = gpu_engine(path, host, stage_slot_bytes=3 * layout.block_bytes)
         host.view[:256] = rng.integers(0, 256, size=host.view[:256].shape, dtype=np.uint8)
         src = [t.clone() for t in case.gpu]
         store_ids, load_ids = np.arange(128), np.arange(128, 256)

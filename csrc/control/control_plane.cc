@@ -434,8 +434,8 @@ int32_t ControlPlane::register_layout(const EngineLayout& layout, int device) {
       } else {
         GpuCopyOptions o;
         o.device = device;
-        o.path_h2d = options_.use_ce_transfer_h2d ? GpuCopyPath::kCopyEngine : GpuCopyPath::kKernel;
-        o.path_d2h = options_.use_ce_transfer_d2h ? GpuCopyPath::kCopyEngine : GpuCopyPath::kKernel;
+        o.path_h2d = options_.use_ce_transfer_h2d ? GpuCopyPath::kCopyEngine : GpuCopyPath::kStaged;
+        o.path_d2h = options_.use_ce_transfer_d2h ? GpuCopyPath::kCopyEngine : GpuCopyPath::kStaged;
         o.sms_h2d = options_.transfer_sms_h2d;
         o.sms_d2h = options_.transfer_sms_d2h;
         fresh = make_gpu_copy_engine(o);
@@ -466,7 +466,7 @@ int32_t ControlPlane::register_layout(const EngineLayout& layout, int device) {
     if (smallest < kCopyEngineMinChunk) {
       log_line(LogLevel::kWarning, "use_ce_transfer_*: the engine layout moves chunks of " +
                                        std::to_string(smallest) + " bytes; the copy engine is slow below " +
-                                       std::to_string(kCopyEngineMinChunk >> 10) + " KiB chunks, the copy kernel "
+                                       std::to_string(kCopyEngineMinChunk >> 10) + " KiB chunks; the default path "
                                        "(use_ce_transfer_* false) is faster for this layout");
     }
   }

@@ -64,7 +64,8 @@ flexkv::GpuCopyPath path_of(const std::string& p, const char* what) {
   if (p == "kernel") return flexkv::GpuCopyPath::kKernel;
   if (p == "copy_engine") return flexkv::GpuCopyPath::kCopyEngine;
   if (p == "memcpy_per_chunk") return flexkv::GpuCopyPath::kMemcpyPerChunk;
-  throw py::value_error(std::string(what) + " must be 'kernel', 'copy_engine' or 'memcpy_per_chunk', got '" + p + "'");
+  if (p == "staged") return flexkv::GpuCopyPath::kStaged;
+  throw py::value_error(std::string(what) + " must be 'staged', 'kernel', 'copy_engine' or 'memcpy_per_chunk', got '" + p + "'");
 }
 
 int32_t register_layout(const EngineHandle& h, const I64Array& segments, int64_t engine_num_blocks,
@@ -209,8 +210,9 @@ void bind_copy_engines(py::module_& m) {
   py::class_<GpuEngineHandle, EngineHandle>(m, "GpuCopyEngine",
                                             "Copies between KV memory on one CUDA device and the pinned host tier.")
       .def(py::init([](int device, const std::string& path_h2d, const std::string& path_d2h, int sms_h2d,
-                       int sms_d2h) {
+                       int sms_d2h, uint64_t stage_slot_bytes) {
              flexkv::GpuCopyOptions o;
+             o.stage_slot_bytes = stage_slot_bytes;
              o.device = device;
              o.path_h2d = path_of(path_h2d, "path_h2d");
              o.path_d2h = path_of(path_d2h, "path_d2h");
@@ -219,7 +221,7 @@ void bind_copy_engines(py::module_& m) {
              return new GpuEngineHandle(o);
            }),
            py::arg("device") = 0, py::arg("path_h2d") = "kernel", py::arg("path_d2h") = "kernel",
-           py::arg("sms_h2d") = 8, py::arg("sms_d2h") = 8)
+           py::arg("sms_h2d") = 8, py::arg("sms_d2h") = 8, py::arg("stage_slot_bytes") = uint64_t{8} << 20)
       .def_property_readonly("load_stream", [](const GpuEngineHandle& h) {
         return reinterpret_cast<uintptr_t>(h.get()->stream(flexkv::CopyDirection::kHostToEngine));
       }, "The cudaStream_t of loads and urgent jobs, as an int.")

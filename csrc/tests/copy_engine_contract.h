@@ -199,10 +199,20 @@ TEST(each_job_is_collected_once) {
 
 TEST(urgent_jobs_go_ahead_of_queued_ones) {
   using namespace contract;
-  Rig rig(1024, 1040, 8192, 3);
+  // 128 MiB per store: the stores must still be queued when the load arrives, on a GPU too.
+  Rig rig(1024, 1040, 32768, 3);
   auto e = make_engine(1);
   const int32_t layout = rig.attach(*e);
   const auto all = iota_ids(0, 1023);  // engine block 1023 is the load's alone
+  // Warm-up: the engine's per-job resources (staging buffers, device pools) exist before the timed burst,
+  // so no submit below waits for an allocation while the stores drain.
+  {
+    std::vector<uint64_t> warm;
+    for (int j = 0; j < 8; ++j) {
+      warm.push_back(e->submit(CopyDirection::kEngineToHost, layout, all.data(), all.data(), 1023, j == 7, false, 0));
+    }
+    for (uint64_t w : warm) CHECK(e->wait(w, 60'000'000));
+  }
   std::vector<uint64_t> stores;
   for (int j = 0; j < 6; ++j) {
     stores.push_back(e->submit(CopyDirection::kEngineToHost, layout, all.data(), all.data(), 1023, false, false, 0));

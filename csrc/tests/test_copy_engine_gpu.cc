@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <stdexcept>
+#include <utility>
 #include <string>
 
 #include "copy_engine_contract.h"
@@ -71,9 +72,12 @@ int main() {
     return 77;
   }
   int rc = 0;
-  for (auto path : {flexkv::GpuCopyPath::kKernel, flexkv::GpuCopyPath::kCopyEngine}) {
+  const std::pair<flexkv::GpuCopyPath, const char*> paths[] = {{flexkv::GpuCopyPath::kKernel, "kernel"},
+                                                                 {flexkv::GpuCopyPath::kCopyEngine, "copy_engine"},
+                                                                 {flexkv::GpuCopyPath::kStaged, "staged"}};
+  for (const auto& [path, name] : paths) {
     contract::g_path = path;
-    std::printf("path: %s\n", path == flexkv::GpuCopyPath::kKernel ? "kernel" : "copy_engine");
+    std::printf("path: %s\n", name);
     rc |= flexkv_test::run_all();
   }
   return rc;

@@ -113,14 +113,18 @@ class CopyEngine {
 // `threads` host threads (>= 1).
 std::unique_ptr<CopyEngine> make_host_copy_engine(int threads);
 
-enum class GpuCopyPath { kKernel, kCopyEngine, kMemcpyPerChunk };
+// kStaged moves whole host blocks by DMA through a ring of device slots and
+// scatters (gathers) them on the device; jobs it cannot stage (layer-wise, or a
+// rank that holds only a slice of each host block) take kKernel.
+enum class GpuCopyPath { kKernel, kCopyEngine, kMemcpyPerChunk, kStaged };
 
 struct GpuCopyOptions {
   int device = 0;
-  GpuCopyPath path_h2d = GpuCopyPath::kKernel;
-  GpuCopyPath path_d2h = GpuCopyPath::kKernel;
-  int sms_h2d = 8;  // thread blocks of the kernel path, host to engine
-  int sms_d2h = 8;  // thread blocks of the kernel path, engine to host
+  GpuCopyPath path_h2d = GpuCopyPath::kStaged;
+  GpuCopyPath path_d2h = GpuCopyPath::kStaged;
+  int sms_h2d = 8;  // thread blocks of the kernel path (and the staged path's scatter), host to engine
+  int sms_d2h = 8;  // thread blocks of the kernel path (and the staged path's gather), engine to host
+  uint64_t stage_slot_bytes = 8ull << 20;  // each of the staged path's 4 device slots per direction
 };
 
 // The GPU data plane on one device. Throws std::runtime_error when this build

@@ -59,6 +59,8 @@ GpuCopyEngine::GpuCopyEngine(const GpuCopyOptions& options) : options_(options) 
     check(cudaDeviceGetStreamPriorityRange(&least, &greatest), "cudaDeviceGetStreamPriorityRange");
     check(cudaStreamCreateWithPriority(&load_stream_, cudaStreamNonBlocking, greatest), "cudaStreamCreate");
     check(cudaStreamCreateWithPriority(&store_stream_, cudaStreamNonBlocking, least), "cudaStreamCreate");
+    check(cudaStreamCreateWithPriority(&dma_[0], cudaStreamNonBlocking, greatest), "cudaStreamCreate");
+    check(cudaStreamCreateWithPriority(&dma_[1], cudaStreamNonBlocking, least), "cudaStreamCreate");
     for (int lane = 0; lane < 2; ++lane) {
       for (int i = 0; i < kCeStreams; ++i) {
         check(cudaStreamCreateWithPriority(&aux_[lane][i], cudaStreamNonBlocking, lane == 0 ? greatest : least),
@@ -84,6 +86,11 @@ GpuCopyEngine::GpuCopyEngine(const GpuCopyOptions& options) : options_(options) 
 }
 
 void GpuCopyEngine::destroy_streams() {
+  free_rings();
+  for (cudaStream_t& s : dma_) {
+    if (s != nullptr) cudaStreamDestroy(s);
+    s = nullptr;
+  }
   for (auto& lane : aux_) {
     for (cudaStream_t& s : lane) {
       if (s != nullptr) cudaStreamDestroy(s);
@@ -174,6 +181,16 @@ std::shared_ptr<const void> GpuCopyEngine::prepare_layout(const Layout& l) {
                     alignment_of(c.host_offset), alignment_of(c.bytes)});
   }
   data->vector_bytes = vec;
+  // Stageable when the segments tile the host block from offset 0 (one rank of the model, or MLA): the DMA
+  // then moves whole blocks and writes no byte another rank owns.
+  uint64_t covered = 0, lowest = UINT64_MAX;
+  for (const CopySegment& c : layout.segments) {
+    covered += c.bytes;
+    lowest = std::min(lowest, c.host_offset);
+    data->block_span = std::max(data->block_span, c.host_offset + c.bytes);
+  }
+  data->whole_block = !layout.segments.empty() && lowest == 0 && covered == data->block_span &&
+                      data->block_span <= l.host.block_bytes;
   return data;
 }
 

@@ -11,6 +11,13 @@
 //    runtime has it (12.8+), split over several streams so that several DMA
 //    engines work at once; otherwise one cudaMemcpyAsync per chunk. Adjacent
 //    chunks are coalesced first. Fast for chunks of 64 KiB and more.
+//  - kStaged: whole host blocks cross PCIe by DMA (one cudaMemcpyBatchAsync per
+//    slot) into a ring of device slots, and the copy kernel scatters them from
+//    the slot into the engine's blocks (a store gathers into a slot, then DMA).
+//    DMA and kernel overlap slot by slot on two streams. Needs a job that is not
+//    layer-wise and a layout whose segments cover the whole host block (one
+//    rank, or MLA); other jobs take kKernel. The slots are allocated on the
+//    first staged job; if that fails, kKernel serves every job.
 // kMemcpyPerChunk (one cudaMemcpyAsync per chunk, no coalescing) is the
 // baseline the benchmarks compare against.
 //
@@ -24,6 +31,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 #include <vector>
@@ -59,6 +67,18 @@ class GpuCopyEngine final : public CopyEngineBase {
     std::vector<DeviceSegment> segments;   // the segments in that order, as the kernel reads them
     std::vector<std::pair<int32_t, size_t>> groups;  // (group id, segments in it), ascending
     int vector_bytes = 1;                  // the widest access every address, stride and size allows
+    uint64_t block_span = 0;               // bytes of a host block the segments cover, from offset 0
+    bool whole_block = false;              // the segments tile [0, block_span): a block can be staged whole
+  };
+  // The staged path's device slots of one direction; jobs take slots in turn under `mu`.
+  struct StageRing {
+    std::mutex mu;
+    std::vector<void*> slots;
+    std::vector<cudaEvent_t> full, free;  // a slot is filled / was drained (last recorded)
+    int64_t* local_ids = nullptr;          // 0, 1, ...: block ids within a slot, for the kernel
+    int64_t capacity = 0;                  // blocks of the smallest block size a slot holds
+    int next = 0;
+    bool unusable = false;                 // allocation failed: kKernel instead
   };
   // A job's CUDA events, one per group it completes (recorded after that group),
   // as wait_group finds them. Destroyed when the job is collected.
@@ -88,16 +108,31 @@ class GpuCopyEngine final : public CopyEngineBase {
   std::string queue_chunks(const Layout& layout, const LayoutData& data, bool h2d, bool layerwise,
                            const int64_t* engine_blocks, const int64_t* host_blocks, size_t n,
                            cudaStream_t stream, const JobEvents& events);
+  // A job through the device slots (gpu_copy_staged.cc); `stream` is the job's stream, which its events follow.
+  std::string queue_staged(const Layout& layout, const LayoutData& data, bool h2d, const int64_t* engine_blocks,
+                           const int64_t* host_blocks, size_t n, cudaStream_t stream, const JobEvents& events,
+                           const gpu::PinnedPool::Buffer& staging);
+  // True when the ring of that direction is allocated (allocating it on first use) and holds blocks of
+  // `block_bytes`; never throws.
+  bool stage_ready(bool h2d, uint64_t block_bytes);
+  void free_rings();
+  // The block lists (and the segments) of a kernel job, uploaded on `stream` into pool memory: the device
+  // address, or nullptr with `error` set.
+  void* upload_lists(const LayoutData& data, const int64_t* engine_blocks, const int64_t* host_blocks, size_t n,
+                     cudaStream_t stream, const gpu::PinnedPool::Buffer& staging, std::string* error);
   // One group's chunks on the DMA engines, fanned out over the aux streams of `lane`.
   std::string queue_batch(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
                           int lane, cudaStream_t stream);
 
   static constexpr int kCeStreams = 8;  // copy-engine batches in parallel: one keeps one DMA engine busy
+  static constexpr int kStageSlots = 4;
 
   const GpuCopyOptions options_;
   cudaStream_t load_stream_ = nullptr;
   cudaStream_t store_stream_ = nullptr;
   cudaStream_t aux_[2][kCeStreams] = {};  // [0]: beside the load stream, [1]: beside the store stream
+  cudaStream_t dma_[2] = {};               // the staged path's DMA: [0] loads, [1] stores
+  StageRing rings_[2];                     // [0] loads, [1] stores
   cudaMemPool_t pool_ = nullptr;           // device memory for the block lists of kernel jobs
   bool has_batch_memcpy_ = false;
   gpu::PinnedPool staging_;

@@ -35,6 +35,9 @@ uint64_t GpuCopyEngine::submit(CopyDirection dir, int32_t layout_id, const int64
   const bool h2d = dir == CopyDirection::kHostToEngine;
   const GpuCopyPath path = h2d ? options_.path_h2d : options_.path_d2h;
   cudaStream_t stream = urgent || h2d ? load_stream_ : store_stream_;
+  const bool staged = path == GpuCopyPath::kStaged && n > 0 && !layerwise && data.whole_block &&
+                      stage_ready(h2d, layout->host.block_bytes);
+  const bool kernel = path == GpuCopyPath::kKernel || (path == GpuCopyPath::kStaged && !staged);
 
   // Everything that may throw comes before add_job: a submit that throws queued nothing.
   DeviceScope scope(options_.device);
@@ -47,7 +50,7 @@ uint64_t GpuCopyEngine::submit(CopyDirection dir, int32_t layout_id, const int64
   for (auto& e : events->events) check(cudaEventCreateWithFlags(&e.second, cudaEventDisableTiming), "cudaEventCreate");
   auto done = std::make_unique<Completion>();  // what the callback gets
   done->engine = this;
-  if (n > 0 && path == GpuCopyPath::kKernel) {
+  if (n > 0 && (kernel || staged)) {
     done->staging = staging_.take(data.segments.size() * sizeof(DeviceSegment) + 2 * n * sizeof(int64_t));
   }
   uint64_t job;
@@ -63,7 +66,9 @@ uint64_t GpuCopyEngine::submit(CopyDirection dir, int32_t layout_id, const int64
   // completes before the job does.
   if (n == 0) {
     for (auto& e : events->events) cudaEventRecord(e.second, stream);
-  } else if (path == GpuCopyPath::kKernel) {
+  } else if (staged) {
+    done->error = queue_staged(*layout, data, h2d, engine_blocks, host_blocks, n, stream, *events, done->staging);
+  } else if (kernel) {
     done->error =
         queue_kernel(*layout, data, h2d, layerwise, engine_blocks, host_blocks, n, stream, *events, done->staging);
   } else {
@@ -86,25 +91,15 @@ std::string GpuCopyEngine::queue_kernel(const Layout& layout, const LayoutData& 
                                         cudaStream_t stream, const JobEvents& events,
                                         const gpu::PinnedPool::Buffer& staging) {
   const int sms = h2d ? options_.sms_h2d : options_.sms_d2h;
+  std::string error;
+  void* dev = upload_lists(data, engine_blocks, host_blocks, n, stream, staging, &error);
+  if (dev == nullptr) {
+    for (const auto& ev : events.events) cudaEventRecord(ev.second, stream);
+    return error;
+  }
   const size_t nseg = data.segments.size();
   const size_t seg_bytes = nseg * sizeof(DeviceSegment);
-  const size_t bytes = seg_bytes + 2 * n * sizeof(int64_t);  // what submit sized the staging buffer for
-  // The segments (in group order) and the two block lists travel in one upload.
-  auto* segs = static_cast<DeviceSegment*>(staging.first);
-  std::copy(data.segments.begin(), data.segments.end(), segs);
-  auto* blocks = reinterpret_cast<int64_t*>(static_cast<char*>(staging.first) + seg_bytes);
-  std::copy(engine_blocks, engine_blocks + n, blocks);
-  std::copy(host_blocks, host_blocks + n, blocks + n);
-
-  std::string error;
-  void* dev = nullptr;
-  cudaError_t err = cudaMallocFromPoolAsync(&dev, bytes, pool_, stream);
-  if (err != cudaSuccess) {
-    for (const auto& ev : events.events) cudaEventRecord(ev.second, stream);
-    return cuda_message(err, "cudaMallocFromPoolAsync (block lists)");
-  }
-  err = cudaMemcpyAsync(dev, staging.first, bytes, cudaMemcpyHostToDevice, stream);
-  if (err != cudaSuccess) error = cuda_message(err, "cudaMemcpyAsync (block lists)");
+  cudaError_t err = cudaSuccess;
   const auto* dsegs = static_cast<const DeviceSegment*>(dev);
   const auto* deng = reinterpret_cast<const int64_t*>(static_cast<const char*>(dev) + seg_bytes);
   // A job that is not layer-wise runs every segment in one launch.
@@ -126,6 +121,28 @@ std::string GpuCopyEngine::queue_kernel(const Layout& layout, const LayoutData& 
   }
   cudaFreeAsync(dev, stream);
   return error;
+}
+
+void* GpuCopyEngine::upload_lists(const LayoutData& data, const int64_t* engine_blocks, const int64_t* host_blocks,
+                                  size_t n, cudaStream_t stream, const gpu::PinnedPool::Buffer& staging,
+                                  std::string* error) {
+  const size_t seg_bytes = data.segments.size() * sizeof(DeviceSegment);
+  const size_t bytes = seg_bytes + 2 * n * sizeof(int64_t);  // what submit sized the staging buffer for
+  // The segments (in group order) and the two block lists travel in one upload.
+  auto* segs = static_cast<DeviceSegment*>(staging.first);
+  std::copy(data.segments.begin(), data.segments.end(), segs);
+  auto* blocks = reinterpret_cast<int64_t*>(static_cast<char*>(staging.first) + seg_bytes);
+  std::copy(engine_blocks, engine_blocks + n, blocks);
+  std::copy(host_blocks, host_blocks + n, blocks + n);
+  void* dev = nullptr;
+  cudaError_t err = cudaMallocFromPoolAsync(&dev, bytes, pool_, stream);
+  if (err != cudaSuccess) {
+    *error = cuda_message(err, "cudaMallocFromPoolAsync (block lists)");
+    return nullptr;
+  }
+  err = cudaMemcpyAsync(dev, staging.first, bytes, cudaMemcpyHostToDevice, stream);
+  if (err != cudaSuccess) *error = cuda_message(err, "cudaMemcpyAsync (block lists)");
+  return dev;
 }
 
 std::string GpuCopyEngine::queue_chunks(const Layout& layout, const LayoutData& data, bool h2d, bool layerwise,
