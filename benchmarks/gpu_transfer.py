@@ -55,8 +55,8 @@ class Rig:
         err = torch.cuda.cudart().cudaHostRegister(self.host_base, self.size, portable_mapped)
         assert int(err) == 0, f"cudaHostRegister failed: {err}"
 
-    def engine(self, path: str, sms: int = 8, path_d2h: str | None = None) -> _core.GpuCopyEngine:
-        e = _core.GpuCopyEngine(torch.cuda.current_device(), path, path_d2h or path, sms, sms)
+    def engine(self, path: str, sms: int = 8, path_d2h: str | None = None, slot_mib: int = 8) -> _core.GpuCopyEngine:
+        e = _core.GpuCopyEngine(torch.cuda.current_device(), path, path_d2h or path, sms, sms, slot_mib << 20)
         e.register_host(self.host_base, self.size)
         return e
 
@@ -142,6 +142,7 @@ def main() -> None:
     p.add_argument("--chunks", default="4,16,32,128", help="chunk sizes in KiB")
     p.add_argument("--sms", default="4,8,16", help="thread blocks of the kernel path")
     p.add_argument("--paths", default="per-chunk,kernel,staged,copy_engine,mixed", help="rows besides contiguous")
+    p.add_argument("--slot-mib", default="8", help="device slot sizes of the staged path, in MiB")
     p.add_argument("--no-prefix", action="store_true", help="skip the 1K-token prefix timing")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args()
@@ -176,8 +177,12 @@ def main() -> None:
             for sms in (int(s) for s in args.sms.split(",")):
                 rows.append((f"kernel/{sms}", measure(rig, rig.engine("kernel", sms), jobs, nbytes, args.repeat)))
         if "staged" in paths:  # whole-block DMA through device slots, scattered by the kernel on `sms` blocks
+            slots = [int(m) for m in args.slot_mib.split(",")]
             for sms in (int(s) for s in args.sms.split(",") if int(s) <= 8):
-                rows.append((f"staged/{sms}", measure(rig, rig.engine("staged", sms), jobs, nbytes, args.repeat)))
+                for mib in slots:
+                    name = f"staged/{sms}" + (f"@{mib}M" if len(slots) > 1 else "")
+                    rows.append((name, measure(rig, rig.engine("staged", sms, slot_mib=mib), jobs, nbytes,
+                                               args.repeat)))
         if "copy_engine" in paths:
             rows.append(("copy_engine", measure(rig, rig.engine("copy_engine"), jobs, nbytes, args.repeat)))
         if "mixed" in paths:  # H2D by one path, D2H by the other

@@ -17,7 +17,8 @@
 //    DMA and kernel overlap slot by slot on two streams. Needs a job that is not
 //    layer-wise and a layout whose segments cover the whole host block (one
 //    rank, or MLA); other jobs take kKernel. The slots are allocated on the
-//    first staged job; if that fails, kKernel serves every job.
+//    first staged job (and grow for a larger block once the work queued on
+//    them is done); if that fails, kKernel serves every job.
 // kMemcpyPerChunk (one cudaMemcpyAsync per chunk, no coalescing) is the
 // baseline the benchmarks compare against.
 //
@@ -76,7 +77,8 @@ class GpuCopyEngine final : public CopyEngineBase {
     std::vector<void*> slots;
     std::vector<cudaEvent_t> full, free;  // a slot is filled / was drained (last recorded)
     int64_t* local_ids = nullptr;          // 0, 1, ...: block ids within a slot, for the kernel
-    int64_t capacity = 0;                  // blocks of the smallest block size a slot holds
+    int64_t capacity = 0;                  // the most blocks a slot holds (local_ids' length)
+    uint64_t slot_bytes = 0;               // each slot's size: options' stage_slot_bytes, or a larger block
     int next = 0;
     bool unusable = false;                 // allocation failed: kKernel instead
   };
@@ -116,6 +118,7 @@ class GpuCopyEngine final : public CopyEngineBase {
   // `block_bytes`; never throws.
   bool stage_ready(bool h2d, uint64_t block_bytes);
   void free_rings();
+  static void release_ring(StageRing& ring);  // frees its slots, events and ids (the caller holds its mutex)
   // The block lists (and the segments) of a kernel job, uploaded on `stream` into pool memory: the device
   // address, or nullptr with `error` set.
   void* upload_lists(const LayoutData& data, const int64_t* engine_blocks, const int64_t* host_blocks, size_t n,

@@ -30,6 +30,8 @@ namespace {
 
 // Up to this many blocks share a slot (the slot-local id list is this long).
 constexpr int64_t kMaxSlotBlocks = 16384;
+// Larger host blocks are not staged (four slots of them per direction would take too much device memory).
+constexpr uint64_t kMaxStageBlockBytes = 64ull << 20;
 
 // One DMA of m whole blocks between a slot and scattered host blocks.
 cudaError_t dma_blocks(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
@@ -60,17 +62,41 @@ cudaError_t dma_blocks(std::vector<void*>& dsts, std::vector<const void*>& srcs,
 
 }  // namespace
 
+void GpuCopyEngine::release_ring(StageRing& ring) {
+  for (void* s : ring.slots) {
+    if (s != nullptr) cudaFree(s);
+  }
+  for (auto* evs : {&ring.full, &ring.free}) {
+    for (cudaEvent_t e : *evs) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
+    evs->clear();
+  }
+  if (ring.local_ids != nullptr) cudaFree(ring.local_ids);
+  ring.slots.clear();
+  ring.local_ids = nullptr;
+  ring.slot_bytes = 0;
+}
+
 bool GpuCopyEngine::stage_ready(bool h2d, uint64_t block_bytes) {
   StageRing& ring = rings_[h2d ? 0 : 1];
-  if (block_bytes == 0 || block_bytes > options_.stage_slot_bytes) return false;
+  if (block_bytes == 0 || block_bytes > kMaxStageBlockBytes) return false;
   std::lock_guard<std::mutex> g(ring.mu);
   if (ring.unusable) return false;
-  if (!ring.slots.empty()) return true;
+  if (!ring.slots.empty() && ring.slot_bytes >= block_bytes) return true;
   DeviceScope scope(options_.device);
-  const int64_t capacity = kMaxSlotBlocks;
+  if (!ring.slots.empty()) {
+    // Blocks larger than the slots (a new layout): the slots grow once the staged work queued on them is done;
+    // only these streams use them.
+    cudaStreamSynchronize(dma_[h2d ? 0 : 1]);
+    cudaStreamSynchronize(load_stream_);
+    cudaStreamSynchronize(store_stream_);
+    release_ring(ring);
+  }
+  const uint64_t bytes = std::max(options_.stage_slot_bytes, block_bytes);
   bool ok = true;
   ring.slots.assign(kStageSlots, nullptr);
-  for (void*& s : ring.slots) ok = ok && cudaMalloc(&s, options_.stage_slot_bytes) == cudaSuccess;
+  for (void*& s : ring.slots) ok = ok && cudaMalloc(&s, bytes) == cudaSuccess;
   ring.full.assign(kStageSlots, nullptr);
   ring.free.assign(kStageSlots, nullptr);
   for (int k = 0; k < kStageSlots && ok; ++k) {
@@ -78,7 +104,7 @@ bool GpuCopyEngine::stage_ready(bool h2d, uint64_t block_bytes) {
          cudaEventCreateWithFlags(&ring.free[k], cudaEventDisableTiming) == cudaSuccess;
   }
   if (ok) {
-    std::vector<int64_t> ids(static_cast<size_t>(capacity));
+    std::vector<int64_t> ids(static_cast<size_t>(kMaxSlotBlocks));
     std::iota(ids.begin(), ids.end(), int64_t{0});
     ok = cudaMalloc(reinterpret_cast<void**>(&ring.local_ids), ids.size() * sizeof(int64_t)) == cudaSuccess &&
          cudaMemcpy(ring.local_ids, ids.data(), ids.size() * sizeof(int64_t), cudaMemcpyHostToDevice) == cudaSuccess;
@@ -86,33 +112,18 @@ bool GpuCopyEngine::stage_ready(bool h2d, uint64_t block_bytes) {
   if (!ok) {
     cudaGetLastError();  // an allocation failure is not sticky: jobs take the kernel path instead
     ring.unusable = true;
-    for (void*& s : ring.slots) {
-      if (s != nullptr) cudaFree(s);
-    }
-    for (auto* evs : {&ring.full, &ring.free}) {
-      for (cudaEvent_t e : *evs) {
-        if (e != nullptr) cudaEventDestroy(e);
-      }
-      evs->clear();
-    }
-    if (ring.local_ids != nullptr) cudaFree(ring.local_ids);
-    ring.slots.clear();
-    ring.local_ids = nullptr;
+    release_ring(ring);
     return false;
   }
-  ring.capacity = capacity;
+  ring.slot_bytes = bytes;
+  ring.capacity = kMaxSlotBlocks;
   return true;
 }
 
 void GpuCopyEngine::free_rings() {
   for (StageRing& ring : rings_) {
     std::lock_guard<std::mutex> g(ring.mu);
-    for (void* s : ring.slots) cudaFree(s);
-    for (cudaEvent_t e : ring.full) cudaEventDestroy(e);
-    for (cudaEvent_t e : ring.free) cudaEventDestroy(e);
-    if (ring.local_ids != nullptr) cudaFree(ring.local_ids);
-    ring.slots.clear(), ring.full.clear(), ring.free.clear();
-    ring.local_ids = nullptr;
+    release_ring(ring);
   }
 }
 
@@ -150,7 +161,7 @@ std::string GpuCopyEngine::queue_staged(const Layout& layout, const LayoutData& 
   {
     std::lock_guard<std::mutex> g(ring.mu);
     const int64_t per_slot =
-        std::max<int64_t>(1, std::min<int64_t>(ring.capacity, static_cast<int64_t>(options_.stage_slot_bytes / stride)));
+        std::max<int64_t>(1, std::min<int64_t>(ring.capacity, static_cast<int64_t>(ring.slot_bytes / stride)));
     for (int64_t i0 = 0; i0 < static_cast<int64_t>(n) && error.empty(); i0 += per_slot) {
       const int64_t m = std::min<int64_t>(per_slot, static_cast<int64_t>(n) - i0);
       const int k = ring.next;
