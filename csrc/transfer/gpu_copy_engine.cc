@@ -74,6 +74,10 @@ GpuCopyEngine::GpuCopyEngine(const GpuCopyOptions& options) : options_(options) 
     check(cudaMemPoolCreate(&pool_, &props), "cudaMemPoolCreate");
     uint64_t keep = 64ull << 20;  // block lists of recent jobs stay allocated
     check(cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep), "cudaMemPoolSetAttribute");
+    // A load's block lists must never reuse memory a queued store frees later: the pool would make the load's
+    // stream wait for that store, and a load would queue behind stores after all.
+    int no = 0;
+    check(cudaMemPoolSetAttribute(pool_, cudaMemPoolReuseAllowInternalDependencies, &no), "cudaMemPoolSetAttribute");
   } catch (...) {
     destroy_streams();  // no destructor runs for an engine whose constructor throws
     throw;
