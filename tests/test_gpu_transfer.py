@@ -203,11 +203,12 @@ def test_thousands_of_blocks(path: str, gen: torch.Generator, rng: np.random.Gen
     check_round_trip(case, path, "unsorted", gen, rng, host_blocks=4096)
 
 
-@pytest.mark.parametrize("slot_blocks", [1, 3, 7])
+@pytest.mark.parametrize("slot_blocks", [2, 3, 7])
 def test_staged_jobs_cycle_slots_of_a_few_blocks(slot_blocks: int, gen: torch.Generator,
                                                  rng: np.random.Generator) -> None:
-    """Slots of 1, 3 or 7 blocks: a job spans many slot groups and wraps the 4-slot ring many times."""
-    case = make_case("vllm_layerfirst", 120, gen, layers=2)
+    """Slots of 2, 3 or 7 blocks of 16 chunks (a job is staged from 32 chunks per slot on): a job spans many
+    slot groups and wraps the 4-slot ring many times."""
+    case = make_case("vllm_layerfirst", 120, gen, layers=8)
     slot = slot_blocks * case.build(case.gpu).block_bytes
     for lists in ("unsorted", "runs", "all"):
         check_round_trip(case, "staged", lists, gen, rng, host_blocks=160, stage_slot_bytes=slot)
@@ -216,7 +217,8 @@ def test_staged_jobs_cycle_slots_of_a_few_blocks(slot_blocks: int, gen: torch.Ge
 def test_staged_slots_grow_for_a_layout_with_larger_blocks(gen: torch.Generator, rng: np.random.Generator) -> None:
     """One engine, slots sized for a small layout's blocks; a second layout's blocks are larger than a slot:
     the slots grow and both layouts' stores are byte-exact."""
-    small, big = make_case("vllm_layerfirst", 40, gen, layers=2), make_case("vllm_layerfirst", 40, gen, heads=8)
+    small = make_case("vllm_layerfirst", 40, gen, layers=16)  # 32 chunks a block: staged with one block a slot
+    big = make_case("vllm_layerfirst", 40, gen, layers=16, heads=8)
     layouts = [small.build(small.gpu), big.build(big.gpu)]
     slot = 2 * layouts[0].block_bytes
     assert layouts[1].block_bytes > slot
@@ -322,8 +324,9 @@ def test_load_and_store_run_at_once_in_both_directions(path: str, gen: torch.Gen
     layout = case.build(case.gpu)
     host = Host(512, layout.block_bytes)
     try:
-        # Small slots for the staged path: each direction's jobs cycle its ring many times, both at once.
-        engine = gpu_engine(path, host, stage_slot_bytes=3 * layout.block_bytes)
+        # Small slots for the staged path (4 blocks of 8 chunks: 32 chunks, the least it stages): each
+        # direction's jobs cycle its ring many times, both at once.
+        engine = gpu_engine(path, host, stage_slot_bytes=4 * layout.block_bytes)
         host.view[:256] = rng.integers(0, 256, size=host.view[:256].shape, dtype=np.uint8)
         src = [t.clone() for t in case.gpu]
         store_ids, load_ids = np.arange(128), np.arange(128, 256)

@@ -18,7 +18,9 @@
 //    layer-wise and a layout whose segments cover the whole host block (one
 //    rank, or MLA); other jobs take kKernel. The slots are allocated on the
 //    first staged job (and grow for a larger block once the work queued on
-//    them is done); if that fails, kKernel serves every job.
+//    them is done); if that fails, kKernel serves every job. A layout whose
+//    block is one chunk (fewer than 32 chunks per slot: too few warps for
+//    the scatter) moves whole blocks by batched DMA straight to the engine.
 // kMemcpyPerChunk (one cudaMemcpyAsync per chunk, no coalescing) is the
 // baseline the benchmarks compare against.
 //
@@ -129,6 +131,7 @@ class GpuCopyEngine final : public CopyEngineBase {
 
   static constexpr int kCeStreams = 8;  // copy-engine batches in parallel: one keeps one DMA engine busy
   static constexpr int kStageSlots = 4;
+  static constexpr uint64_t kMinStagedChunks = 32;  // chunks per slot below which a job is not staged
 
   const GpuCopyOptions options_;
   cudaStream_t load_stream_ = nullptr;

@@ -35,9 +35,16 @@ uint64_t GpuCopyEngine::submit(CopyDirection dir, int32_t layout_id, const int64
   const bool h2d = dir == CopyDirection::kHostToEngine;
   const GpuCopyPath path = h2d ? options_.path_h2d : options_.path_d2h;
   cudaStream_t stream = urgent || h2d ? load_stream_ : store_stream_;
-  const bool staged = path == GpuCopyPath::kStaged && n > 0 && !layerwise && data.whole_block &&
-                      stage_ready(h2d, layout->host.block_bytes);
-  const bool kernel = path == GpuCopyPath::kKernel || (path == GpuCopyPath::kStaged && !staged);
+  // The staged path needs enough chunks per slot to keep the scatter's warps (one per chunk) ahead of PCIe. A
+  // layout whose block is one chunk (TensorRT-LLM's pool) moves whole blocks by DMA straight to the engine
+  // instead; other jobs take the kernel.
+  const uint64_t host_block = layout->host.block_bytes;
+  const bool stageable = path == GpuCopyPath::kStaged && n > 0 && !layerwise && data.whole_block;
+  const bool many_chunks = stageable && data.segments.size() * (std::max(options_.stage_slot_bytes, host_block) /
+                                                                host_block) >= kMinStagedChunks;
+  const bool staged = many_chunks && stage_ready(h2d, host_block);
+  const bool whole_dma = stageable && !many_chunks && data.segments.size() == 1 && has_batch_memcpy_;
+  const bool kernel = path == GpuCopyPath::kKernel || (path == GpuCopyPath::kStaged && !staged && !whole_dma);
 
   // Everything that may throw comes before add_job: a submit that throws queued nothing.
   DeviceScope scope(options_.device);
@@ -166,7 +173,8 @@ std::string GpuCopyEngine::queue_chunks(const Layout& layout, const LayoutData& 
         const uint64_t eng = c.engine_base + engine_blocks[i] * c.engine_block_stride;
         const uint64_t hst = host.base + static_cast<uint64_t>(host_blocks[i]) * host.block_bytes + c.host_offset;
         const Chunk ch = h2d ? Chunk{eng, hst, c.bytes} : Chunk{hst, eng, c.bytes};
-        if (path == GpuCopyPath::kCopyEngine && !chunks.empty() && chunks.back().dst + chunks.back().bytes == ch.dst &&
+        const bool coalesce = path != GpuCopyPath::kMemcpyPerChunk && !chunks.empty();
+        if (coalesce && chunks.back().dst + chunks.back().bytes == ch.dst &&
             chunks.back().src + chunks.back().bytes == ch.src) {
           chunks.back().bytes += ch.bytes;
         } else {
@@ -177,7 +185,7 @@ std::string GpuCopyEngine::queue_chunks(const Layout& layout, const LayoutData& 
     first += groups[g].second;
     if (error.empty()) {
 #if CUDART_VERSION >= 12080
-      if (path == GpuCopyPath::kCopyEngine && has_batch_memcpy_) {
+      if (path != GpuCopyPath::kMemcpyPerChunk && has_batch_memcpy_) {  // kCopyEngine, or kStaged's whole blocks
         std::vector<void*> dsts(chunks.size());
         std::vector<const void*> srcs(chunks.size());
         std::vector<size_t> sizes(chunks.size());
