@@ -214,29 +214,6 @@ def test_staged_jobs_cycle_slots_of_a_few_blocks(slot_blocks: int, gen: torch.Ge
         check_round_trip(case, "staged", lists, gen, rng, host_blocks=160, stage_slot_bytes=slot)
 
 
-def test_staged_slots_grow_for_a_layout_with_larger_blocks(gen: torch.Generator, rng: np.random.Generator) -> None:
-    """One engine, slots sized for a small layout's blocks; a second layout's blocks are larger than a slot:
-    the slots grow and both layouts' stores are byte-exact."""
-    small = make_case("vllm_layerfirst", 40, gen, layers=16)  # 32 chunks a block: staged with one block a slot
-    big = make_case("vllm_layerfirst", 40, gen, layers=16, heads=8)
-    layouts = [small.build(small.gpu), big.build(big.gpu)]
-    slot = 2 * layouts[0].block_bytes
-    assert layouts[1].block_bytes > slot
-    hosts = [Host(48, lay.block_bytes) for lay in layouts]
-    try:
-        engine = gpu_engine("staged", hosts[0], stage_slot_bytes=slot)
-        engine.register_host(hosts[1].tier.base, hosts[1].num_blocks * hosts[1].tier.block_stride)
-        for case, layout, host in zip((small, big), layouts, hosts):
-            eng_ids, host_ids = rng.permutation(40)[:30], rng.permutation(48)[:30]
-            host.poison()
-            run_gpu(engine, "engine_to_host", layout, host, eng_ids, host_ids)
-            run_ref("engine_to_host", case.build(case.cpu()), host, eng_ids, host_ids)
-            np.testing.assert_array_equal(host.view, host.ref)
-    finally:
-        for host in hosts:
-            host.close()
-
-
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("head,dtype", [(5, torch.float16), (3, torch.float16), (3, torch.uint8), (7, torch.uint8)],
                          ids=["8B", "4B-or-8B", "1B", "1B-odd"])

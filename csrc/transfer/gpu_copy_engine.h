@@ -17,8 +17,8 @@
 //    DMA and kernel overlap slot by slot on two streams. Needs a job that is not
 //    layer-wise and a layout whose segments cover the whole host block (one
 //    rank, or MLA); other jobs take kKernel. The slots are allocated on the
-//    first staged job (and grow for a larger block once the work queued on
-//    them is done); if that fails, kKernel serves every job. A layout whose
+//    first staged job; if that fails, kKernel serves every job. Blocks larger
+//    than a slot take kKernel. A layout whose
 //    block is one chunk (fewer than 32 chunks per slot: too few warps for
 //    the scatter) moves whole blocks by batched DMA straight to the engine.
 // kMemcpyPerChunk (one cudaMemcpyAsync per chunk, no coalescing) is the
@@ -80,7 +80,7 @@ class GpuCopyEngine final : public CopyEngineBase {
     std::vector<cudaEvent_t> full, free;  // a slot is filled / was drained (last recorded)
     int64_t* local_ids = nullptr;          // 0, 1, ...: block ids within a slot, for the kernel
     int64_t capacity = 0;                  // the most blocks a slot holds (local_ids' length)
-    uint64_t slot_bytes = 0;               // each slot's size: options' stage_slot_bytes, or a larger block
+    uint64_t slot_bytes = 0;               // each slot's size (options' stage_slot_bytes)
     int next = 0;
     bool unusable = false;                 // allocation failed: kKernel instead
   };

@@ -30,8 +30,6 @@ namespace {
 
 // Up to this many blocks share a slot (the slot-local id list is this long).
 constexpr int64_t kMaxSlotBlocks = 16384;
-// Larger host blocks are not staged (four slots of them per direction would take too much device memory).
-constexpr uint64_t kMaxStageBlockBytes = 64ull << 20;
 
 // One DMA of m whole blocks between a slot and scattered host blocks.
 cudaError_t dma_blocks(std::vector<void*>& dsts, std::vector<const void*>& srcs, std::vector<size_t>& sizes,
@@ -80,20 +78,13 @@ void GpuCopyEngine::release_ring(StageRing& ring) {
 
 bool GpuCopyEngine::stage_ready(bool h2d, uint64_t block_bytes) {
   StageRing& ring = rings_[h2d ? 0 : 1];
-  if (block_bytes == 0 || block_bytes > kMaxStageBlockBytes) return false;
+  // A block larger than a slot is not staged: the kernel moves it.
+  if (block_bytes == 0 || block_bytes > options_.stage_slot_bytes) return false;
   std::lock_guard<std::mutex> g(ring.mu);
   if (ring.unusable) return false;
-  if (!ring.slots.empty() && ring.slot_bytes >= block_bytes) return true;
+  if (!ring.slots.empty()) return true;
   DeviceScope scope(options_.device);
-  if (!ring.slots.empty()) {
-    // Blocks larger than the slots (a new layout): the slots grow once the staged work queued on them is done;
-    // only these streams use them.
-    cudaStreamSynchronize(dma_[h2d ? 0 : 1]);
-    cudaStreamSynchronize(load_stream_);
-    cudaStreamSynchronize(store_stream_);
-    release_ring(ring);
-  }
-  const uint64_t bytes = std::max(options_.stage_slot_bytes, block_bytes);
+  const uint64_t bytes = options_.stage_slot_bytes;
   bool ok = true;
   ring.slots.assign(kStageSlots, nullptr);
   for (void*& s : ring.slots) ok = ok && cudaMalloc(&s, bytes) == cudaSuccess;
