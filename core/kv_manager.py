@@ -121,6 +121,12 @@ class KVManager:
         return self._ranks is not None
 
     @property
+    def rank_agent(self) -> Any:
+        """The RankAgent that copies this process's KV memory when ranks copy (``register_kv_caches`` made it):
+        ``wait_task`` waits for this rank's part of a load. None otherwise."""
+        return self._ranks.agent if self._ranks is not None else None
+
+    @property
     def engine_layout(self) -> EngineLayout | None:
         """The registered engine KV memory."""
         return self._engine

@@ -70,8 +70,11 @@ class RankAgent:
         self.lease_s = 10.0
         self.tier: dict[str, Any] = {}
         self.plane: DataPlane | None = None
-        self._jobs: dict[int, int] = {}  # data-plane job -> order job
+        self._jobs: dict[int, tuple[int, int]] = {}  # data-plane job -> (order job, task)
         self._jobs_lock = threading.Lock()
+        self._tasks_cv = threading.Condition()
+        self._task_jobs: dict[int, tuple[Any, int]] = {}  # task -> (plane, job) of this rank's copy
+        self._task_ends: dict[int, str] = {}  # task -> its copy's error ("" done) here, the latest _KEEP_TASKS
         self._stop = threading.Event()
         self._last_answer = time.monotonic()
         self.orders = 0
@@ -217,12 +220,16 @@ class RankAgent:
             with self._jobs_lock:
                 job = plane.submit("host_to_engine" if order.load else "engine_to_host", engine, host,
                                    urgent=order.load, layerwise=layerwise)
-                self._jobs[job] = order.job
+                self._jobs[job] = (order.job, order.task)
+            with self._tasks_cv:
+                _keep(self._task_jobs, order.task, (plane, job))
+                self._tasks_cv.notify_all()
             if layerwise and self._layer_listeners:
                 self._layer_jobs.put((plane, job, order.counter))
         except Exception as e:  # never leave the order open: the task would wait for this rank
             self.failed += 1
             self._send(wire.RankDone(self.session, order.job, str(e) or type(e).__name__))
+            self._ended(order.task, str(e) or type(e).__name__)
             if order.load and order.layerwise and self._layer_listeners:
                 self._layer_jobs.put((None, -1, order.counter))  # nothing to wait for: release the layers
 
@@ -257,4 +264,47 @@ class RankAgent:
                 if order is not None:
                     if error:
                         self.failed += 1
-                    self._send(wire.RankDone(self.session, order, error))
+                    self._send(wire.RankDone(self.session, order[0], error))
+                    self._ended(order[1], error)
+
+    def _ended(self, task: int, error: str) -> None:
+        with self._tasks_cv:
+            _keep(self._task_ends, task, error)
+            self._task_jobs.pop(task, None)
+            self._tasks_cv.notify_all()
+
+    def wait_task(self, task: int, layer: int = -1, stream: int | None = None, timeout: float = 20.0) -> bool:
+        """Waits until this rank's copy of ``task`` (a launched load) has brought ``layer`` in (-1: every layer)
+        and says whether it succeeded; False also when no order of the task came within ``timeout`` s. With
+        ``stream`` (a cudaStream_t of the rank's device, as an int) the stream waits for the layer instead,
+        without blocking: True once the copy is queued. The task's whole outcome is the launcher's (every rank's
+        copy): this is the rank's own part, for a rank that must not read its KV before it is there."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._tasks_cv:
+            while task not in self._task_jobs and task not in self._task_ends:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._tasks_cv.wait(min(left, 0.1))
+            if task in self._task_ends:
+                return self._task_ends[task] == ""
+            plane, job = self._task_jobs[task]
+        if stream is not None and layer >= 0:
+            plane.copy.stream_wait_group(job, layer, stream)
+            return True
+        with self._tasks_cv:
+            while task not in self._task_ends:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._tasks_cv.wait(min(left, 0.1))
+            return self._task_ends[task] == ""
+
+
+_KEEP_TASKS = 4096
+
+
+def _keep(table: dict[int, Any], key: int, value: Any) -> None:
+    table[key] = value
+    while len(table) > _KEEP_TASKS:
+        del table[next(iter(table))]

@@ -7,49 +7,21 @@ a rank SIGKILLed with a load in flight, which fails that load within the rank le
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-from pathlib import Path
-
 import pytest
 
-HERE = Path(__file__).resolve().parent
+from kv_helpers import seed_for
+
 CHECKS = [("mp_round_trip", 0), ("mp_round_trip", 1), ("layerwise_round_trip", 0), ("layerwise_round_trip", 1),
           ("killed_rank_fails_within_lease", 0)]
 
 
 @pytest.fixture(scope="module")
-def tp_ranks(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tp_ranks(run_ranks, tmp_path_factory: pytest.TempPathFactory) -> dict:
     import sglang  # noqa: F401  (a missing SGLang is an install error: ./build.sh --dev installs it)
-
-    from kv_helpers import seed_for
 
     seed = seed_for("tests/test_sglang_tp.py")
     print(f"FLEXKV_TEST_SEED={seed} reproduces tests/test_sglang_tp.py (rank r's KV bytes: seed + r)")
-    work = tmp_path_factory.mktemp("sglang-tp")
-    logs = [work / f"rank{r}.log" for r in range(2)]
-    procs = []
-    for r, log in enumerate(logs):
-        with open(log, "w") as out:
-            procs.append(subprocess.Popen([sys.executable, str(HERE / "sglang_tp_rank.py"), str(work), str(r),
-                                           str(seed)], stdout=out, stderr=subprocess.STDOUT, cwd=str(work)))
-    deadline = time.monotonic() + 240
-    for p in procs:
-        try:
-            p.wait(max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:  # a hung rank: its log still tells which check hung
-            p.kill()
-            p.wait()
-    outputs = [log.read_text() for log in logs]
-    lines = {}
-    for out in outputs:
-        for line in out.splitlines():
-            status, _, rest = line.partition(" ")
-            if status in ("PASS", "FAIL"):
-                name, _, who = rest.partition(" ")
-                lines[(name, int(who.split(":")[0].removeprefix("rank")))] = line
-    return {"lines": lines, "codes": [p.returncode for p in procs], "output": "\n".join(o[-6000:] for o in outputs)}
+    return run_ranks("sglang_tp_rank.py", tmp_path_factory.mktemp("sglang-tp"), seed)
 
 
 @pytest.mark.parametrize(("check", "rank"), CHECKS, ids=[f"{c}-rank{r}" for c, r in CHECKS])
