@@ -186,8 +186,8 @@ def layerwise_round_trip(gen: torch.Generator) -> Rank:
     connector = rank.cache.flexkv_connector
     assert connector.enable_layerwise, "FLEXKV_ENABLE_LAYERWISE_TRANSFER=1 was not taken up"  # alike on every rank
     server = layerwise_server._SERVERS.get(connector._layerwise_socket)
-    tokens = tokens_of(3 * PAGE + 1, 2)
-    ref, whole = rank.store(tokens, gen)
+    prompts = [tokens_of(3 * PAGE + 1, 2), tokens_of(2 * PAGE + 3, 3)]
+    stored = [rank.store(tokens, gen) for tokens in prompts]
     manager = connector.kv_manager
     if manager is not None:
         # SGLang 0.5.23 arms (drains) a rank's eventfds in start_load_kv_layerwise without any ordering against
@@ -196,23 +196,28 @@ def layerwise_round_trip(gen: torch.Generator) -> Rank:
         # microseconds, so rank 0 gives rank 1 the time a GPU launch would take.
         launch = manager.launch
         manager.launch = lambda *a, **k: (time.sleep(0.05), launch(*a, **k))[1]
-    res = rank.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=None))
-    assert res.device_prefix_len == whole, res.device_prefix_len
-    waited: list[int] = []
+    problems = []
+    for i, (tokens, (ref, whole)) in enumerate(zip(prompts, stored)):  # SGLang's counters 0, then 1
+        res = rank.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=None))
+        assert res.device_prefix_len == whole, res.device_prefix_len  # rank 0's answer: alike on every rank
+        waited: list[int] = []
 
-    def forward() -> None:  # the attention backend reads each layer's buffers in order
-        for layer in range(LAYERS):
-            rank.kv.get_key_buffer(layer)
-            waited.append(layer)
+        def forward(waited: list[int]) -> None:  # the attention backend reads each layer's buffers in order
+            for layer in range(LAYERS):
+                rank.kv.get_key_buffer(layer)
+                waited.append(layer)
 
-    t = threading.Thread(target=forward, daemon=True)
-    t.start()
-    t.join(30)
-    assert waited == list(range(LAYERS)), f"the forward pass was released for layers {waited} only"
+        t = threading.Thread(target=forward, args=(waited,), daemon=True)
+        t.start()
+        t.join(30)
+        if waited != list(range(LAYERS)):
+            problems.append(f"load {i}: the forward pass was released for layers {waited} only")
+        bad = rank.differs(res.last_device_node.value, ref)
+        if bad:
+            problems.append(f"load {i}: this rank's loaded bytes differ: {bad}")
     assert server is not None and server.source is connector.tp_client.agent, (
         "this rank's eventfds are not served by its own RankAgent")
-    bad = rank.differs(res.last_device_node.value, ref)
-    assert not bad, f"this rank's loaded bytes differ: {bad}"
+    assert not problems, problems
     return rank
 
 
