@@ -126,19 +126,21 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="module")
 def run_ranks() -> Callable[..., dict[str, Any]]:
-    """``run_ranks(script, work, seed, ranks=2, timeout=240) -> {"lines", "codes", "output"}``: starts
+    """``run_ranks(script, work, seed, ranks=2, timeout=240, env=None) -> {"lines", "codes", "output"}``: starts
     ``python tests/<script> <work> <rank> <seed>`` for every rank at once (``OMPI_COMM_WORLD_RANK`` set to the
     rank, as an MPI launcher does), waits for all (a rank still running at the timeout is killed), and maps
     (check, rank) to that rank's PASS or FAIL line; ``output`` holds every rank's log tail."""
 
-    def run(script: str, work: Path, seed: int, ranks: int = 2, timeout: float = 240.0) -> dict[str, Any]:
+    def run(script: str, work: Path, seed: int, ranks: int = 2, timeout: float = 240.0,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
         logs = [work / f"rank{r}.log" for r in range(ranks)]
         procs = []
         for r, log in enumerate(logs):
             with open(log, "w") as out:
                 procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / script), str(work),
                                                str(r), str(seed)], stdout=out, stderr=subprocess.STDOUT,
-                                              cwd=str(work), env={**os.environ, "OMPI_COMM_WORLD_RANK": str(r)}))
+                                              cwd=str(work), env={**os.environ, **(env or {}),
+                                                                  "OMPI_COMM_WORLD_RANK": str(r)}))
         deadline = time.monotonic() + timeout
         for p in procs:
             try:

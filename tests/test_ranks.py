@@ -195,3 +195,48 @@ def test_a_layerwise_launch_hands_its_counter_to_every_rank(tmp_path: Path, rng,
         kv.shutdown()
         if server is not None:
             assert server.stop() == 0, server.output()
+
+
+@pytest.mark.gpu
+def test_ranks_on_cuda_load_layer_by_layer(tmp_path: Path, rng, gen) -> None:
+    """Two ranks' KV memory on a CUDA device, each copied by its own agent's GPU data plane: a layer-wise load
+    signals every layer as it lands; a stream made to wait for a rank's layer (wait_task with a stream) sees
+    that layer; the bytes are the rank's own, byte-exact."""
+    port = f"ipc://{tmp_path}/gpu_register"
+    model, cache = configs(num_kv_heads=2, tp_size=2)
+    kv = KVManager(model, cache, gpu_register_port=port, server_settings=ServerSettings(server_lease_seconds=LEASE_S))
+    kv.start()
+    kv_layout = KVCacheLayout(KVCacheLayoutType.LAYERFIRST, LAYERS, NUM_BLOCKS, TPB, HEADS_PER_RANK, HEAD)
+    views = [[torch.randint(0, 256, (2, NUM_BLOCKS, TPB, HEADS_PER_RANK, HEAD * 2), dtype=torch.uint8, generator=gen)
+              .view(torch.float16).cuda() for _ in range(LAYERS)] for _ in range(2)]
+    agents, heard = [], [[], []]
+    try:
+        for r in range(2):
+            layout = EngineLayout.from_kv_layout(views[r], kv_layout, tp_size=2, tp_rank=r)
+            agents.append(RankAgent(port, lambda model, layout=layout: layout))
+            agents[r].add_layer_listener(lambda counter, layer, r=r: heard[r].append((counter, layer)))
+        wait_ready(kv)
+        tokens = random_tokens(rng, 4 * TPB)
+        task, _ = kv.put_match(tokens)
+        kv.launch(task, slots([0, 1, 2, 3], TPB))
+        assert kv.wait(task, timeout=30)[task].status.name == "SUCCESS"
+        poison(views, range(8, 12))
+        task, _ = kv.get_match(tokens)
+        kv.launch(task, slots([8, 9, 10, 11], TPB), layerwise_transfer=True, counter_id=1)
+        stream = torch.cuda.Stream()
+        for r, agent in enumerate(agents):
+            for layer in range(LAYERS):
+                assert agent.wait_task(task, layer, stream.cuda_stream)
+                with torch.cuda.stream(stream):
+                    got = views[r][layer][:, 8:12].clone()
+                stream.synchronize()
+                assert torch.equal(got.view(torch.uint8), views[r][layer][:, 0:4].view(torch.uint8)), (r, layer)
+        assert kv.wait(task, timeout=30)[task].status.name == "SUCCESS"
+        deadline = time.monotonic() + 10
+        while any(len(h) < LAYERS for h in heard) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert heard == [[(1, layer) for layer in range(LAYERS)]] * 2, heard
+    finally:
+        for a in agents:
+            a.close()
+        kv.shutdown()

@@ -28,3 +28,15 @@ def test_trtllm_tp2_rank_check(tp_ranks: dict, check: str, rank: int) -> None:
 
 def test_trtllm_tp2_ranks_exit_cleanly(tp_ranks: dict) -> None:
     assert tp_ranks["codes"] == [0, 0], tp_ranks["output"]
+
+
+@pytest.mark.gpu
+def test_trtllm_tp2_on_cuda_pools(run_ranks, tmp_path) -> None:
+    """The same with both ranks' pools on the GPU: each rank's GPU data plane loads its slice layer by layer
+    and its forward pass's stream waits for each layer."""
+    seed = seed_for("tests/test_trtllm_tp.py::cuda")
+    print(f"FLEXKV_TEST_SEED={seed} reproduces tests/test_trtllm_tp.py::test_trtllm_tp2_on_cuda_pools")
+    ranks = run_ranks("trtllm_tp_rank.py", tmp_path, seed, env={"TP_TEST_DEVICE": "cuda"})
+    for check, rank in CHECKS:
+        assert ranks["lines"].get((check, rank)) == f"PASS {check} rank{rank}", ranks["output"]
+    assert ranks["codes"] == [0, 0], ranks["output"]

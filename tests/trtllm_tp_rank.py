@@ -30,6 +30,7 @@ import torch.distributed as dist
 HERE = Path(__file__).resolve().parent
 WORK, RANK, SEED = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 TP, TPB, LAYERS, HEADS_X_DIM = 2, 4, 3, 8  # HEADS_X_DIM: one rank's heads times head size
+DEVICE = os.environ.get("TP_TEST_DEVICE", "cpu")  # "cuda": every rank's pool on the GPU (tests marked gpu)
 
 
 class GlooComm:
@@ -70,11 +71,11 @@ def main() -> int:
     worker = FlexKVWorkerConnector(args)
     scheduler = FlexKVSchedulerConnector(args) if RANK == 0 else None
     comm = GlooComm()
-    print(f"SEED rank{RANK} {SEED}", flush=True)
+    print(f"SEED rank{RANK} {SEED} device {DEVICE}", flush=True)
     failed = 0
     try:
         ex = MiniExecutor(scheduler, worker, num_blocks=96, num_layers=LAYERS, tokens_per_block=TPB,
-                          heads_x_dim=HEADS_X_DIM, comm=comm)
+                          heads_x_dim=HEADS_X_DIM, comm=comm, device=DEVICE)
         rng = random.Random(SEED)  # the same prompts on every rank, as TensorRT-LLM's ranks see one request
 
         def prompt(n: int) -> list[int]:
