@@ -16,6 +16,7 @@ from .local_registry import manager_for, manager_with_model
 from .log import setup_logging
 from .page_store import PageStore
 from .rank_agent import RankAgent
+from .rank_hub import rank_endpoint
 from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings
 from .wire import ServerError, ServerUnavailable
@@ -49,6 +50,7 @@ __all__ = [
     "load_config",
     "manager_for",
     "manager_with_model",
+    "rank_endpoint",
     "request_namespace",
     "setup_logging",
 ]

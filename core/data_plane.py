@@ -48,11 +48,18 @@ class DataPlane:
             except ValueError as e:
                 raise LayoutError(f"the engine's KV memory does not fit the CPU tier's blocks: {e}") from e
 
-    def submit(self, direction: str, engine_blocks: Any, host_blocks: Any, urgent: bool = False) -> int:
+    def submit(self, direction: str, engine_blocks: Any, host_blocks: Any, urgent: bool = False,
+               layerwise: bool = False) -> int:
         """Queues a copy of engine_blocks[i] <-> host_blocks[i]; returns a job id. Bad ids raise, nothing
-        queued."""
+        queued. A ``layerwise`` job completes layer by layer on the GPU (``wait_layer``), as a whole on the
+        host copy threads."""
         return int(self.copy.submit(direction, self.layout_id, np.asarray(engine_blocks, dtype=np.int64),
-                                    np.asarray(host_blocks, dtype=np.int64), urgent))
+                                    np.asarray(host_blocks, dtype=np.int64), urgent, layerwise))
+
+    def wait_layer(self, job: int, layer: int) -> None:
+        """Blocks until ``layer`` of a job is copied (the whole job when it is not layer-wise, or on the host
+        copy threads); returns at once for a job that ended, collected by ``poll`` or not."""
+        self.copy.wait_group(int(job), int(layer))
 
     def poll(self, timeout_us: int = 0) -> list[tuple[int, str]]:
         """Jobs that have ended since the last poll, with their error ("" when they succeeded); waits up to

@@ -121,6 +121,12 @@ class KVManager:
         return self._ranks is not None
 
     @property
+    def rank_agent(self) -> Any:
+        """The RankAgent that copies this process's KV memory when ranks copy (``register_kv_caches`` made it):
+        ``wait_task`` waits for this rank's part of a load. None otherwise."""
+        return self._ranks.agent if self._ranks is not None else None
+
+    @property
     def engine_layout(self) -> EngineLayout | None:
         """The registered engine KV memory."""
         return self._engine
@@ -236,7 +242,8 @@ class KVManager:
         """Starts the copies of matched tasks; ``slot_mappings[i]`` holds the engine slots (``block_id *
         tokens_per_block + offset``) of the tokens task i's mask marks. All or nothing: an unknown or
         launched id launches nothing; a bad slot mapping fails every task of the call (TaskError either way).
-        ``as_batch`` and ``counter_id`` are accepted for the engines that pass them; listeners hear the id."""
+        ``as_batch`` is accepted for the engines that pass it; ``counter_id`` (SGLang's layer-done counter)
+        goes with a layer-wise launch to the ranks' agents and to the launch listeners."""
         ids = args.task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or args.is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]
@@ -246,7 +253,11 @@ class KVManager:
         if len(slot_mappings) != len(ids):
             raise TaskError(f"launch: {len(ids)} task ids but {len(slot_mappings)} slot mappings")
         targets = [args.slot_target(s) for s in slot_mappings]
-        self._plane("launch").launch(ids, targets, True, self._layout, bool(layerwise_transfer))
+        if self._ranks is not None:
+            self._ranks.launch(self._plane("launch"), ids, targets, self._layout, bool(layerwise_transfer),
+                               int(counter_id))
+        else:
+            self._plane("launch").launch(ids, targets, True, self._layout, bool(layerwise_transfer))
         for listener in list(self._launch_listeners):
             try:
                 listener(ids, bool(layerwise_transfer), int(counter_id))

@@ -333,9 +333,11 @@ def model_layout(kv_caches: Any, kv_layout: KVCacheLayout | None, model: Any, to
     else:
         raise LayoutError("register_kv_caches: kv_layout must be a flexkv KVCacheLayout "
                           f"(got {type(kv_layout).__name__}); or pass an EngineLayout as kv_caches")
-    if model.tp_size != 1:
-        raise LayoutError("model_config.tp_size > 1: registering one rank's slice needs the multi-worker data "
-                          "plane, which this version does not have; use tp_size=1")
+    slices = 1 if model.use_mla else model.tp_size  # MLA: every rank holds the whole latent
+    if getattr(layout, "tp_size", 1) != slices:
+        raise LayoutError(f"model_config.tp_size is {model.tp_size}: register one rank's slice as an EngineLayout "
+                          f"built with tp_size={slices} and that rank's tp_rank (EngineLayout.from_kv_layout(..., "
+                          "tp_size=, tp_rank=)), in that rank's process")
     block_bytes = model.block_bytes(tokens_per_block)
     if layout.block_bytes != block_bytes:
         raise LayoutError(f"the registered KV memory holds {layout.block_bytes} bytes per block, but model_config "

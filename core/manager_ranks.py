@@ -52,6 +52,16 @@ class ManagerRanks:
         if instance == self.instance:
             self.manager._layout = layout
 
+    def launch(self, plane: Any, ids: list[int], targets: list[Any], layout: int, layerwise: bool,
+               counter_id: int) -> None:
+        """A launch whose copies the ranks make: a layer-wise one hands them its layer-done counter."""
+        if self.client_mode:
+            plane.launch(ids, targets, True, layout, layerwise, counter_id=counter_id)
+            return
+        if layerwise and self.hub is not None:
+            self.hub.note_counter(ids, counter_id)
+        plane.launch(ids, targets, True, layout, layerwise)
+
     def register(self, layout: EngineLayout) -> None:
         """This process's KV memory as a rank (a new registration replaces the last)."""
         if self.agent is not None:

@@ -6,12 +6,18 @@ its own data plane (the GPU copy engine on the rank's device, or host threads), 
 ``RankDone``. One thread receives orders; one collects finished copies; a heartbeat keeps the rank's lease.
 If the hub stops answering for a lease, the agent registers again when it is back (a restarted server has a
 new CPU tier: the agent maps the new one).
+
+Layer-wise loads: listeners added with ``add_layer_listener`` hear ``(counter, layer)`` once each layer of a
+layer-wise load order is in this rank's KV memory (layer by layer on the GPU, all at once on the host copy
+threads; also when the copy failed, so that nothing waits forever), ``counter`` being the launch's
+``counter_id``: each rank releases its own forward pass from its own copy (SGLang's per-rank eventfds).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -64,12 +70,17 @@ class RankAgent:
         self.lease_s = 10.0
         self.tier: dict[str, Any] = {}
         self.plane: DataPlane | None = None
-        self._jobs: dict[int, int] = {}  # data-plane job -> order job
+        self._jobs: dict[int, tuple[int, int]] = {}  # data-plane job -> (order job, task)
         self._jobs_lock = threading.Lock()
+        self._tasks_cv = threading.Condition()
+        self._task_jobs: dict[int, tuple[Any, int]] = {}  # task -> (plane, job) of this rank's copy
+        self._task_ends: dict[int, str] = {}  # task -> its copy's error ("" done) here, the latest _KEEP_TASKS
         self._stop = threading.Event()
         self._last_answer = time.monotonic()
         self.orders = 0
         self.failed = 0
+        self._layer_listeners: list[Callable[[int, int], None]] = []
+        self._layer_jobs: queue.Queue[tuple[Any, int, int] | None] = queue.Queue()  # (plane, job|-1, counter)
         try:
             self._connect()
         except BaseException:
@@ -79,6 +90,14 @@ class RankAgent:
                          threading.Thread(target=self._collect, name="flexkv-rank-copies", daemon=True)]
         for t in self._threads:
             t.start()
+
+    def add_layer_listener(self, listener: Callable[[int, int], None]) -> None:
+        """Calls ``listener(counter, layer)`` as each layer of a layer-wise load arrives in this rank."""
+        if not self._layer_listeners:
+            t = threading.Thread(target=self._signal_layers, name="flexkv-rank-layers", daemon=True)
+            self._threads.append(t)
+            t.start()
+        self._layer_listeners.append(listener)
 
     def _ask(self, msg: Any) -> Any:
         """One question to the hub on a socket of its own."""
@@ -147,6 +166,7 @@ class RankAgent:
         except zmq.ZMQError:
             pass
         self._stop.set()
+        self._layer_jobs.put(None)
         for t in self._threads:
             t.join(timeout=10)
         if self.plane is not None:
@@ -196,13 +216,41 @@ class RankAgent:
             if plane is None:
                 raise FlexKVError("the CPU tier is not mapped")
             engine, host = wire.ids_array(order.engine_blocks), wire.ids_array(order.host_blocks)
+            layerwise = order.load and order.layerwise
             with self._jobs_lock:
                 job = plane.submit("host_to_engine" if order.load else "engine_to_host", engine, host,
-                                   urgent=order.load)
-                self._jobs[job] = order.job
+                                   urgent=order.load, layerwise=layerwise)
+                self._jobs[job] = (order.job, order.task)
+            with self._tasks_cv:
+                _keep(self._task_jobs, order.task, (plane, job))
+                self._tasks_cv.notify_all()
+            if layerwise and self._layer_listeners:
+                self._layer_jobs.put((plane, job, order.counter))
         except Exception as e:  # never leave the order open: the task would wait for this rank
             self.failed += 1
             self._send(wire.RankDone(self.session, order.job, str(e) or type(e).__name__))
+            self._ended(order.task, str(e) or type(e).__name__)
+            if order.load and order.layerwise and self._layer_listeners:
+                self._layer_jobs.put((None, -1, order.counter))  # nothing to wait for: release the layers
+
+    def _signal_layers(self) -> None:
+        num_layers = int(self.model["num_layers"])
+        while True:
+            item = self._layer_jobs.get()
+            if item is None:
+                return
+            plane, job, counter = item
+            for layer in range(num_layers):
+                if plane is not None and job >= 0:
+                    try:
+                        plane.wait_layer(job, layer)
+                    except Exception as e:  # a replaced plane: the copy is gone; release the layer anyway
+                        logger.error("FlexKV rank %d: waiting for layer %d failed: %s", self.layout.tp_rank, layer, e)
+                for listener in list(self._layer_listeners):
+                    try:
+                        listener(counter, layer)
+                    except Exception:
+                        logger.exception("FlexKV rank %d: a layer listener failed", self.layout.tp_rank)
 
     def _collect(self) -> None:
         while not self._stop.is_set():
@@ -216,4 +264,47 @@ class RankAgent:
                 if order is not None:
                     if error:
                         self.failed += 1
-                    self._send(wire.RankDone(self.session, order, error))
+                    self._send(wire.RankDone(self.session, order[0], error))
+                    self._ended(order[1], error)
+
+    def _ended(self, task: int, error: str) -> None:
+        with self._tasks_cv:
+            _keep(self._task_ends, task, error)
+            self._task_jobs.pop(task, None)
+            self._tasks_cv.notify_all()
+
+    def wait_task(self, task: int, layer: int = -1, stream: int | None = None, timeout: float = 20.0) -> bool:
+        """Waits until this rank's copy of ``task`` (a launched load) has brought ``layer`` in (-1: every layer)
+        and says whether it succeeded; False also when no order of the task came within ``timeout`` s. With
+        ``stream`` (a cudaStream_t of the rank's device, as an int) the stream waits for the layer instead,
+        without blocking: True once the copy is queued. The task's whole outcome is the launcher's (every rank's
+        copy): this is the rank's own part, for a rank that must not read its KV before it is there."""
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._tasks_cv:
+            while task not in self._task_jobs and task not in self._task_ends:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._tasks_cv.wait(min(left, 0.1))
+            if task in self._task_ends:
+                return self._task_ends[task] == ""
+            plane, job = self._task_jobs[task]
+        if stream is not None and layer >= 0:
+            plane.copy.stream_wait_group(job, layer, stream)
+            return True
+        with self._tasks_cv:
+            while task not in self._task_ends:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop.is_set():
+                    return False
+                self._tasks_cv.wait(min(left, 0.1))
+            return self._task_ends[task] == ""
+
+
+_KEEP_TASKS = 4096
+
+
+def _keep(table: dict[int, Any], key: int, value: Any) -> None:
+    table[key] = value
+    while len(table) > _KEEP_TASKS:
+        del table[next(iter(table))]

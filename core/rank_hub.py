@@ -91,6 +91,7 @@ class RankHub:
         self._by_session: dict[str, _Rank] = {}
         self._open: dict[int, _Open] = {}  # order job -> who still copies
         self._layouts: dict[int, int] = {}  # rank layout -> instance
+        self._counters: dict[int, int] = {}  # task -> counter id of its layer-wise launch, until dispatched
         self._file_lock = EndpointLock(self.endpoint)
         self._ctx = zmq.Context()
         self._stop = threading.Event()
@@ -145,6 +146,15 @@ class RankHub:
         with self._lock:
             inst = self._instances.get(instance)
             return (0, 0) if inst is None else (len(inst.ranks), inst.tp_size)
+
+    def note_counter(self, tasks: list[int], counter: int) -> None:
+        """The layer-done counter of a layer-wise launch of ``tasks``, for their orders (call before the launch:
+        the orders may leave at once). Bounded: a launch that failed leaves nothing that grows."""
+        with self._lock:
+            for t in tasks:
+                self._counters[int(t)] = int(counter)
+            while len(self._counters) > 4096:
+                del self._counters[next(iter(self._counters))]
 
     def describe(self) -> list[dict[str, Any]]:
         now = self.clock()
@@ -290,12 +300,13 @@ class RankHub:
                 ranks = [r for r in ranks if r.rank == 0]  # every rank holds the same latent: one writes it
             if not missing:
                 self._open[job] = _Open(instance, {r.rank for r in ranks})
+            counter = self._counters.pop(task, 0) if layerwise else 0
         if missing:
             self.plane.finish_rank_order(job, "not every tensor-parallel rank of the engine is registered "
                                          "(a rank process ended?)")
             return
         body = wire.encode(wire.Order(job, task, load, layerwise, wire.ids_bytes(engine_blocks),
-                                      wire.ids_bytes(host_blocks)))
+                                      wire.ids_bytes(host_blocks), counter))
         for r in ranks:
             out.send_multipart([r.identity, b"\0" * 8, body])
 

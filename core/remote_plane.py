@@ -268,12 +268,15 @@ class RemotePlane:
 
     # -------------------------------------------------------------------- engine memory (copies by ranks)
 
-    def launch(self, tasks: list[int], targets: list[Any], slots: bool, layout: int, layerwise: bool) -> None:
+    def launch(self, tasks: list[int], targets: list[Any], slots: bool, layout: int, layerwise: bool,
+               counter_id: int = 0) -> None:
         """Starts the copies of matched tasks on the ranks of this client's instance (``layout`` is the
-        server's to choose); ``targets[i]`` is task i's slot mapping or why it is malformed."""
+        server's to choose); ``targets[i]`` is task i's slot mapping or why it is malformed; the ranks get
+        ``counter_id`` with the orders of a layer-wise launch."""
         del slots, layout
         wire_targets = [wire.Target(error=t) if isinstance(t, str) else wire.Target(wire.ids_bytes(t)) for t in targets]
-        self._call(lambda s: wire.Launch(s, [int(t) for t in tasks], wire_targets, bool(layerwise)))
+        self._call(lambda s: wire.Launch(s, [int(t) for t in tasks], wire_targets, bool(layerwise),
+                                                  int(counter_id)))
 
     def ranks_ready(self) -> tuple[int, int]:
         """(ranks of this instance that registered their KV memory, ranks expected)."""

@@ -281,6 +281,8 @@ class FlexKVServer:
                                 "registered their KV memory; each rank registers it (KVTPClient.register_to_server, "
                                 "or KVManager.register_kv_caches in the rank's process)")
             targets = [t.error if t.error else wire.ids_array(t.slots) for t in msg.targets]
+            if msg.layerwise:
+                self.hub.note_counter(msg.tasks, msg.counter_id)
             p.launch(msg.tasks, targets, True, layout, msg.layerwise)
             return None
         if isinstance(msg, wire.RanksReady):

@@ -144,6 +144,7 @@ class Launch(msgspec.Struct, tag="launch", tag_field="op"):
     tasks: list[int]
     targets: list[Target]
     layerwise: bool = False
+    counter_id: int = 0  # SGLang's layer-done counter of a layer-wise load, handed to the ranks
 
 
 class RanksReady(msgspec.Struct, tag="ranks_ready", tag_field="op"):
@@ -239,6 +240,7 @@ class Order(msgspec.Struct, tag="order", tag_field="op"):
     layerwise: bool
     engine_blocks: bytes
     host_blocks: bytes
+    counter: int = 0  # the launch's counter_id (a layer-wise load signals its layers on that counter)
 
 
 RankInbound = Ok | Err | Order

@@ -9,6 +9,8 @@
 - ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
   still running must load it byte-exact after the test (the bad-input tests).
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
+- ``run_ranks``: runs a rank script (tests/sglang_tp_rank.py, tests/trtllm_tp_rank.py) as N processes at once
+  and parses their ``PASS <check> rank<r>`` / ``FAIL ...`` lines (the tensor-parallel engine tests).
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -16,6 +18,9 @@ The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_hel
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +122,41 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="module")
+def run_ranks() -> Callable[..., dict[str, Any]]:
+    """``run_ranks(script, work, seed, ranks=2, timeout=240, env=None) -> {"lines", "codes", "output"}``: starts
+    ``python tests/<script> <work> <rank> <seed>`` for every rank at once (``OMPI_COMM_WORLD_RANK`` set to the
+    rank, as an MPI launcher does), waits for all (a rank still running at the timeout is killed), and maps
+    (check, rank) to that rank's PASS or FAIL line; ``output`` holds every rank's log tail."""
+
+    def run(script: str, work: Path, seed: int, ranks: int = 2, timeout: float = 240.0,
+            env: dict[str, str] | None = None) -> dict[str, Any]:
+        logs = [work / f"rank{r}.log" for r in range(ranks)]
+        procs = []
+        for r, log in enumerate(logs):
+            with open(log, "w") as out:
+                procs.append(subprocess.Popen([sys.executable, str(Path(__file__).parent / script), str(work),
+                                               str(r), str(seed)], stdout=out, stderr=subprocess.STDOUT,
+                                              cwd=str(work), env={**os.environ, **(env or {}),
+                                                                  "OMPI_COMM_WORLD_RANK": str(r)}))
+        deadline = time.monotonic() + timeout
+        for p in procs:
+            try:
+                p.wait(max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:  # a hung rank: its log still tells which check hung
+                p.kill()
+                p.wait()
+        outputs = [log.read_text() for log in logs]
+        lines = {}
+        for out in outputs:
+            for line in out.splitlines():
+                status, _, rest = line.partition(" ")
+                if status in ("PASS", "FAIL"):
+                    name, _, who = rest.partition(" ")
+                    lines[(name, int(who.split(":")[0].removeprefix("rank")))] = line
+        return {"lines": lines, "codes": [p.returncode for p in procs],
+                "output": "\n".join(f"--- rank {r}\n{o[-6000:]}" for r, o in enumerate(outputs))}
+
+    return run

@@ -543,21 +543,22 @@ def radix_connector_imports_flexkv_names() -> None:
         raise AssertionError("multi-node was accepted")
 
 
-def radix_tp2_is_refused_clearly() -> None:
-    write_config("radix-tp2")
+def radix_pp2_is_refused_clearly() -> None:
+    """Pipeline parallelism is refused by name (--tp-size 2 is served: tests/test_sglang_tp.py)."""
+    write_config("radix-pp2")
     try:
-        radix_cache(False, ServerArgs(model_path="tiny-model", page_size=PAGE, enable_flexkv=True, tp_size=2))
+        radix_cache(False, ServerArgs(model_path="tiny-model", page_size=PAGE, enable_flexkv=True, pp_size=2))
     except ConfigError as e:
-        assert "--tp-size 2" in str(e), e
+        assert "--pp-size 2" in str(e), e
     else:
-        raise AssertionError("--tp-size 2 was accepted")
+        raise AssertionError("--pp-size 2 was accepted")
 
 
 SCENARIOS = {f.__name__: f for f in (
     hicache_every_layout_round_trip, hicache_survives_a_restart_on_ssd, hicache_exists_counts_leading_hits,
     hicache_tp_ranks_never_share, hicache_legacy_flat_pages, hicache_concurrent_threads, hicache_bad_input_is_refused,
     radix_mha_round_trip, radix_mla_round_trip, radix_layerwise_round_trip, radix_connector_imports_flexkv_names,
-    radix_tp2_is_refused_clearly,
+    radix_pp2_is_refused_clearly,
 )}
 
 

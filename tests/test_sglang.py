@@ -26,7 +26,7 @@ SCENARIOS = [
     "hicache_every_layout_round_trip", "hicache_survives_a_restart_on_ssd", "hicache_exists_counts_leading_hits",
     "hicache_tp_ranks_never_share", "hicache_legacy_flat_pages", "hicache_concurrent_threads",
     "hicache_bad_input_is_refused", "radix_mha_round_trip", "radix_mla_round_trip", "radix_layerwise_round_trip",
-    "radix_connector_imports_flexkv_names", "radix_tp2_is_refused_clearly",
+    "radix_connector_imports_flexkv_names", "radix_pp2_is_refused_clearly",
 ]
 
 

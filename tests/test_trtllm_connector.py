@@ -207,8 +207,8 @@ def test_bad_pools_and_settings_are_refused(config, executor_factory) -> None:
             worker.register_kv_caches(torch.zeros(8, 3, 2, 16, dtype=torch.bfloat16))
     finally:
         drop_session(args)
-    with pytest.raises(ConfigError, match="tensor_parallel_size=2"):
-        FlexKVSchedulerConnector(llm_args(tensor_parallel_size=2))
+    with pytest.raises(ConfigError, match="pipeline_parallel_size=2"):
+        FlexKVSchedulerConnector(llm_args(pipeline_parallel_size=2))
     with pytest.raises(ConfigError, match="enable_partial_reuse"):
         FlexKVSchedulerConnector(llm_args(kv_cache_config={"enable_partial_reuse": True}))
     with pytest.raises(ConfigError, match="enable_block_reuse"):

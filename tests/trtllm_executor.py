@@ -29,6 +29,13 @@ It calls the connector in the order TensorRT-LLM's source does (release 1.2 line
 The "model" writes, for every token position and layer, K and V bytes that are a function of the token
 prefix, so a block holds the right bytes exactly when it was computed or loaded for the same prefix. Each
 layer checks, before it computes, that the prompt's earlier blocks hold the right bytes for that layer.
+
+Tensor parallelism (``comm`` with several ranks, one executor per rank process): as TensorRT-LLM's
+``KvCacheConnectorManager`` does, the scheduler connector lives on rank 0 only and its answers
+(``get_num_new_matched_tokens``, ``request_finished``, the connector metadata) are broadcast to every rank;
+``update_state_after_alloc`` runs on rank 0; each rank's ``get_finished`` results are all-gathered and a
+request's transfer ends once every rank has reported it. Each rank's pool holds its own head slice: the
+model's bytes depend on the rank too.
 """
 
 from __future__ import annotations
@@ -84,17 +91,33 @@ class Request:
         return len(self.tokens) - self.prompt_len >= self.max_new_tokens
 
 
-def kv_bytes(prefix: tuple[int, ...], layer: int, nbytes: int) -> np.ndarray:
-    """The K and V bytes of the last token of `prefix` at `layer` (a stand-in for attention's output)."""
-    seed = hashlib.blake2b(repr((prefix, layer)).encode(), digest_size=8).digest()
+class SingleRank:
+    """The executor's communicator with one rank (TensorRT-LLM's mpi_broadcast / mpi_allgather)."""
+
+    rank, size = 0, 1
+
+    def broadcast(self, obj: Any) -> Any:
+        return obj
+
+    def allgather(self, obj: Any) -> list[Any]:
+        return [obj]
+
+
+def kv_bytes(prefix: tuple[int, ...], layer: int, nbytes: int, rank: int = 0) -> np.ndarray:
+    """The K and V bytes of the last token of `prefix` at `layer` in TP rank `rank`'s heads (a stand-in for
+    attention's output)."""
+    key = (prefix, layer) if rank == 0 else (prefix, layer, rank)
+    seed = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
     return np.random.default_rng(int.from_bytes(seed, "little")).integers(0, 256, nbytes, dtype=np.uint8)
 
 
 class MiniExecutor:
     def __init__(self, scheduler: Any, worker: Any, *, num_blocks: int, num_layers: int, tokens_per_block: int,
                  heads_x_dim: int, device: str = "cpu", chunk_tokens: int | None = None,
-                 dtype: torch.dtype = torch.bfloat16) -> None:
-        self.scheduler, self.worker = scheduler, worker
+                 dtype: torch.dtype = torch.bfloat16, comm: Any = None) -> None:
+        self.scheduler, self.worker = scheduler, worker  # scheduler: rank 0's, None on the other ranks
+        self.comm = comm if comm is not None else SingleRank()
+        self.reports: list[tuple[set[int], set[int]]] = [(set(), set()) for _ in range(self.comm.size)]
         self.tpb = tokens_per_block
         self.num_layers = num_layers
         self.chunk_tokens = chunk_tokens  # context chunk size (chunked prefill), None: whole prompt
@@ -138,19 +161,21 @@ class MiniExecutor:
                 break
             reused.append(block)
         num_computed = len(reused) * tpb
-        matched, is_async = self.scheduler.get_num_new_matched_tokens(req, num_computed)
-        assert num_computed + matched < req.prompt_len, "at least one prompt token stays uncomputed"
         need = -(-(req.prompt_len + req.max_new_tokens) // tpb) - len(reused)
         assert len(self.free) >= need, "the test sized the pool too small"
         fresh = [self.free.pop(0) for _ in range(need)]
-        for block in fresh:
+        for block in fresh:  # poisoned before rank 0 can launch a load into them (the collective below)
             self.pool[block].view(torch.uint8).fill_(POISON)
+        matched, is_async = self.comm.broadcast(self.scheduler.get_num_new_matched_tokens(req, num_computed)
+                                                if self.comm.rank == 0 else None)
+        assert num_computed + matched < req.prompt_len, "at least one prompt token stays uncomputed"
         for block in reused:  # shared with the device cache: not freed with the request
             self.device_cache = {k: v for k, v in self.device_cache.items() if v != block}
         req.block_ids = reused + fresh
         req.context_current_position = num_computed + matched
         req.loaded_tokens = matched
-        self.scheduler.update_state_after_alloc(req, list(req.block_ids))
+        if self.comm.rank == 0:
+            self.scheduler.update_state_after_alloc(req, list(req.block_ids))
         if is_async:
             req.state = "DISAGG_GENERATION_TRANS_IN_PROGRESS"
             self.async_loads += 1
@@ -190,8 +215,8 @@ class MiniExecutor:
                 output.cached_requests.append(RequestData(req.request_id, new, [], pos, count))
             batch.append((req, pos, count))
         if batch:
-            meta = self.scheduler.build_connector_meta(output)
-            self.worker.bind_connector_meta(pickle.loads(pickle.dumps(meta)))  # MPI broadcast
+            meta = self.scheduler.build_connector_meta(output) if self.comm.rank == 0 else None
+            self.worker.bind_connector_meta(pickle.loads(self.comm.broadcast(pickle.dumps(meta))))  # MPI broadcast
             self.worker.start_load_kv(self.stream)
             self._forward(batch)
             self.worker.wait_for_save(self.stream)
@@ -218,7 +243,8 @@ class MiniExecutor:
         for req in [r for r in self.active if r.is_finished]:
             self.active.remove(req)
             self.finished.append(req)
-            keep = self.scheduler.request_finished(req, list(req.block_ids))
+            keep = self.comm.broadcast(self.scheduler.request_finished(req, list(req.block_ids))
+                                       if self.comm.rank == 0 else None)
             tpb = self.tpb
             prompt = req.tokens
             for i, block in enumerate(req.block_ids):  # store_context_blocks: full blocks become reusable
@@ -234,7 +260,16 @@ class MiniExecutor:
     def _terminate_requests(self) -> None:
         saving, loading = self.new_saving, self.new_loading
         self.new_saving, self.new_loading = [], []
-        saved, loaded = self.worker.get_finished(saving, loading)
+        # KvCacheConnectorManager.get_finished: a transfer ends once every rank reported it.
+        for (done_s, done_l), (s, ld) in zip(self.reports, self.comm.allgather(self.worker.get_finished(saving,
+                                                                                                         loading))):
+            done_s.update(s)
+            done_l.update(ld)
+        saved = sorted(set.intersection(*(r[0] for r in self.reports)))
+        loaded = sorted(set.intersection(*(r[1] for r in self.reports)))
+        for r in self.reports:
+            r[0].difference_update(saved)
+            r[1].difference_update(loaded)
         for rid in saved:
             self.free.extend(self.pinned.pop(rid))
         for rid in loaded:
@@ -248,7 +283,7 @@ class MiniExecutor:
         """Computes the KV of one token position at one layer into the request's engine block (what the
         forward pass does; a test also calls it to give the engine blocks it already holds)."""
         block, offset = req.block_ids[position // self.tpb], position % self.tpb
-        data = kv_bytes(tuple(req.tokens[: position + 1]), layer, self.token_bytes)
+        data = kv_bytes(tuple(req.tokens[: position + 1]), layer, self.token_bytes, self.comm.rank)
         row = self.pool[block, layer].view(torch.uint8).view(2, self.tpb, -1)
         half = self.token_bytes // 2
         src = torch.from_numpy(data).to(self.device)
@@ -264,7 +299,7 @@ class MiniExecutor:
             block, offset = req.block_ids[position // self.tpb], position % self.tpb
             row = self.pool[block, layer].view(torch.uint8).view(2, self.tpb, -1)
             got = torch.cat([row[0, offset], row[1, offset]]).cpu().numpy()
-            want = kv_bytes(tuple(req.tokens[: position + 1]), layer, self.token_bytes)
+            want = kv_bytes(tuple(req.tokens[: position + 1]), layer, self.token_bytes, self.comm.rank)
             assert got.nbytes == 2 * row_bytes
             if not np.array_equal(got, want):
                 raise AssertionError(f"request {req.request_id}: layer {layer} position {position} (block {block}) "

@@ -5,7 +5,9 @@ SGLang's in-tree connector (``sglang/srt/mem_cache/storage/flexkv/flexkv_connect
 ``--flexkv-config-file``), then ``post_init_from_sglang_config(...)`` with its model config and server
 args, and builds a ``KVManager`` from ``model_config``, ``cache_config``, ``server_recv_port`` and
 ``gpu_register_port``. This module fills those from SGLang's settings and refuses, with the flag to
-change, what the in-process control plane cannot serve.
+change, what FlexKV cannot serve. With ``--tp-size N`` the model config has ``tp_size`` N: TP rank 0's
+KVManager hosts the rank dispatcher at ``gpu_register_port`` and every rank (``KVTPClient``, tp rank =
+SGLang's ``local_rank``) copies its own head slice.
 """
 
 from __future__ import annotations
@@ -96,24 +98,29 @@ class FlexKVConfig:
             head_size = int(sglang_config.head_dim)
         kv_dtype = str(_get(server_args, "kv_cache_dtype", "auto"))
         dtype = sglang_config.dtype if kv_dtype in ("auto", "") else kv_dtype
+        tp_size = int(_get(server_args, "tp_size", 1))
+        if not use_mla and heads % tp_size:
+            raise ConfigError(f"--tp-size {tp_size}: the model's {heads} KV heads do not split evenly over the "
+                              "ranks; FlexKV stores each rank's head slice of a block, so use a --tp-size that "
+                              "divides the KV heads", "tp_size")
         self.model_config = SglangModelConfig(model_name=str(_get(server_args, "model_path", "")),
                                               num_layers=num_layers, num_kv_heads=heads, head_size=head_size,
-                                              use_mla=use_mla, dtype=dtype)
+                                              use_mla=use_mla, dtype=dtype, tp_size=tp_size)
+        self.model_config.attn_tp_size = self.model_config.tp_size_per_node = tp_size
         self.model_config.validate()
         return RankInfo(model_config=self.model_config, pp_rank=pp_rank, attn_tp_rank=tp_rank,
-                        attn_cp_rank=attn_cp_rank, dp_client_id=0, num_layers_per_pp_stage=num_layers,
-                        tp_rank_per_node=tp_rank)
+                        attn_cp_rank=attn_cp_rank, dp_client_id=0, local_rank=tp_rank,
+                        num_layers_per_pp_stage=num_layers, tp_rank_per_node=tp_rank)
 
     @staticmethod
     def _refuse_unsupported(server_args: Any) -> None:
-        for name in ("tp_size", "pp_size", "nnodes", "attn_cp_size"):
+        for name in ("pp_size", "nnodes", "attn_cp_size"):
             value = int(_get(server_args, name, 1))
             if value != 1:
                 flag = "--" + name.replace("_", "-")
-                raise ConfigError(f"{flag} {value}: FlexKV's --enable-flexkv control plane runs inside SGLang's "
-                                  f"scheduler with one rank in this version; use {flag} 1, or "
-                                  "--enable-hierarchical-cache with FlexKV's HiCache storage backend, which serves "
-                                  "every TP rank", name)
+                raise ConfigError(f"{flag} {value}: FlexKV's --enable-flexkv serves tensor-parallel ranks of one "
+                                  f"node (--tp-size) in this version, not {flag}; use {flag} 1, or "
+                                  "--enable-hierarchical-cache with FlexKV's HiCache storage backend", name)
         if _get(server_args, "enable_dp_attention", False):
             raise ConfigError("--enable-dp-attention: not supported with --enable-flexkv in this version",
                               "enable_dp_attention")

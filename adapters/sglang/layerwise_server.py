@@ -7,6 +7,10 @@ message ``struct("i")`` = counter id carrying one eventfd per layer (SCM_RIGHTS)
 uses layer i. After every ``launch(..., layerwise_transfer=True, counter_id=c)``, this server writes 1 to
 counter c's eventfd of each layer once that layer is in the engine's memory (per layer on the GPU data
 plane, all at once on the host copy path).
+
+With one rank the KVManager's launches feed the server (``serve_layerwise``). With tensor parallelism every
+rank process has its own server (the socket path carries the process id) fed by its own ``RankAgent``
+(``serve_rank_layerwise``): a rank's layers are released when that rank's slice of them has arrived.
 """
 
 from __future__ import annotations
@@ -30,10 +34,11 @@ _ACK = b"\x01"
 
 
 class LayerwiseEventServer:
-    def __init__(self, path: str, manager: Any) -> None:
+    def __init__(self, path: str, num_layers: int, manager: Any = None) -> None:
         self.path = path
-        self.manager = manager
-        self.num_layers = int(manager.model_config.num_layers)
+        self.manager = manager  # None: a rank agent calls signal() itself
+        self.source: Any = manager
+        self.num_layers = int(num_layers)
         self._fds: dict[int, dict[int, list[int]]] = {}  # TP rank -> counter id -> one eventfd per layer
         self._lock = threading.Lock()
         self._launches: queue.Queue[tuple[list[int], int] | None] = queue.Queue()
@@ -41,11 +46,13 @@ class LayerwiseEventServer:
             os.unlink(path)  # left by an earlier process with the same pid
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.bind(path)
+        os.chmod(path, 0o600)  # only this user's SGLang hands its eventfds over
         self._sock.listen(8)
         self._closed = False
         threading.Thread(target=self._accept_loop, name="flexkv-layerwise-accept", daemon=True).start()
-        threading.Thread(target=self._signal_loop, name="flexkv-layerwise-signal", daemon=True).start()
-        manager.add_launch_listener(self._on_launch)
+        if manager is not None:
+            threading.Thread(target=self._signal_loop, name="flexkv-layerwise-signal", daemon=True).start()
+            manager.add_launch_listener(self._on_launch)
 
     # --------------------------------------------------------------------------------- handshake
 
@@ -107,9 +114,12 @@ class LayerwiseEventServer:
                     if not arrived:
                         logger.error("FlexKV layer-wise: layer %d of task %d did not arrive; SGLang is released "
                                      "anyway and computes on what is there", layer, task)
-                self._signal(counter, layer)
+                self.signal(counter, layer)
 
-    def _signal(self, counter: int, layer: int) -> None:
+    def signal(self, counter: int, layer: int) -> None:
+        """Releases ``layer`` of ``counter`` on every rank that handed this server its eventfds."""
+        if self._closed:
+            return
         with self._lock:
             fds = [counters[counter][layer] for counters in self._fds.values() if counter in counters]
         for fd in fds:
@@ -132,13 +142,29 @@ class LayerwiseEventServer:
 
 
 def serve_layerwise(path: str, manager: Any) -> LayerwiseEventServer:
-    """The server at ``path`` for ``manager``, started on first use."""
+    """The server at ``path`` for ``manager``'s launches (one rank), started on first use."""
+    return _serve(path, manager, lambda: LayerwiseEventServer(path, manager.model_config.num_layers, manager))
+
+
+def serve_rank_layerwise(path: str, agent: Any) -> LayerwiseEventServer:
+    """The server at ``path`` for this rank process's ``RankAgent``: it signals as the rank's copies land."""
+
+    def make() -> LayerwiseEventServer:
+        server = LayerwiseEventServer(path, agent.model["num_layers"])
+        server.source = agent
+        agent.add_layer_listener(server.signal)
+        return server
+
+    return _serve(path, agent, make)
+
+
+def _serve(path: str, source: Any, make: Any) -> LayerwiseEventServer:
     with _SERVERS_LOCK:
         server = _SERVERS.get(path)
-        if server is None or server.manager is not manager:
+        if server is None or server.source is not source:
             if server is not None:
                 server.close()
-            server = LayerwiseEventServer(path, manager)
+            server = make()
             _SERVERS[path] = server
         return server
 

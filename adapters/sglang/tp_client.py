@@ -8,6 +8,8 @@ KVManager lives in the same process and takes the buffers directly.
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any
 
 from flexkv.core import EngineLayout, KVCacheLayout, LayoutError, RankAgent, ServerSettings, load_config, manager_for
@@ -39,7 +41,11 @@ class KVTPClient:
     """One rank's registration. With one rank and the KVManager in this process, the manager takes the buffers
     directly; otherwise (tensor parallelism, or server mode) the rank joins the manager's (or the server's)
     rank dispatcher at ``gpu_register_port`` with a RankAgent, which copies this rank's head slice of every
-    block (tp rank: ``device_id % tp_size``)."""
+    block (tp rank: ``device_id % tp_size``). In the process of a KVManager with ranks (SGLang's TP rank 0)
+    the registration returns once every rank has registered (up to ``READY_WAIT_S``): SGLang's leader
+    otherwise polls the manager's readiness only every 10 s."""
+
+    READY_WAIT_S = 60.0
 
     def __init__(self, gpu_register_port: str, dp_client_id: int = 0, pp_rank: int = 0, device_id: int = 0) -> None:
         self.gpu_register_port = gpu_register_port
@@ -64,19 +70,37 @@ class KVTPClient:
             tp = 1 if model["use_mla"] else int(model["tp_size"])
             return token_pool_layout(caches, kv_layout, tp_size=tp, tp_rank=self.device_id % tp)
 
-        if self.agent is not None:
-            self.agent.close()
+        self.close()
         instance = settings.instance_id * max(1, _dp_size()) + self.dp_client_id
         self.agent = RankAgent(self.gpu_register_port, layout, instance=instance, token=settings.server_token)
+        with _AGENTS_LOCK:
+            _AGENTS[(self.dp_client_id, self.pp_rank)] = self.agent
+        if manager is not None:
+            deadline = time.monotonic() + self.READY_WAIT_S
+            while not manager.is_ready() and time.monotonic() < deadline:
+                time.sleep(0.02)
 
     def close(self) -> None:
         if self.agent is not None:
+            with _AGENTS_LOCK:
+                if _AGENTS.get((self.dp_client_id, self.pp_rank)) is self.agent:
+                    del _AGENTS[(self.dp_client_id, self.pp_rank)]
             self.agent.close()
             self.agent = None
 
     def set_slot_mapping(self, task_id: int, slot_mapping: Any) -> None:
         raise NotImplementedError("set_slot_mapping serves cross-node pipeline parallelism, which FlexKV does not "
                                   "support in this version")
+
+
+_AGENTS: dict[tuple[int, int], RankAgent] = {}  # (dp_client_id, pp_rank) -> this process's rank agent
+_AGENTS_LOCK = threading.Lock()
+
+
+def agent_of(dp_client_id: int, pp_rank: int) -> RankAgent | None:
+    """The RankAgent this process registered for (dp_client_id, pp_rank), if any."""
+    with _AGENTS_LOCK:
+        return _AGENTS.get((dp_client_id, pp_rank))
 
 
 def _dp_size() -> int:

@@ -6,7 +6,10 @@ before and ``save_kv_layer`` after each decoder layer (forward hooks), ``wait_fo
 the forward pass, and ``get_finished(...)`` every iteration, even one without a batch.
 
 Loads and stores are started by the scheduler connector on FlexKV's own streams; the worker makes the
-engine's stream wait for each loaded layer and reports finished stores and asynchronous loads.
+engine's stream wait for each loaded layer and reports finished stores and asynchronous loads. With tensor
+parallelism each rank waits for its own slice of a load (its RankAgent); only rank 0 holds the tasks, so
+the other ranks report what they are given at once: TensorRT-LLM ends a request's transfer when every rank
+has reported it, and rank 0 reports it only once every rank's copy is done (the task ends then).
 """
 
 from __future__ import annotations
@@ -47,13 +50,16 @@ class FlexKVWorkerConnector(WorkerBase):  # type: ignore[misc, valid-type]
         self._metadata = None  # bound again before the next start_load_kv that has a batch
 
     def wait_for_layer_load(self, layer_idx: int, stream: Any) -> None:
-        kv = self.session.kv
-        if kv is None or not self.layer_loads:
+        kv, agent = self.session.kv, self.session.agent
+        if (kv is None and agent is None) or not self.layer_loads:
             return
         handle = stream if _is_cuda_stream(stream) else None
         for rid, task in self.layer_loads:
             try:
-                arrived = kv.wait_layer(task, layer_idx, handle)
+                if agent is not None:  # tensor parallelism: this rank's own slice of the load
+                    arrived = agent.wait_task(task, layer_idx, None if handle is None else int(handle.cuda_stream))
+                else:
+                    arrived = kv.wait_layer(task, layer_idx, handle)
             except Exception as e:  # an unknown task: nothing of it can be waited for
                 logger.error("FlexKV: waiting for layer %d of request %s failed: %s", layer_idx, rid, e)
                 arrived = False
@@ -85,7 +91,10 @@ class FlexKVWorkerConnector(WorkerBase):  # type: ignore[misc, valid-type]
     def _collect_sync_loads(self) -> None:
         """Collects the outcome of finished synchronous loads, so the control plane forgets them."""
         kv = self.session.kv
-        if kv is None or not self.unreported:
+        if kv is None:  # a rank other than 0: the tasks' outcomes are rank 0's to collect
+            self.unreported.clear()
+            return
+        if not self.unreported:
             return
         for task, response in kv.try_wait(list(self.unreported)).items():
             rid = self.unreported.pop(task)
