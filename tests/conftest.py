@@ -9,6 +9,7 @@
 - ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
   still running must load it byte-exact after the test (the bad-input tests).
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
+- ``tiny_model``: a tiny Llama with random weights (bfloat16) saved for the real-vLLM tests, once a session.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -117,3 +118,18 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with random weights for the real-vLLM tests (large initial weights, so logits are far from
+    uniform and a wrong KV byte shows in the tokens): 2 layers, 2 KV heads of 64, vocabulary 1024."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out
