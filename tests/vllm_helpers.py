@@ -81,6 +81,10 @@ class Engine:
         self.send("generate", prompts=prompts, salts=salts, max_tokens=max_tokens)
         return self.result()
 
+    def has_result(self) -> bool:
+        """True once an answer (or the engine's end) is waiting to be read."""
+        return not self._lines.empty()
+
     def stats(self) -> dict:
         self.send("stats")
         return self.result()
