@@ -27,6 +27,10 @@ from .wire import ServerError, ServerUnavailable
 
 logger = logging.getLogger("flexkv")
 
+# The embedded server's entry point. Not `python -m`: that puts the working directory first on sys.path, and an
+# engine started in a FlexKV source checkout would import its `flexkv/` folder, which lacks flexkv.core.
+_SERVE_MAIN = ("import sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+               "from flexkv.core.serve_cmd import main; sys.exit(main())")
 _STARTUP_S = 120.0  # how long a client waits for a server to come up (an SSD tier is preallocated first)
 
 
@@ -75,8 +79,7 @@ def start_embedded_server(model_config: ModelConfig, cache_config: CacheConfig,
     fd, path = tempfile.mkstemp(prefix="flexkv-serve-", suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(config, f)
-    cmd = [sys.executable, "-m", "flexkv.core.serve_cmd", "--config", path, "--remove-config",
-           "--parent-pid", str(os.getpid())]
+    cmd = [sys.executable, "-c", _SERVE_MAIN, "--config", path, "--remove-config", "--parent-pid", str(os.getpid())]
     logger.warning("FlexKV: starting the embedded server at %s", settings.server_recv_port)
     try:
         return subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=False)
