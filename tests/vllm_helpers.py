@@ -93,11 +93,6 @@ class Engine:
         self._log_file.flush()
         return self.log.read_text(errors="replace")[-6000:]
 
-    def pids(self) -> list[int]:
-        """The engine's process and its children (the workers)."""
-        out = subprocess.run(["pgrep", "-s", str(self.proc.pid)], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
     def signal(self, sig: int) -> None:
         os.killpg(self.proc.pid, sig)
 
