@@ -43,12 +43,15 @@ class KVManager:
     replaces the SSD tier's I/O for tests. ``server_recv_port``, ``gpu_register_port``, ``dp_client_id`` and
     ``event_collector`` are FlexKV's. The manager is a client of ``flexkv serve`` at ``server_recv_port`` when
     the config asks for server mode (``server_client_mode``, ``dp_size > 1``, ``instance_num > 1``;
-    ``server_settings`` default to the config file's and ``FLEXKV_*``)."""
+    ``server_settings`` default to the config file's and ``FLEXKV_*``). ``external_copies``: every rank's
+    process copies its own head slice through ``take_external`` / ``finish_external`` and a ``DataPlane`` on
+    ``tier_info`` (vLLM's workers do), so a manager with ``tp_size > 1`` hosts no rank dispatcher."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, dp_client_id: int = 0,
                  server_recv_port: str = "", gpu_register_port: str = "", event_collector: Any = None, *,
                  namespace: str = "", layout_tag: str = "", num_copy_threads: int = 2, ssd_io_engine: str = "auto",
-                 ssd_env: Any = None, control_plane: Any = None, server_settings: ServerSettings | None = None) -> None:
+                 ssd_env: Any = None, control_plane: Any = None, server_settings: ServerSettings | None = None,
+                 external_copies: bool = False) -> None:
         settings = server_settings if server_settings is not None else ServerSettings.from_env()
         if server_recv_port:
             settings = dataclasses.replace(settings, server_recv_port=server_recv_port)
@@ -66,7 +69,7 @@ class KVManager:
         self.dp_client_id, self.server_settings = dp_client_id, settings
         self._server_child: Any = None  # the embedded `flexkv serve` this manager started
         self._ranks: ManagerRanks | None = None  # KV memory in rank processes (server mode, tp_size > 1)
-        if ManagerRanks.needed(self._client_mode, model_config):
+        if ManagerRanks.needed(self._client_mode, model_config, external_copies):
             instance = client_instance(settings, model_config, dp_client_id) if self._client_mode else 0
             self._ranks = ManagerRanks(self, self._client_mode, instance)
         self.event_collector = event_collector

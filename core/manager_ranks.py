@@ -34,8 +34,9 @@ class ManagerRanks:
         self.agent: RankAgent | None = None
 
     @staticmethod
-    def needed(client_mode: bool, model_config: Any) -> bool:
-        return client_mode or model_config.tp_size > 1
+    def needed(client_mode: bool, model_config: Any, external_copies: bool = False) -> bool:
+        """Server mode, or ``tp_size > 1`` unless each rank copies through take_external on its own."""
+        return client_mode or (model_config.tp_size > 1 and not external_copies)
 
     def start(self, plane: Any) -> None:
         """Hosts the dispatcher for an in-process plane (a server hosts its own)."""

@@ -255,6 +255,8 @@ class FlexKVServer:
             return task
         if isinstance(msg, wire.Invalidate):
             return int(p.invalidate(self._run(msg.run), msg.start))
+        if isinstance(msg, (wire.TryTake, wire.Take, wire.Complete)):
+            self._check_owner(s, [msg.task])
         if isinstance(msg, (wire.TryTake, wire.Take)):
             taken = p.try_take(msg.task) if isinstance(msg, wire.TryTake) else p.take(msg.task, 0.0)
             return None if taken is None else [wire.ids_bytes(taken[0]), wire.ids_bytes(taken[1])]
@@ -263,7 +265,7 @@ class FlexKVServer:
             self.sessions.release(s, [msg.task])
             return None
         if isinstance(msg, wire.Cancel):
-            p.cancel(msg.tasks)
+            p.cancel([t for t in msg.tasks if int(t) in s.tasks])  # another session's task is not this one's
             return None
         if isinstance(msg, (wire.Wait, wire.TryWait)):
             if isinstance(msg, wire.Wait):
@@ -296,6 +298,14 @@ class FlexKVServer:
             p.reset()
             return None
         raise wire.ServerError("schema", f"{type(msg).__name__} is not served")
+
+    def _check_owner(self, s: Session, tasks: list[int]) -> None:
+        """Refuses to take or complete another session's task: task ids start again in a restarted
+        server, and a client that held task 5 of the old one must not end another client's task 5."""
+        foreign = [int(t) for t in tasks if int(t) not in s.tasks]
+        if foreign:
+            raise TaskError(f"task {foreign[0]} is not a task of this session (it ended, or belonged to a server "
+                            "that has restarted since)")
 
     def stats(self) -> dict[str, Any]:
         p = self.plane

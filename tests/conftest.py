@@ -11,6 +11,7 @@
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
 - ``run_ranks``: runs a rank script (tests/sglang_tp_rank.py, tests/trtllm_tp_rank.py) as N processes at once
   and parses their ``PASS <check> rank<r>`` / ``FAIL ...`` lines (the tensor-parallel engine tests).
+- ``tiny_model``: a tiny Llama with random weights (bfloat16) saved for the real-vLLM tests, once a session.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -160,3 +161,16 @@ def run_ranks() -> Callable[..., dict[str, Any]]:
                 "output": "\n".join(f"--- rank {r}\n{o[-6000:]}" for r, o in enumerate(outputs))}
 
     return run
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with random weights for the real-vLLM tests (large initial weights, so logits are far from
+    uniform and a wrong KV byte shows in the tokens): 2 layers, 2 KV heads of 64, vocabulary 1024."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out

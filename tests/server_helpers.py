@@ -38,8 +38,9 @@ def server_config(tmp: Path, endpoint: str, **top: Any) -> Path:
 class ServerProcess:
     """``flexkv serve --config <file>`` started from a neutral directory, its log in a file."""
 
-    def __init__(self, tmp: Path, config: Path) -> None:
+    def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None) -> None:
         self.tmp, self.config = tmp, config
+        self.env = env  # the server's whole environment; default: this one without FLEXKV_* overrides
         cfg = json.loads(config.read_text())
         self.endpoint = cfg["server_recv_port"]
         self.token = cfg.get("server_token", "")
@@ -47,7 +48,7 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> ServerProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXKV_")}
+        env = self.env if self.env is not None else {k: v for k, v in os.environ.items() if not k.startswith("FLEXKV_")}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "flexkv.core.cli", "serve", "--config",
                                           str(self.config)], cwd=self.tmp, stdout=log, stderr=subprocess.STDOUT,

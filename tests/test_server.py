@@ -30,7 +30,7 @@ from server_helpers import (
     store_in_one_load_in_other,
 )
 
-from flexkv.core import ConfigError, DataPlane, KVManager
+from flexkv.core import ConfigError, DataPlane, KVManager, TaskError
 from flexkv.core.config_file import load_config
 from flexkv.core.remote_plane import query_stats
 from flexkv.core.server_launch import ServerSettings
@@ -51,6 +51,26 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 def engine(kv, seed: int, blocks: int = 16):
     return engine_for(kv, num_blocks=blocks, gen=torch.Generator().manual_seed(seed))
+
+
+def test_a_client_cannot_take_or_complete_another_clients_task(server: ServerProcess, rng) -> None:
+    """Task ids start again in a restarted server: a client still holding an id of the old one must not end
+    another client's task of the same id (a store completed that way would be readable before its bytes)."""
+    owner, other = client(server.endpoint), client(server.endpoint)
+    try:
+        task, mask = owner.put_match(random_tokens(rng, 2 * TPB))
+        assert mask.sum() == 2 * TPB
+        with pytest.raises(TaskError, match="not a task of this session"):
+            other.take_external(task, timeout=0)
+        with pytest.raises(TaskError, match="not a task of this session"):
+            other.finish_external(task, True)
+        other.cancel(task)  # cancels nothing of the owner's
+        owner.take_external(task)
+        owner.finish_external(task, False, "the test copies nothing")
+        assert owner.cache_stats()["cpu"]["num_locked"] == 0
+    finally:
+        owner.shutdown()
+        other.shutdown()
 
 
 def test_a_block_stored_by_one_client_loads_byte_exact_in_another(server: ServerProcess, rng, seed: int) -> None:

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from flexkv.adapters.vllm.config import settings_from_vllm
+from flexkv.adapters.vllm.config import model_config_for, settings_from_vllm
 from flexkv.adapters.vllm.kv_layout import layout_from_kv_caches
 from flexkv.adapters.vllm.versions import check_vllm_version
 from flexkv.core.errors import ConfigError, LayoutError
@@ -65,10 +65,10 @@ def test_old_vllm_is_refused() -> None:
     check_vllm_version("1.0.0rc1")
 
 
-def fake_vllm_config(block_size: int = 32, tp: int = 1, cache_dtype: str = "auto") -> SimpleNamespace:
+def fake_vllm_config(block_size: int = 32, tp: int = 1, cache_dtype: str = "auto", pp: int = 1) -> SimpleNamespace:
     model = SimpleNamespace(model="/models/tiny", dtype=torch.bfloat16, use_mla=False,
                             get_num_layers=lambda p: 2, get_num_kv_heads=lambda p: 2, get_head_size=lambda: 64)
-    parallel = SimpleNamespace(world_size=tp, tensor_parallel_size=tp, pipeline_parallel_size=1,
+    parallel = SimpleNamespace(world_size=tp * pp, tensor_parallel_size=tp, pipeline_parallel_size=pp,
                                data_parallel_size=1)
     return SimpleNamespace(model_config=model, parallel_config=parallel,
                            cache_config=SimpleNamespace(block_size=block_size, cache_dtype=cache_dtype))
@@ -88,13 +88,32 @@ def test_engine_settings_come_from_vllm(tmp_path, monkeypatch) -> None:
     assert s.layout_tag.startswith("vllm:") and s.model_name == "/models/tiny"
 
 
+def test_tensor_parallel_workers_each_hold_their_heads_of_every_block(tmp_path, monkeypatch) -> None:
+    """vLLM's num_kv_heads is per worker: a FlexKV block holds every worker's heads, and each worker's layout
+    covers its own slice of every host chunk, the two slices together the whole block."""
+    write_config(tmp_path, monkeypatch, 32)
+    s = settings_from_vllm(fake_vllm_config(tp=2))
+    model = model_config_for(s)
+    assert (s.tp_size, model.num_kv_heads, model.tp_size) == (2, 4, 2)
+    covered = []
+    for rank in range(2):
+        kv = {f"model.layers.{i}.self_attn": torch.zeros(8, 2, 32, 128, dtype=torch.bfloat16) for i in range(2)}
+        layout, _, _ = layout_from_kv_caches(kv, 8, tp_size=2, tp_rank=rank)
+        assert layout.block_bytes == model.block_bytes(32)
+        layout.validate()
+        covered += [(int(off), int(off + n)) for _, _, off, n in layout.segments]
+    covered.sort()
+    assert covered[0][0] == 0 and covered[-1][1] == model.block_bytes(32)
+    assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
+
+
 def test_engine_settings_that_cannot_work_are_refused(tmp_path, monkeypatch) -> None:
     write_config(tmp_path, monkeypatch, 48)
     with pytest.raises(ConfigError, match="tokens_per_block = 48 and vLLM's block_size = 32"):
         settings_from_vllm(fake_vllm_config())
     write_config(tmp_path, monkeypatch, 32)
-    with pytest.raises(ConfigError, match="tensor_parallel_size=2"):
-        settings_from_vllm(fake_vllm_config(tp=2))
+    with pytest.raises(ConfigError, match="pipeline_parallel_size=2"):
+        settings_from_vllm(fake_vllm_config(pp=2))
     with pytest.raises(ConfigError, match="kv_cache_dtype is 'fp8'"):
         settings_from_vllm(fake_vllm_config(cache_dtype="fp8"))
     monkeypatch.setenv("FLEXKV_CONFIG_PATH", str(tmp_path / "missing.json"))

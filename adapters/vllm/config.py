@@ -22,16 +22,17 @@ class VllmSettings:
     use_mla: bool
     kv_dtype: Any  # the KV cache's torch dtype
     layout_tag: str  # the engine's byte order inside a block: engines with different ones never share blocks
+    tp_size: int = 1  # tensor-parallel workers: each holds num_kv_heads heads of every block (MLA: all of it)
 
 
 def settings_from_vllm(vllm_config: Any) -> VllmSettings:
     """Reads FlexKV's config and checks it against the engine; every error names the key to change."""
     parallel = vllm_config.parallel_config
-    if parallel.world_size > 1 or getattr(parallel, "data_parallel_size", 1) > 1:
-        raise ConfigError("FlexKV's vLLM connector runs with one worker per engine in this version: "
-                          f"tensor_parallel_size={parallel.tensor_parallel_size}, pipeline_parallel_size="
-                          f"{parallel.pipeline_parallel_size}, data_parallel_size="
-                          f"{getattr(parallel, 'data_parallel_size', 1)}; use 1 for each")
+    if parallel.pipeline_parallel_size > 1 or getattr(parallel, "data_parallel_size", 1) > 1:
+        raise ConfigError("FlexKV's vLLM connector runs tensor-parallel workers but not pipeline or data "
+                          f"parallelism in this version: pipeline_parallel_size={parallel.pipeline_parallel_size}, "
+                          f"data_parallel_size={getattr(parallel, 'data_parallel_size', 1)}; use 1 for both (run "
+                          "several engines on one `flexkv serve` instead of data-parallel ranks)")
     block_size = int(vllm_config.cache_config.block_size)
     cache = block_size_for_engine(load_config().cache_config, block_size, "vLLM", "block_size")
     model = vllm_config.model_config
@@ -42,7 +43,8 @@ def settings_from_vllm(vllm_config: Any) -> VllmSettings:
     return VllmSettings(cache_config=cache, model_name=str(model.model), block_size=block_size,
                         num_layers=int(model.get_num_layers(parallel)),
                         num_kv_heads=int(model.get_num_kv_heads(parallel)), head_size=int(model.get_head_size()),
-                        use_mla=bool(getattr(model, "use_mla", False)), kv_dtype=kv_dtype, layout_tag=layout_tag)
+                        use_mla=bool(getattr(model, "use_mla", False)), kv_dtype=kv_dtype, layout_tag=layout_tag,
+                        tp_size=int(parallel.tensor_parallel_size))
 
 
 def _kv_dtype(vllm_config: Any) -> Any:
@@ -55,6 +57,10 @@ def _kv_dtype(vllm_config: Any) -> Any:
 
 
 def model_config_for(settings: VllmSettings) -> ModelConfig:
-    """The FlexKV ModelConfig of the engine's KV cache."""
-    return ModelConfig(num_layers=settings.num_layers, num_kv_heads=1 if settings.use_mla else settings.num_kv_heads,
-                       head_size=settings.head_size, use_mla=settings.use_mla, dtype=settings.kv_dtype)
+    """The FlexKV ModelConfig of the engine's KV cache. A block holds every tensor-parallel worker's heads (vLLM's
+    num_kv_heads is per worker; heads replicated over workers are stored once per worker); MLA's latent is the
+    same in every worker, so it is stored once and its blocks are the same at any tensor-parallel size."""
+    tp = 1 if settings.use_mla else settings.tp_size
+    heads = 1 if settings.use_mla else settings.num_kv_heads * tp
+    return ModelConfig(num_layers=settings.num_layers, num_kv_heads=heads, head_size=settings.head_size,
+                       use_mla=settings.use_mla, dtype=settings.kv_dtype, tp_size=tp)

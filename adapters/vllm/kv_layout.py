@@ -15,8 +15,8 @@ def _layer_index(name: str, fallback: int) -> int:
     return int(m.group(1)) if m else fallback
 
 
-def layout_from_kv_caches(kv_caches: dict[str, Any], num_blocks: int | None = None,
-                          ) -> tuple[EngineLayout, str, int]:
+def layout_from_kv_caches(kv_caches: dict[str, Any], num_blocks: int | None = None, tp_size: int = 1,
+                          tp_rank: int = 0) -> tuple[EngineLayout, str, int]:
     """(engine layout, layout tag, number of layer tensors) of vLLM's ``{layer name: tensor}``.
 
     A layer tensor is either K and V apart, ``[2, num_blocks, ...]`` (the GPU attention backends'
@@ -25,6 +25,7 @@ def layout_from_kv_caches(kv_caches: dict[str, Any], num_blocks: int | None = No
     (or a block's K and V) must be contiguous; only whole blocks are copied, so byte orders inside a
     block that FlexKV does not interpret (the CPU backend's transposed K) are kept as they are. The
     tag names the byte order, so engines that lay blocks out differently never share cached blocks.
+    With ``tp_size`` > 1 the tensors are worker ``tp_rank``'s heads: its slice of each host chunk.
     """
     if not kv_caches:
         raise LayoutError("register_kv_caches: vLLM registered no KV cache tensors")
@@ -51,7 +52,8 @@ def layout_from_kv_caches(kv_caches: dict[str, Any], num_blocks: int | None = No
             layers.append(position)
         shapes.add((split, shape[1:] if not split else shape[2:], str(t.dtype)))
     try:
-        layout = EngineLayout.from_block_views(views, "vLLM per-layer KV caches", layers=layers)
+        layout = EngineLayout.from_block_views(views, "vLLM per-layer KV caches", layers=layers, tp_size=tp_size,
+                                               tp_rank=tp_rank)
     except LayoutError as e:
         raise LayoutError(f"register_kv_caches: {e} (vLLM layer tensors of shape {sorted(shapes)[0][1]})") from e
     if len(shapes) != 1:

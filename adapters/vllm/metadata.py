@@ -17,9 +17,11 @@ class CopyOrder:
     host_blocks: list[int]
     store: bool = False  # engine -> CPU tier; else CPU tier -> engine
     error_blocks: list[int] = field(default_factory=list)  # blocks of a load that cannot be delivered
+    # KVManager.tier_info() of the control plane that handed out host_blocks: a restarted `flexkv serve` has
+    # a new CPU tier, and an order of the old one must never touch the new one's blocks
+    tier: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class FlexKVConnectorMetadata(KVConnectorMetadata):
-    tier: dict[str, Any] = field(default_factory=dict)  # KVManager.tier_info(): where the CPU tier lives
     orders: list[CopyOrder] = field(default_factory=list)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from flexkv.core import KVManager, Misses, RequestTasks, end_task, request_namespace
+from flexkv.core import FlexKVError, KVManager, Misses, RequestTasks, end_task, request_namespace
 
 from .config import VllmSettings, model_config_for
 from .metadata import CopyOrder, FlexKVConnectorMetadata
@@ -52,8 +52,9 @@ class SchedulerSide:
         self.settings = settings
         self.block_size = settings.block_size
         model = model_config_for(settings)
+        # vLLM's workers copy every block themselves (each its own heads): no rank dispatcher is needed.
         self.kv = KVManager(model, settings.cache_config, namespace=settings.model_name,
-                            layout_tag=settings.layout_tag)
+                            layout_tag=settings.layout_tag, external_copies=True)
         self.kv.start()
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
         self.prefetches = RequestTasks(self.kv, "prefetch")  # SSD promotions
@@ -109,25 +110,28 @@ class SchedulerSide:
             tokens = _token_array(request, end)
             mask = np.zeros(end, dtype=bool)
             mask[start:] = True
+            tier = self.kv.tier_info()
             task, _ = self.kv.get_match(tokens, mask, _namespace(request))
             taken = self.kv.try_take_external(task)
             if taken is None:  # some blocks come up from SSD again: ordered in a later step
-                self.promoting[rid] = (task, block_ids, wanted)
+                self.promoting[rid] = (task, block_ids, wanted, tier)
                 return
-            self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
+            self.orders.append(self._load_order(rid, task, block_ids, wanted, tier, *taken))
         except Exception as e:  # nothing loads: the worker reports every promised block as failed
+            self.loads.pop(rid)
             self.misses.failed("load", rid, e)
             end_task(self.kv, task)
             self._give_up(rid, block_ids, wanted)
 
-    def _load_order(self, rid: str, task: int, block_ids: list[int], wanted: range, seq_blocks: np.ndarray,
-                    host_ids: np.ndarray) -> CopyOrder:
+    def _load_order(self, rid: str, task: int, block_ids: list[int], wanted: range, tier: dict[str, Any],
+                    seq_blocks: np.ndarray, host_ids: np.ndarray) -> CopyOrder:
+        self.loads.hold(rid, task)
+        self._same_tier(tier)
         ids = np.asarray(block_ids, dtype=np.int64)
         engine = ids[np.asarray(seq_blocks, dtype=np.int64)]
         promised = ids[wanted.start:wanted.stop]
         order = CopyOrder(rid, engine.tolist(), host_ids.tolist(),
-                          error_blocks=promised[~np.isin(promised, engine)].tolist())
-        self.loads.hold(rid, task)
+                          error_blocks=promised[~np.isin(promised, engine)].tolist(), tier=tier)
         self.hit_tokens += len(engine) * self.block_size
         if order.error_blocks:
             self.misses.count += 1
@@ -141,15 +145,16 @@ class SchedulerSide:
         self.orders.append(CopyOrder(rid, [], [], error_blocks=list(block_ids[wanted.start:wanted.stop])))
 
     def _order_promoted_loads(self) -> None:
-        for rid, (task, block_ids, wanted) in list(self.promoting.items()):
+        for rid, (task, block_ids, wanted, tier) in list(self.promoting.items()):
             try:
                 taken = self.kv.try_take_external(task)
                 if taken is None:
                     continue
                 del self.promoting[rid]
-                self.orders.append(self._load_order(rid, task, block_ids, wanted, *taken))
+                self.orders.append(self._load_order(rid, task, block_ids, wanted, tier, *taken))
             except Exception as e:
-                del self.promoting[rid]
+                self.promoting.pop(rid, None)
+                self.loads.pop(rid)
                 self.misses.failed("load", rid, e)
                 end_task(self.kv, task)
                 self._give_up(rid, block_ids, wanted)
@@ -169,13 +174,15 @@ class SchedulerSide:
             return False, None
         task = None
         try:
+            tier = self.kv.tier_info()
             task, _ = self.kv.put_match(_token_array(request, n), namespace=_namespace(request))
             seq_blocks, host_ids = self.kv.take_external(task)
             if len(seq_blocks) == 0:
                 self.kv.finish_external(task, True)
                 return False, None
+            self._same_tier(tier)
             sources = np.asarray(block_ids, dtype=np.int64)[np.asarray(seq_blocks, dtype=np.int64)]
-            order = CopyOrder(rid, sources.tolist(), host_ids.tolist(), store=True)
+            order = CopyOrder(rid, sources.tolist(), host_ids.tolist(), store=True, tier=tier)
         except Exception as e:
             self.misses.failed("store", rid, e)
             end_task(self.kv, task)
@@ -190,22 +197,39 @@ class SchedulerSide:
     def build_connector_meta(self, scheduler_output: Any) -> FlexKVConnectorMetadata:
         self._order_promoted_loads()
         orders, self.orders = self.orders, []
-        return FlexKVConnectorMetadata(tier=self.kv.tier_info(), orders=orders)
+        return FlexKVConnectorMetadata(orders=orders)
 
     def update_connector_output(self, connector_output: Any) -> None:
-        """Ends the tasks whose copies the workers report done."""
-        for rid in getattr(connector_output, "finished_recving", None) or ():
-            task = self.loads.pop(rid)
-            if task is not None:
-                self.kv.finish_external(task, True)
-        for rid in getattr(connector_output, "finished_sending", None) or ():
-            task = self.stores.pop(rid)
-            if task is not None:
-                self.kv.finish_external(task, True)
+        """Ends the tasks whose copies every worker reports done (vLLM counts the workers' reports). A task
+        that cannot be ended (the server is gone) is the server's to end: its lease runs out, its store never
+        becomes readable."""
+        for what, tasks, rids in (("load", self.loads, getattr(connector_output, "finished_recving", None)),
+                                  ("store", self.stores, getattr(connector_output, "finished_sending", None))):
+            for rid in rids or ():
+                task = tasks.pop(rid)
+                if task is None:
+                    continue
+                try:
+                    self.kv.finish_external(task, True)
+                except Exception as e:
+                    self.misses.failed(f"{what} completion", rid, e)
+
+    def _same_tier(self, tier: dict[str, Any]) -> None:
+        """Raises if the control plane's CPU tier changed while a task was being taken (a `flexkv serve` that
+        restarted in between): its block ids would name another tier's blocks."""
+        if self.kv.tier_info() != tier:
+            raise FlexKVError("the FlexKV server restarted while the request's blocks were being matched")
 
     def shutdown(self) -> None:
-        self.kv.shutdown()
+        try:
+            self.kv.shutdown()
+        except Exception as e:  # the engine is stopping: a server that is gone must not fail that
+            logger.warning("FlexKV: shutting the connector's manager down failed: %s", e)
 
     def stats(self) -> dict[str, Any]:
-        return {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.misses.count,
-                **{k: v for k, v in self.kv.cache_stats().items() if k.startswith("ssd_")}}
+        out = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.misses.count}
+        try:
+            out.update({k: v for k, v in self.kv.cache_stats().items() if k.startswith("ssd_")})
+        except Exception as e:  # a server that is gone has no counters to give
+            logger.warning("FlexKV: the control plane's counters are unavailable: %s", e)
+        return out
