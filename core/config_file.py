@@ -127,6 +127,28 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     return config
 
 
+def upstream_keys_in(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+                     ) -> list[tuple[str, str]]:
+    """The original FlexKV's keys a config (the file load_config reads, and ``env``) uses: (where, key) pairs,
+    ``where`` being the section or the environment variable."""
+    env = os.environ if env is None else env
+    file = resolve_config_path(path, env)
+    found: list[tuple[str, str]] = []
+    if file is not None:
+        raw = _rename_upstream_sections(_read_file(file, None), str(file))
+        for key in raw:
+            if key in UPSTREAM_KEYS and key not in _TOP_KEYS and key not in _SHORT_KEYS:
+                found.append(("top level", key))
+        for section, native in (("cache_config", _cache_keys()), ("model_config", _model_keys())):
+            block = raw.get(section)
+            if isinstance(block, dict):
+                found.extend((section, k) for k in block if k in UPSTREAM_KEYS and k not in native)
+    for var in sorted(env):
+        if var in UPSTREAM_ENV and var not in _env_fields() and var not in RESERVED_ENV_VARS:
+            found.append((var, UPSTREAM_ENV[var]))
+    return found
+
+
 def _read_file(file: Path, via: str | None) -> dict[str, Any]:
     named = f"config file {str(file)!r}" + (f" (from {via})" if via else "")
     if not file.exists():
@@ -285,7 +307,7 @@ def _split_layout(raw: dict[str, Any], where: str
         raise ConfigError(f"{where}: cache_config must be an object ({{...}}), got {_describe_value(section)}",
                           "cache_config")
     for key, value in section.items():
-        if key not in cache_keys and key in UPSTREAM_KEYS:
+        if key not in cache_keys and key in UPSTREAM_KEYS and UPSTREAM_KEYS[key].section in (None, "cache_config"):
             _note_upstream(key, value, where, mapped, ignored)
             continue
         if key not in cache_keys:
@@ -305,7 +327,8 @@ def _split_layout(raw: dict[str, Any], where: str
                               "model_config")
         model = {}
         for key, value in section.items():
-            if key not in model_keys and key in UPSTREAM_KEYS:
+            if key not in model_keys and key in UPSTREAM_KEYS and \
+                    UPSTREAM_KEYS[key].section in (None, "model_config"):
                 _note_upstream(key, value, where, mapped, ignored)
                 continue
             if key not in model_keys:
@@ -513,4 +536,5 @@ __all__ = [
     "load_config",
     "resolve_config_path",
     "strip_json_comments",
+    "upstream_keys_in",
 ]
