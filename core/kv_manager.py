@@ -25,8 +25,8 @@ from .config import CacheConfig, ModelConfig
 from .control_plane import checked_config, open_control_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
-from .local_registry import register_manager, unregister_manager
-from .manager_ranks import ManagerRanks
+from .local_registry import manager_for, register_manager, unregister_manager
+from .manager_ranks import ManagerRanks, rank_port
 from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 from .task_book import TaskBook
@@ -63,7 +63,11 @@ class KVManager:
         self.model_config, self.cache_config = model_config, resolved
         self.tokens_per_block = resolved.tokens_per_block
         self.block_bytes = model_config.block_bytes(self.tokens_per_block)
-        self.server_recv_port, self.gpu_register_port = settings.server_recv_port, gpu_register_port
+        # As the original FlexKV: without a gpu_register_port, `<server_recv_port>_gpu_register` (its KVTPClient
+        # reads kvmanager.gpu_register_port); a default port another manager of this process holds is left to it.
+        self._port_given = bool(gpu_register_port)
+        self.server_recv_port = settings.server_recv_port
+        self.gpu_register_port = gpu_register_port or rank_port("", settings.server_recv_port)
         self.dp_client_id, self.server_settings = dp_client_id, settings
         self._server_child: Any = None  # the embedded `flexkv serve` this manager started
         self._ranks: ManagerRanks | None = None  # KV memory in rank processes (server mode, tp_size > 1)
@@ -108,8 +112,13 @@ class KVManager:
         """Opens the tiers (or joins the given control plane). Idempotent."""
         if self._cp is not None and not self._cp.closed:
             return
-        if self.gpu_register_port:  # first: a port in use refuses the start before anything is allocated
+        if self._port_given:  # first: a port in use refuses the start before anything is allocated
             register_manager(self.gpu_register_port, self)
+        elif manager_for(self.gpu_register_port) is None:
+            try:
+                register_manager(self.gpu_register_port, self)
+            except RuntimeError:  # another manager of this process took the default port just now: it keeps it
+                pass
         try:
             if self._shared_plane is not None:
                 self._cp = self._shared_plane
@@ -170,8 +179,7 @@ class KVManager:
         self._owns_plane, self._layout = False, -1
         stop_embedded_server(self._server_child)
         self._server_child = None
-        if self.gpu_register_port:
-            unregister_manager(self.gpu_register_port, self)
+        unregister_manager(self.gpu_register_port, self)
 
     def __enter__(self) -> KVManager:
         self.start()
@@ -399,7 +407,7 @@ class KVManager:
             cp.cancel(pending)
             reports = args.responses(cp.wait(pending, max(0.0, float(timeout)), True), self.tokens_per_block)
             running = [t for t, r in reports.items() if r.status is KVResponseStatus.TIMEOUT]
-            self._book.keep_cancelled({t: r for t, r in reports.items() if t not in running}, "the cache was reset")
+            self._book.keep(reports, None if running else "the cache was reset")
             if running:
                 raise TaskError(f"reset: the copies of tasks {running[:8]} still run after {timeout} s; "
                                 "nothing was reset")

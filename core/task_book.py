@@ -160,11 +160,16 @@ class TaskBook:
                         self._live.pop(t, None)
         return out
 
-    def keep_cancelled(self, reports: dict[int, KVResponse], why: str) -> None:
-        """Reports drained by a reset: their tasks answer CANCELLED at the next wait (their batch, if merged)."""
+    def keep(self, reports: dict[int, KVResponse], cancelled_by: str | None = None) -> None:
+        """Reports drained by a reset, for the next wait on their tasks (their batch, if merged): CANCELLED with
+        the reason ``cancelled_by`` when given, else as they are."""
         with self._lock:
             for t, r in reports.items():
-                cancelled = KVResponse(S.CANCELLED, t, r.return_mask, why)
+                if r.status is S.NOTFOUND and t not in self._merged:  # reported elsewhere, or finished externally
+                    self._live.pop(t, None)
+                if r.status not in _ENDED:
+                    continue
+                cancelled = r if cancelled_by is None else KVResponse(S.CANCELLED, t, r.return_mask, cancelled_by)
                 batch_id = self._merged.get(t)
                 if batch_id is not None:
                     self._batches[batch_id].ended[t] = cancelled

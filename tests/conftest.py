@@ -9,6 +9,8 @@
 - ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
   still running must load it byte-exact after the test (the bad-input tests).
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
+- ``original_kv``: managers built and fed as the original FlexKV's users do (tests/upstream_helpers.py), checked
+  clean and shut down after the test; ``upstream_warnings``: the original's no-effect keys warn afresh.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -25,6 +27,7 @@ import pytest
 import torch
 
 from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
+from upstream_helpers import OriginalEngine, start_original
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -117,3 +120,36 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def original_kv(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, OriginalEngine]]]:
+    """``original_kv(layout_kind, model={...}, cache={...})``: a started manager built from the original FlexKV's
+    constructor arguments, with its engine (one of upstream_helpers.LAYOUTS) registered through KVTPClient."""
+    created: list[Any] = []
+
+    def factory(layout_kind: str = "layerfirst", model: dict[str, Any] | None = None,
+                cache: dict[str, Any] | None = None, num_blocks: int = 64) -> tuple[Any, OriginalEngine]:
+        kv, eng = start_original(layout_kind, model or {}, cache or {}, tmp_path / f"ssd{len(created)}", num_blocks)
+        created.append(kv)
+        return kv, eng
+
+    yield factory
+    try:
+        for kv in created:
+            if kv.control_plane is not None and not kv.control_plane.closed:
+                assert_clean(kv)
+    finally:
+        for kv in created:
+            kv.shutdown()
+
+
+@pytest.fixture
+def upstream_warnings() -> Iterator[None]:
+    """The original FlexKV's keys without effect are warned about once per process: afresh for this test."""
+    from flexkv.core import upstream
+
+    upstream.reset_warnings()
+    yield
+    upstream.reset_warnings()
+
