@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from upstream_helpers import OriginalEngine, start_original
 
 from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
-from upstream_helpers import OriginalEngine, start_original
 
 
 def pytest_report_header(config: pytest.Config) -> str:

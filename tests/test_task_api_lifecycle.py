@@ -1,5 +1,6 @@
 """KVManager's reset and shutdown with tasks in every state: reset drops the cache and ends pending tasks
-CANCELLED (the original FlexKV's semantics), letting copies in flight finish first; shutdown cancels unlaunched tasks, finishes launched copies, refuses later calls.
+CANCELLED (the original FlexKV's semantics), letting copies in flight finish first; shutdown cancels unlaunched
+tasks, finishes launched copies, refuses later calls.
 
 Engine KV memory is the engine fake of tests/kv_helpers.py (CPU torch tensors). Every load goes into poisoned
 (NaN) engine blocks and is compared byte for byte, so a block that was never written cannot pass. After every

@@ -10,11 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from upstream_helpers import LAYOUTS, OriginalEngine, original_slots
 
 from flexkv.common.request import KVResponseStatus as S
 from flexkv.core.errors import TaskError
-
-from upstream_helpers import LAYOUTS, OriginalEngine, original_slots
 
 T = 16  # upstream_helpers.CACHE["tokens_per_block"]
 Factory = Callable[..., tuple[Any, OriginalEngine]]
