@@ -313,6 +313,8 @@ def _split_layout(raw: dict[str, Any], where: str
         if key not in cache_keys:
             elsewhere = {k: "model_config" for k in model_keys}
             elsewhere.update({k: "the top level" for k in _TOP_KEYS})
+            elsewhere.update({k: u.section for k, u in UPSTREAM_KEYS.items() if u.section and k not in elsewhere
+                              and u.section != "cache_config"})
             raise _unknown_key("cache_config", key, cache_keys, elsewhere, where)
         if key in cache:
             raise ConfigError(f"{where}: {key} is given both at the top level and in cache_config; keep one",
@@ -334,6 +336,8 @@ def _split_layout(raw: dict[str, Any], where: str
             if key not in model_keys:
                 elsewhere = {k: "cache_config" for k in cache_keys}
                 elsewhere.update({k: "the top level" for k in _TOP_KEYS})
+                elsewhere.update({k: u.section for k, u in UPSTREAM_KEYS.items() if u.section and k not in elsewhere
+                                  and u.section != "model_config"})
                 raise _unknown_key("model_config", key, model_keys, elsewhere, where)
             if section_keys("model_config")[key].type == "dtype":
                 if not isinstance(value, str):

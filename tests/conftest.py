@@ -9,6 +9,7 @@
 - ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
   still running must load it byte-exact after the test (the bad-input tests).
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
+- ``flexkv_log``: the records logged on the ``flexkv`` logger during the test.
 - ``original_kv``: managers built and fed as the original FlexKV's users do (tests/upstream_helpers.py), checked
   clean and shut down after the test; ``upstream_warnings``: the original's no-effect keys warn afresh.
 
@@ -17,6 +18,7 @@ The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_hel
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -153,3 +155,21 @@ def upstream_warnings() -> Iterator[None]:
     yield
     upstream.reset_warnings()
 
+
+@pytest.fixture
+def flexkv_log() -> Iterator[list[logging.LogRecord]]:
+    """Records logged on the "flexkv" logger (a handler on the logger itself, whatever its propagation)."""
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("flexkv")
+    handler = _Keep(level=logging.DEBUG)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(old_level)

@@ -18,25 +18,6 @@ from kv_helpers import EXAMPLES, QWEN_BLOCK_16, GiB, write_json
 pytestmark = pytest.mark.usefixtures("no_flexkv_env")
 
 
-@pytest.fixture
-def flexkv_log() -> list[logging.LogRecord]:
-    """Records logged on the "flexkv" logger (a handler on the logger itself, whatever its propagation)."""
-    records: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    log = logging.getLogger("flexkv")
-    handler = _Keep(level=logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    yield records
-    log.removeHandler(handler)
-    log.setLevel(old_level)
-
-
 def test_env_overrides_each_type(tmp_path: Path) -> None:
     path = EXAMPLES / "single_node.json"
     env = {
