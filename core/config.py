@@ -188,6 +188,12 @@ class ModelConfig(FileFields):
         """Pipeline-parallel stages: always 1 here (the original FlexKV's field)."""
         return 1
 
+    @pp_size.setter
+    def pp_size(self, value: int) -> None:
+        if value != 1:
+            raise ConfigError(f"model_config.pp_size = {value!r} is not supported here (only 1)",
+                              "model_config.pp_size")
+
     @property
     def dtype_name(self) -> str:
         return canonical_dtype_name(self.dtype)

@@ -44,11 +44,9 @@ def engine_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size: in
     (the original FlexKV's layouts: per-layer LAYERFIRST / LAYERBLOCK tensors, one BLOCKFIRST tensor, vLLM's
     packed and 3-D MLA per-layer tensors)."""
     lay = kv_layout
-    per_layer = 1 if lay.is_mla else 2
     shape = tuple(kv_caches[0].shape) if kv_caches else ()
-    pool = len(kv_caches) == lay.num_layer * per_layer and (
-        (len(shape) == 3 and shape[0] >= lay.num_block * lay.tokens_per_block)
-        or (len(shape) == 4 and per_layer == 2 and shape[:2] == (lay.num_block, lay.tokens_per_block)))
+    pool = (len(shape) == 3 and shape[0] >= lay.num_block * lay.tokens_per_block) or (
+        len(shape) == 4 and shape[:2] == (lay.num_block, lay.tokens_per_block) and kv_caches[0].is_contiguous())
     if pool:
         return token_pool_layout(kv_caches, lay, tp_size=tp_size, tp_rank=tp_rank)
     return EngineLayout.from_kv_layout(kv_caches, lay, tp_size=tp_size, tp_rank=tp_rank)
