@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         if model is not None:
             model.validate()
             config.cache_config.resolved(model)
-        print(f"config file: {path if path is not None else '(none: built-in defaults)'}")
+        none = "(none found: built-in defaults, a 16 GiB CPU tier unless the environment sizes it)"
+        print(f"config file: {path if path is not None else none}")
         overrides = env_override_names(os.environ)
         if overrides:
             print(f"environment overrides: {', '.join(overrides)}")

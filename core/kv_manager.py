@@ -95,11 +95,16 @@ class KVManager:
 
     @property
     def kv_task_engine(self) -> Any:
-        """The original FlexKV's task-engine attribute, as far as its callers read it: ``tasks`` (the ids that
-        can still be waited for) and ``graph_to_task`` (always empty: no transfer graphs here)."""
+        """The original FlexKV's task-engine attribute, as far as its callers read it (a snapshot): ``tasks`` (the
+        ids that can still be waited for), ``graph_to_task`` (always empty: no transfer graphs here) and
+        ``cache_engine.cpu_cache_engine.mempool`` (``num_free_blocks``, ``num_total_blocks`` of the CPU tier)."""
         from types import SimpleNamespace
 
-        return SimpleNamespace(tasks=self._book.ids(), graph_to_task={})
+        cpu = self.cache_stats()["cpu"] if self._cp is not None and not self._cp.closed else {}
+        mempool = SimpleNamespace(num_free_blocks=cpu.get("num_free", 0),
+                                  num_total_blocks=self.cache_config.num_cpu_blocks)
+        return SimpleNamespace(tasks=self._book.ids(), graph_to_task={},
+                               cache_engine=SimpleNamespace(cpu_cache_engine=SimpleNamespace(mempool=mempool)))
 
     # ----------------------------------------------------------------- lifecycle
 

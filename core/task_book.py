@@ -21,6 +21,7 @@ S = KVResponseStatus
 BATCH_ID_BASE = 1 << 62
 _ENDED = (S.SUCCESS, S.FAILED, S.CANCELLED)
 _PRUNE_AT = 4096
+_MAX_LIVE = 1 << 16
 
 
 @dataclass
@@ -70,6 +71,11 @@ class TaskBook:
             for t in gone:
                 if t not in self._merged:
                     self._live.pop(t, None)
+            while len(self._live) > _MAX_LIVE:  # a plane that cannot tell (a server's): the oldest are long done
+                oldest = next((t for t in self._live if t not in self._merged), None)
+                if oldest is None:
+                    break
+                self._live.pop(oldest)
             self._prune_at = max(_PRUNE_AT, 2 * len(self._live))  # amortized: never a scan per task
 
     def live(self) -> list[int]:

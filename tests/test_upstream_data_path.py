@@ -113,6 +113,7 @@ def test_batched_launch_gives_one_handle(original_kv: Factory, gen: torch.Genera
     res = kv.wait(batch, completely=True)[batch]
     assert res.status is S.SUCCESS and isinstance(res.return_mask, list) and len(res.return_mask) == 4
     assert all(int(m.sum()) == 2 * T for m in res.return_mask)
+    assert torch.equal(res.get_mask(2), torch.from_numpy(res.return_mask[2]))  # the original's get_mask(idx)
     assert kv.wait(batch)[batch].status is S.NOTFOUND  # reported once
     assert not kv.kv_task_engine.tasks and not kv.kv_task_engine.graph_to_task
     if kind == "put":
@@ -177,6 +178,8 @@ def test_reset_after_put_clears_matches_and_cancels_pending(original_kv: Factory
     kv.wait(tid)
     stats = kv.cache_stats()["cpu"]
     assert stats["num_cached"] == 0 and stats["num_free"] == kv.cache_config.num_cpu_blocks
+    mempool = kv.kv_task_engine.cache_engine.cpu_cache_engine.mempool  # the original's white-box view
+    assert mempool.num_free_blocks == mempool.num_total_blocks == kv.cache_config.num_cpu_blocks
 
 
 def test_reset_cancels_a_batch_whose_tasks_are_pending(original_kv: Factory, gen: torch.Generator) -> None:
