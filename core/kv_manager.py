@@ -368,17 +368,20 @@ class KVManager:
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
         ids = args.task_ids(task_ids)
-        ask, known = self._book.plan(ids)
+        ask, peek, known = self._book.plan(ids)
         reports = {}
         if ask:
             reports = args.responses(self._tasks().wait(ask, max(0.0, float(timeout)), bool(completely)),
                                      self.tokens_per_block)
+        if peek:
+            reports.update(args.responses(self._tasks().try_wait(peek), self.tokens_per_block))
         return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=False)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
         ids = args.task_ids(task_ids)
-        ask, known = self._book.plan(ids)
+        ask, peek, known = self._book.plan(ids)
+        ask += peek
         reports = args.responses(self._tasks().try_wait(ask), self.tokens_per_block) if ask else {}
         return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=True)
 

@@ -93,8 +93,14 @@ class TaskBook:
     # --------------------------------------------------------------- batches
 
     def merge(self, task_ids: list[int]) -> int:
-        """Merges launched tasks into a new batch; returns its id."""
+        """Merges launched tasks into a new batch; returns its id. Past a few thousand batches, the oldest whose
+        tasks all ended and that nobody waited for are forgotten (as the original's tasks expire)."""
         with self._lock:
+            if len(self._batches) >= _PRUNE_AT:
+                for old in [b for b, batch in self._batches.items() if len(batch.ended) == len(batch.tasks)]:
+                    for t in self._batches.pop(old).tasks:
+                        self._merged.pop(t, None)
+                        self._live.pop(t, None)
             batch_id = self._next_batch
             self._next_batch += 1
             self._batches[batch_id] = _Batch(list(task_ids))
@@ -112,9 +118,12 @@ class TaskBook:
 
     # ----------------------------------------------------------------- waits
 
-    def plan(self, task_ids: Iterable[int]) -> tuple[list[int], dict[int, KVResponse]]:
-        """For a wait on ``task_ids``: (the control-plane ids to ask about, the answers known already)."""
+    def plan(self, task_ids: Iterable[int]) -> tuple[list[int], list[int], dict[int, KVResponse]]:
+        """For a wait on ``task_ids``: (the control-plane ids to wait for, the merged ids to collect without
+        waiting, the answers known already). A merged task answers NOTFOUND, as in the original FlexKV; its
+        report is collected for its batch (callers that wait on the ids they matched end their batches so)."""
         ask: list[int] = []
+        peek: list[int] = []
         known: dict[int, KVResponse] = {}
         with self._lock:
             for t in task_ids:
@@ -123,6 +132,8 @@ class TaskBook:
                     self._live.pop(t, None)
                 elif t in self._merged:
                     known[t] = KVResponse(S.NOTFOUND, t, None, None)
+                    if t not in self._batches[self._merged[t]].ended:
+                        peek.append(t)
                 elif t >= BATCH_ID_BASE:
                     batch = self._batches.get(t)
                     if batch is None:
@@ -131,7 +142,7 @@ class TaskBook:
                         ask.extend(s for s in batch.tasks if s not in batch.ended)
                 else:
                     ask.append(t)
-        return list(dict.fromkeys(ask)), known
+        return list(dict.fromkeys(ask)), list(dict.fromkeys(peek)), known
 
     def settle(self, task_ids: Iterable[int], reports: dict[int, KVResponse], known: dict[int, KVResponse],
                waiting: KVResponseStatus, leave_out_running: bool) -> dict[int, KVResponse]:
