@@ -190,3 +190,24 @@ def test_reset_cancels_a_batch_whose_tasks_are_pending(original_kv: Factory, gen
     kv.reset()
     res = kv.wait(batch)[batch]
     assert res.status is S.CANCELLED and len(res.return_mask) == 3
+
+
+def test_waiting_on_a_merged_task_collects_it_for_its_batch(original_kv: Factory, gen: torch.Generator) -> None:
+    # SGLang's layer-wise loads keep the task id they matched and sweep it with try_wait: it answers NOTFOUND
+    # (merged away), and the control plane's report is kept for the batch, so nothing is left behind.
+    kv, eng = original_kv()
+    tokens = _tokens(gen, 2)
+    want = eng.fill([0, 1], gen)
+    tid = kv.put_async(tokens, original_slots([0, 1], T))
+    assert kv.wait(tid)[tid].ok
+    sub, _ = kv.get_match(tokens)
+    (batch,) = kv.launch([sub], [original_slots([5, 6], T)], as_batch=True, layerwise_transfer=True)
+    assert kv.wait_layer(batch, 1)
+    for _ in range(200):
+        assert kv.try_wait([sub])[sub].status is S.NOTFOUND
+        if kv.control_plane.inspect(sub) is None:
+            break
+    assert kv.control_plane.inspect(sub) is None  # reported by the control plane, kept for the batch
+    res = kv.wait(batch)[batch]
+    assert res.ok and int(res.return_mask[0].sum()) == 2 * T
+    assert torch.equal(eng.block(5), want[0]) and torch.equal(eng.block(6), want[1])
