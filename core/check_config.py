@@ -11,9 +11,10 @@ import os
 import sys
 
 from .config import MODEL_PRESETS, ModelConfig, model_preset
-from .config_file import env_override_names, load_config, resolve_config_path
+from .config_file import env_override_names, load_config, resolve_config_path, upstream_keys_in
 from .errors import ConfigError
 from .resources import check_resources, describe
+from .upstream import explain
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,10 +75,16 @@ def main(argv: list[str] | None = None) -> int:
         if model is not None:
             model.validate()
             config.cache_config.resolved(model)
-        print(f"config file: {path if path is not None else '(none: built-in defaults)'}")
+        none = "(none found: built-in defaults, a 16 GiB CPU tier unless the environment sizes it)"
+        print(f"config file: {path if path is not None else none}")
         overrides = env_override_names(os.environ)
         if overrides:
             print(f"environment overrides: {', '.join(overrides)}")
+        original = upstream_keys_in(path)
+        if original:
+            print("keys of the original FlexKV:")
+            for where, key in original:
+                print(f"  {explain(key)}  [{where}]")
         if model is None or args.skip_resources:
             print(describe(config, model, check_machine=False))
             return 0

@@ -22,6 +22,7 @@ from typing import Any, Union
 
 import numpy as np
 
+from . import upstream
 from .config_keys import FileFields, check_range, config_fields, section_keys
 from .errors import ConfigError
 
@@ -175,7 +176,23 @@ class ModelConfig(FileFields):
 
     @property
     def kv_dim(self) -> int:
+        """2: K and V per token; 1: one latent per token (MLA). The original FlexKV's name of ``use_mla``."""
         return 1 if self.use_mla else 2
+
+    @kv_dim.setter
+    def kv_dim(self, value: int) -> None:
+        self.use_mla = upstream.kv_dim_to_mla(value)
+
+    @property
+    def pp_size(self) -> int:
+        """Pipeline-parallel stages: always 1 here (the original FlexKV's field)."""
+        return 1
+
+    @pp_size.setter
+    def pp_size(self, value: int) -> None:
+        if value != 1:
+            raise ConfigError(f"model_config.pp_size = {value!r} is not supported here (only 1)",
+                              "model_config.pp_size")
 
     @property
     def dtype_name(self) -> str:
@@ -218,6 +235,19 @@ class ModelConfig(FileFields):
             _check_type(ModelConfig, spec.name, value, spec.key)
             check_range(spec, value)
         return self
+
+
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
+_model_init = ModelConfig.__init__
+
+
+def _model_config_init(self: ModelConfig, *args: Any, **kwargs: Any) -> None:
+    """ModelConfig(num_layers, num_kv_heads, head_size, kv_dim, dtype, tp_size, pp_size, dp_size, ...): the
+    original FlexKV's order, each positional argument type-checked; ``use_mla=`` and ``kv_dim=`` by keyword."""
+    _model_init(self, **upstream.model_kwargs(args, kwargs, _MODEL_FIELDS))
+
+
+ModelConfig.__init__ = _model_config_init  # type: ignore[method-assign]
 
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
@@ -337,6 +367,26 @@ class CacheConfig(FileFields):
                 out.enable_ssd = False
             out.ssd_cache_gb = None
         return out
+
+
+_CACHE_FIELDS = tuple(f.name for f in dataclasses.fields(CacheConfig))
+_cache_init = CacheConfig.__init__
+
+
+def _cache_config_init(self: CacheConfig, *args: Any, **kwargs: Any) -> None:
+    """CacheConfig(tokens_per_block, eviction_policy, enable_cpu, enable_ssd, enable_gds, ...): the original
+    FlexKV's order and arguments, each positional argument type-checked. Its arguments without effect here
+    (``enable_gds``, ``remote_file_size``, ...) are kept as attributes and named in one warning."""
+    fields, extra = upstream.cache_kwargs(args, kwargs, _CACHE_FIELDS)
+    _cache_init(self, **fields)
+    for name, value in extra.items():
+        object.__setattr__(self, name, value)
+
+
+CacheConfig.__init__ = _cache_config_init  # type: ignore[method-assign]
+for _name, _key in upstream.NO_EFFECT.items():  # the original's attributes read their defaults
+    if _name not in CacheConfig.__dict__:
+        setattr(CacheConfig, _name, _key.default)
 
 
 # Top-level keys that are plain values (not sections).

@@ -44,6 +44,7 @@ from .config import (
 from .config_keys import RESERVED_ENV_NAMES, SHORT_FORM_KEYS, section_keys
 from .config_keys import RESERVED_ENV_PREFIXES as _FILE_ENV_PREFIXES
 from .errors import ConfigError
+from .upstream import UPSTREAM_ENV, UPSTREAM_KEYS, UPSTREAM_SECTIONS, warn_no_effect
 
 logger = logging.getLogger("flexkv")
 
@@ -56,6 +57,20 @@ RESERVED_ENV_PREFIXES: tuple[str, ...] = _FILE_ENV_PREFIXES
 # ---------------------------------------------------------------------------------------------
 # the loader
 # ---------------------------------------------------------------------------------------------
+
+# The CPU tier when nothing sizes it (no config file, no FLEXKV_CPU_CACHE_GB / FLEXKV_NUM_CPU_BLOCKS): the
+# original FlexKV's default, so an engine started without a config runs instead of asking for 1000000 blocks.
+DEFAULT_CPU_CACHE_GB = 16.0
+_logged_no_config = False
+
+
+def _log_no_config_once() -> None:
+    global _logged_no_config
+    if not _logged_no_config:
+        _logged_no_config = True
+        logger.warning("FlexKV: no config file found (FLEXKV_CONFIG_PATH is unset); using the defaults with a "
+                       "%g GiB CPU tier. Set FLEXKV_CONFIG_PATH to a config file, or FLEXKV_CPU_CACHE_GB to size "
+                       "the CPU tier", DEFAULT_CPU_CACHE_GB)
 
 _TOP_KEYS = tuple(section_keys("top_level"))
 _SHORT_KEYS = SHORT_FORM_KEYS
@@ -95,6 +110,9 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         raw = _read_file(file, "FLEXKV_CONFIG_PATH" if from_env else None)
     top, cache, model, sources = _split_layout(raw, where)
     _apply_env(top, cache, sources, env)
+    if file is None and not any(k in cache for k in ("num_cpu_blocks", "cpu_cache_gb")):
+        cache["cpu_cache_gb"] = DEFAULT_CPU_CACHE_GB
+        _log_no_config_once()
     try:
         config = FlexKVConfig(
             cache_config=CacheConfig(**cache),
@@ -107,6 +125,28 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
         message = str(err) + (f" (set by {source})" if source else "")
         raise ConfigError(f"{where}: {message}", err.key) from None
     return config
+
+
+def upstream_keys_in(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+                     ) -> list[tuple[str, str]]:
+    """The original FlexKV's keys a config (the file load_config reads, and ``env``) uses: (where, key) pairs,
+    ``where`` being the section or the environment variable."""
+    env = os.environ if env is None else env
+    file = resolve_config_path(path, env)
+    found: list[tuple[str, str]] = []
+    if file is not None:
+        raw = _rename_upstream_sections(_read_file(file, None), str(file))
+        for key in raw:
+            if key in UPSTREAM_KEYS and key not in _TOP_KEYS and key not in _SHORT_KEYS:
+                found.append(("top level", key))
+        for section, native in (("cache_config", _cache_keys()), ("model_config", _model_keys())):
+            block = raw.get(section)
+            if isinstance(block, dict):
+                found.extend((section, k) for k in block if k in UPSTREAM_KEYS and k not in native)
+    for var in sorted(env):
+        if var in UPSTREAM_ENV and var not in _env_fields() and var not in RESERVED_ENV_VARS:
+            found.append((var, UPSTREAM_ENV[var]))
+    return found
 
 
 def _read_file(file: Path, via: str | None) -> dict[str, Any]:
@@ -241,7 +281,13 @@ def _split_layout(raw: dict[str, Any], where: str
     model: dict[str, Any] | None = None
     sources: dict[str, str] = {}
 
+    raw = _rename_upstream_sections(raw, where)
+    mapped: dict[str, tuple[Any, str]] = {}  # key here -> (value, the original's key naming it)
+    ignored: list[str] = []
     for key, value in raw.items():
+        if key not in top_valid and key not in ("cache_config", "model_config") and key in UPSTREAM_KEYS:
+            _note_upstream(key, value, where, mapped, ignored)
+            continue
         if key not in top_valid:
             elsewhere = {k: "cache_config" for k in cache_keys if k not in _SHORT_KEYS}
             elsewhere.update({k: "model_config" for k in model_keys})
@@ -261,9 +307,14 @@ def _split_layout(raw: dict[str, Any], where: str
         raise ConfigError(f"{where}: cache_config must be an object ({{...}}), got {_describe_value(section)}",
                           "cache_config")
     for key, value in section.items():
+        if key not in cache_keys and key in UPSTREAM_KEYS and UPSTREAM_KEYS[key].section in (None, "cache_config"):
+            _note_upstream(key, value, where, mapped, ignored)
+            continue
         if key not in cache_keys:
             elsewhere = {k: "model_config" for k in model_keys}
             elsewhere.update({k: "the top level" for k in _TOP_KEYS})
+            elsewhere.update({k: u.section for k, u in UPSTREAM_KEYS.items() if u.section and k not in elsewhere
+                              and u.section != "cache_config"})
             raise _unknown_key("cache_config", key, cache_keys, elsewhere, where)
         if key in cache:
             raise ConfigError(f"{where}: {key} is given both at the top level and in cache_config; keep one",
@@ -278,9 +329,15 @@ def _split_layout(raw: dict[str, Any], where: str
                               "model_config")
         model = {}
         for key, value in section.items():
+            if key not in model_keys and key in UPSTREAM_KEYS and \
+                    UPSTREAM_KEYS[key].section in (None, "model_config"):
+                _note_upstream(key, value, where, mapped, ignored)
+                continue
             if key not in model_keys:
                 elsewhere = {k: "cache_config" for k in cache_keys}
                 elsewhere.update({k: "the top level" for k in _TOP_KEYS})
+                elsewhere.update({k: u.section for k, u in UPSTREAM_KEYS.items() if u.section and k not in elsewhere
+                                  and u.section != "model_config"})
                 raise _unknown_key("model_config", key, model_keys, elsewhere, where)
             if section_keys("model_config")[key].type == "dtype":
                 if not isinstance(value, str):
@@ -290,11 +347,56 @@ def _split_layout(raw: dict[str, Any], where: str
                 _check_type_at(ModelConfig, key, value, f"model_config.{key}", where)
             model[key] = value
 
+    for target, (value, original) in mapped.items():
+        section_name, _, name = target.partition(".")
+        if section_name == "model_config":
+            model = {} if model is None else model
+        into = cache if section_name == "cache_config" else model
+        assert into is not None
+        if name in into:
+            raise ConfigError(f"{where}: {original} (the original FlexKV's name of {target}) and {target} are both "
+                              "given; keep one", target)
+        if section_keys(section_name)[name].type == "dtype":
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: {original} must be a string such as \"bfloat16\", got "
+                                  f"{_describe_value(value)}", target)
+        else:
+            _check_type_at(CacheConfig if section_name == "cache_config" else ModelConfig, name, value, original,
+                           where)
+        into[name] = value
+        if original != name:
+            sources[target] = f"the original FlexKV's key {original!r}"
+    warn_no_effect(ignored, where)
     for blocks_key, gb_key in _SIZE_PAIRS:
         if blocks_key in cache and cache.get(gb_key) is not None:
             err = _both_sizes_error("cpu" if "cpu" in gb_key else "ssd", blocks_key, gb_key)
             raise ConfigError(f"{where}: {err}", err.key)
     return top, cache, model, sources
+
+
+def _rename_upstream_sections(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """The original's benchmark files name their sections ModelConfig and CacheConfig."""
+    out = dict(raw)
+    for theirs, ours in UPSTREAM_SECTIONS.items():
+        if theirs in out:
+            if ours in out:
+                raise ConfigError(f"{where}: {theirs} (the original FlexKV's name of {ours}) and {ours} are both "
+                                  "given; keep one", ours)
+            out[ours] = out.pop(theirs)
+    return out
+
+
+def _note_upstream(key: str, value: Any, where: str, mapped: dict[str, tuple[Any, str]], ignored: list[str]) -> None:
+    """An original FlexKV key: remember the value for its key here, or that it has no effect."""
+    spec = UPSTREAM_KEYS[key]
+    if spec.target is None:
+        ignored.append(key)
+        return
+    converted = spec.convert(value, f"{where}: ")
+    if spec.target in mapped and mapped[spec.target][0] != converted:
+        raise ConfigError(f"{where}: {key} and {mapped[spec.target][1]} both set {spec.target}, to different "
+                          "values; keep one", spec.target)
+    mapped[spec.target] = (converted, key)
 
 
 def _check_type_at(cls: type, name: str, value: Any, key: str, where: str) -> None:
@@ -378,10 +480,32 @@ def _parse_env_value(var: str, text: str, tp: Any, key: str) -> Any:
 def _apply_env(top: dict[str, Any], cache: dict[str, Any], sources: dict[str, str], env: Mapping[str, str]) -> None:
     table = _env_fields()
     given: dict[str, Any] = {}
+    ignored: list[str] = []
     for var in sorted(env):
         if not var.startswith("FLEXKV_"):
             continue
         if var in RESERVED_ENV_VARS or var.startswith(RESERVED_ENV_PREFIXES):
+            continue
+        if var not in table and var in UPSTREAM_ENV:
+            spec = UPSTREAM_KEYS[UPSTREAM_ENV[var]]
+            if spec.target is None:
+                ignored.append(spec.name)
+                continue
+            var_cls = FlexKVConfig if spec.section == "top_level" else CacheConfig
+            if spec.section == "model_config":
+                ignored.append(spec.name)  # the model shape comes from the engine, never from the environment
+                continue
+            name = spec.field or ""
+            text = env[var]
+            value = spec.convert(text, f"environment variable {var}: ") if spec.values else \
+                _parse_env_value(var, text, _field_types(var_cls)[name], spec.target or name)
+            prefix = "" if var_cls is FlexKVConfig else "cache_config."
+            if name in given:
+                raise ConfigError(f"environment variables {var} and {given[name][0]} both set {prefix}{name}; unset "
+                                  "one of them", prefix + name)
+            given[name] = (var, value)
+            (top if var_cls is FlexKVConfig else cache)[name] = value
+            sources[prefix + name] = f"environment variable {var} (the original FlexKV's name)"
             continue
         if var not in table:
             close = difflib.get_close_matches(var, list(table), n=1, cutoff=0.6)
@@ -397,6 +521,7 @@ def _apply_env(top: dict[str, Any], cache: dict[str, Any], sources: dict[str, st
         else:
             cache[name] = value
         sources[prefix + name] = f"environment variable {var}"
+    warn_no_effect(ignored, "environment")
     for blocks_key, gb_key in _SIZE_PAIRS:
         if blocks_key in given and gb_key in given and given[gb_key][1] is not None:
             raise ConfigError(f"environment variables {given[blocks_key][0]} and {given[gb_key][0]} both size the "
@@ -408,10 +533,12 @@ def _apply_env(top: dict[str, Any], cache: dict[str, Any], sources: dict[str, st
 
 
 __all__ = [
+    "DEFAULT_CPU_CACHE_GB",
     "RESERVED_ENV_PREFIXES",
     "RESERVED_ENV_VARS",
     "env_override_names",
     "load_config",
     "resolve_config_path",
     "strip_json_comments",
+    "upstream_keys_in",
 ]

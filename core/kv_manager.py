@@ -25,10 +25,11 @@ from .config import CacheConfig, ModelConfig
 from .control_plane import checked_config, open_control_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
-from .local_registry import register_manager, unregister_manager
-from .manager_ranks import ManagerRanks
-from .request import KVResponse
+from .local_registry import manager_for, register_manager, unregister_manager
+from .manager_ranks import ManagerRanks, rank_port
+from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
+from .task_book import TaskBook
 
 logger = logging.getLogger("flexkv")
 
@@ -65,7 +66,11 @@ class KVManager:
         self.model_config, self.cache_config = model_config, resolved
         self.tokens_per_block = resolved.tokens_per_block
         self.block_bytes = model_config.block_bytes(self.tokens_per_block)
-        self.server_recv_port, self.gpu_register_port = settings.server_recv_port, gpu_register_port
+        # As the original FlexKV: without a gpu_register_port, `<server_recv_port>_gpu_register` (its KVTPClient
+        # reads kvmanager.gpu_register_port); a default port another manager of this process holds is left to it.
+        self._port_given = bool(gpu_register_port)
+        self.server_recv_port = settings.server_recv_port
+        self.gpu_register_port = gpu_register_port or rank_port("", settings.server_recv_port)
         self.dp_client_id, self.server_settings = dp_client_id, settings
         self._server_child: Any = None  # the embedded `flexkv serve` this manager started
         self._ranks: ManagerRanks | None = None  # KV memory in rank processes (server mode, tp_size > 1)
@@ -83,6 +88,26 @@ class KVManager:
         self._layout = -1  # the control plane's handle of the registered engine memory
         self._seeds: dict[tuple[str, ...], np.ndarray] = {}
         self._launch_listeners: list[Callable[[list[int], bool, int], None]] = []
+        self._book = TaskBook()
+        self._kinds: dict[int, str] = {}  # task id -> "get" / "put", for as_batch (dropped when launched)
+
+    @property
+    def server_client_mode(self) -> bool:
+        """True when this manager is a client of `flexkv serve` (the original FlexKV's attribute)."""
+        return self._client_mode
+
+    @property
+    def kv_task_engine(self) -> Any:
+        """The original FlexKV's task-engine attribute, as far as its callers read it (a snapshot): ``tasks`` (the
+        ids that can still be waited for), ``graph_to_task`` (always empty: no transfer graphs here) and
+        ``cache_engine.cpu_cache_engine.mempool`` (``num_free_blocks``, ``num_total_blocks`` of the CPU tier)."""
+        from types import SimpleNamespace
+
+        cpu = self.cache_stats()["cpu"] if self._cp is not None and not self._cp.closed else {}
+        mempool = SimpleNamespace(num_free_blocks=cpu.get("num_free", 0),
+                                  num_total_blocks=self.cache_config.num_cpu_blocks)
+        return SimpleNamespace(tasks=self._book.ids(), graph_to_task={},
+                               cache_engine=SimpleNamespace(cpu_cache_engine=SimpleNamespace(mempool=mempool)))
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -95,8 +120,13 @@ class KVManager:
         """Opens the tiers (or joins the given control plane). Idempotent."""
         if self._cp is not None and not self._cp.closed:
             return
-        if self.gpu_register_port:  # first: a port in use refuses the start before anything is allocated
+        if self._port_given:  # first: a port in use refuses the start before anything is allocated
             register_manager(self.gpu_register_port, self)
+        elif manager_for(self.gpu_register_port) is None:
+            try:
+                register_manager(self.gpu_register_port, self)
+            except RuntimeError:  # another manager of this process took the default port just now: it keeps it
+                pass
         try:
             if self._shared_plane is not None:
                 self._cp = self._shared_plane
@@ -163,8 +193,7 @@ class KVManager:
         self._owns_plane, self._layout = False, -1
         stop_embedded_server(self._server_child)
         self._server_child = None
-        if self.gpu_register_port:
-            unregister_manager(self.gpu_register_port, self)
+        unregister_manager(self.gpu_register_port, self)
 
     def __enter__(self) -> KVManager:
         self.start()
@@ -198,13 +227,28 @@ class KVManager:
 
     # ---------------------------------------------------------------- matching
 
-    def get_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
-                  block_hashes: Any = None) -> tuple[int, np.ndarray]:
+    def get_match(self, token_ids: Any, token_mask: Any = None, cpu_only: bool = False, namespace: Namespace = None,
+                  swa_aware: bool = False, *, block_hashes: Any = None) -> tuple[int, np.ndarray]:
         """Locks the cached blocks the masked tokens need; returns (task_id, mask of the tokens it loads).
-        ``token_mask`` is False for a prefix the engine has. ``block_hashes`` (one 128-bit hash per whole
-        block, e.g. vLLM's ``request.block_hashes``) key the blocks instead of hashing the tokens again."""
-        tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        ``token_mask`` is False for a prefix the engine has. ``cpu_only`` loads only what the CPU tier holds
+        now (nothing comes up from SSD). ``block_hashes`` (one 128-bit hash per whole block, e.g. vLLM's
+        ``request.block_hashes``) key the blocks instead of hashing the tokens again. The order of the
+        arguments is the original FlexKV's (``namespace`` is the fourth); ``swa_aware`` must stay False."""
+        args.check_flag("get_match", "cpu_only", cpu_only, 3, "namespace=... by keyword")
+        args.check_flag("get_match", "swa_aware", swa_aware, 5, "")
+        if swa_aware:
+            raise TaskError("get_match: swa_aware=True needs sliding-window (SWA) pools, which this version lacks")
+        tokens, mask_in, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
+        n = len(tokens)
+        if cpu_only:  # match the prefix the CPU tier holds; the rest of the mask stays False
+            n = min(n, self.lookup(tokens, namespace, block_hashes=block_hashes)[0])
+            hashes = None if block_hashes is None else list(block_hashes)[: n // self.tokens_per_block]
+            if first * self.tokens_per_block >= n:
+                n, first = 0, 0
+            task, blocks, _ = self._plane().get_match(self._run(tokens[:n], namespace, hashes), first, n)
+        else:
+            task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, n)
+        self._track(task, "get")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
@@ -213,6 +257,7 @@ class KVManager:
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
         task, blocks, _ = self._plane().put_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        self._track(task, "put")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
@@ -224,7 +269,9 @@ class KVManager:
     def prefetch_async(self, token_ids: Any, namespace: Namespace = None) -> int:
         """Promotes the blocks only slower tiers hold into the CPU tier; a task that needs no launch."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        return int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
+        task = int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
+        self._track(task, "prefetch")
+        return task
 
     def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0) -> int:
         """Makes the CPU tier's cached blocks of ``token_ids`` from ``from_token`` on unreadable, as if they had
@@ -240,13 +287,26 @@ class KVManager:
 
     # ------------------------------------------------------------------ copies
 
-    def launch(self, task_ids: int | Sequence[int], slot_mappings: Any, as_batch: bool = False,
-               layerwise_transfer: bool = False, counter_id: int = 0) -> list[int]:
-        """Starts the copies of matched tasks; ``slot_mappings[i]`` holds the engine slots (``block_id *
-        tokens_per_block + offset``) of the tokens task i's mask marks. All or nothing: an unknown or
-        launched id launches nothing; a bad slot mapping fails every task of the call (TaskError either way).
-        ``as_batch`` is accepted for the engines that pass it; ``counter_id`` (SGLang's layer-done counter)
-        goes with a layer-wise launch to the ranks' agents and to the launch listeners."""
+    def launch(self, task_ids: int | Sequence[int], slot_mappings: Any, swa_slot_mappings: Any = None,
+               as_batch: bool = False, layerwise_transfer: bool = False, counter_id: int = 0) -> list[int]:
+        """Starts the copies of matched tasks; ``slot_mappings[i]`` holds the engine slots of the tokens task i's
+        mask marks: ``block_id * tokens_per_block + offset`` per token, or every token of a block given the
+        block's first slot (the original FlexKV's convention). All or nothing: an unknown or launched id
+        launches nothing; a bad slot mapping fails every task of the call (TaskError either way).
+
+        ``as_batch`` merges several gets (or several puts), or a layer-wise launch, into one batch task as the
+        original FlexKV does: the call returns ``[batch_id]``, a wait on it answers once with the list of the
+        tasks' masks, a wait on a merged task's id answers NOTFOUND. Otherwise it returns the task ids.
+        ``swa_slot_mappings`` (the original's third argument) must be None; listeners hear the task ids.
+        ``counter_id`` (SGLang's layer-done counter) goes with a layer-wise launch to the ranks' agents and to the
+        launch listeners."""
+        if isinstance(swa_slot_mappings, bool):
+            raise TaskError("launch: the third argument is swa_slot_mappings (the original FlexKV's order), got a "
+                            "bool; pass as_batch=... by keyword")
+        if swa_slot_mappings is not None and any(m is not None for m in (
+                swa_slot_mappings if isinstance(swa_slot_mappings, (list, tuple)) else [swa_slot_mappings])):
+            raise TaskError("launch: swa_slot_mappings needs sliding-window (SWA) pools, which this version lacks")
+        args.check_flag("launch", "as_batch", as_batch, 4, "")
         ids = args.task_ids(task_ids, unique=False)
         if isinstance(slot_mappings, np.ndarray) or args.is_tensor(slot_mappings):
             slot_mappings = [slot_mappings]
@@ -255,17 +315,22 @@ class KVManager:
                             f"task; got {type(slot_mappings).__name__}")
         if len(slot_mappings) != len(ids):
             raise TaskError(f"launch: {len(ids)} task ids but {len(slot_mappings)} slot mappings")
-        targets = [args.slot_target(s) for s in slot_mappings]
+        if any(self._book.is_batch(t) for t in ids):
+            raise TaskError("launch: a batch id was launched already; launch the tasks of get_match / put_match")
+        targets = [args.slot_target(s, self.tokens_per_block) for s in slot_mappings]
         if self._ranks is not None:
             self._ranks.launch(self._plane("launch"), ids, targets, self._layout, bool(layerwise_transfer),
                                int(counter_id))
         else:
             self._plane("launch").launch(ids, targets, True, self._layout, bool(layerwise_transfer))
+        kinds = {self._kinds.pop(t, None) for t in ids}
         for listener in list(self._launch_listeners):
             try:
                 listener(ids, bool(layerwise_transfer), int(counter_id))
             except Exception:  # a listener's failure is its own; the copies are already queued
                 logger.exception("FlexKV: a launch listener failed")
+        if as_batch and (len(ids) > 1 or layerwise_transfer) and len(kinds) == 1 and kinds <= {"get", "put"}:
+            return [self._book.merge(ids)]
         return ids
 
     def add_launch_listener(self, listener: Callable[[list[int], bool, int], None]) -> None:
@@ -284,7 +349,7 @@ class KVManager:
                           namespace: Namespace) -> int:
         tokens, mask_in, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
         mask_in, full = args.whole_block_slots(tokens, mask_in, first, slot_mapping, self.tokens_per_block)
-        task_id, mask = match(tokens, mask_in, namespace)
+        task_id, mask = match(tokens, mask_in, namespace=namespace)
         self.launch(task_id, full[mask])
         return task_id
 
@@ -317,12 +382,23 @@ class KVManager:
         """Waits up to ``timeout`` s for the tasks to end; an ended task is reported once and forgotten
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
-        reports = self._tasks().wait(args.task_ids(task_ids), max(0.0, float(timeout)), bool(completely))
-        return args.responses(reports, self.tokens_per_block)
+        ids = args.task_ids(task_ids)
+        ask, peek, known = self._book.plan(ids)
+        reports = {}
+        if ask:
+            reports = args.responses(self._tasks().wait(ask, max(0.0, float(timeout)), bool(completely)),
+                                     self.tokens_per_block)
+        if peek:
+            reports.update(args.responses(self._tasks().try_wait(peek), self.tokens_per_block))
+        return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=False)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
-        return args.responses(self._tasks().try_wait(args.task_ids(task_ids)), self.tokens_per_block)
+        ids = args.task_ids(task_ids)
+        ask, peek, known = self._book.plan(ids)
+        ask += peek
+        reports = args.responses(self._tasks().try_wait(ask), self.tokens_per_block) if ask else {}
+        return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=True)
 
     def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
         """Waits until ``layer`` of a launched get is in the engine's KV memory (with ``stream``, a
@@ -332,16 +408,35 @@ class KVManager:
                 not 0 <= int(layer) < self.model_config.num_layers:
             raise TaskError(f"wait_layer: layer must be an int in [0, {self.model_config.num_layers}), got {layer!r}")
         handle = None if stream is None else args.stream_handle(stream)
-        return bool(self._plane().wait_layer(int(task_id), int(layer), handle, max(0.0, float(timeout))))
+        subs = self._book.batch_tasks(int(task_id)) or [int(task_id)]
+        return all([bool(self._plane().wait_layer(t, int(layer), handle, max(0.0, float(timeout)))) for t in subs])
 
     def cancel(self, task_ids: int | Iterable[int]) -> None:
         """Cancels tasks not yet launched and unlocks their blocks. Running tasks finish normally."""
-        self._plane().cancel(args.task_ids(task_ids))
+        ids = []
+        for t in args.task_ids(task_ids):
+            ids.extend(self._book.batch_tasks(t) or [t])
+        self._plane().cancel(ids)
 
-    def reset(self) -> None:
-        """Drops every cached block from the indexes (SSD blocks stay on disk: a restart finds them).
-        TaskError while a task holds blocks or a write-through runs."""
-        self._plane().reset()
+    def reset(self, timeout: float = 60.0) -> None:
+        """Drops every cached block from every tier's index (SSD files stay; a restart finds them), as the
+        original FlexKV's reset: tasks of this manager still pending end CANCELLED (a wait reports them so). Here
+        the copies already running are let finish first (up to ``timeout`` s), so no copy lands in a block
+        that is given out again; tasks not launched yet are cancelled at once. Cheap when nothing is cached."""
+        cp = self._plane("reset")
+        pending = self._book.live()
+        if pending:
+            logger.warning("FlexKV: reset while %d task(s) are pending; they end CANCELLED", len(pending))
+            cp.cancel(pending)
+            reports = args.responses(cp.wait(pending, max(0.0, float(timeout)), True), self.tokens_per_block)
+            running = [t for t, r in reports.items() if r.status is KVResponseStatus.TIMEOUT]
+            self._book.keep(reports, None if running else "the cache was reset")
+            if running:
+                raise TaskError(f"reset: the copies of tasks {running[:8]} still run after {timeout} s; "
+                                "nothing was reset")
+        if hasattr(cp, "flush"):  # the write-throughs of puts reported earlier (a server flushes on its own)
+            cp.flush(max(0.0, float(timeout)))
+        cp.reset()
 
     def cache_stats(self) -> dict[str, Any]:
         """The control plane's counters (blocks, and tokens under FlexKV's names) and its indexes' state."""
@@ -360,6 +455,19 @@ class KVManager:
         if self._cp is None:
             raise TaskError("KVManager is not started; call start() first")
         return self._cp
+
+    def _track(self, task: int, kind: str) -> None:
+        self._kinds[int(task)] = kind
+        if len(self._kinds) > 4096:  # tasks matched and never launched (ended by cancel or by another facade)
+            for t in list(self._kinds)[:2048]:
+                self._kinds.pop(t, None)
+        self._book.add(task, self._known)
+
+    def _known(self, task: int) -> bool:
+        cp = self._cp
+        if cp is None or cp.closed:
+            return False
+        return not hasattr(cp, "inspect") or cp.inspect(int(task)) is not None
 
     def _plane(self, call: str | None = None) -> Any:
         cp = self._cp

@@ -34,9 +34,14 @@ class KVCacheLayoutType(Enum):
     LAYERBLOCK = "LAYERBLOCK"  # per layer [num_block, kv_dim, tokens_per_block, num_head, head_size]
 
 
-@dataclass
+@dataclass(init=False)
 class KVCacheLayout:
-    """FlexKV's description of an engine's KV cache tensors (shapes in elements)."""
+    """FlexKV's description of an engine's KV cache tensors (shapes in elements).
+
+    The arguments and their order are the original FlexKV's: ``KVCacheLayout(type, num_layer, num_block,
+    tokens_per_block, num_head, head_size, kv_dim=2, num_kv_heads=1)``; ``kv_dim`` 1 is one latent per token
+    (MLA, also ``is_mla=True`` by keyword). Each argument is type-checked and a wrong one fails naming it.
+    """
 
     type: KVCacheLayoutType
     num_layer: int
@@ -44,23 +49,65 @@ class KVCacheLayout:
     tokens_per_block: int
     num_head: int
     head_size: int
-    is_mla: bool = False
+    kv_dim: int = 2
+    num_kv_heads: int = 1
 
-    def __post_init__(self) -> None:
-        if isinstance(self.type, str):
+    def __init__(self, type: KVCacheLayoutType | str, num_layer: int, num_block: int, tokens_per_block: int,
+                 num_head: int, head_size: int, kv_dim: int | None = None, num_kv_heads: int = 1, *,
+                 is_mla: bool | None = None) -> None:
+        if isinstance(type, str):
             try:
-                self.type = KVCacheLayoutType(self.type.upper())
+                type = KVCacheLayoutType(type.upper())
             except ValueError:
                 names = ", ".join(t.value for t in KVCacheLayoutType)
-                raise LayoutError(f"KVCacheLayout.type: unknown layout {self.type!r}; use one of {names}") from None
-        for name in ("num_layer", "num_block", "tokens_per_block", "num_head", "head_size"):
-            value = getattr(self, name)
+                raise LayoutError(f"KVCacheLayout.type: unknown layout {type!r}; use one of {names}") from None
+        if not isinstance(type, KVCacheLayoutType):
+            raise LayoutError(f"KVCacheLayout.type must be a KVCacheLayoutType or its name, got {type!r}")
+        self.type = type
+        given = {"num_layer": num_layer, "num_block": num_block, "tokens_per_block": tokens_per_block,
+                 "num_head": num_head, "head_size": head_size, "num_kv_heads": num_kv_heads}
+        for name, value in given.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LayoutError(f"KVCacheLayout.{name} must be a positive int, got {value!r}")
+            setattr(self, name, value)
+        if kv_dim is None:
+            kv_dim = 1 if is_mla else 2
+        elif isinstance(kv_dim, bool) or not isinstance(kv_dim, int) or kv_dim not in (1, 2):
+            hint = " (the 7th argument is kv_dim, as in the original FlexKV; pass is_mla=True by keyword)" \
+                if isinstance(kv_dim, bool) else ""
+            raise LayoutError(f"KVCacheLayout.kv_dim must be 1 (MLA: one latent per token) or 2 (K and V), got "
+                              f"{kv_dim!r}{hint}")
+        elif is_mla is not None and bool(is_mla) != (kv_dim == 1):
+            raise LayoutError(f"KVCacheLayout: kv_dim={kv_dim} and is_mla={is_mla!r} disagree; give one of them")
+        self.kv_dim = kv_dim
 
     @property
-    def kv_dim(self) -> int:
-        return 1 if self.is_mla else 2
+    def is_mla(self) -> bool:
+        """One latent per token (``kv_dim == 1``)."""
+        return self.kv_dim == 1
+
+    @is_mla.setter
+    def is_mla(self, value: bool) -> None:
+        self.kv_dim = 1 if value else 2
+
+    def _with(self, **changes: int) -> KVCacheLayout:
+        args = {"type": self.type, "num_layer": self.num_layer, "num_block": self.num_block,
+                "tokens_per_block": self.tokens_per_block, "num_head": self.num_head, "head_size": self.head_size,
+                "kv_dim": self.kv_dim, "num_kv_heads": self.num_kv_heads}
+        args.update(changes)
+        return KVCacheLayout(**args)
+
+    def div_head(self, num_chunks: int) -> KVCacheLayout:
+        """This layout with ``num_head / num_chunks`` heads (one tensor-parallel rank's share)."""
+        if self.num_head % num_chunks:
+            raise LayoutError(f"num_head {self.num_head} is not divisible by {num_chunks}")
+        return self._with(num_head=self.num_head // num_chunks)
+
+    def div_layer(self, num_chunks: int) -> KVCacheLayout:
+        """This layout with ``num_layer / num_chunks`` layers (one pipeline stage's share)."""
+        if self.num_layer % num_chunks:
+            raise LayoutError(f"num_layer {self.num_layer} is not divisible by {num_chunks}")
+        return self._with(num_layer=self.num_layer // num_chunks)
 
     @property
     def kv_shape(self) -> tuple[int, ...]:
@@ -253,6 +300,12 @@ class EngineLayout:
         else:
             tensors = [kv_caches]
         infos = [tensor_info(t, f"kv_caches[{i}]") for i, t in enumerate(tensors)]
+        if lay.type is not KVCacheLayoutType.BLOCKFIRST and len(tensors) == lay.num_layer and \
+                any(tuple(info.shape) != per_layer_shape[lay.type] for info in infos):
+            raw = _block_major_views(tensors, infos, lay)
+            if raw is not None:  # vLLM's packed and 3-D MLA layouts: one dense block per row, any order inside
+                return cls.from_block_views(raw, f"{lay.type.value} {lay.num_layer} x {infos[0].shape} (block-major)",
+                                            layers=list(range(lay.num_layer)), tp_size=tp_size, tp_rank=tp_rank)
         for i, info in enumerate(infos):
             if not info.contiguous:
                 raise LayoutError(f"kv_caches[{i}] is not contiguous; pass contiguous KV tensors")
@@ -285,6 +338,33 @@ class EngineLayout:
         return cls.from_block_views(views, f"{lay.type.value} {lay.num_layer} x {layer_shape}",
                                     layers=[layer for layer in range(lay.num_layer) for _ in range(lay.kv_dim)],
                                     tp_size=tp_size, tp_rank=tp_rank)
+
+
+def _block_major_views(tensors: list[Any], infos: list[TensorInfo], lay: KVCacheLayout) -> list[Any] | None:
+    """Per-layer tensors whose dim 0 is the block and whose other dims tile each block densely (in any order:
+    vLLM's packed K|V heads ``(blocks, heads, tokens, 2 * head)`` permuted, its 3-D MLA ``(blocks, tokens,
+    latent)``), as ``(blocks, elements)`` views of the same memory; None when they are not of that kind. A block
+    of one layer moves as a whole, so the order inside it does not matter."""
+    if lay.type is KVCacheLayoutType.LAYERFIRST and lay.kv_dim != 1:
+        return None  # K and V are separate planes (dim 0 is k|v, not the block)
+    per_block = lay.kv_dim * lay.tokens_per_block * lay.num_head * lay.head_size
+    views = []
+    for t, info in zip(tensors, infos):
+        if len(info.shape) < 2 or info.shape[0] != lay.num_block or math.prod(info.shape[1:]) != per_block:
+            return None
+        expected = info.itemsize
+        for dim, stride in sorted(zip(info.shape[1:], info.strides[1:]), key=lambda p: p[1]):
+            if dim > 1 and stride != expected:
+                return None
+            expected *= dim
+        if lay.num_block > 1 and info.strides[0] < expected:
+            return None
+        if isinstance(t, np.ndarray):
+            views.append(np.lib.stride_tricks.as_strided(t, (lay.num_block, per_block),
+                                                         (info.strides[0], info.itemsize)))
+        else:
+            views.append(t.as_strided((lay.num_block, per_block), (info.strides[0] // info.itemsize, 1)))
+    return views
 
 
 def _expect_shape(info: TensorInfo, shape: tuple[int, ...], what: str) -> None:

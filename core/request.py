@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
@@ -23,11 +24,18 @@ class KVResponse:
 
     status: KVResponseStatus
     task_id: int
-    return_mask: np.ndarray | None = None
+    return_mask: np.ndarray | list[np.ndarray] | None = None  # a list for a batch (launch(..., as_batch=True))
     error: str | None = None
 
-    def get_mask(self) -> np.ndarray | None:
-        return self.return_mask
+    def get_mask(self, idx: int | None = None) -> Any:
+        """The mask; ``get_mask(i)``: task i's mask of a batch, as a torch tensor (the original FlexKV's call)."""
+        if idx is None:
+            return self.return_mask
+        if not isinstance(self.return_mask, list):
+            raise TypeError("get_mask(idx) reads one task's mask of a batch response; this response is not a batch")
+        import torch
+
+        return torch.from_numpy(self.return_mask[idx])
 
     @property
     def ok(self) -> bool:

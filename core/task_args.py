@@ -71,16 +71,41 @@ def check_tokens(token_ids: Any, token_mask: Any, tokens_per_block: int) -> tupl
     return tokens, mask, start // tokens_per_block
 
 
-def slot_target(slots: Any) -> np.ndarray | str:
-    """A slot mapping as a contiguous int64 array, or why it cannot be one (the control plane then fails
-    the launch, after it has claimed the launch's tasks)."""
+def check_flag(call: str, name: str, value: Any, position: int, instead: str) -> None:
+    """A bool argument; a value of another type (an argument in the wrong place) fails naming the parameter."""
+    if not isinstance(value, (bool, np.bool_)):
+        hint = f"; pass {instead}" if instead else ""
+        raise TaskError(f"{call}: argument {position} is {name} (the original FlexKV's order), which must be a bool; "
+                        f"got {value!r} ({type(value).__name__}){hint}")
+
+
+def per_token_slots(slots: np.ndarray, tokens_per_block: int, start: int = 0) -> np.ndarray:
+    """Slots of the original FlexKV's convention (every token of a block given the block's first slot, as its
+    vLLM adapter and tests pass them) as one slot per token; slots already per token are returned as they are.
+    ``start`` is the sequence index of the first slot's token. The two conventions never read alike: per-token
+    slots of a block differ from each other, and a block's first slot is a multiple of ``tokens_per_block``."""
+    n = len(slots)
+    if n < 2 or tokens_per_block < 2:
+        return slots
+    pos = start + np.arange(n)
+    offset = pos % tokens_per_block
+    first = np.flatnonzero((offset == 0) | (np.arange(n) == 0))  # index of each block's first given slot
+    base = np.repeat(slots[first], np.diff(np.append(first, n)))
+    if not np.array_equal(slots, base) or (base % tokens_per_block).any():
+        return slots
+    return slots + offset
+
+
+def slot_target(slots: Any, tokens_per_block: int = 1) -> np.ndarray | str:
+    """A slot mapping as a contiguous int64 array, one slot per token, or why it cannot be one (the control
+    plane then fails the launch, after it has claimed the launch's tasks)."""
     try:
         s = as_array(slots, "slot_mapping")
     except TaskError as e:
         return str(e)
     if s.ndim != 1 or s.dtype.kind not in "iu":
         return f"slot_mapping must be a 1-D integer array, got shape {s.shape} dtype {s.dtype}"
-    return np.ascontiguousarray(s, dtype=np.int64)
+    return per_token_slots(np.ascontiguousarray(s, dtype=np.int64), tokens_per_block)
 
 
 def whole_block_slots(tokens: np.ndarray, mask_in: np.ndarray | None, first: int, slot_mapping: Any,
@@ -95,9 +120,11 @@ def whole_block_slots(tokens: np.ndarray, mask_in: np.ndarray | None, first: int
         raise TaskError(f"slot_mapping has shape {slots.shape} dtype {slots.dtype}; it must hold one integer slot "
                         f"per token that token_mask marks ({int(mask_in.sum())})")
     full = np.full(len(tokens), -1, dtype=np.int64)
-    full[mask_in] = slots
     if len(slots):
         start = int(np.argmax(mask_in))
+        slots = per_token_slots(slots.astype(np.int64, copy=False), tokens_per_block, start)
+    full[mask_in] = slots
+    if len(slots):
         lead = np.arange(first * tokens_per_block, start)
         full[lead] = full[start] - (start - lead)
     return mask_in, full

@@ -12,12 +12,16 @@
 - ``run_ranks``: runs a rank script (tests/sglang_tp_rank.py, tests/trtllm_tp_rank.py) as N processes at once
   and parses their ``PASS <check> rank<r>`` / ``FAIL ...`` lines (the tensor-parallel engine tests).
 - ``tiny_model``: a tiny Llama with random weights (bfloat16) saved for the real-vLLM tests, once a session.
+- ``flexkv_log``: the records logged on the ``flexkv`` logger during the test.
+- ``original_kv``: managers built and fed as the original FlexKV's users do (tests/upstream_helpers.py), checked
+  clean and shut down after the test; ``upstream_warnings``: the original's no-effect keys warn afresh.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -29,6 +33,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from upstream_helpers import OriginalEngine, start_original
 
 from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
 
@@ -174,3 +179,52 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1234)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return out
+@pytest.fixture
+def original_kv(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, OriginalEngine]]]:
+    """``original_kv(layout_kind, model={...}, cache={...})``: a started manager built from the original FlexKV's
+    constructor arguments, with its engine (one of upstream_helpers.LAYOUTS) registered through KVTPClient."""
+    created: list[Any] = []
+
+    def factory(layout_kind: str = "layerfirst", model: dict[str, Any] | None = None,
+                cache: dict[str, Any] | None = None, num_blocks: int = 64) -> tuple[Any, OriginalEngine]:
+        kv, eng = start_original(layout_kind, model or {}, cache or {}, tmp_path / f"ssd{len(created)}", num_blocks)
+        created.append(kv)
+        return kv, eng
+
+    yield factory
+    try:
+        for kv in created:
+            if kv.control_plane is not None and not kv.control_plane.closed:
+                assert_clean(kv)
+    finally:
+        for kv in created:
+            kv.shutdown()
+
+
+@pytest.fixture
+def upstream_warnings() -> Iterator[None]:
+    """The original FlexKV's keys without effect are warned about once per process: afresh for this test."""
+    from flexkv.core import upstream
+
+    upstream.reset_warnings()
+    yield
+    upstream.reset_warnings()
+
+
+@pytest.fixture
+def flexkv_log() -> Iterator[list[logging.LogRecord]]:
+    """Records logged on the "flexkv" logger (a handler on the logger itself, whatever its propagation)."""
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("flexkv")
+    handler = _Keep(level=logging.DEBUG)
+    old_level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    yield records
+    log.removeHandler(handler)
+    log.setLevel(old_level)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from flexkv import _core
+from flexkv.core import config_file
 from flexkv.core.config import MODEL_PRESETS, CacheConfig, ModelConfig
 from flexkv.core.config_file import load_config
 from flexkv.core.config_keys import KEYS_FILE, section_keys
@@ -164,7 +165,8 @@ def test_environment_overrides_are_the_same(name: str, env: dict[str, str], tmp_
     assert cpp["warnings"] == []
 
 
-def test_unknown_variables_warn_in_both() -> None:
+def test_unknown_variables_warn_in_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_file, "_logged_no_config", True)  # only the variables' warnings here
     env = {"FLEXKV_NUM_CPU_BLOCK": "5", "FLEXKV_SERVER_PORT": "x"}
     records: list[logging.LogRecord] = []
     handler = logging.Handler(level=logging.WARNING)
@@ -251,6 +253,14 @@ BAD = [
     {"ssd_cache_gb": 10, "cache_config": {"num_ssd_blocks": 5}},
     {"ssd_cache_dir": "/a", "cache_config": {"ssd_cache_dir": "/b"}},
     {"cpu_cache_gb": -1},
+    # the original FlexKV's keys: contradictions and wrong values
+    {"kv_dim": 3, "num_layers": 2},
+    {"kv_dim": 1, "use_mla": False},
+    {"transfer_num_cta_h2d": 4, "cache_config": {"transfer_sms_h2d": 8}},
+    {"CacheConfig": {}, "cache_config": {}},
+    {"transfer_num_cta_h2d": "4"},
+    {"cache_config": {"kv_dim": 2}},
+    {"enable_gdss": False},
 ]
 
 
@@ -295,3 +305,47 @@ def test_duplicates_and_syntax_errors_in_both(tmp_path: Path) -> None:
             load_config(path, env={})
         with pytest.raises(ValueError, match=cpp_says):
             _core.read_config_text(text, "c.json")
+
+
+# ------------------------------------------------------------------------------------------------
+# the original FlexKV's configs
+# ------------------------------------------------------------------------------------------------
+
+ORIGINAL = {  # its formats, as JSON (the C++ reader reads no YAML): its recommended config, its benchmarks' two
+    "recommended.json": {"cpu_cache_gb": 32, "ssd_cache_gb": 1024, "ssd_cache_dir": "/data/flexkv_ssd/",
+                         "enable_gds": False},
+    "bench_flat.json": {"num_layers": 64, "num_kv_heads": 8, "head_size": 128, "dtype": "bfloat16", "kv_dim": 2,
+                        "tp_size": 1, "dp_size": 1, "tokens_per_block": 16, "cpu_cache_gb": 8, "ssd_cache_gb": 16,
+                        "ssd_cache_dir": "./a/;./b/", "enable_gds": False, "evict_ratio": 0.05},
+    "bench_sections.json": {
+        "ModelConfig": {"num_layers": 61, "num_kv_heads": 1, "head_size": 576, "dtype": "bfloat16", "kv_dim": 1},
+        "CacheConfig": {"enable_ssd": True, "tokens_per_block": 64, "use_gds": False, "num_cpu_blocks": 2048,
+                        "num_ssd_blocks": 4096, "transfer_num_cta_h2d": 4, "ssd_cache_dir": "./ssd/",
+                        "max_blocks_per_file": 32000, "index_accel": True, "evict_ratio": 0.05}},
+}
+
+
+@pytest.mark.parametrize("name", ORIGINAL)
+def test_the_original_configs_read_the_same(name: str, tmp_path: Path) -> None:
+    cache, cpp = both(json.dumps(ORIGINAL[name]), name, tmp_path)
+    assert_same_cache(cache, cpp)
+    (warning,) = cpp["warnings"]
+    assert "have no effect here" in warning and ("enable_gds" in warning or "use_gds" in warning)
+
+
+def test_the_original_environment_reads_the_same(tmp_path: Path) -> None:
+    env = {"FLEXKV_TRANSFER_NUM_CTA_H2D": "6", "FLEXKV_IOURING_ENTRIES": "64", "FLEXKV_ENABLE_GDS": "1",
+           "FLEXKV_CPU_LAYOUT": "LAYERFIRST"}
+    cache, cpp = both("{}", "empty.json", tmp_path, env=env)
+    assert_same_cache(cache, cpp)
+    assert (cpp["transfer_sms_h2d"], cpp["ssd_cache_iouring_entries"]) == (6, 64)
+    (warning,) = cpp["warnings"]
+    assert "enable_gds" in warning and "cpu_layout_type" in warning
+
+
+def test_no_config_at_all_is_a_16_gib_cpu_tier_in_both() -> None:
+    cpp = _core.read_config_file("", {})
+    assert cpp["cpu_cache_gb"] == 16.0 == load_config(env={}).cache_config.cpu_cache_gb
+    assert any("no config file found" in w for w in cpp["warnings"])
+    assert _core.read_config_file("", {"FLEXKV_NUM_CPU_BLOCKS": "9"})["cpu_cache_gb"] is None
+

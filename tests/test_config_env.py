@@ -8,32 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from flexkv.core.config import CacheConfig, FlexKVConfig, model_preset
-from flexkv.core.config_file import load_config
+from flexkv.core import config_file
+from flexkv.core.config import CacheConfig, FlexKVConfig, ModelConfig, model_preset
+from flexkv.core.config_file import DEFAULT_CPU_CACHE_GB, load_config
 from flexkv.core.errors import ConfigError
 
 from kv_helpers import EXAMPLES, QWEN_BLOCK_16, GiB, write_json
 
 pytestmark = pytest.mark.usefixtures("no_flexkv_env")
-
-
-@pytest.fixture
-def flexkv_log() -> list[logging.LogRecord]:
-    """Records logged on the "flexkv" logger (a handler on the logger itself, whatever its propagation)."""
-    records: list[logging.LogRecord] = []
-
-    class _Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            records.append(record)
-
-    log = logging.getLogger("flexkv")
-    handler = _Keep(level=logging.DEBUG)
-    old_level = log.level
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    yield records
-    log.removeHandler(handler)
-    log.setLevel(old_level)
 
 
 def test_env_overrides_each_type(tmp_path: Path) -> None:
@@ -111,11 +93,12 @@ def test_env_size_replaces_the_files_other_size(flexkv_log: list[logging.LogReco
 def test_reserved_env_ignored_and_unknown_env_warns(flexkv_log: list[logging.LogRecord], tmp_path: Path) -> None:
     env = {"FLEXKV_CONFIG_PATH": "", "FLEXKV_LOG_LEVEL": "DEBUG", "FLEXKV_TEST_ANYTHING": "x",
            "OTHER": "1"}
-    assert load_config(env=env) == FlexKVConfig()
-    assert not [r for r in flexkv_log if r.levelno >= logging.WARNING]
+    assert load_config(env=env) == FlexKVConfig(cache_config=CacheConfig(cpu_cache_gb=DEFAULT_CPU_CACHE_GB))
+    assert not [r for r in flexkv_log if r.levelno >= logging.WARNING and "no config file" not in r.getMessage()]
     c = load_config(env={"FLEXKV_NUM_CPU_BLOCK": "5"})
     assert c.cache_config.num_cpu_blocks == 1000000  # not applied, not fatal
-    warnings = [r.getMessage() for r in flexkv_log if r.levelno == logging.WARNING]
+    warnings = [r.getMessage() for r in flexkv_log if r.levelno == logging.WARNING
+                and "no config file" not in r.getMessage()]
     assert len(warnings) == 1
     assert "FLEXKV_NUM_CPU_BLOCK" in warnings[0] and "did you mean FLEXKV_NUM_CPU_BLOCKS" in warnings[0]
 
@@ -131,8 +114,19 @@ def test_flexkv_config_path_used_when_path_is_none(monkeypatch: pytest.MonkeyPat
     assert load_config(env={"FLEXKV_CONFIG_PATH": str(path)}).cache_config.num_cpu_blocks == 4242
 
 
-def test_defaults_without_file_or_env() -> None:
+def test_defaults_without_file_or_env(flexkv_log: list[logging.LogRecord], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config_file, "_logged_no_config", False)
     c = load_config(env={})
-    assert c == FlexKVConfig()
+    # no config at all: the original FlexKV's 16 GiB CPU tier, and the start says no config file was found
+    assert c == FlexKVConfig(cache_config=CacheConfig(cpu_cache_gb=16.0))
     assert c.server_recv_port == "ipc:///tmp/flexkv_server" and c.model_config is None
-    assert c.cache_config == CacheConfig()
+    said = [r.getMessage() for r in flexkv_log if "no config file found" in r.getMessage()]
+    assert len(said) == 1 and "FLEXKV_CONFIG_PATH" in said[0] and "16 GiB" in said[0]
+    load_config(env={})
+    assert len([r for r in flexkv_log if "no config file found" in r.getMessage()]) == 1  # said once
+    # an empty file, or a CPU size from the environment, is a config: no fallback
+    assert load_config(env={"FLEXKV_NUM_CPU_BLOCKS": "7"}).cache_config.cpu_cache_gb is None
+    assert load_config(env={"FLEXKV_CPU_CACHE_GB": "2"}).cache_config.cpu_cache_gb == 2.0
+    assert load_config(env={}).cache_config.resolved(ModelConfig(num_layers=2, num_kv_heads=2, head_size=64,
+                                                                 dtype="float16")).num_cpu_blocks == 16 * 2**30 // (
+        2 * 2 * 2 * 64 * 2 * 16)

@@ -69,10 +69,10 @@ def test_fingerprint_is_stable_and_sensitive() -> None:
 
 
 def test_presets() -> None:
-    assert MODEL_PRESETS["qwen-32b"] == ModelConfig(64, 8, 128, False, "bfloat16")
-    assert MODEL_PRESETS["llama-70b"] == ModelConfig(80, 8, 128, False, "bfloat16")
+    assert MODEL_PRESETS["qwen-32b"] == ModelConfig(64, 8, 128, 2, "bfloat16")
+    assert MODEL_PRESETS["llama-70b"] == ModelConfig(80, 8, 128, 2, "bfloat16")
     assert MODEL_PRESETS["deepseek-r1-distill-llama-70b"] == MODEL_PRESETS["llama-70b"]
-    assert MODEL_PRESETS["tiny"] == ModelConfig(2, 2, 64, False, "float16")
+    assert MODEL_PRESETS["tiny"] == ModelConfig(2, 2, 64, 2, "float16")
     copy = model_preset("tiny")
     copy.num_layers = 99
     assert MODEL_PRESETS["tiny"].num_layers == 2

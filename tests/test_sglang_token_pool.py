@@ -45,7 +45,8 @@ def round_trip(make_kv, device: str, mla: bool, layerwise: bool) -> None:
     eng.poison(dst_pages)
     tid, mask = kv.get_match(tokens)
     assert int(mask.sum()) == 5 * PAGE
-    kv.launch([tid], [torch.from_numpy(slots(dst_pages, PAGE))], as_batch=True, layerwise_transfer=layerwise)
+    # as_batch with a layer-wise launch gives one batch handle (the original FlexKV's semantics); without, the task
+    (tid,) = kv.launch([tid], [torch.from_numpy(slots(dst_pages, PAGE))], as_batch=True, layerwise_transfer=layerwise)
     if layerwise:
         stream = torch.cuda.current_stream()
         for layer in range(LAYERS):

@@ -79,8 +79,9 @@ def test_launch_listeners_hear_every_successful_launch(env: KVEnv) -> None:
     kv.launch(tid, env.slots([1, 2]))
     assert wait_one(kv, tid).status is S.SUCCESS
     tid2, _ = kv.get_match(tokens)
-    kv.launch([tid2], [env.slots([5, 6])], as_batch=True, layerwise_transfer=True, counter_id=2)
-    assert wait_one(kv, tid2).status is S.SUCCESS
+    (batch,) = kv.launch([tid2], [env.slots([5, 6])], as_batch=True, layerwise_transfer=True, counter_id=2)
+    assert batch != tid2  # a layer-wise launch with as_batch becomes one batch task, as in the original FlexKV
+    assert wait_one(kv, batch).status is S.SUCCESS
     tid3, _ = kv.get_match(tokens)
     with pytest.raises(TaskError):
         kv.launch(tid3, env.slots([5]))  # a refused launch is not heard

@@ -1,5 +1,6 @@
-"""KVManager's reset and shutdown with tasks in every state: reset drops the cache or is refused while a task
-is unlaunched or running; shutdown cancels unlaunched tasks, finishes launched copies, refuses later calls.
+"""KVManager's reset and shutdown with tasks in every state: reset drops the cache and ends pending tasks
+CANCELLED (the original FlexKV's semantics), letting copies in flight finish first; shutdown cancels unlaunched
+tasks, finishes launched copies, refuses later calls.
 
 Engine KV memory is the engine fake of tests/kv_helpers.py (CPU torch tensors). Every load goes into poisoned
 (NaN) engine blocks and is compared byte for byte, so a block that was never written cannot pass. After every
@@ -8,6 +9,8 @@ before shutting the manager down).
 """
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 
@@ -39,39 +42,59 @@ def test_reset_drops_every_cached_block(env: KVEnv) -> None:
 
 
 @pytest.mark.parametrize("kind", ["get", "put"])
-def test_reset_refuses_while_a_task_is_unlaunched(env: KVEnv, kind: str) -> None:
+def test_reset_cancels_an_unlaunched_task(env: KVEnv, kind: str) -> None:
+    # The original FlexKV's reset: pending tasks end CANCELLED, the cache is dropped anyway.
     kv = env.kv
     tokens = env.tokens(2 * T)
-    data = env.put(tokens, [0, 1])
+    env.put(tokens, [0, 1])
     if kind == "get":
         tid, _ = kv.get_match(tokens)
     else:
         tid, _ = kv.put_match(env.tokens(2 * T))
-    with pytest.raises(TaskError, match="reset"):
-        kv.reset()
-    assert kv.cache_stats()["cpu"]["num_cached"] >= 2
-    assert wait_one(kv, tid).status is S.UNREADY  # the refused reset left the task alone
-    kv.cancel(tid)
-    assert wait_one(kv, tid).status is S.CANCELLED
-    env.get_and_check(tokens, [4, 5], data)  # the refused reset dropped nothing
     kv.reset()
+    assert kv.cache_stats()["cpu"]["num_cached"] == 0
+    res = wait_one(kv, tid)
+    assert res.status is S.CANCELLED and "reset" in (res.error or "")
+    assert wait_one(kv, tid).status is S.NOTFOUND  # reported once
+    with pytest.raises(TaskError):
+        kv.launch(tid, env.slots([4, 5]))  # a cancelled task cannot be launched
     tid, mask = kv.get_match(tokens)
     assert not mask.any()
     wait_one(kv, tid)
+    data = env.put(tokens, [2, 3])  # the tier works after the reset
+    env.get_and_check(tokens, [4, 5], data)
 
 
-def test_reset_refuses_while_a_task_is_running(env: KVEnv) -> None:
+def test_reset_lets_a_running_copy_finish_then_cancels_it(env: KVEnv) -> None:
     kv, eng = env.kv, env.eng
     tokens = env.tokens(2 * T)
     data = env.put(tokens, [0, 1])
     eng.poison([4, 5])
     with gated(kv) as g:
         tid = kv.get_async(tokens, env.slots([4, 5]))
-        with pytest.raises(TaskError, match="reset"):
-            kv.reset()
+        done = threading.Event()
+        resetter = threading.Thread(target=lambda: (kv.reset(), done.set()))
+        resetter.start()
+        assert not done.wait(0.3)  # the copy is in flight: reset waits for it
         g.gate.set()
-        assert wait_one(kv, tid).status is S.SUCCESS
-    eng.assert_blocks([4, 5], data)
+        resetter.join(20)
+        assert done.is_set()
+    eng.assert_blocks([4, 5], data)  # the copy finished before its blocks were given out again
+    assert wait_one(kv, tid).status is S.CANCELLED
+    assert kv.cache_stats()["cpu"]["num_cached"] == 0
+
+
+def test_reset_gives_up_when_a_copy_outlasts_its_timeout(env: KVEnv) -> None:
+    kv = env.kv
+    tokens = env.tokens(2 * T)
+    env.put(tokens, [0, 1])
+    with gated(kv) as g:
+        tid = kv.get_async(tokens, env.slots([4, 5]))
+        with pytest.raises(TaskError, match="still run"):
+            kv.reset(timeout=0.2)
+        assert kv.cache_stats()["cpu"]["num_cached"] == 2  # nothing was reset
+        g.gate.set()
+    assert wait_one(kv, tid).status is S.SUCCESS
     kv.reset()
     assert kv.cache_stats()["cpu"]["num_cached"] == 0
 

@@ -136,3 +136,16 @@ def test_corrupted_ssd_blocks_are_recomputed(run, tmp_path) -> None:
     assert fresh["flexkv"]["ssd_mismatch_blocks"] > 0, fresh["flexkv"]
     assert fresh["turns"][0]["cached"] < first["turns"][1]["cached"]
     assert fresh["turns"][0]["tokens"] == first["turns"][1]["tokens"]
+
+
+def test_reset_prefix_cache_with_reset_connector_leaves_no_stale_flexkv_hit(run) -> None:
+    """After ``llm.reset_prefix_cache(reset_connector=True)`` (what RL trainers call after a weight update) the
+    prompt stored before is computed again: FlexKV serves nothing of it. Without reset_connector, FlexKV still
+    serves it (the control that shows the blocks were there)."""
+    kept = run("reset", "module", LARGE_KV_MIB, extra=("--keep-connector-cache",))
+    assert kept["reset_ok"] and kept["hits_after_reset"] > 0 and kept["turns"][1]["cached"] > 0
+    reset = run("reset", "module", LARGE_KV_MIB)
+    assert reset["reset_ok"]
+    assert reset["hits_after_reset"] == 0 and reset["turns"][1]["cached"] == 0
+    assert reset["turns"][1]["tokens"] == reset["turns"][0]["tokens"]
+

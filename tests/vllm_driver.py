@@ -29,7 +29,7 @@ def conversation_prompts(seed: int, turns: int, first: int, later: int) -> list[
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix"])
+    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix", "reset"])
     p.add_argument("--model", required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--connector", choices=["none", "builtin", "module"], default="builtin")
@@ -38,6 +38,8 @@ def main() -> None:
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
+    p.add_argument("--keep-connector-cache", action="store_true",
+                   help="reset scenario: reset_prefix_cache(reset_connector=False), vLLM's own cache only")
     args = p.parse_args()
     os.environ["FLEXKV_CONFIG_PATH"] = args.config
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
@@ -98,6 +100,21 @@ def main() -> None:
     elif args.scenario == "prefix":  # the same prompt twice: the second finds the first's blocks cached
         prompt = conversation_prompts(30, 1, 800, 0)[0]
         result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
+
+    elif args.scenario == "reset":  # an RL trainer's weight update: the cache is cleared through vLLM
+        prompt = conversation_prompts(40, 1, 640, 0)[0]
+        result["turns"] = [generate([prompt])[0]]  # stores the prompt's blocks in FlexKV
+        generate([[1, 2, 3]])  # steps in which the stores of the first request finish
+        generate([[4, 5, 6]])
+        result["reset_ok"] = False
+        for _ in range(10):  # FlexKV refuses a reset while workers still copy: later steps end the copies
+            if llm.reset_prefix_cache(reset_connector=not args.keep_connector_cache):
+                result["reset_ok"] = True
+                break
+            generate([[7, 8, 9]])
+        before = _flexkv_counters().get("hit_tokens", 0)
+        result["turns"].append(generate([prompt])[0])
+        result["hits_after_reset"] = _flexkv_counters().get("hit_tokens", 0) - before
 
     result["flexkv"] = _flexkv_counters()
     result["preemptions"] = _preemptions(llm)

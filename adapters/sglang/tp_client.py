@@ -28,6 +28,8 @@ def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size
     for layer in range(layers):
         for kv in range(per_layer):
             buf = kv_caches[kv * layers + layer]
+            if len(buf.shape) == 4 and tuple(buf.shape[:2]) == (num_pages, ps):  # [pages, page, heads, dim]
+                buf = buf.reshape(num_pages * ps, *buf.shape[2:])
             if tuple(buf.shape)[0] < num_pages * ps or not buf.is_contiguous():
                 raise LayoutError(f"register_to_server: buffer {kv * layers + layer} has shape {tuple(buf.shape)}; "
                                   f"expected a contiguous [{num_pages * ps}, heads, head_dim]")
@@ -35,6 +37,21 @@ def token_pool_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size
             owners.append(layer)
     return EngineLayout.from_block_views(views, f"SGLang token pool ({layers} layers, page {ps})", layers=owners,
                                          tp_size=tp_size, tp_rank=tp_rank)
+
+
+def engine_layout(kv_caches: list[Any], kv_layout: KVCacheLayout, *, tp_size: int = 1,
+                  tp_rank: int = 0) -> EngineLayout:
+    """SGLang's token-indexed buffers (``[pages * page_size, heads, head_dim]``, or ``[pages, page_size, heads,
+    head_dim]``, K buffers then V buffers) as a token pool; any other tensors as ``kv_layout`` describes them
+    (the original FlexKV's layouts: per-layer LAYERFIRST / LAYERBLOCK tensors, one BLOCKFIRST tensor, vLLM's
+    packed and 3-D MLA per-layer tensors)."""
+    lay = kv_layout
+    shape = tuple(kv_caches[0].shape) if kv_caches else ()
+    pool = (len(shape) == 3 and shape[0] >= lay.num_block * lay.tokens_per_block) or (
+        len(shape) == 4 and shape[:2] == (lay.num_block, lay.tokens_per_block) and kv_caches[0].is_contiguous())
+    if pool:
+        return token_pool_layout(kv_caches, lay, tp_size=tp_size, tp_rank=tp_rank)
+    return EngineLayout.from_kv_layout(kv_caches, lay, tp_size=tp_size, tp_rank=tp_rank)
 
 
 class KVTPClient:
@@ -47,12 +64,26 @@ class KVTPClient:
 
     READY_WAIT_S = 60.0
 
-    def __init__(self, gpu_register_port: str, dp_client_id: int = 0, pp_rank: int = 0, device_id: int = 0) -> None:
+    def __init__(self, gpu_register_port: str, dp_client_id: int = 0, device_id: int = 0, pp_rank: int = 0,
+                 intra_client_id: int | None = None) -> None:
+        # The original FlexKV's argument order; intra_client_id (the rank within its data-parallel client) picks
+        # the tensor-parallel slice when given, else device_id does.
+        for name, value in (("dp_client_id", dp_client_id), ("device_id", device_id), ("pp_rank", pp_rank),
+                            ("intra_client_id", 0 if intra_client_id is None else intra_client_id)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LayoutError(f"KVTPClient: {name} must be a non-negative int, got {value!r}")
+        if pp_rank != 0:
+            raise LayoutError("KVTPClient: pp_rank > 0 (pipeline parallelism) is not supported in this version")
         self.gpu_register_port = gpu_register_port
         self.dp_client_id = dp_client_id
         self.pp_rank = pp_rank
         self.device_id = device_id
+        self.intra_client_id = intra_client_id
         self.agent: RankAgent | None = None
+
+    @property
+    def _rank(self) -> int:
+        return self.device_id if self.intra_client_id is None else self.intra_client_id
 
     def register_to_server(self, kv_caches: list[Any], kv_layout: KVCacheLayout, indexer_buffers: Any = None,
                            indexer_layout: Any = None) -> None:
@@ -60,15 +91,15 @@ class KVTPClient:
             raise LayoutError("register_to_server: the sparse-attention indexer cache (NSA models) is not served "
                               "by FlexKV in this version")
         manager = manager_for(self.gpu_register_port)
+        caches = list(kv_caches)
         if manager is not None and not manager.uses_ranks:
-            manager.register_kv_caches(token_pool_layout(list(kv_caches), kv_layout))
+            manager.register_kv_caches(engine_layout(caches, kv_layout))
             return
         settings = ServerSettings.from_env()
-        caches = list(kv_caches)
 
         def layout(model: dict[str, Any]) -> EngineLayout:
             tp = 1 if model["use_mla"] else int(model["tp_size"])
-            return token_pool_layout(caches, kv_layout, tp_size=tp, tp_rank=self.device_id % tp)
+            return engine_layout(caches, kv_layout, tp_size=tp, tp_rank=self._rank % tp)
 
         self.close()
         instance = settings.instance_id * max(1, _dp_size()) + self.dp_client_id

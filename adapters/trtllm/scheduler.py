@@ -86,7 +86,7 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
             cpu_tokens, _ = kv.lookup(tokens, namespace)
             mask = np.zeros(limit, dtype=bool)
             mask[num_computed_tokens:] = True
-            task, loadable = kv.get_match(tokens, mask, namespace)
+            task, loadable = kv.get_match(tokens, mask, namespace=namespace)
             matched = int(np.count_nonzero(loadable))
             if matched == 0:
                 end_task(kv, task)

@@ -62,3 +62,12 @@ class FlexKVConnectorV1(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> Any:
         return self._impl.get_kv_connector_stats()
+
+    def reset_cache(self) -> bool | None:
+        return self._impl.reset_cache()
+
+    def before_device_sleep(self) -> int:
+        return self._impl.before_device_sleep()
+
+    def after_device_wake(self) -> None:
+        self._impl.after_device_wake()

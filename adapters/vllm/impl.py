@@ -88,6 +88,18 @@ class FlexKVConnectorImpl:
     def get_kv_connector_stats(self) -> Any:
         return None
 
+    def reset_cache(self) -> bool | None:
+        """``reset_prefix_cache(reset_connector=True)`` reaches the scheduler's connector: FlexKV drops every
+        cached block (True), or refuses while copies run (False). None on a worker (nothing to reset there)."""
+        return self.scheduler.reset_cache() if self.scheduler is not None else None
+
+    def before_device_sleep(self) -> int:
+        return self.worker.before_device_sleep() if self.worker is not None else 0
+
+    def after_device_wake(self) -> None:
+        if self.worker is not None:
+            self.worker.after_device_wake()
+
     def shutdown(self) -> None:
         if self.worker is not None:
             self.worker.shutdown()

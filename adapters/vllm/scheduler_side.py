@@ -111,7 +111,7 @@ class SchedulerSide:
             mask = np.zeros(end, dtype=bool)
             mask[start:] = True
             tier = self.kv.tier_info()
-            task, _ = self.kv.get_match(tokens, mask, _namespace(request))
+            task, _ = self.kv.get_match(tokens, mask, namespace=_namespace(request))
             taken = self.kv.try_take_external(task)
             if taken is None:  # some blocks come up from SSD again: ordered in a later step
                 self.promoting[rid] = (task, block_ids, wanted, tier)
@@ -219,6 +219,21 @@ class SchedulerSide:
         restarted in between): its block ids would name another tier's blocks."""
         if self.kv.tier_info() != tier:
             raise FlexKVError("the FlexKV server restarted while the request's blocks were being matched")
+
+    def reset_cache(self) -> bool:
+        """vLLM's ``reset_prefix_cache(reset_connector=True)`` (after a weight update): drops every cached block,
+        so no later request hits KV of the old weights. False (vLLM reports the reset failed) while workers
+        still copy blocks of this connector's requests."""
+        busy = len(self.loads) + len(self.stores) + len(self.promoting)
+        if busy:
+            logger.warning("FlexKV: reset_cache refused: %d request(s) still copy blocks; retry when idle", busy)
+            return False
+        for rid, task in self.prefetches.items():  # promotions from SSD: their blocks are about to go
+            self.prefetches.pop(rid)
+            end_task(self.kv, task)
+        self.matched.clear()
+        self.kv.reset()
+        return True
 
     def shutdown(self) -> None:
         try:

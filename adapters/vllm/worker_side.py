@@ -107,6 +107,22 @@ class WorkerSide:
                     self._done(order, error)
         self._close_old_planes()
 
+    def before_device_sleep(self) -> int:
+        """vLLM's sleep mode is about to release the KV memory: waits for the copies in flight; returns how many
+        there were."""
+        waited = len(self.jobs)
+        while self.plane is not None and self.jobs:
+            for job, error in self.plane.poll(1_000_000):
+                order = self.jobs.pop(job, None)
+                if order is not None:
+                    self._done(order, error)
+        return waited
+
+    def after_device_wake(self) -> None:
+        """The KV memory is back (at the addresses it had: vLLM's sleep mode keeps them); copies resume."""
+        if self.layout is None:
+            raise RuntimeError("FlexKV: KV caches were not registered before the device slept")
+
     def _done(self, order: CopyOrder, error: str) -> None:
         if error:
             logger.warning("FlexKV: %s of request %s failed on worker %d: %s", "store" if order.store else "load",

@@ -35,9 +35,20 @@ struct Given {
   Json value;
 };
 
+// A value of one of the original FlexKV's keys, for the key here it names.
+struct Mapped {
+  std::string target, section, field;
+  Json value;
+  std::string original;
+};
+
+// The CPU tier when nothing sizes it (no config file, no size in the environment): the original FlexKV's default.
+constexpr double kDefaultCpuCacheGb = 16.0;
+
 class Reader {
  public:
-  Reader(std::string where, const EnvVars* env) : where_(std::move(where)), env_(env), schema_(config_schema()) {}
+  Reader(std::string where, const EnvVars* env, bool no_file = false)
+      : where_(std::move(where)), env_(env), no_file_(no_file), schema_(config_schema()) {}
 
   ConfigRead read(std::string_view text) {
     const Json root = parse_config_text(text, where_);
@@ -48,6 +59,12 @@ class Reader {
     try {
       split_layout(root);
       if (env_ != nullptr) apply_env();
+      if (no_file_ && find(cache_, "num_cpu_blocks") == nullptr && find(cache_, "cpu_cache_gb") == nullptr) {
+        cache_.push_back({"cpu_cache_gb", kDefaultCpuCacheGb});
+        warnings_.push_back("no config file found (FLEXKV_CONFIG_PATH is unset); using the defaults with a 16 GiB "
+                            "CPU tier. Set FLEXKV_CONFIG_PATH to a config file, or FLEXKV_CPU_CACHE_GB to size the "
+                            "CPU tier");
+      }
       ConfigRead out;
       out.options = build();
       out.warnings = std::move(warnings_);
@@ -115,19 +132,114 @@ class Reader {
                                    ": " + join(valid, ", "));
   }
 
+  static void add_home(Homes& homes, const std::string& key, const std::string& home) {
+    for (const auto& [k, h] : homes) {
+      if (k == key) return;
+    }
+    homes.emplace_back(key, home);
+  }
+
+  // The original's mapped keys that belong in another section than `section`, as homes of an unknown key.
+  void upstream_homes(Homes& homes, const std::string& section) const {
+    for (const UpstreamKey& u : schema_.upstream) {
+      if (!u.section.empty() && u.section != section) add_home(homes, u.name, u.section);
+    }
+  }
+
+  // An original FlexKV key's value as the value of the key here (through its value table, if it has one).
+  static Json convert(const UpstreamKey& up, const Json& value) {
+    if (up.values.empty()) return value;
+    if (!value.is_boolean()) {
+      const std::string text = lower(trim(value.is_string() ? value.get<std::string>() : value.dump()));
+      for (const auto& [t, mapped] : up.values) {
+        if (t == text) return mapped;
+      }
+    }
+    std::vector<std::string> allowed;
+    for (const auto& [t, mapped] : up.values) allowed.push_back(t);
+    throw ConfigKeyError(up.name, "= " + value.dump() + " is not valid; use one of: " + join(allowed, ", ") +
+                                      " (the original FlexKV's meaning; here it sets " + up.section + "." + up.field +
+                                      ")");
+  }
+
+  // An original FlexKV key in the file: remember its value for the key here, or that it has no effect.
+  void note_upstream(const UpstreamKey& up, const Json& value) {
+    if (up.section.empty()) {
+      if (std::find(ignored_.begin(), ignored_.end(), up.name) == ignored_.end()) ignored_.push_back(up.name);
+      return;
+    }
+    const Json v = convert(up, value);
+    const std::string target = up.section + "." + up.field;
+    for (const Mapped& m : mapped_) {
+      if (m.target != target) continue;
+      if (m.value != v) {
+        throw ConfigKeyError(target, up.name + " and " + m.original + " both set " + target +
+                                         ", to different values; keep one");
+      }
+      return;
+    }
+    mapped_.push_back({target, up.section, up.field, v, up.name});
+  }
+
+  void apply_mapped() {
+    for (const Mapped& m : mapped_) {
+      std::vector<Given>* into = &cache_;
+      if (m.section == "model_config") {
+        if (!model_) model_.emplace();
+        into = &*model_;
+      }
+      if (find(*into, m.field) != nullptr) {
+        throw ConfigKeyError(m.target, m.original + " (the original FlexKV's name of " + m.target + ") and " +
+                                           m.target + " are both given; keep one");
+      }
+      const KeySpec& spec = schema_.at(m.section, m.field);
+      if (spec.type == KeyType::kDType && !m.value.is_string()) {
+        throw ConfigKeyError(m.target, m.original + " must be a string such as \"bfloat16\", got " +
+                                           describe_value(m.value));
+      }
+      check_type(spec, m.value, m.original);
+      into->push_back({m.field, m.value});
+      if (m.original != m.field) sources_[m.target] = "the original FlexKV's key '" + m.original + "'";
+    }
+    if (!ignored_.empty()) {
+      warnings_.push_back("the original FlexKV's key(s) " + join(ignored_, ", ") +
+                          " have no effect here and are ignored; `flexkv check-config` explains each");
+    }
+  }
+
+  // The original's benchmark files name their sections ModelConfig and CacheConfig.
+  Json renamed(const Json& root) const {
+    Json out = root;
+    for (const auto& [theirs, ours] : schema_.upstream_sections) {
+      if (!out.contains(theirs)) continue;
+      if (out.contains(ours)) {
+        throw ConfigKeyError(ours, theirs + " (the original FlexKV's name of " + ours + ") and " + ours +
+                                       " are both given; keep one");
+      }
+      out[ours] = out.at(theirs);
+      out.erase(theirs);
+    }
+    return out;
+  }
+
   static void check_type(const KeySpec& spec, const Json& value, const std::string& label) {
     const std::string problem = type_problem(spec, value);
     if (!problem.empty()) throw ConfigKeyError(label, problem);
   }
 
   // Python's _split_layout: keys and types of the three sections.
-  void split_layout(const Json& root) {
+  void split_layout(const Json& file_root) {
+    const Json root = renamed(file_root);
     const std::vector<std::string> cache_keys = names("cache_config"), model_keys = names("model_config");
     std::vector<std::string> top_valid = names("top_level");
     top_valid.insert(top_valid.end(), schema_.short_form.begin(), schema_.short_form.end());
 
     for (const auto& [key, value] : root.items()) {
       if (std::find(top_valid.begin(), top_valid.end(), key) == top_valid.end()) {
+        if (const UpstreamKey* up = schema_.find_upstream(key)) {
+          note_upstream(*up, value);
+          continue;
+        }
         Homes homes;
         for (const auto& k : cache_keys) {
           if (!is_short(k)) set_home(homes, k, "cache_config");
@@ -152,9 +264,15 @@ class Reader {
       }
       for (const auto& [key, value] : section.items()) {
         if (std::find(cache_keys.begin(), cache_keys.end(), key) == cache_keys.end()) {
+          const UpstreamKey* up = schema_.find_upstream(key);
+          if (up != nullptr && (up->section.empty() || up->section == "cache_config")) {
+            note_upstream(*up, value);
+            continue;
+          }
           Homes homes;
           for (const auto& k : model_keys) set_home(homes, k, "model_config");
           for (const auto& k : names("top_level")) set_home(homes, k, "the top level");
+          upstream_homes(homes, "cache_config");
           unknown_key("cache_config", key, cache_keys, homes);
         }
         if (find(cache_, key) != nullptr) {
@@ -173,9 +291,15 @@ class Reader {
       model_.emplace();
       for (const auto& [key, value] : section.items()) {
         if (std::find(model_keys.begin(), model_keys.end(), key) == model_keys.end()) {
+          const UpstreamKey* up = schema_.find_upstream(key);
+          if (up != nullptr && (up->section.empty() || up->section == "model_config")) {
+            note_upstream(*up, value);
+            continue;
+          }
           Homes homes;
           for (const auto& k : cache_keys) set_home(homes, k, "cache_config");
           for (const auto& k : names("top_level")) set_home(homes, k, "the top level");
+          upstream_homes(homes, "model_config");
           unknown_key("model_config", key, model_keys, homes);
         }
         const KeySpec& spec = schema_.at("model_config", key);
@@ -187,6 +311,7 @@ class Reader {
       }
     }
 
+    apply_mapped();
     for (const SizePair& pair : kSizePairs) {
       const Given* gb = find(cache_, pair.gb);
       if (find(cache_, pair.blocks) != nullptr && gb != nullptr && !gb->value.is_null()) {
@@ -206,6 +331,7 @@ class Reader {
     for (const auto& [var, spec] : table) table_names.push_back(var);
 
     std::vector<std::pair<std::string, std::pair<std::string, Json>>> given;  // name -> (variable, value)
+    std::vector<std::string> env_ignored;  // the original's variables without effect here
     for (const auto& [var, text] : *env_) {  // sorted by name, as Python sorts them
       if (!starts_with(var, "FLEXKV_")) continue;
       const auto& reserved = schema_.reserved_env_names;
@@ -215,6 +341,40 @@ class Reader {
         continue;
       }
       const auto entry = std::find_if(table.begin(), table.end(), [&var](const auto& t) { return t.first == var; });
+      const auto up_var = std::find_if(schema_.upstream_env.begin(), schema_.upstream_env.end(),
+                                       [&var](const auto& u) { return u.first == var; });
+      if (entry == table.end() && up_var != schema_.upstream_env.end()) {  // the original FlexKV's variable
+        const UpstreamKey& up = *schema_.find_upstream(up_var->second);
+        if (up.section.empty()) {
+          if (std::find(env_ignored.begin(), env_ignored.end(), up.name) == env_ignored.end()) {
+            env_ignored.push_back(up.name);
+          }
+          continue;
+        }
+        if (up.section == "model_config") continue;  // the model shape comes from the engine
+        const KeySpec& spec = schema_.at(up.section, up.field);
+        Json value;
+        try {
+          value = up.values.empty() ? parse_env_value(var, text, spec) : convert(up, Json(text));
+        } catch (const ConfigKeyError& e) {
+          throw std::invalid_argument(where_ + ": " + e.what());
+        }
+        for (const auto& g : given) {
+          if (g.first == spec.name) {
+            throw std::invalid_argument(where_ + ": " + spec.key() + ": environment variables " + var + " and " +
+                                        g.second.first + " both set " + spec.key() + "; unset one of them");
+          }
+        }
+        given.push_back({spec.name, {var, value}});
+        std::vector<Given>& values = spec.section == "top_level" ? top_ : cache_;
+        if (Given* g = find(values, spec.name)) {
+          g->value = value;
+        } else {
+          values.push_back({spec.name, value});
+        }
+        sources_[spec.key()] = "environment variable " + var + " (the original FlexKV's name)";
+        continue;
+      }
       if (entry == table.end()) {
         const auto close = close_matches(var, table_names, 1);
         warnings_.push_back("ignoring environment variable " + var + ": it is not a FlexKV config key" +
@@ -238,6 +398,10 @@ class Reader {
       sources_[spec.key()] = "environment variable " + var;
     }
 
+    if (!env_ignored.empty()) {
+      warnings_.push_back("environment: the original FlexKV's key(s) " + join(env_ignored, ", ") +
+                          " have no effect here and are ignored; `flexkv check-config` explains each");
+    }
     auto given_value = [&given](const std::string& name) -> const std::pair<std::string, Json>* {
       for (const auto& g : given) {
         if (g.first == name) return &g.second;
@@ -327,7 +491,10 @@ class Reader {
 
   std::string where_;
   const EnvVars* env_;
+  bool no_file_;
   const ConfigSchema& schema_;
+  std::vector<Mapped> mapped_;
+  std::vector<std::string> ignored_;
   std::vector<Given> top_, cache_;
   std::optional<std::vector<Given>> model_;
   std::map<std::string, std::string> sources_;  // key -> what set it, when not its own section of the file
@@ -346,7 +513,7 @@ ConfigRead read_config_file(const std::string& path, const EnvVars& env) {
   if (file.empty()) {
     const auto it = env.find("FLEXKV_CONFIG_PATH");
     file = it == env.end() ? "" : trim(it->second);
-    if (file.empty()) return read_config("{}", "defaults", &env);
+    if (file.empty()) return Reader("defaults", &env, true).read("{}");
     via = " (from FLEXKV_CONFIG_PATH)";
   }
   const std::string named = "config file '" + file + "'" + via;

@@ -72,6 +72,8 @@ KeySpec parse_spec(const std::string& section, const std::string& name, const Js
   return s;
 }
 
+std::string upper_text(std::string s);
+
 ConfigSchema load_schema() {
   const Json raw = Json::parse(config_keys_json());
   ConfigSchema schema;
@@ -84,7 +86,37 @@ ConfigSchema load_schema() {
   for (const auto& name : schema.short_form) schema.at("cache_config", name);
   schema.reserved_env_names = raw.at("reserved_env").at("names").get<std::vector<std::string>>();
   schema.reserved_env_prefixes = raw.at("reserved_env").at("prefixes").get<std::vector<std::string>>();
+  if (raw.contains("upstream")) {
+    const Json& up = raw.at("upstream");
+    for (const auto& [name, spec] : up.at("keys").items()) {
+      UpstreamKey k;
+      k.name = name;
+      if (spec.contains("as")) {
+        const std::string target = spec.at("as").get<std::string>();
+        const size_t dot = target.find('.');
+        k.section = target.substr(0, dot);
+        k.field = target.substr(dot + 1);
+        schema.at(k.section, k.field);  // a key here, or the table is malformed
+        if (spec.contains("values")) {
+          for (const auto& [text, value] : spec.at("values").items()) k.values.emplace_back(text, value);
+        }
+      } else {
+        k.reason = spec.at("none").get<std::string>();
+      }
+      schema.upstream_env.emplace_back("FLEXKV_" + upper_text(name), name);
+      schema.upstream.push_back(std::move(k));
+    }
+    for (const auto& [theirs, ours] : up.at("sections").items()) {
+      schema.upstream_sections.emplace_back(theirs, ours.get<std::string>());
+    }
+    for (const auto& [var, name] : up.at("env_names").items()) schema.upstream_env.emplace_back(var, name.get<std::string>());
+  }
   return schema;
+}
+
+std::string upper_text(std::string s) {
+  std::transform(s.begin(), s.end(), s.begin(), [](unsigned char c) { return std::toupper(c); });
+  return s;
 }
 
 std::string number_text(double x) {
@@ -119,6 +151,13 @@ size_t matched(const std::string& a, size_t alo, size_t ahi, const std::string& 
 }
 
 }  // namespace
+
+const UpstreamKey* ConfigSchema::find_upstream(std::string_view name) const {
+  for (const UpstreamKey& k : upstream) {
+    if (k.name == name) return &k;
+  }
+  return nullptr;
+}
 
 std::string KeySpec::key() const { return section == "top_level" ? name : section + "." + name; }
 

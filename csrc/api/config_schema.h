@@ -37,11 +37,25 @@ struct KeySpec {
   bool has_range() const { return min || max || above; }
 };
 
+// A key of the original FlexKV's configs that is not a key here (config_keys.json's "upstream" section).
+struct UpstreamKey {
+  std::string name;
+  std::string section, field;  // the key here with the same meaning; both empty: the key has no effect here
+  std::vector<std::pair<std::string, Json>> values;  // the original's value (lower-case text) -> the value here
+  std::string reason;                                // why it has no effect here
+};
+
 struct ConfigSchema {
   std::vector<KeySpec> top_level, cache_config, model_config;  // file order
   std::vector<std::string> short_form;  // cache_config keys that may also sit at the top level
   std::vector<std::string> reserved_env_names, reserved_env_prefixes;
   std::vector<std::pair<std::string, std::string>> dtype_names;  // accepted name -> canonical name
+  std::vector<UpstreamKey> upstream;
+  std::vector<std::pair<std::string, std::string>> upstream_sections;  // the original's section name -> ours
+  std::vector<std::pair<std::string, std::string>> upstream_env;       // FLEXKV_* variable -> upstream key
+
+  // The original FlexKV's key `name`, or nullptr.
+  const UpstreamKey* find_upstream(std::string_view name) const;
 
   const std::vector<KeySpec>& section(std::string_view name) const;
   // The key `name` of `section`, or nullptr.
