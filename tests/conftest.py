@@ -117,3 +117,38 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """free_port() -> a TCP port nothing listens on now (for metrics endpoints)."""
+    import socket
+
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    return pick
+
+
+@pytest.fixture
+def scrape() -> Callable[..., dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """scrape(url, prefix="flexkv") -> {(sample name, sorted labels without model/engine): value}, read over
+    HTTP and parsed with prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(url: str, prefix: str = "flexkv") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith(prefix):
+                    labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))
+                    out[(s.name, labels)] = out.get((s.name, labels), 0.0) + s.value
+        return out
+
+    return read

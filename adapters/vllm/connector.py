@@ -62,3 +62,17 @@ class FlexKVConnectorV1(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> Any:
         return self._impl.get_kv_connector_stats()
+
+    # vLLM's stat loggers: FlexKV in /metrics and the stats log line (metrics.py)
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        from .metrics import FlexKVConnectorStats
+
+        return FlexKVConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from .metrics import FlexKVPromMetrics
+
+        return FlexKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
