@@ -14,6 +14,7 @@ from .kv_manager import KVManager
 from .layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 from .local_registry import manager_for, manager_with_model
 from .log import setup_logging
+from .metrics import BYTE_PATHS, plane_snapshot, tier_rows
 from .page_store import PageStore
 from .rank_agent import RankAgent
 from .request import KVResponse, KVResponseStatus
@@ -21,6 +22,7 @@ from .server_launch import ServerSettings
 from .wire import ServerError, ServerUnavailable
 
 __all__ = [
+    "BYTE_PATHS",
     "CacheConfig",
     "ConfigError",
     "DataPlane",
@@ -49,6 +51,8 @@ __all__ = [
     "load_config",
     "manager_for",
     "manager_with_model",
+    "plane_snapshot",
     "request_namespace",
     "setup_logging",
+    "tier_rows",
 ]

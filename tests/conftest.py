@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
+from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, free_tcp_port, seed_for, start_manager
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -122,14 +122,7 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def free_port() -> Callable[[], int]:
     """free_port() -> a TCP port nothing listens on now (for metrics endpoints)."""
-    import socket
-
-    def pick() -> int:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return int(s.getsockname()[1])
-
-    return pick
+    return free_tcp_port
 
 
 @pytest.fixture
@@ -152,3 +145,40 @@ def scrape() -> Callable[..., dict[tuple[str, tuple[tuple[str, str], ...]], floa
         return out
 
     return read
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with random weights (the vLLM tests): logits far from uniform, so wrong KV shows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_model with a tokenizer and chat template, for vLLM's OpenAI server: one word ("w<id>") per token id,
+    so an answer's text encodes back to the same ids in the next turn's prompt."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    vocab = {"<unk>": 0, "</s>": 1, "user": 2, "assistant": 3, "system": 4, ":": 5}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 1024)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant :{% endif %}")
+    fast.save_pretrained(out)
+    return out

@@ -28,20 +28,6 @@ LARGE_KV_MIB = 64
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
-                      initializer_range=0.2, tie_word_embeddings=False)
-    torch.manual_seed(1234)
-    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
-    return out
-
-
-@pytest.fixture(scope="module")
 def run(tiny_model, tmp_path_factory):
     """run(scenario, connector, kv_mib, cache=dict(...), extra=[...]) -> the driver's JSON result."""
     results: dict = {}

@@ -7,11 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .impl import FlexKVConnectorImpl
 
 
 class FlexKVConnectorV1(KVConnectorBase_V1):
+    # vLLM's prompt_tokens_cached_by_source: every load comes from FlexKV's CPU tier (SSD blocks are promoted
+    # there first; vllm:flexkv_tier_hit_tokens_total{tier="ssd"} counts those).
+    _cache_hit_source = CacheHitSource.HOST
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._impl = FlexKVConnectorImpl(vllm_config, role)

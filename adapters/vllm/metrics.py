@@ -22,7 +22,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-from flexkv.core.metrics import BYTE_PATHS, plane_snapshot, tier_rows
+from flexkv.core import BYTE_PATHS, plane_snapshot, tier_rows
 
 # Per-tier counters sent as differences: (data key, metric, help).
 TIER_COUNTERS = (("hit_blocks", "hit_tokens", "tokens found in the tier (SSD: found only there)"),
