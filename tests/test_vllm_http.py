@@ -72,7 +72,7 @@ def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
            "--dtype", "bfloat16", "--enforce-eager", "--kv-cache-memory-bytes", str(SMALL_KV_BYTES),
            "--max-num-seqs", "4", "--seed", "0", "--kv-transfer-config", json.dumps(ktc)]
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXKV_")}
-    env.update(FLEXKV_CONFIG_PATH=str(config), VLLM_CPU_NUM_OF_RESERVED_CPU="1")
+    env.update(FLEXKV_CONFIG_PATH=str(config), VLLM_CPU_NUM_OF_RESERVED_CPU="1", VLLM_LOG_STATS_INTERVAL="2")
     log = work / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
@@ -172,4 +172,5 @@ def test_vllm_metrics_show_flexkv_consistent_with_its_own_counters(server: Serve
     assert got[("vllm:prompt_tokens_cached_by_source_total", (("source", "host"),))] == external
     log = server.log.read_text(errors="replace")
     assert "FlexKV: " in log and " gets, " in log and "hit rate" in log  # the periodic line
-    assert "KV Transfer metrics: flexkv_hit_rate=" in log  # vLLM's own stats line, through reduce()
+    # vLLM's own stats line (every VLLM_LOG_STATS_INTERVAL s), through FlexKVConnectorStats.reduce()
+    assert "KV Transfer metrics: flexkv_hit_rate=" in log and "flexkv_used_blocks_cpu=" in log
