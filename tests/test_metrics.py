@@ -4,8 +4,11 @@ to what the manager reports itself; the periodic log line; rate-limited failure 
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -16,6 +19,7 @@ from flexkv.core.server_launch import ServerSettings
 from kv_helpers import store, try_load
 
 TPB = 16
+REPO = Path(__file__).resolve().parents[1]
 
 
 def L(**labels: str) -> tuple[tuple[str, str], ...]:  # noqa: N802  (a label set, as scrape keys them)
@@ -136,3 +140,21 @@ def test_histogram_bounds_cover_loads_to_stalls(make_kv) -> None:
     h = env.kv.metrics_snapshot()["histograms"]["load"]
     assert h["bounds"][0] <= 1e-4 and h["bounds"][-1] >= 10 and len(h["counts"]) == len(h["bounds"]) + 1
     assert np.all(np.diff(h["bounds"]) > 0)
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists(make_kv, free_port, scrape) -> None:
+    """examples/grafana/flexkv.json queries only series a FlexKV endpoint serves (scraped from a live one)."""
+    port = free_port()
+    env = make_kv(ssd=True, server_settings=ServerSettings(metrics_port=port, num_log_interval_requests=0))
+    tokens = env.tokens(3 * TPB)
+    env.eng.fill([0, 1, 2])
+    store(env.kv, tokens, [0, 1, 2], completely=True)
+    try_load(env.kv, tokens, [3, 4, 5])
+    served = {name for name, _ in scrape(f"http://127.0.0.1:{port}/metrics")}
+    dashboard = json.loads((REPO / "examples/grafana/flexkv.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs.append(next(v["query"] for v in dashboard["templating"]["list"] if v["name"] == "job"))
+    queried = {m for e in exprs for m in re.findall(r"\b(flexkv_[a-z_]+)", e)}
+    assert len(queried) >= 15, queried
+    assert queried <= served, queried - served
+    assert len(dashboard["panels"]) == len({p["id"] for p in dashboard["panels"]})
