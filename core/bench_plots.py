@@ -55,7 +55,10 @@ def figures(results: list[Any]) -> dict[str, Any]:
         p = r.load_ms
         stats.append({"label": r.name, "whislo": p["p5"], "q1": p["p25"], "med": p["p50"], "q3": p["p75"],
                       "whishi": p["p99"], "fliers": []})
-    ax.bxp(stats, vert=False, showfliers=False)
+    import matplotlib
+
+    newer = tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+    ax.bxp(stats, showfliers=False, **({"orientation": "horizontal"} if newer else {"vert": False}))
     ax.set_xscale("log")
     ax.set_xlabel("load latency per request (ms; box p25-p75, line p50, whiskers p5-p99)")
     ax.invert_yaxis()
