@@ -193,7 +193,7 @@ def main(args: argparse.Namespace) -> int:
           file=out)
     print(f"model: {args.model}, {format_bytes(model.token_size_in_bytes)} of KV per token ({model.num_layers} "
           f"layers, {model.num_kv_heads} KV heads x {model.head_size}, {model.dtype_name})", file=out)
-    runs = len(configs) + len(sweep) + (4 if args.metrics_overhead else 0)
+    runs = len(configs) + len(sweep) + (6 if args.metrics_overhead else 0)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -212,8 +212,9 @@ def main(args: argparse.Namespace) -> int:
                 progress.close()
     print(format_table(results), file=out)
     if overhead is not None:
-        print(f"metrics overhead: throughput with metrics on / off = {overhead['ratio']:.3f} "
-              f"({overhead['on_req_s']:.0f} / {overhead['off_req_s']:.0f} req/s, best of 2 each)", file=out)
+        pairs = ", ".join(f"{on:.0f}/{off:.0f}" for off, on in zip(overhead["off_req_s"], overhead["on_req_s"]))
+        print(f"metrics overhead: throughput with metrics on / off = {overhead['ratio']:.3f} (median of "
+              f"{len(overhead['pair_ratios'])} back-to-back pairs, req/s on/off: {pairs})", file=out)
     if args.json:
         data: Any = [asdict(r) for r in results]
         if overhead is not None:
@@ -262,16 +263,19 @@ class _ScratchSsd:
 
 
 def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec, progress: Any,
-                     scratch: _ScratchSsd) -> dict[str, float]:
+                     scratch: _ScratchSsd, pairs: int = 3) -> dict[str, Any]:
     """Throughput of one configuration with metrics off and on (a Prometheus endpoint scraped every 0.2 s and
-    the periodic log line every 50 requests), alternating off/on twice; the best run of each counts."""
+    the periodic log line every 50 requests), in ``pairs`` pairs back to back, off/on then on/off (so neither
+    side gains from running second); the ratio is the median of the pairs' ratios (a pair's two runs see the
+    same machine load)."""
     import threading
     import urllib.request
 
     from .metrics import logger as metrics_logger
 
-    best = {"off": 0.0, "on": 0.0}
-    for mode in ("off", "on", "off", "on"):
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    order = [m for i in range(pairs) for m in (("off", "on") if i % 2 == 0 else ("on", "off"))]  # ABBA: no warm-up bias
+    for mode in order:
         settings = None
         stop = threading.Event()
         scraper = None
@@ -298,8 +302,10 @@ def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWo
             stop.set()
             if scraper is not None:
                 scraper.join()
-        best[mode] = max(best[mode], r.requests_per_s)
-    return {"off_req_s": best["off"], "on_req_s": best["on"], "ratio": best["on"] / best["off"]}
+        runs[mode].append(r.requests_per_s)
+    ratios = sorted(on / off for off, on in zip(runs["off"], runs["on"]))
+    return {"off_req_s": runs["off"], "on_req_s": runs["on"], "pair_ratios": ratios,
+            "ratio": ratios[len(ratios) // 2]}
 
 
 def _free_port() -> int:

@@ -44,7 +44,8 @@ def figures(results: list[Any]) -> dict[str, Any]:
     ax.set_xlim(0, 110)
     ax.set_xlabel("hit rate (% of prompt tokens)")
     ax.invert_yaxis()
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.35 if len(shown) < 4 else -0.15), ncol=2, fontsize=8,
+              frameon=False)
     ax.set_title("FlexKV bench: hit rate per configuration")
     fig.tight_layout()
     out["hit_rate"] = fig
@@ -70,9 +71,12 @@ def figures(results: list[Any]) -> dict[str, Any]:
     sweep = [r for r in results if r.sweep]
     if sweep:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for tpb in sorted({r.tokens_per_block for r in sweep}):
+        styles = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-.")]
+        for i, tpb in enumerate(sorted({r.tokens_per_block for r in sweep})):
             pts = sorted((r.capacity_bytes / 2**30, 100 * r.hit_rate) for r in sweep if r.tokens_per_block == tpb)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"block {tpb} tokens")
+            marker, style = styles[i % len(styles)]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, linestyle=style, markerfacecolor="none",
+                    label=f"block {tpb} tokens")
         ax.set_xscale("log")
         ax.set_xlabel("CPU tier capacity (GiB)")
         ax.set_ylabel("hit rate (% of prompt tokens)")
@@ -97,7 +101,7 @@ def save(results: list[Any], path: str) -> list[str]:
     written = []
     where = paths(path)
     for name, fig in figures(results).items():
-        fig.savefig(where[name], dpi=120)
+        fig.savefig(where[name], dpi=120, bbox_inches="tight")  # the legend below the axes included
         plt.close(fig)
         written.append(where[name])
     return written
