@@ -151,7 +151,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "stderr)")
     p.add_argument("--metrics-overhead", action="store_true",
                    help="also run the first configuration with metrics off and on (a scraped Prometheus endpoint "
-                        "and the periodic log line), alternating, and print the throughput ratio")
+                        "every second and the periodic log line), in ABBA pairs, and print the throughput ratio")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -264,7 +264,7 @@ class _ScratchSsd:
 
 def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec, progress: Any,
                      scratch: _ScratchSsd, pairs: int = 3) -> dict[str, Any]:
-    """Throughput of one configuration with metrics off and on (a Prometheus endpoint scraped every 0.2 s and
+    """Throughput of one configuration with metrics off and on (a Prometheus endpoint scraped every second and
     the periodic log line every 50 requests), in ``pairs`` pairs back to back, off/on then on/off (so neither
     side gains from running second); the ratio is the median of the pairs' ratios (a pair's two runs see the
     same machine load)."""
@@ -284,7 +284,7 @@ def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWo
             settings = ServerSettings(metrics_port=port, num_log_interval_requests=50)
 
             def scrape(port: int = port, stop: threading.Event = stop) -> None:
-                while not stop.wait(0.2):
+                while not stop.wait(1.0):
                     try:
                         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
                     except OSError:
