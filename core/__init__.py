@@ -14,6 +14,7 @@ from .kv_manager import KVManager
 from .layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 from .local_registry import manager_for, manager_with_model
 from .log import setup_logging
+from .metrics import BYTE_PATHS, plane_snapshot, tier_rows
 from .page_store import PageStore
 from .rank_agent import RankAgent
 from .rank_hub import rank_endpoint
@@ -22,6 +23,7 @@ from .server_launch import ServerSettings
 from .wire import ServerError, ServerUnavailable
 
 __all__ = [
+    "BYTE_PATHS",
     "CacheConfig",
     "ConfigError",
     "DataPlane",
@@ -51,6 +53,8 @@ __all__ = [
     "manager_for",
     "manager_with_model",
     "rank_endpoint",
+    "plane_snapshot",
     "request_namespace",
     "setup_logging",
+    "tier_rows",
 ]

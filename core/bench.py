@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,20 +22,22 @@ from .config_file import load_config
 from .errors import FlexKVError
 from .kv_manager import KVManager
 from .layout import EngineLayout
+from .server_launch import ServerSettings
 
-# The manual's two configurations (chapter 17.3): a small cache with 16-token
-# blocks and a large one with 32-token blocks; and the small CPU tier backed by
-# an SSD tier (the manual's CPU + SSD deployment, 17.1), in --ssd-dir.
+# The manual's configurations (chapter 17.3), sized in GiB as the manual does: a small CPU tier with 16-token
+# blocks, a large one with 32-token blocks, and the small CPU tier backed by an SSD tier (the manual's CPU + SSD
+# deployment, 17.1) in --ssd-dir or a scratch directory.
 DEFAULT_CONFIGS: list[tuple[str, CacheConfig]] = [
-    ("1 small", CacheConfig(num_cpu_blocks=10000, tokens_per_block=16)),
-    ("2 large", CacheConfig(num_cpu_blocks=100000, tokens_per_block=32)),
-    ("3 small+ssd", CacheConfig(num_cpu_blocks=10000, tokens_per_block=16, enable_ssd=True, num_ssd_blocks=100000,
+    ("1 small", CacheConfig(cpu_cache_gb=0.5, tokens_per_block=16)),
+    ("2 large", CacheConfig(cpu_cache_gb=2.0, tokens_per_block=32)),
+    ("3 small+ssd", CacheConfig(cpu_cache_gb=0.5, tokens_per_block=16, enable_ssd=True, ssd_cache_gb=4.0,
                                 ssd_cache_dir="<--ssd-dir>")),
 ]
 
-# 256 bytes of KV per token: big enough to move real bytes, small enough that the
-# large configuration's CPU tier (3.2M tokens) fits in under 1 GiB.
-BENCH_MODEL = ModelConfig(num_layers=2, num_kv_heads=1, head_size=32, dtype="float16")
+# A 0.5B-class model's KV shape (Qwen2.5-0.5B: 24 layers, 2 KV heads of 64, bfloat16; 12 KiB per token): real
+# bytes to move, and the default configurations fit a small machine.
+DEFAULT_MODEL = "qwen-0.5b"
+PERCENTILES = (5, 25, 50, 75, 95, 99)
 
 
 @dataclass
@@ -52,11 +57,17 @@ class BenchResult:
     transfer_p99_ms: float
     requests_per_s: float
     evicted_blocks: int
+    load_ms: dict[str, float] = field(default_factory=dict)  # p5 .. p99 of the per-request load latency
+    sweep: bool = False  # a --capacities point
 
 
 def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec,
-               progress: object | None = None) -> BenchResult:
-    """Replays the workload: for each request a get (load what is cached) then a put (store the rest)."""
+               progress: object | None = None, settings: ServerSettings | None = None,
+               sweep: bool = False) -> BenchResult:
+    """Replays the workload: for each request a get (load what is cached) then a put (store the rest). With
+    an SSD tier each put waits for its write-through, so the hit rate does not depend on the disk's timing.
+    ``settings`` (metrics_port, log interval) default to none of either."""
+    cache_config = cache_config.resolved(model)
     tpb = cache_config.tokens_per_block
     max_tokens = spec.system_prompt_tokens + spec.turns * (spec.user_tokens[1] + spec.answer_tokens[1])
     engine_blocks = max_tokens // tpb + 1
@@ -66,7 +77,8 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
     latencies: list[float] = []
     requests = 0
     prompt_tokens = 0
-    with KVManager(model, cache_config) as kv:
+    ssd = cache_config.enable_ssd
+    with KVManager(model, cache_config, server_settings=settings or ServerSettings(num_log_interval_requests=0)) as kv:
         kv.register_kv_caches(EngineLayout.from_block_views([engine]))
         start = time.perf_counter()
         for req in chat_requests(spec):
@@ -81,7 +93,7 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
                 raise FlexKVError(f"bench: get task {task_id} ended {response.status.value}: {response.error}")
             put_id, put_mask = kv.put_match(np.concatenate([tokens, req.answer_ids]))
             kv.launch(put_id, np.flatnonzero(put_mask))
-            kv.wait(put_id)
+            kv.wait(put_id, completely=ssd)
             requests += 1
             prompt_tokens += len(tokens)
             if progress is not None:
@@ -89,15 +101,15 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
         elapsed = time.perf_counter() - start
         stats = kv.cache_stats()
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
+    n_cpu = cache_config.num_cpu_blocks
     return BenchResult(
-        name=name, num_cpu_blocks=cache_config.num_cpu_blocks, tokens_per_block=tpb,
-        capacity_tokens=cache_config.num_cpu_blocks * tpb, capacity_bytes=cache_config.num_cpu_blocks * block_bytes,
-        requests=requests, prompt_tokens=prompt_tokens, hit_tokens=stats["get_hit_tokens"],
-        hit_rate=stats["get_hit_tokens"] / prompt_tokens if prompt_tokens else 0.0,
-        ssd_hit_tokens=stats["ssd_hit_tokens"],
-        num_ssd_blocks=cache_config.num_ssd_blocks if cache_config.enable_ssd else 0,
+        name=name, num_cpu_blocks=n_cpu, tokens_per_block=tpb, capacity_tokens=n_cpu * tpb,
+        capacity_bytes=n_cpu * block_bytes, requests=requests, prompt_tokens=prompt_tokens,
+        hit_tokens=stats["get_hit_tokens"], hit_rate=stats["get_hit_tokens"] / prompt_tokens if prompt_tokens else 0.0,
+        ssd_hit_tokens=stats["ssd_hit_tokens"], num_ssd_blocks=cache_config.num_ssd_blocks if ssd else 0,
         transfer_p50_ms=float(np.percentile(lat, 50)), transfer_p99_ms=float(np.percentile(lat, 99)),
-        requests_per_s=requests / elapsed if elapsed > 0 else 0.0, evicted_blocks=stats["cpu"]["evicted"])
+        requests_per_s=requests / elapsed if elapsed > 0 else 0.0, evicted_blocks=stats["cpu"]["evicted"],
+        load_ms={f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(lat, PERCENTILES))}, sweep=sweep)
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -106,7 +118,7 @@ def format_table(results: list[BenchResult]) -> str:
     for r in results:
         capacity = f"{r.num_cpu_blocks} blocks ({format_bytes(r.capacity_bytes)})"
         if r.num_ssd_blocks:
-            capacity += f" + SSD {r.num_ssd_blocks}"
+            capacity += f" + SSD {r.num_ssd_blocks} blocks"
         ssd = f"{100 * r.ssd_hit_tokens / r.prompt_tokens:.1f}%" if r.num_ssd_blocks and r.prompt_tokens else "-"
         rows.append((r.name, capacity, str(r.tokens_per_block), f"{100 * r.hit_rate:.1f}%", ssd,
                      f"{r.transfer_p50_ms:.2f} / {r.transfer_p99_ms:.2f} ms", f"{r.requests_per_s:.0f} req/s"))
@@ -116,48 +128,44 @@ def format_table(results: list[BenchResult]) -> str:
     return "\n".join(lines)
 
 
-def plot(results: list[BenchResult], path: str) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise FlexKVError("--plot needs matplotlib: pip install 'flexkv[plot]' (or pip install matplotlib)") from e
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for tpb in sorted({r.tokens_per_block for r in results}):
-        pts = sorted((r.capacity_tokens, 100 * r.hit_rate) for r in results if r.tokens_per_block == tpb)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"block {tpb}")
-    ax.set_xscale("log")
-    ax.set_xlabel("CPU cache capacity (tokens)")
-    ax.set_ylabel("hit rate (% of prompt tokens)")
-    ax.set_ylim(0, 100)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title("FlexKV bench: multi-turn chat replay")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE",
-                   help="a FlexKV config file to bench (repeatable); default: the manual's two configurations")
-    p.add_argument("--capacities", default="", metavar="N,N,...",
-                   help="extra CPU capacities in blocks, run at each block size of the configs (for --plot)")
+                   help="a FlexKV config file to bench (repeatable); default: the manual's configurations. An SSD "
+                        "tier runs in a scratch directory (or --ssd-dir), never the config's own")
+    p.add_argument("--capacities", default="", metavar="C,C,...",
+                   help="CPU capacities to sweep, in blocks (500) or GiB (0.5GB), at each block size of the "
+                        "configs: the hit rate against capacity plot")
     p.add_argument("--ssd-dir", default=None, metavar="DIR",
-                   help="directory for the default CPU + SSD configuration (on a disk with O_DIRECT; default: a new "
-                        "directory under /var/tmp, removed afterwards)")
+                   help="an empty directory for the SSD tiers (on a disk with O_DIRECT; default: a new directory "
+                        "under /var/tmp, removed afterwards)")
     p.add_argument("--no-ssd", action="store_true", help="skip the default CPU + SSD configuration")
-    p.add_argument("--model", default=None, choices=sorted(MODEL_PRESETS),
-                   help="model shape (bytes per token); default: a 256-bytes-per-token shape")
-    p.add_argument("--conversations", type=int, default=ChatWorkloadSpec.conversations)
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_PRESETS),
+                   help=f"the KV shape of a real model (default {DEFAULT_MODEL}: 12 KiB per token)")
+    p.add_argument("--conversations", type=int, default=100)
     p.add_argument("--turns", type=int, default=ChatWorkloadSpec.turns)
-    p.add_argument("--concurrency", type=int, default=ChatWorkloadSpec.concurrency)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--plot", metavar="PNG", help="draw hit rate against capacity into this file")
-    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument("--concurrency", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0, help="the workload's seed: the same seed, the same hit rates")
+    p.add_argument("--plot", metavar="PNG", help="draw hit rate and load latency per configuration into PNG and "
+                   "<PNG stem>-latency.png, and hit rate against capacity into <PNG stem>-capacity.png")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON ('-': to stdout, the table to "
+                   "stderr)")
+    p.add_argument("--metrics-overhead", action="store_true",
+                   help="also run the first configuration with metrics off and on (a scraped Prometheus endpoint "
+                        "every second and the periodic log line), in ABBA pairs, and print the throughput ratio")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_capacities(text: str, model: ModelConfig, tokens_per_block: int) -> list[int]:
+    """'500,0.5GB' -> CPU blocks at this block size (GB, G and GiB all mean GiB)."""
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        low = item.lower()
+        unit = next((u for u in ("gib", "gb", "g") if low.endswith(u)), None)
+        if unit is None:
+            out.append(int(item))
+        else:
+            out.append(max(1, int(float(low[: -len(unit)]) * 2**30 // model.block_bytes(tokens_per_block))))
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -165,54 +173,144 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             print(f"flexkv bench: --{name} must be at least 1", file=sys.stderr)
             return 2
-    model = MODEL_PRESETS[args.model] if args.model else BENCH_MODEL
-    scratch = None
+    model = MODEL_PRESETS[args.model]
     configs = [(name, replace(c)) for name, c in DEFAULT_CONFIGS if not (args.no_ssd and c.enable_ssd)]
-    for _, c in configs:
-        if c.enable_ssd:
-            if args.ssd_dir is None:
-                scratch = tempfile.mkdtemp(prefix="flexkv-bench-ssd-", dir="/var/tmp")
-            c.ssd_cache_dir = args.ssd_dir or scratch
     if args.config:
-        configs = []
-        for i, path in enumerate(args.config, 1):
-            cfg = load_config(path)
-            configs.append((f"{i} {path}", cfg.cache_config))
+        configs = [(f"{i} {path}", load_config(path).cache_config) for i, path in enumerate(args.config, 1)]
     try:
-        extra = [int(x) for x in args.capacities.split(",") if x.strip()]
+        sweep = [(f"sweep {n}x{tpb}", CacheConfig(num_cpu_blocks=n, tokens_per_block=tpb))
+                 for tpb in sorted({c.tokens_per_block for _, c in configs})
+                 for n in parse_capacities(args.capacities, model, tpb)]
     except ValueError:
-        print(f"flexkv bench: --capacities must be integers separated by commas, got {args.capacities!r}",
-              file=sys.stderr)
+        print(f"flexkv bench: --capacities takes blocks or GiB separated by commas (500,0.5GB), got "
+              f"{args.capacities!r}", file=sys.stderr)
         return 2
-    for tpb in sorted({c.tokens_per_block for _, c in configs}):
-        for n in extra:
-            configs.append((f"sweep {n}x{tpb}", CacheConfig(num_cpu_blocks=n, tokens_per_block=tpb)))
+    out = sys.stderr if args.json == "-" else sys.stdout
     spec = ChatWorkloadSpec(conversations=args.conversations, turns=args.turns, concurrency=args.concurrency,
                             seed=args.seed)
     print(f"workload: {spec.conversations} conversations x {spec.turns} turns, {spec.concurrency} open at once, "
-          f"{spec.system_prompts} shared system prompts of {spec.system_prompt_tokens} tokens (seed {spec.seed})")
-    print(f"model: {model.token_size_in_bytes} bytes of KV per token ({model.num_layers} layers, "
-          f"{model.num_kv_heads} KV heads x {model.head_size}, {model.dtype_name})")
+          f"{spec.system_prompts} shared system prompts of {spec.system_prompt_tokens} tokens (seed {spec.seed})",
+          file=out)
+    print(f"model: {args.model}, {format_bytes(model.token_size_in_bytes)} of KV per token ({model.num_layers} "
+          f"layers, {model.num_kv_heads} KV heads x {model.head_size}, {model.dtype_name})", file=out)
+    runs = len(configs) + len(sweep) + (6 if args.metrics_overhead else 0)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
 
-        progress = tqdm(total=spec.num_requests * len(configs), unit="req", file=sys.stderr, leave=False)
-    results = []
-    try:
-        for name, cache_config in configs:
-            results.append(run_config(name, cache_config, model, spec, progress))
-    finally:
-        if progress is not None:
-            progress.close()
-        if scratch is not None:
-            shutil.rmtree(scratch, ignore_errors=True)
-    print(format_table(results))
+        progress = tqdm(total=spec.num_requests * runs, unit="req", file=sys.stderr, leave=False)
+    results, overhead = [], None
+    with _ScratchSsd(args.ssd_dir, out) as scratch:
+        try:
+            for i, (name, cache_config) in enumerate(configs + sweep):
+                results.append(run_config(name, scratch.own(cache_config, name), model, spec, progress,
+                                          sweep=i >= len(configs)))
+            if args.metrics_overhead:
+                overhead = metrics_overhead(configs[0][1], model, spec, progress, scratch)
+        finally:
+            if progress is not None:
+                progress.close()
+    print(format_table(results), file=out)
+    if overhead is not None:
+        pairs = ", ".join(f"{on:.0f}/{off:.0f}" for off, on in zip(overhead["off_req_s"], overhead["on_req_s"]))
+        print(f"metrics overhead: throughput with metrics on / off = {overhead['ratio']:.3f} (median of "
+              f"{len(overhead['pair_ratios'])} back-to-back pairs, req/s on/off: {pairs})", file=out)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
+        data: Any = [asdict(r) for r in results]
+        if overhead is not None:
+            data = {"results": data, "metrics_overhead": overhead}
+        if args.json == "-":
+            print(json.dumps(data, indent=1))
+        else:
+            Path(args.json).write_text(json.dumps(data, indent=2))
     if args.plot:
-        plot(results, args.plot)
-        print(f"plot: {args.plot}")
+        from .bench_plots import save
+
+        print(f"plots: {', '.join(save(results, args.plot))}", file=out)
     return 0
 
+
+class _ScratchSsd:
+    """SSD tiers of the bench live in directories of its own (--ssd-dir, or a scratch directory removed at the
+    end), one per configuration: never the directory of a config file, which a running cache may use."""
+
+    def __init__(self, base: str | None, out: Any) -> None:
+        self.base, self.out = base, out
+        self.scratch: str | None = None
+        self.count = 0
+
+    def __enter__(self) -> _ScratchSsd:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def own(self, c: CacheConfig, name: str) -> CacheConfig:
+        if not c.enable_ssd:
+            return c
+        if self.base is None and self.scratch is None:
+            self.scratch = tempfile.mkdtemp(prefix="flexkv-bench-ssd-", dir="/var/tmp")
+        self.count += 1
+        d = os.path.join(self.base or self.scratch or "", f"config-{self.count}")
+        if os.path.exists(d):
+            raise FlexKVError(f"bench: {d} exists; give --ssd-dir an empty directory (the bench never writes into "
+                              "a directory another cache may use)")
+        given = c.ssd_cache_dir
+        if given and given != "<--ssd-dir>":
+            print(f"{name}: its SSD tier runs in {d}, not in the config's {given}", file=self.out)
+        return replace(c, ssd_cache_dir=d)
+
+
+def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec, progress: Any,
+                     scratch: _ScratchSsd, pairs: int = 3) -> dict[str, Any]:
+    """Throughput of one configuration with metrics off and on (a Prometheus endpoint scraped every second and
+    the periodic log line every 50 requests), in ``pairs`` pairs back to back, off/on then on/off (so neither
+    side gains from running second); the ratio is the median of the pairs' ratios (a pair's two runs see the
+    same machine load)."""
+    import threading
+    import urllib.request
+
+    from .metrics import logger as metrics_logger
+
+    runs: dict[str, list[float]] = {"off": [], "on": []}
+    order = [m for i in range(pairs) for m in (("off", "on") if i % 2 == 0 else ("on", "off"))]  # ABBA: no warm-up bias
+    for mode in order:
+        settings = None
+        stop = threading.Event()
+        scraper = None
+        if mode == "on":
+            port = _free_port()
+            settings = ServerSettings(metrics_port=port, num_log_interval_requests=50)
+
+            def scrape(port: int = port, stop: threading.Event = stop) -> None:
+                while not stop.wait(1.0):
+                    try:
+                        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+                    except OSError:
+                        pass  # not up yet, or closed
+
+            scraper = threading.Thread(target=scrape, daemon=True)
+            scraper.start()
+        level = metrics_logger.level
+        metrics_logger.setLevel("WARNING")  # the log line is formatted and filtered, not printed
+        try:
+            r = run_config(f"overhead {mode}", scratch.own(cache_config, "overhead"), model, spec, progress,
+                           settings=settings)
+        finally:
+            metrics_logger.setLevel(level)
+            stop.set()
+            if scraper is not None:
+                scraper.join()
+        runs[mode].append(r.requests_per_s)
+    ratios = sorted(on / off for off, on in zip(runs["off"], runs["on"]))
+    return {"off_req_s": runs["off"], "on_req_s": runs["on"], "pair_ratios": ratios,
+            "ratio": ratios[len(ratios) // 2]}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -7,11 +7,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
+from pathlib import Path
 
-from .config import MODEL_PRESETS, ModelConfig, model_preset
+from .config import MODEL_PRESETS, FlexKVConfig, ModelConfig, format_bytes, model_preset
+from .config_file import _read_file as read_config_file
 from .config_file import env_override_names, load_config, resolve_config_path, upstream_keys_in
+from .config_keys import section_keys
+from .engine_requests import block_size_for_engine
 from .errors import ConfigError
 from .resources import check_resources, describe
 from .upstream import explain
@@ -35,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dp-size", type=int)
     parser.add_argument("--use-mla", action=argparse.BooleanOptionalAction, default=None,
                         help="MLA: one latent per token instead of K and V")
+    parser.add_argument("--engine", choices=("vllm", "sglang", "trtllm"),
+                        help="predict what this engine runs: its block (page) size replaces tokens_per_block")
+    parser.add_argument("--block-size", type=int, metavar="N",
+                        help="the engine's block size (vLLM --block-size, SGLang --page-size, TRT-LLM "
+                             "tokens_per_block); with --engine")
     parser.add_argument("--skip-resources", action="store_true",
                         help="do not compare the sizes with this machine's memory and disks "
                              "(for a config meant for another host)")
@@ -68,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help or a usage error: argparse already printed why
         return int(exc.code or 0)
+    if args.block_size is not None and args.engine is None:
+        print("flexkv check-config: error: --block-size needs --engine (vllm, sglang or trtllm)", file=sys.stderr)
+        return 1
     try:
         path = resolve_config_path(args.path)
         config = load_config(path)
         model = _build_model(args, config.model_config)
+        notes = _engine_notes(args, config)
         if model is not None:
             model.validate()
             config.cache_config.resolved(model)
@@ -85,19 +99,114 @@ def main(argv: list[str] | None = None) -> int:
             print("keys of the original FlexKV:")
             for where, key in original:
                 print(f"  {explain(key)}  [{where}]")
+        text = describe(config, model, check_machine=False)
+        print(text.removesuffix("\nresources: not checked against this machine"))
+        print(f"this version runs: {_tiers_run(config)}")
+        for note in [*notes, _ssd_disk_note(config, model)]:
+            if note:
+                print(note)
+        for warning in predictions(config, _raw_keys(path)):
+            print(f"flexkv check-config: warning: {warning}", file=sys.stderr)
         if model is None or args.skip_resources:
-            print(describe(config, model, check_machine=False))
+            print("resources: not checked against this machine")
             return 0
-        print(describe(config, model))
         problems = check_resources(config.cache_config, model)
+        print("resources: fit on this machine" if not problems else
+              "resources: DO NOT FIT on this machine (the errors below say why)")
     except ConfigError as err:
         print(f"flexkv check-config: error: {err}", file=sys.stderr)
         return 1
-    if problems:
-        for problem in problems:
-            print(f"flexkv check-config: error: {problem}", file=sys.stderr)
-        return 1
-    return 0
+    for problem in problems:  # once, on stderr
+        print(f"flexkv check-config: error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _engine_notes(args: argparse.Namespace, config: FlexKVConfig) -> list[str]:
+    """With --engine and --block-size: the config replaced by what the engine runs (its block size)."""
+    if args.engine is None or args.block_size is None:
+        return []
+    cache = config.cache_config
+    if args.block_size == cache.tokens_per_block:
+        return [f"engine: {args.engine} with block size {args.block_size} runs tokens_per_block as configured"]
+    quiet = logging.getLogger("flexkv")
+    level, quiet.level = quiet.level, logging.ERROR  # the note below says it, once
+    try:
+        config.cache_config = block_size_for_engine(cache, args.block_size, args.engine, "block size")
+    finally:
+        quiet.level = level
+    return [f"engine: {args.engine} runs tokens_per_block = {args.block_size} (its block size), not "
+            f"{cache.tokens_per_block}: the sizes above are what it allocates"]
+
+
+def _tiers_run(config: FlexKVConfig) -> str:
+    c = config.cache_config
+    tiers = ["CPU"] + (["SSD"] if c.enable_ssd else [])
+    return " + ".join(tiers) + " (tiers in this version: CPU, SSD; a remote tier is not in this version)"
+
+
+def _raw_keys(path: str | os.PathLike[str] | None) -> set[str]:
+    """The cache_config keys the file itself gives (also in the short form at the top level)."""
+    if path is None:
+        return set()
+    data = read_config_file(Path(path), None)
+    keys = set(data.get("cache_config") or {})
+    return keys | {k for k in data if k in section_keys("cache_config")}
+
+
+def ssd_slot_bytes(block_bytes: int, tokens_per_block: int) -> int:
+    """Bytes of one SSD slot: a header (4 KiB aligned, with the block's tokens) and the block, 4 KiB aligned
+    (csrc/transfer/ssd_block_header.h)."""
+    def up(x: int) -> int:
+        return (x + 4095) // 4096 * 4096
+
+    return up(88 + 8 * tokens_per_block) + up(block_bytes)
+
+
+def predictions(config: FlexKVConfig, given: set[str]) -> list[str]:
+    """Warnings about what will not run as written: keys that are ignored, a tier the cache refuses, paths
+    taken literally, a missing SSD directory."""
+    c = config.cache_config
+    out = []
+    if not c.enable_ssd:
+        ignored = sorted(given & {"num_ssd_blocks", "ssd_cache_gb", "ssd_cache_dir", "ssd_cache_iouring_entries",
+                                  "ssd_cache_iouring_flags"})
+        if ignored:
+            out.append(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: enable_ssd is false "
+                       "(set \"enable_ssd\": true for an SSD tier)")
+    if c.enable_remote:
+        out.append("enable_remote: true is refused when the cache starts: this version has no remote tier; set it "
+                   "to false")
+    elif given & {"num_remote_blocks", "remote_cache_path", "remote_config_custom"}:
+        out.append("the remote_* keys are ignored: this version has no remote tier")
+    for d in c.ssd_cache_dirs if c.enable_ssd else []:
+        if "${" in d or "$" in d.replace("$$", ""):
+            out.append(f"ssd_cache_dir {d!r} is used literally: FlexKV does not expand ${{...}} (there is no "
+                       "${worker_id}); give each cache its own directory")
+        elif not Path(d).exists():
+            parent = _existing_parent(d)
+            out.append(f"ssd_cache_dir {d!r} does not exist: the cache creates it (owner-only) at start" +
+                       ("" if os.access(parent, os.W_OK) else f", which fails: {parent} is not writable"))
+    return out
+
+
+def _ssd_disk_note(config: FlexKVConfig, model: ModelConfig | None) -> str:
+    """What the SSD tier's files take on disk (each slot: a header, then the block padded)."""
+    c = config.cache_config
+    if not c.enable_ssd or model is None:
+        return ""
+    resolved = c.resolved(model)
+    block = model.block_bytes(resolved.tokens_per_block)
+    slot = ssd_slot_bytes(block, resolved.tokens_per_block)
+    return (f"SSD files on disk: {format_bytes(slot * resolved.num_ssd_blocks)} ({resolved.num_ssd_blocks} slots x "
+            f"{format_bytes(slot)}: a {format_bytes(slot - block)} header and padding besides each "
+            f"{format_bytes(block)} block)")
+
+
+def _existing_parent(d: str) -> str:
+    p = Path(d).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return str(p)
 
 
 if __name__ == "__main__":

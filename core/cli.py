@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         return check_config_main(argv[1:])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    from .log import limit_failure_lines
+
+    limit_failure_lines()
     try:
         if args.command == "bench":
             return bench_mod.main(args)

@@ -252,6 +252,7 @@ ModelConfig.__init__ = _model_config_init  # type: ignore[method-assign]
 
 MODEL_PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(num_layers=2, num_kv_heads=2, head_size=64, dtype="float16"),
+    "qwen-0.5b": ModelConfig(num_layers=24, num_kv_heads=2, head_size=64, dtype="bfloat16"),
     "qwen-32b": ModelConfig(num_layers=64, num_kv_heads=8, head_size=128, dtype="bfloat16"),
     "llama-70b": ModelConfig(num_layers=80, num_kv_heads=8, head_size=128, dtype="bfloat16"),
     "deepseek-r1-distill-llama-70b": ModelConfig(num_layers=80, num_kv_heads=8, head_size=128, dtype="bfloat16"),

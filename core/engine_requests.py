@@ -58,7 +58,8 @@ class Misses:
 
     def failed(self, what: str, request_id: Any, error: BaseException | str) -> None:
         self.count += 1
-        logger.warning("FlexKV: %s for request %s failed, served as a miss: %s", what, request_id, error)
+        action = "the store is skipped" if what == "store" else "served as a miss"
+        logger.warning("FlexKV: %s for request %s failed, %s: %s", what, request_id, action, error)
 
 
 class RequestTasks:

@@ -27,6 +27,7 @@ from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import manager_for, register_manager, unregister_manager
 from .manager_ranks import ManagerRanks, rank_port
+from .metrics import PlaneObservers, plane_snapshot
 from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 from .task_book import TaskBook
@@ -90,6 +91,7 @@ class KVManager:
         self._launch_listeners: list[Callable[[list[int], bool, int], None]] = []
         self._book = TaskBook()
         self._kinds: dict[int, str] = {}  # task id -> "get" / "put", for as_batch (dropped when launched)
+        self._observers: PlaneObservers | None = None  # metrics endpoint and log line of a plane it opened
 
     @property
     def server_client_mode(self) -> bool:
@@ -137,6 +139,7 @@ class KVManager:
             else:
                 self._cp = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
                 self._owns_plane = True
+                self._observers = self._observe(self._cp)
             if self._ranks is not None:
                 self._ranks.start(self._cp)
                 if self._engine is not None:
@@ -181,7 +184,16 @@ class KVManager:
         if self._cp is not None and not self._cp.closed:
             self._release_plane(keep_results=True)
 
+    def _observe(self, cp: Any) -> PlaneObservers:
+        """The config's metrics_port (Prometheus) and periodic log line for a plane in this process."""
+        st = self.server_settings
+        return PlaneObservers(lambda: plane_snapshot(cp), self.tokens_per_block, metrics_port=st.metrics_port,
+                              every_requests=st.num_log_interval_requests, every_s=st.log_interval_seconds)
+
     def _release_plane(self, keep_results: bool = False) -> None:
+        if self._observers is not None:
+            self._observers.close()
+            self._observers = None
         if self._ranks is not None:
             self._ranks.close()
         cp = self._cp
@@ -447,6 +459,16 @@ class KVManager:
         out["hit_rate"] = out["get_hit_blocks"] / out["get_query_blocks"] if out["get_query_blocks"] else 0.0
         out.update(cp.index_counts())
         return out
+
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """Counters, latency histograms, queue depths and index state in one read (core/metrics.py)."""
+        return plane_snapshot(self._plane())
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port of the Prometheus endpoint this manager opened (config metrics_port), or None."""
+        obs = self._observers
+        return obs.metrics.port if obs is not None and obs.metrics is not None else None
 
     # -------------------------------------------------------------- internals
 

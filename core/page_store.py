@@ -154,6 +154,12 @@ class PageStore:
     def ssd_restored(self) -> int:
         return int(self._cp.ssd_restored)
 
+    def metrics_snapshot(self) -> dict[str, Any]:
+        """The control plane's counters, latency histograms, queue depths and indexes (core/metrics.py)."""
+        from .metrics import plane_snapshot
+
+        return plane_snapshot(self._cp)
+
     def index_stats(self) -> dict:
         return dict(self._cp.index_counts())
 

@@ -16,9 +16,12 @@ import os
 import signal
 import sys
 import threading
+import time
 
 from .config_file import load_config
 from .errors import ConfigError, FlexKVError
+from .log import limit_failure_lines
+from .metrics import PlaneObservers, plane_snapshot, render_table
 
 logger = logging.getLogger("flexkv")
 
@@ -27,14 +30,19 @@ _PR_SET_PDEATHSIG = 1
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the FlexKV config file (default: FLEXKV_CONFIG_PATH); it needs model_config")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics at http://0.0.0.0:PORT/metrics (default: the config's metrics_port; "
+                        "0: none)")
     p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)  # the embedded launch's engine
     p.add_argument("--remove-config", action="store_true", help=argparse.SUPPRESS)
 
 
 def add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the config file whose server_recv_port names the server")
-    p.add_argument("--endpoint", help="the server's endpoint (instead of --config)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--endpoint", "--server", help="the server's endpoint (instead of --config)")
+    p.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
+    p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
+                   help="refresh every SECONDS until interrupted (a live table)")
 
 
 def _end_with_parent(parent_pid: int) -> None:
@@ -65,6 +73,10 @@ def serve(args: argparse.Namespace) -> int:
     server = FlexKVServer(config.model_config, config.resolved_cache(), config.server_recv_port,
                           token=config.server_token, lease_s=config.server_lease_seconds)
     server.start()
+    observers = PlaneObservers(lambda: plane_snapshot(server.plane), server.cache_config.tokens_per_block,
+                               metrics_port=config.metrics_port if args.metrics_port is None else args.metrics_port,
+                               every_requests=config.num_log_interval_requests,
+                               every_s=config.log_interval_seconds, extra=server.server_gauges)
     try:
         while not stop.wait(0.2):
             if server.stopped:
@@ -72,6 +84,7 @@ def serve(args: argparse.Namespace) -> int:
                 return 1
     finally:
         logger.warning("FlexKV server (pid %d): stopping", os.getpid())
+        observers.close()
         server.close()
     return 0
 
@@ -87,22 +100,27 @@ def stats(args: argparse.Namespace) -> int:
         token = config.server_token
     else:
         token = os.environ.get("FLEXKV_SERVER_TOKEN", "")
-    s = query_stats(endpoint, token)
-    if args.json:
-        print(json.dumps(s, indent=1, sort_keys=True))
-        return 0
-    c = s["counters"]
-    print(f"FlexKV server pid {s['pid']} at {s['endpoint']}: {s['tiers']}")
-    print(f"  requests {s['requests']}, refused {s['refused']}, clients {len(s['sessions'])}, "
-          f"leases expired {s['expired_sessions']}")
+    while True:
+        s = query_stats(endpoint, token)
+        if args.json:
+            print(json.dumps(s, sort_keys=True), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(_render(s), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def _render(s: dict) -> str:
+    lines = [f"FlexKV server pid {s['pid']} at {s['endpoint']}: {s['tiers']}",
+             f"requests {s['requests']}, refused {s['refused']}, clients {len(s['sessions'])}, "
+             f"leases expired {s['expired_sessions']}"]
     for sess in s["sessions"]:
-        print(f"  client {sess['client']} (instance {sess['instance']}): {sess['tasks']} tasks, "
-              f"idle {sess['idle_s']:.1f} s")
-    for name in sorted(c):
-        print(f"  {name} {c[name]}")
-    for name, value in sorted(s["index"].items()):
-        print(f"  index {name} {value}")
-    return 0
+        lines.append(f"  client {sess['client']} (instance {sess['instance']}): {sess['tasks']} tasks, "
+                     f"idle {sess['idle_s']:.1f} s")
+    return "\n".join([*lines, "", render_table(s, int(s["tokens_per_block"]))])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    limit_failure_lines()
     try:
         return serve(args)
     except FlexKVError as e:

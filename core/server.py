@@ -306,11 +306,17 @@ class FlexKVServer:
         if foreign:
             raise TaskError(f"task {foreign[0]} is not a task of this session (it ended, or belonged to a server "
                             "that has restarted since)")
+    def server_gauges(self) -> dict[str, float]:
+        """The server's own numbers for its metrics endpoint (any thread)."""
+        return {"server_sessions": len(self.sessions.describe()), "server_requests_total": self.requests,
+                "server_refused_total": self.refused, "server_expired_sessions_total": self.sessions.expired}
 
     def stats(self) -> dict[str, Any]:
         p = self.plane
         return {"endpoint": self.endpoint.address, "pid": os.getpid(), "tiers": self.describe_tiers(),
-                "counters": dict(p.counters()), "index": dict(p.index_counts()), "sessions": self.sessions.describe(),
+                "counters": dict(p.counters()), "index": dict(p.index_counts()), "histograms": dict(p.histograms()),
+                "gauges": dict(p.gauges()), "tokens_per_block": self.cache_config.tokens_per_block,
+                "sessions": self.sessions.describe(),
                 "ranks": self.hub.describe(),
                 "expired_sessions": self.sessions.expired, "requests": self.requests, "refused": self.refused}
 

@@ -44,6 +44,9 @@ class ServerSettings:
     server_token: str = ""
     server_lease_seconds: float = 10.0
     server_timeout_seconds: float = 0.5
+    metrics_port: int = 0
+    num_log_interval_requests: int = 200
+    log_interval_seconds: float = 0.0
 
     @classmethod
     def of(cls, config: FlexKVConfig) -> ServerSettings:

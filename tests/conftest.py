@@ -35,7 +35,7 @@ import pytest
 import torch
 from upstream_helpers import OriginalEngine, start_original
 
-from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, seed_for, start_manager
+from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, free_tcp_port, seed_for, start_manager
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -166,10 +166,39 @@ def run_ranks() -> Callable[..., dict[str, Any]]:
                 "output": "\n".join(f"--- rank {r}\n{o[-6000:]}" for r, o in enumerate(outputs))}
 
     return run
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """free_port() -> a TCP port nothing listens on now (for metrics endpoints)."""
+    return free_tcp_port
+
+
+@pytest.fixture
+def scrape() -> Callable[..., dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
+    """scrape(url, prefix="flexkv") -> {(sample name, sorted labels without model/engine): value}, read over
+    HTTP and parsed with prometheus_client's parser."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def read(url: str, prefix: str = "flexkv") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name.startswith(prefix):
+                    labels = tuple(sorted((k, v) for k, v in s.labels.items() if k not in ("model_name", "engine")))
+                    out[(s.name, labels)] = out.get((s.name, labels), 0.0) + s.value
+        return out
+
+    return read
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny Llama with random weights for the real-vLLM tests (large initial weights, so logits are far from
-    uniform and a wrong KV byte shows in the tokens): 2 layers, 2 KV heads of 64, vocabulary 1024."""
+    """A tiny Llama with random weights (the vLLM tests): logits far from uniform, so wrong KV shows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     out = tmp_path_factory.mktemp("tiny-llama")
@@ -179,6 +208,8 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(1234)
     LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
     return out
+
+
 @pytest.fixture
 def original_kv(tmp_path: Path) -> Iterator[Callable[..., tuple[Any, OriginalEngine]]]:
     """``original_kv(layout_kind, model={...}, cache={...})``: a started manager built from the original FlexKV's
@@ -228,3 +259,26 @@ def flexkv_log() -> Iterator[list[logging.LogRecord]]:
     yield records
     log.removeHandler(handler)
     log.setLevel(old_level)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_model with a tokenizer and chat template, for vLLM's OpenAI server: one word ("w<id>") per token id,
+    so an answer's text encodes back to the same ids in the next turn's prompt."""
+    import shutil
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    shutil.copytree(tiny_model, out, dirs_exist_ok=True)
+    vocab = {"<unk>": 0, "</s>": 1, "user": 2, "assistant": 3, "system": 4, ":": 5}
+    vocab.update({f"w{i}": i for i in range(len(vocab), 1024)})
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##")  # joins the words with spaces
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>")
+    fast.chat_template = ("{% for m in messages %}{{ m['role'] }} : {{ m['content'] }} {% endfor %}"
+                          "{% if add_generation_prompt %}assistant :{% endif %}")
+    fast.save_pretrained(out)
+    return out

@@ -544,3 +544,12 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
 
 def write_json(tmp_path: Path, data: object, name: str = "c.json") -> Path:
     return write(tmp_path, name, json.dumps(data))
+
+
+def free_tcp_port() -> int:
+    """A TCP port nothing listens on now (metrics endpoints, vLLM's server)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -165,6 +165,7 @@ def hicache_every_layout_round_trip() -> None:
                 assert same_pages(host, src, dest), f"{layout} (mla={mla}) pages differ after the round trip"
                 stats = ctrl.storage_backend.flexkv_stats()
                 assert stats["pages_stored"] == 5 and stats["pages_loaded"] == 5, stats
+                assert stats["metrics"]["counters"]["put_stored_blocks"] >= 5, stats
             finally:
                 ctrl.detach_storage_backend()
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from flexkv.core import bench_plots
+from flexkv.core.bench import BenchResult
 from flexkv.core.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,33 +18,81 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_bench_prints_the_manual_table_and_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_png, out_json = tmp_path / "hit.png", tmp_path / "bench.json"
-    rc = main(["bench", "--no-progress", "--conversations", "60", "--concurrency", "40", "--turns", "4",
-               "--capacities", "500", "--plot", str(out_png), "--json", str(out_json)])
+    rc = main(["bench", "--no-progress", "--model", "tiny", "--no-ssd", "--conversations", "60", "--concurrency", "40",
+               "--turns", "4", "--capacities", "200,0.01GB", "--plot", str(out_png), "--json", str(out_json)])
     assert rc == 0
     text = capsys.readouterr().out
     for column in ("config", "capacity", "block size", "hit rate", "transfer p50/p99", "throughput"):
         assert column in text
-    results = {r["name"]: r for r in json.loads(out_json.read_text())}
-    assert set(results) == {"1 small", "2 large", "3 small+ssd", "sweep 500x16", "sweep 500x32"}
-    small, large, tiny = results["1 small"], results["2 large"], results["sweep 500x16"]
-    with_ssd = results["3 small+ssd"]
-    assert with_ssd["num_ssd_blocks"] == 100000 and small["ssd_hit_tokens"] == 0
-    assert "of which SSD" in text
-    assert (small["tokens_per_block"], small["num_cpu_blocks"]) == (16, 10000)
-    assert (large["tokens_per_block"], large["num_cpu_blocks"]) == (32, 100000)
+    assert "model: tiny, 1 KiB of KV per token" in text
+    data = json.loads(out_json.read_text())
+    results = {r["name"]: r for r in data}
+    # 0.01 GiB is 655 blocks of 16 KiB (16 tokens x 1 KiB) and 327 of 32 KiB
+    assert set(results) == {"1 small", "2 large", "sweep 200x16", "sweep 655x16", "sweep 200x32", "sweep 327x32"}
+    small, large, tiny = results["1 small"], results["2 large"], results["sweep 200x16"]
+    assert (small["tokens_per_block"], small["capacity_bytes"]) == (16, 2**29)  # the manual's 0.5 GiB
+    assert (large["tokens_per_block"], large["capacity_bytes"]) == (32, 2**31)
     for r in results.values():
         assert r["requests"] == 240 and 0.0 < r["hit_rate"] < 1.0
         assert r["hit_tokens"] <= r["prompt_tokens"]
+        assert r["load_ms"]["p5"] <= r["load_ms"]["p50"] <= r["load_ms"]["p99"]
     # A cache far smaller than the working set evicts and hits less.
     assert tiny["evicted_blocks"] > 0 and large["evicted_blocks"] == 0
-    assert tiny["hit_rate"] < small["hit_rate"] <= large["hit_rate"] + 0.02
-    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert tiny["hit_rate"] < results["sweep 655x16"]["hit_rate"] <= small["hit_rate"] <= large["hit_rate"] + 0.02
+    # The plots: one bar and one box per configuration, one line per block size over the swept capacities.
+    figs = bench_plots.figures([BenchResult(**r) for r in data])
+    bars = figs["hit_rate"].axes[0]
+    assert bars.get_xlabel() == "hit rate (% of prompt tokens)"
+    assert [t.get_text() for t in bars.get_yticklabels()] == ["1 small", "2 large"]
+    assert len(bars.patches) == 2
+    box = figs["latency"].axes[0]
+    assert box.get_xlabel().startswith("load latency per request (ms")
+    assert [t.get_text() for t in box.get_yticklabels()] == ["1 small", "2 large"]
+    sweep = figs["capacity"].axes[0]
+    assert sweep.get_xlabel() == "CPU tier capacity (GiB)" and sweep.get_ylabel() == "hit rate (% of prompt tokens)"
+    lines = {line.get_label(): list(line.get_ydata()) for line in sweep.get_lines()}
+    assert set(lines) == {"block 16 tokens", "block 32 tokens"}
+    assert all(len(y) == 2 and y == sorted(y) for y in lines.values())  # more capacity, more hits
+    for png in (out_png, tmp_path / "hit-latency.png", tmp_path / "hit-capacity.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_is_deterministic_and_leaves_a_configs_ssd_directory_alone(tmp_path: Path) -> None:
+    live = tmp_path / "live-ssd"  # the directory of a running deployment's SSD tier
+    live.mkdir()
+    (live / "theirs").write_text("not the bench's")
+    cfg = tmp_path / "ssd.json"
+    cfg.write_text(json.dumps({"cache_config": {"num_cpu_blocks": 300, "tokens_per_block": 16, "enable_ssd": True,
+                                                "num_ssd_blocks": 6000, "ssd_cache_dir": str(live)}}))
+    runs = []
+    for i in range(2):
+        out = tmp_path / f"r{i}.json"
+        assert main(["bench", "--no-progress", "--model", "tiny", "--conversations", "30", "--concurrency", "15",
+                     "--turns", "3", "--seed", "5", "--config", str(cfg), "--json", str(out)]) == 0
+        runs.append(json.loads(out.read_text())[0])
+    assert runs[0]["ssd_hit_tokens"] > 0
+    for key in ("hit_tokens", "ssd_hit_tokens", "evicted_blocks"):
+        assert runs[0][key] == runs[1][key], key
+    assert sorted(p.name for p in live.iterdir()) == ["theirs"]
+
+
+def test_bench_json_to_stdout_and_metrics_overhead(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--no-progress", "--model", "tiny", "--no-ssd", "--conversations", "10", "--concurrency",
+                 "5", "--turns", "2", "--json", "-", "--metrics-overhead"]) == 0
+    out, err = capsys.readouterr()
+    data = json.loads(out)  # stdout is the JSON alone; the table went to stderr
+    assert [r["name"] for r in data["results"]] == ["1 small", "2 large"] and "| config" in err
+    o = data["metrics_overhead"]
+    assert len(o["off_req_s"]) == len(o["on_req_s"]) == len(o["pair_ratios"]) == 3
+    assert o["ratio"] == sorted(on / off for off, on in zip(o["off_req_s"], o["on_req_s"]))[1] > 0
+    assert "metrics overhead: throughput with metrics on / off" in err
 
 
 def test_bench_runs_configs_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.json"
     cfg.write_text('{"cache_config": {"num_cpu_blocks": 300, // a tiny cache\n "tokens_per_block": 64}}')
-    assert main(["bench", "--no-progress", "--conversations", "10", "--concurrency", "5", "--config", str(cfg)]) == 0
+    assert main(["bench", "--no-progress", "--model", "tiny", "--conversations", "10", "--concurrency", "5",
+                 "--config", str(cfg)]) == 0
     assert "300 blocks" in capsys.readouterr().out
 
 
@@ -79,8 +129,8 @@ def test_bench_shows_ssd_hits_separately(tmp_path: Path, capsys: pytest.CaptureF
         "num_cpu_blocks": 300, "tokens_per_block": 16, "enable_ssd": True, "num_ssd_blocks": 6000,
         "ssd_cache_dir": str(tmp_path / "ssd")}}))
     out_json = tmp_path / "r.json"
-    assert main(["bench", "--no-progress", "--conversations", "30", "--concurrency", "15", "--turns", "3",
-                 "--config", str(cpu_only), "--config", str(with_ssd), "--json", str(out_json)]) == 0
+    assert main(["bench", "--no-progress", "--model", "tiny", "--conversations", "30", "--concurrency", "15",
+                 "--turns", "3", "--config", str(cpu_only), "--config", str(with_ssd), "--json", str(out_json)]) == 0
     cpu, ssd = json.loads(out_json.read_text())
     assert cpu["ssd_hit_tokens"] == 0 and ssd["ssd_hit_tokens"] > 0
     assert ssd["hit_rate"] > cpu["hit_rate"]

@@ -10,7 +10,7 @@ import pytest
 
 from flexkv.core import check_config
 from flexkv.core import resources as resources_module
-from flexkv.core.config import CacheConfig, ModelConfig, model_preset
+from flexkv.core.config import CacheConfig, ModelConfig, format_bytes, model_preset
 from flexkv.core.config_file import load_config
 from flexkv.core.errors import ConfigError
 from flexkv.core.resources import check_resources, describe, require_resources
@@ -158,7 +158,8 @@ def test_check_config_good_file(capsys: pytest.CaptureFixture[str], roomy_machin
     rc = check_config.main([str(EXAMPLES / "single_node.json"), "--model", "qwen-32b"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert err == ""
+    # the one warning: the example's SSD directory is not on this machine (the cache would create it)
+    assert err.count("warning") == 1 and "'/data/flexkv_ssd/' does not exist" in err
     assert "single_node.json" in out
     assert "4 MiB (4194304 B" in out
     assert "195.31 GiB (50000 blocks x 4 MiB) in anonymous shared memory (memfd)" in out  # CPU tier
@@ -234,3 +235,50 @@ def test_cpu_tier_need_counts_page_aligned_blocks_when_ssd_is_on(tmp_path: Path)
     problems = resources_module.check_resources(with_ssd, model, **readers)  # 1000 x 4 KiB do not
     assert len(problems) == 1 and "num_cpu_blocks" in problems[0] and "largest num_cpu_blocks that fits is 256" \
         in problems[0]
+
+
+def test_check_config_predicts_what_runs(capsys: pytest.CaptureFixture[str], roomy_machine: None,
+                                          tmp_path: Path) -> None:
+    ssd = tmp_path / "missing" / "ssd"
+    path = write_json(tmp_path, {"model_config": {"num_layers": 24, "num_kv_heads": 2, "head_size": 64},
+                                 "cache_config": {"tokens_per_block": 16, "cpu_cache_gb": 1, "enable_ssd": True,
+                                                  "num_ssd_blocks": 100, "ssd_cache_dir": str(ssd)}})
+    assert check_config.main([str(path), "--engine", "vllm", "--block-size", "32"]) == 0
+    out, err = capsys.readouterr()
+    # vLLM's block size replaces tokens_per_block: 1 GiB holds half the blocks, each twice the bytes
+    assert "tokens_per_block             = 32" in out and "(2730 blocks x 384 KiB)" in out
+    assert "engine: vllm runs tokens_per_block = 32 (its block size), not 16" in out
+    assert "this version runs: CPU + SSD" in out and "a remote tier is not in this version" in out
+    slot = check_config.ssd_slot_bytes(384 * 1024, 32)
+    assert slot == 388 * 1024 and f"100 slots x {format_bytes(slot)}" in out  # a header per slot
+    assert f"ssd_cache_dir '{ssd}' does not exist: the cache creates it" in err
+    assert "replaced" not in err  # said once, in the note
+    assert check_config.main([str(path), "--block-size", "32"]) == 1
+    assert "--block-size needs --engine" in capsys.readouterr().err
+
+
+def test_check_config_warns_on_what_is_ignored_or_refused(capsys: pytest.CaptureFixture[str], roomy_machine: None,
+                                                          tmp_path: Path) -> None:
+    path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "num_ssd_blocks": 100,
+                                                  "enable_remote": True, "num_remote_blocks": 10}})
+    assert check_config.main([str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "num_ssd_blocks is ignored: enable_ssd is false" in err
+    assert "enable_remote: true is refused when the cache starts" in err
+    path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "enable_ssd": True, "num_ssd_blocks": 10,
+                                                  "ssd_cache_dir": str(tmp_path / "ssd_${worker_id}")}})
+    assert check_config.main([str(path)]) == 0
+    assert "is used literally: FlexKV does not expand ${...}" in capsys.readouterr().err
+
+
+def test_check_config_prints_each_error_once(capsys: pytest.CaptureFixture[str], small_machine: None) -> None:
+    assert check_config.main([str(EXAMPLES / "single_node.json"), "--model", "qwen-32b"]) == 1
+    out, err = capsys.readouterr()
+    assert "DO NOT FIT" in out and "the largest num_cpu_blocks" not in out
+    assert err.count("the largest num_cpu_blocks that fits") == 1
+
+
+def test_ssd_slot_bytes_match_the_ssd_tier(make_kv) -> None:
+    env = make_kv(ssd=True, head_size=64)
+    kv = env.kv
+    assert check_config.ssd_slot_bytes(kv.block_bytes, kv.tokens_per_block) == kv.control_plane.ssd_slot_bytes

@@ -307,7 +307,7 @@ def test_flexkv_stats_prints_the_live_counters(server: ServerProcess, tmp_path: 
                              capture_output=True, text=True, cwd=tmp_path, timeout=60)
         assert out.returncode == 0, out.stderr
         assert f"FlexKV server pid {server.proc.pid} at {server.endpoint}" in out.stdout
-        assert "client KVManager@" in out.stdout and "get_query_blocks" in out.stdout
+        assert "client KVManager@" in out.stdout and " lookups" in out.stdout and "\ncpu " in out.stdout
     finally:
         kv.shutdown()
 

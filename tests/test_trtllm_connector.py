@@ -83,7 +83,9 @@ def run_sequence(ex: MiniExecutor, rng: random.Random) -> None:
     second = Request(2, first.tokens + prompt(11, rng), max_new_tokens=2)
     ex.add_request(second)
     ex.run()
-    assert ex.scheduler.stats()["hit_tokens"] == (37 + 3 - 1) // TPB * TPB  # every whole block of turn 1
+    stats = ex.scheduler.stats()
+    assert stats["hit_tokens"] == (37 + 3 - 1) // TPB * TPB  # every whole block of turn 1
+    assert stats["metrics"]["histograms"]["load"]["count"] >= 1  # the control plane timed the load
 
     # A third turn with the engine's reuse of part of the prefix: FlexKV loads only what follows it.
     ex.evict_device_cache()

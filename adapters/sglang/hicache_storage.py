@@ -229,6 +229,7 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         if self.store is not None:
             out.update(vars(self.store.stats))
             out["index"] = self.store.index_stats()
+            out["metrics"] = self.store.metrics_snapshot()  # latencies, queue depths (flexkv stats' numbers)
         return out
 
     def close(self) -> None:

@@ -174,4 +174,5 @@ class FlexKVSchedulerConnector(SchedulerBase):  # type: ignore[misc, valid-type]
                                "failures": self.session.misses.count}
         if self.session.kv is not None:
             out["cache"] = self.session.kv.cache_stats()
+            out["metrics"] = self.session.kv.metrics_snapshot()  # latencies, queue depths (flexkv stats' numbers)
         return out

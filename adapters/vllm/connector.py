@@ -7,11 +7,16 @@ from __future__ import annotations
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .impl import FlexKVConnectorImpl
 
 
 class FlexKVConnectorV1(KVConnectorBase_V1):
+    # vLLM's prompt_tokens_cached_by_source: every load comes from FlexKV's CPU tier (SSD blocks are promoted
+    # there first; vllm:flexkv_tier_hit_tokens_total{tier="ssd"} counts those).
+    _cache_hit_source = CacheHitSource.HOST
+
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._impl = FlexKVConnectorImpl(vllm_config, role)
@@ -71,3 +76,16 @@ class FlexKVConnectorV1(KVConnectorBase_V1):
 
     def after_device_wake(self) -> None:
         self._impl.after_device_wake()
+    # vLLM's stat loggers: FlexKV in /metrics and the stats log line (metrics.py)
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> Any:
+        from .metrics import FlexKVConnectorStats
+
+        return FlexKVConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from .metrics import FlexKVPromMetrics
+
+        return FlexKVPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

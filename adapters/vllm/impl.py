@@ -28,6 +28,7 @@ class FlexKVConnectorImpl:
         setup_logging()
         check_vllm_version(vllm.__version__)
         self.is_worker = "WORKER" in str(getattr(role, "name", role)).upper()
+        self._stats: Any = None  # metrics.StatsDelta, made on vLLM's first ask
         settings = settings_from_vllm(vllm_config)
         if self.is_worker:
             from .worker_side import WorkerSide
@@ -86,7 +87,14 @@ class FlexKVConnectorImpl:
         return []
 
     def get_kv_connector_stats(self) -> Any:
-        return None
+        """The scheduler side's FlexKVConnectorStats since the last step (metrics.py); None on workers."""
+        if self.scheduler is None:
+            return None
+        if self._stats is None:
+            from .metrics import StatsDelta
+
+            self._stats = StatsDelta(self.scheduler.kv, self.scheduler)
+        return self._stats.take()
 
     def reset_cache(self) -> bool | None:
         """``reset_prefix_cache(reset_connector=True)`` reaches the scheduler's connector: FlexKV drops every

@@ -281,6 +281,7 @@ void ControlPlane::touch(const KeyRun& run) {
 }
 
 Match ControlPlane::get_match(std::shared_ptr<const KeyRun> run, size_t first, size_t seq_len) {
+  const Task::Clock::time_point started = Task::Clock::now();
   {
     std::lock_guard<std::mutex> g(mu_);
     require_open("get_match");
@@ -316,6 +317,10 @@ Match ControlPlane::get_match(std::shared_ptr<const KeyRun> run, size_t first, s
   stats_.add(Counter::kGetRequests, 1);
   stats_.add(Counter::kGetQueryBlocks, static_cast<int64_t>(n - first));
   stats_.add(Counter::kGetHitBlocks, static_cast<int64_t>(end - first));
+  const size_t cpu_hits = n_cpu > first ? n_cpu - first : 0;
+  stats_.add(Counter::kGetCpuHitBlocks, static_cast<int64_t>(cpu_hits));
+  stats_.add(Counter::kGetSsdHitBlocks, static_cast<int64_t>(end - first - cpu_hits));
+  stats_.observe(Timer::kGetMatch, std::chrono::duration<double>(Task::Clock::now() - started).count());
   std::unique_lock<std::mutex> lock(mu_);
   Task& task = add_task(std::move(t));
   Match m{task.id, task.blocks, end};  // what is promised, before a fast promotion can trim it
@@ -324,6 +329,7 @@ Match ControlPlane::get_match(std::shared_ptr<const KeyRun> run, size_t first, s
 }
 
 Match ControlPlane::put_match(std::shared_ptr<const KeyRun> run, size_t first, size_t seq_len) {
+  const Task::Clock::time_point started = Task::Clock::now();
   {
     std::lock_guard<std::mutex> g(mu_);
     require_open("put_match");
@@ -354,6 +360,7 @@ Match ControlPlane::put_match(std::shared_ptr<const KeyRun> run, size_t first, s
       stats_.add(Counter::kPutDroppedBlocks, static_cast<int64_t>(n - handled));
     }
   }
+  stats_.observe(Timer::kPutMatch, std::chrono::duration<double>(Task::Clock::now() - started).count());
   std::lock_guard<std::mutex> g(mu_);
   Task& task = add_task(std::move(t));
   return Match{task.id, task.blocks, handled};
@@ -497,6 +504,24 @@ void ControlPlane::unregister_layout(int32_t handle) {
 // ------------------------------------------------------------------ observation
 
 std::vector<std::pair<std::string, int64_t>> ControlPlane::counters() const { return stats_.snapshot(); }
+
+std::vector<std::pair<std::string, Histogram::Snapshot>> ControlPlane::histograms() const {
+  return stats_.histograms();
+}
+
+std::vector<std::pair<std::string, int64_t>> ControlPlane::gauges() const {
+  std::vector<std::pair<std::string, int64_t>> out;
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    out.emplace_back("promotions_in_flight", promoting_);
+    out.emplace_back("write_through_backlog_blocks", static_cast<int64_t>(write_backlog_));
+    out.emplace_back("tasks_in_table", static_cast<int64_t>(tasks_.size()));
+  }
+  out.emplace_back("tasks_in_flight", static_cast<int64_t>(tasks_in_flight()));
+  out.emplace_back("ssd_read_queue", ssd_reads_ ? static_cast<int64_t>(ssd_reads_->pending()) : 0);
+  out.emplace_back("ssd_write_queue", ssd_writes_ ? static_cast<int64_t>(ssd_writes_->pending()) : 0);
+  return out;
+}
 
 IndexCounts ControlPlane::index_counts() const {
   IndexCounts out;

@@ -226,6 +226,10 @@ class ControlPlane {
 
   // ------------------------------------------------------------ observation
   std::vector<std::pair<std::string, int64_t>> counters() const;
+  // Latency histograms (get_match, put_match, load, store, promotion, write_through).
+  std::vector<std::pair<std::string, Histogram::Snapshot>> histograms() const;
+  // Queue depths now: tasks in flight, promotions, write-through backlog, SSD queues.
+  std::vector<std::pair<std::string, int64_t>> gauges() const;
   IndexCounts index_counts() const;
   void enable_events(size_t capacity) { events_.enable(capacity); }
   std::vector<BlockEvent> take_events() { return events_.take(); }

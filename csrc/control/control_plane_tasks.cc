@@ -108,7 +108,17 @@ void ControlPlane::end(Task* t, Outcome outcome) {
     std::lock_guard<std::mutex> g(mu_);
     // A task that did not complete reports only blocks that reached the engine: a get's copy that ran.
     if (!ok && !(t->kind == TaskKind::kGet && t->job != 0)) t->blocks.clear();
-    if (ok && t->kind == TaskKind::kGet) stats_.add(Counter::kGetLoadedBlocks, static_cast<int64_t>(t->blocks.size()));
+    const int64_t moved = static_cast<int64_t>(t->blocks.size());
+    const int64_t bytes = moved * static_cast<int64_t>(options_.block_bytes);
+    if (ok && t->kind == TaskKind::kGet) {
+      stats_.add(Counter::kGetLoadedBlocks, moved);
+      stats_.add(Counter::kLoadBytes, bytes);
+    }
+    if (ok && t->kind == TaskKind::kPut) stats_.add(Counter::kStoreBytes, bytes);
+    if (ok && t->launched && t->kind != TaskKind::kPrefetch) {
+      const double s = std::chrono::duration<double>(Task::Clock::now() - *t->launched).count();
+      stats_.observe(t->kind == TaskKind::kGet ? Timer::kLoad : Timer::kStore, s);
+    }
     if (outcome.state == TaskStage::kFailed) stats_.add(Counter::kTasksFailed, 1);
     if (outcome.state == TaskStage::kCancelled) stats_.add(Counter::kTasksCancelled, 1);
     t->error = outcome.error;
@@ -142,14 +152,16 @@ void ControlPlane::begin_promotion(Task* t, std::unique_lock<std::mutex>& lock) 
   ++promoting_;  // the SSD read thread runs until shutdown has seen promoting_ drop to 0
   ssd_reads_->post([this, id, p, run] {
     FlowCounters counters;
+    const Task::Clock::time_point started = Task::Clock::now();
     const size_t arrived = run_promotion(*cpu_, *ssd_, *run, p, counters, events_);
+    stats_.observe(Timer::kPromotion, std::chrono::duration<double>(Task::Clock::now() - started).count());
     on_promoted(id, arrived, counters);
   });
   lock.unlock();
 }
 
 void ControlPlane::on_promoted(TaskId id, size_t arrived, FlowCounters counters) {
-  counters.add_to(stats_);
+  counters.add_to(stats_, static_cast<int64_t>(options_.block_bytes));
   std::unique_lock<std::mutex> lock(mu_);
   --promoting_;
   Task* t = find_any(id);
@@ -280,6 +292,7 @@ void ControlPlane::on_copy_done(const CopyCompletion& c) {
 
 void ControlPlane::write_through_job(TaskId id, std::shared_ptr<const KeyRun> run, size_t n, std::vector<int32_t> own) {
   FlowCounters counters;
+  const Task::Clock::time_point started = Task::Clock::now();
   try {
     // Held blocks cannot be evicted, so a gap before them is another put still storing: wait for it a
     // little. Unheld ones may be evicted already: write what is there at once.
@@ -300,7 +313,8 @@ void ControlPlane::write_through_job(TaskId id, std::shared_ptr<const KeyRun> ru
       log_line(LogLevel::kError, std::string("SSD tier: unlocking written blocks failed: ") + e.what());
     }
   }
-  counters.add_to(stats_);
+  counters.add_to(stats_, static_cast<int64_t>(options_.block_bytes));
+  stats_.observe(Timer::kWriteThrough, std::chrono::duration<double>(Task::Clock::now() - started).count());
   {
     std::lock_guard<std::mutex> g(mu_);
     write_backlog_ -= own.size();

@@ -29,6 +29,12 @@ class SerialWorker {
     return true;
   }
 
+  // Jobs queued and not started yet.
+  size_t pending() {
+    std::lock_guard<std::mutex> g(mu_);
+    return jobs_.size();
+  }
+
   // Runs every job already queued, then joins the thread. Idempotent.
   void stop() {
     {

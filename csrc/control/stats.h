@@ -33,7 +33,43 @@ enum class Counter : size_t {
   kSsdWriteSkippedBlocks,  // not written through: the queue was full or the prefix never got ready
   kTasksFailed,
   kTasksCancelled,
+  kGetCpuHitBlocks,    // of kGetHitBlocks, blocks the CPU tier held at the match
+  kGetSsdHitBlocks,    // of kGetHitBlocks, blocks only the SSD tier held (promoted for the get)
+  kLoadBytes,          // CPU tier -> engine, bytes of loaded blocks
+  kStoreBytes,         // engine -> CPU tier, bytes of stored blocks
+  kSsdReadBytes,       // SSD tier -> CPU tier, bytes of promoted blocks
+  kSsdWriteBytes,      // CPU tier -> SSD tier, bytes written through
   kCount,
+};
+
+// Latency histograms, in seconds, with the same bucket bounds for all.
+enum class Timer : size_t {
+  kGetMatch,      // get_match (prepare_load): index lookup and locking
+  kPutMatch,      // put_match (prepare_store)
+  kLoad,          // a get from launch (or take) to its end, when it completed
+  kStore,         // a put from launch (or take) to its end, when it completed
+  kPromotion,     // one SSD -> CPU promotion run
+  kWriteThrough,  // one write-through job (CPU -> SSD)
+  kCount,
+};
+
+class Histogram {
+ public:
+  // Upper bounds of the finite buckets (seconds); one more bucket holds the rest.
+  static constexpr size_t kBuckets = 18;
+  static const double* bounds();
+  void observe(double seconds);
+  struct Snapshot {
+    std::vector<double> bounds;     // kBuckets finite upper bounds
+    std::vector<int64_t> counts;    // kBuckets + 1 per-bucket counts (not cumulative), the last +Inf
+    double sum = 0.0;
+    int64_t count = 0;
+  };
+  Snapshot snapshot() const;
+
+ private:
+  std::array<std::atomic<int64_t>, kBuckets + 1> counts_{};
+  std::atomic<int64_t> sum_ns_{0};
 };
 
 class Counters {
@@ -43,8 +79,13 @@ class Counters {
   // (name, value) of every counter, in declaration order.
   std::vector<std::pair<std::string, int64_t>> snapshot() const;
 
+  void observe(Timer t, double seconds) { timers_[static_cast<size_t>(t)].observe(seconds); }
+  // (name, histogram) of every timer, in declaration order.
+  std::vector<std::pair<std::string, Histogram::Snapshot>> histograms() const;
+
  private:
   std::array<std::atomic<int64_t>, static_cast<size_t>(Counter::kCount)> values_{};
+  std::array<Histogram, static_cast<size_t>(Timer::kCount)> timers_{};
 };
 
 // Counters of one SSD flow, added to a plane's Counters when the flow ends.
@@ -56,7 +97,10 @@ struct FlowCounters {
   int64_t ssd_write_errors = 0;
   int64_t ssd_write_skipped_blocks = 0;
 
-  void add_to(Counters& c) const {
+  // block_bytes sizes the bytes moved (an SSD slot's header is not counted).
+  void add_to(Counters& c, int64_t block_bytes) const {
+    c.add(Counter::kSsdReadBytes, ssd_hit_blocks * block_bytes);
+    c.add(Counter::kSsdWriteBytes, ssd_written_blocks * block_bytes);
     c.add(Counter::kSsdHitBlocks, ssd_hit_blocks);
     c.add(Counter::kSsdMismatchBlocks, ssd_mismatch_blocks);
     c.add(Counter::kSsdReadErrors, ssd_read_errors);

@@ -60,13 +60,13 @@ RadixIndex::Node* RadixIndex::find_child(const Node* node, const BlockKey& key) 
 
 void RadixIndex::lru_insert(Node* node) {
   if (node == root_.get() || node->in_lru || !node->children.empty()) return;
-  lru_leaves_.emplace(node->last_access, node);
+  lru_leaves_.emplace(node->last_access, node->serial, node);
   node->in_lru = true;
 }
 
 void RadixIndex::lru_erase(Node* node) {
   if (!node->in_lru) return;
-  lru_leaves_.erase(LruKey{node->last_access, node});
+  lru_leaves_.erase(LruKey{node->last_access, node->serial, node});
   node->in_lru = false;
 }
 
@@ -181,6 +181,7 @@ size_t RadixIndex::touch(const BlockKey* keys, size_t n, const BlockKey* parent)
 RadixIndex::Node* RadixIndex::split(Node* node, size_t offset) {
   auto tail = std::make_unique<Node>();
   Node* t = tail.get();
+  t->serial = ++serials_;
   t->parent = node;
   t->edge_key = node->keys[offset];
   t->depth = node->depth + static_cast<int64_t>(offset);
@@ -225,7 +226,7 @@ size_t RadixIndex::evict_locked(size_t n) {
   std::vector<BlockKey> removed;  // the ready ones, for the listener
   std::vector<Node*> skipped;
   while (freed.size() < target && !lru_leaves_.empty()) {
-    Node* leaf = const_cast<Node*>(lru_leaves_.begin()->second);
+    Node* leaf = const_cast<Node*>(std::get<2>(*lru_leaves_.begin()));
     while (!leaf->ids.empty() && freed.size() < target) {
       const int32_t id = leaf->ids.back();
       if (locks_[static_cast<size_t>(id)] > 0) break;
@@ -284,6 +285,7 @@ RadixIndex::Node* RadixIndex::append_run(Cursor at, const BlockKey* keys, const 
   }
   auto child = std::make_unique<Node>();
   Node* c = child.get();
+  c->serial = ++serials_;
   c->parent = node;
   c->edge_key = keys[0];
   c->depth = node->depth + static_cast<int64_t>(node->keys.size());

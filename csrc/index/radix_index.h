@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -148,7 +149,8 @@ class RadixIndex {
 
  private:
   struct Node;
-  using LruKey = std::pair<uint64_t, const Node*>;
+  // (last access, creation serial, node): eviction order is a function of the calls alone.
+  using LruKey = std::tuple<uint64_t, uint64_t, const Node*>;
   // A place in the tree: after node->keys[j - 1] (j == 0 on the root: before everything).
   struct Cursor {
     Node* node;
@@ -183,6 +185,7 @@ class RadixIndex {
   KeyMap by_key_;
   std::set<LruKey> lru_leaves_;
   uint64_t clock_ = 0;
+  uint64_t serials_ = 0;
   int64_t num_nodes_ = 0;
   int64_t evicted_ = 0;
   IndexListener* listener_ = nullptr;

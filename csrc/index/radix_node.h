@@ -20,6 +20,7 @@ struct RadixIndex::Node {
   std::unordered_map<BlockKey, std::unique_ptr<Node>, BlockKeyHash> children;
   int64_t depth = 0;
   uint64_t last_access = 0;
+  uint64_t serial = 0;  // creation order: breaks LRU ties the same way in every run (never an address)
   bool in_lru = false;
 };
 

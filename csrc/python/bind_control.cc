@@ -348,6 +348,28 @@ void bind_control(py::module_& m) {
         for (const auto& [name, value] : c.counters()) d[py::str(name)] = value;
         return d;
       })
+      .def("histograms", [](const ControlPlane& c) {
+        py::dict d;
+        for (const auto& [name, h] : c.histograms()) {
+          py::dict one;
+          one["bounds"] = h.bounds;
+          one["counts"] = h.counts;
+          one["sum"] = h.sum;
+          one["count"] = h.count;
+          d[py::str(name)] = one;
+        }
+        return d;
+      }, "Latency histograms in seconds: name -> {bounds, counts (per bucket, the last +Inf), sum, count}.")
+      .def("gauges", [](const ControlPlane& c) {
+        std::vector<std::pair<std::string, int64_t>> g;
+        {
+          py::gil_scoped_release nogil;
+          g = c.gauges();
+        }
+        py::dict d;
+        for (const auto& [name, value] : g) d[py::str(name)] = value;
+        return d;
+      }, "Queue depths now: tasks and promotions in flight, write-through backlog, SSD job queues.")
       .def("index_counts", [](const ControlPlane& c) {
         flexkv::IndexCounts ic;
         {
