@@ -107,6 +107,20 @@ def test_tensor_parallel_workers_each_hold_their_heads_of_every_block(tmp_path, 
     assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))  # no gap, no overlap
 
 
+def test_tensor_parallel_engines_host_no_rank_dispatcher(tmp_path, monkeypatch) -> None:
+    """vLLM's workers copy through the orders they get, each its own heads: a TP=2 engine's manager hosts no
+    rank dispatcher (which would take a fixed endpoint, so a second engine on the node could not start)."""
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    sides = [SchedulerSide(settings_from_vllm(fake_vllm_config(tp=2))) for _ in range(2)]
+    try:
+        assert all(not s.kv.uses_ranks and s.kv.model_config.tp_size == 2 for s in sides)
+    finally:
+        for s in sides:
+            s.shutdown()
+
+
 def test_engine_settings_that_cannot_work_are_refused(tmp_path, monkeypatch) -> None:
     write_config(tmp_path, monkeypatch, 48)
     with pytest.raises(ConfigError, match="tokens_per_block = 48 and vLLM's block_size = 32"):

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from vllm_helpers import BLOCK, processes_tagged, random_prompt, shm_names, tagged_env
+from vllm_helpers import BLOCK, processes_tagged, random_prompt, remove_vllm_dist_leftovers, shm_names, tagged_env
 
 from flexkv.core.remote_plane import query_stats
 
@@ -104,4 +104,5 @@ def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path,
             proc.wait()
         for p in processes_tagged(tag):  # a process that outlived its group (the test failed): not left running
             os.kill(int(p.split(":")[0]), signal.SIGKILL)
+        remove_vllm_dist_leftovers(log.read_text(errors="replace"))
         shutil.rmtree(work, ignore_errors=True)

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -118,6 +120,17 @@ class Engine:
             pass
         self.proc.wait()
         self._log_file.close()
+        remove_vllm_dist_leftovers(self.log.read_text(errors="replace"))
+
+
+def remove_vllm_dist_leftovers(log: str) -> None:
+    """Removes what vLLM's CPU backend leaves of a tensor-parallel engine that has ended (its workers' shared
+    memory ``/dev/shm/vllm_dist_<id>-...-cpushm_<rank>``, 4 MiB each, and its rendezvous file
+    ``/tmp/vllm_dist_<id>``): vLLM leaks them even when it shuts down cleanly. ``log``: the engine's output,
+    which names its ``distributed_init_method``; only that engine's ids are touched."""
+    for ident in set(re.findall(r"distributed_init_method=file://\S*/(vllm_dist_[0-9a-f]+)", log)):
+        for leftover in [*Path("/dev/shm").glob(f"{ident}-*"), Path(tempfile.gettempdir()) / ident]:
+            leftover.unlink(missing_ok=True)
 
 
 def random_prompt(rng: np.random.Generator, n: int) -> list[int]:
