@@ -254,7 +254,7 @@ class KVManager:
         n = len(tokens)
         if cpu_only:  # match the prefix the CPU tier holds; the rest of the mask stays False
             n = min(n, self.lookup(tokens, namespace, block_hashes=block_hashes)[0])
-            hashes = None if block_hashes is None else list(block_hashes)[: n // self.tokens_per_block]
+            hashes = None if block_hashes is None else block_hashes[: n // self.tokens_per_block]
             if first * self.tokens_per_block >= n:
                 n, first = 0, 0
             task, blocks, _ = self._plane().get_match(self._run(tokens[:n], namespace, hashes), first, n)
