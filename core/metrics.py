@@ -199,6 +199,9 @@ class FlexKVCollector:
                 buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), seen))
             h.add_metric([*values, op], buckets, hist["sum"])
         yield h
+        g = GaugeMetricFamily(f"{PREFIX}_tokens_per_block", "FlexKV: tokens in one cache block", labels=names)
+        g.add_metric(values, tpb)
+        yield g
         for name, value in sorted((self.extra() if self.extra else {}).items()):
             g = GaugeMetricFamily(f"{PREFIX}_{name}", f"FlexKV: {name.replace('_', ' ')}", labels=names)
             g.add_metric(values, value)
@@ -211,9 +214,57 @@ def metric_names() -> set[str]:
     names |= {f"{PREFIX}_tier_{n}_total" for n, _ in TIER_COUNTERS}
     names |= {f"{PREFIX}_{n}_total" for n in ("transfer_bytes", "requests", "query_tokens", "hit_tokens",
                                                "loaded_tokens", "stored_tokens", "put_blocks", "tasks_ended")}
-    names |= {f"{PREFIX}_queue_depth"}
+    names |= {f"{PREFIX}_queue_depth", f"{PREFIX}_tokens_per_block"}
     names |= {f"{PREFIX}_latency_seconds_{s}" for s in ("bucket", "sum", "count")}
     return names
+
+
+def snapshot_from_scrape(text: str) -> tuple[Snapshot, int]:
+    """(snapshot, tokens_per_block) rebuilt from a FlexKV endpoint's exposition text: ``flexkv stats
+    --metrics URL`` shows an in-process cache's tables with it."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    v: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for smp in family.samples:
+            v[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+
+    def get(name: str, **labels: str) -> int:
+        return int(v.get((f"{PREFIX}_{name}", tuple(sorted(labels.items()))), 0))
+
+    tpb = get("tokens_per_block") or 1
+    tiers = sorted({dict(k[1])["tier"] for k in v if k[0] == f"{PREFIX}_tier_capacity_blocks"})
+    index = {t: {"capacity": get("tier_capacity_blocks", tier=t), "num_cached": get("tier_used_blocks", tier=t),
+                 "num_locked": get("tier_locked_blocks", tier=t), "num_free": get("tier_free_blocks", tier=t),
+                 "evicted": get("tier_evicted_blocks_total", tier=t)} for t in tiers}
+    c = {f"{op}_requests": get("requests_total", op=op) for op in ("get", "put", "lookup")}
+    c.update(get_query_blocks=get("query_tokens_total") // tpb, get_hit_blocks=get("hit_tokens_total") // tpb,
+             get_loaded_blocks=get("loaded_tokens_total") // tpb,
+             get_cpu_hit_blocks=get("tier_hit_blocks_total", tier="cpu"),
+             get_ssd_hit_blocks=get("tier_hit_blocks_total", tier="ssd"),
+             put_stored_blocks=get("tier_stored_blocks_total", tier="cpu"),
+             ssd_written_blocks=get("tier_stored_blocks_total", tier="ssd"),
+             ssd_mismatch_blocks=get("tier_verification_failures_total", tier="ssd"),
+             ssd_read_errors=get("tier_read_errors_total", tier="ssd"),
+             ssd_write_errors=get("tier_write_errors_total", tier="ssd"),
+             tasks_failed=get("tasks_ended_total", outcome="failed"))
+    for key, src, dst in BYTE_PATHS:
+        c[key] = get("transfer_bytes_total", src=src, dst=dst)
+    gauges = {dict(k[1])["queue"]: int(val) for k, val in v.items() if k[0] == f"{PREFIX}_queue_depth"}
+    hists: dict[str, Any] = {}
+    for (name, labels), val in v.items():
+        if name != f"{PREFIX}_latency_seconds_bucket":
+            continue
+        lab = dict(labels)
+        hists.setdefault(lab["op"], {})[float(lab["le"])] = val
+    histograms = {}
+    for op, buckets in hists.items():
+        bounds = sorted(buckets)
+        cumulative = [int(buckets[b]) for b in bounds]
+        counts = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
+        histograms[op] = {"bounds": bounds[:-1], "counts": counts, "count": cumulative[-1],
+                          "sum": v.get((f"{PREFIX}_latency_seconds_sum", (("op", op),)), 0.0)}
+    return {"counters": c, "index": index, "gauges": gauges, "histograms": histograms}, tpb
 
 
 class MetricsServer:

@@ -40,6 +40,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 def add_stats_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="the config file whose server_recv_port names the server")
     p.add_argument("--endpoint", "--server", help="the server's endpoint (instead of --config)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="read a cache's Prometheus endpoint instead (an engine's in-process cache with metrics_port)")
     p.add_argument("--json", action="store_true", help="print JSON (one line per refresh with --watch)")
     p.add_argument("--watch", type=float, default=0.0, metavar="SECONDS",
                    help="refresh every SECONDS until interrupted (a live table)")
@@ -92,6 +94,9 @@ def serve(args: argparse.Namespace) -> int:
 def stats(args: argparse.Namespace) -> int:
     from .remote_plane import query_stats
 
+    if args.metrics:
+        return _scraped_stats(args)
+
     token = ""
     endpoint = args.endpoint
     if endpoint is None or args.config:
@@ -108,6 +113,31 @@ def stats(args: argparse.Namespace) -> int:
             if args.watch and sys.stdout.isatty():
                 print("\033[H\033[2J", end="")
             print(_render(s), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.watch)
+
+
+def _scraped_stats(args: argparse.Namespace) -> int:
+    """The tables of a cache that serves metrics (an in-process manager's metrics_port), from its endpoint."""
+    import urllib.request
+
+    from .metrics import snapshot_from_scrape
+
+    url = args.metrics if "://" in args.metrics else f"http://{args.metrics}"
+    url = url if url.rstrip("/").endswith("/metrics") else url.rstrip("/") + "/metrics"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                snap, tpb = snapshot_from_scrape(r.read().decode())
+        except OSError as e:
+            raise FlexKVError(f"no FlexKV metrics at {url}: {e}") from None
+        if args.json:
+            print(json.dumps(snap, sort_keys=True), flush=True)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[H\033[2J", end="")
+            print(f"FlexKV metrics at {url}\n\n{render_table(snap, tpb)}", flush=True)
         if not args.watch:
             return 0
         time.sleep(args.watch)

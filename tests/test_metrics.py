@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flexkv.core.cli import main as cli_main
 from flexkv.core.log import RateLimitFilter
 from flexkv.core.metrics import metric_names, render_table, summary_line
 from flexkv.core.server_launch import ServerSettings
@@ -35,7 +36,7 @@ class Lines(logging.Handler):
         self.lines.append(record.getMessage())
 
 
-def test_scraped_metrics_equal_the_managers_own_counters(make_kv, free_port, scrape) -> None:
+def test_scraped_metrics_equal_the_managers_own_counters(make_kv, free_port, scrape, capsys) -> None:
     port = free_port()
     lines = Lines()
     logging.getLogger("flexkv").addHandler(lines)
@@ -100,6 +101,12 @@ def test_scraped_metrics_equal_the_managers_own_counters(make_kv, free_port, scr
     assert "hit rate" in logged[-1] and "cpu " in logged[-1] and "ssd " in logged[-1]
     table = render_table(snap, TPB)
     assert "hit tokens" in table and "\nssd " in table and "load" in table
+    # flexkv stats --metrics: the same tier table, read back from the endpoint
+    capsys.readouterr()
+    assert cli_main(["stats", "--metrics", f"127.0.0.1:{port}"]) == 0
+    shown = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith(("tier ", "cpu ", "ssd "))]
+    assert len(rows) == 3 and all(row in shown for row in rows), shown
     kv.shutdown()  # the endpoint goes with the plane
     assert kv.metrics_port is None
 
