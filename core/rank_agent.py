@@ -38,10 +38,15 @@ logger = logging.getLogger("flexkv")
 
 class RankAgent:
     """``make_layout(model)`` builds this rank's EngineLayout from the hub's model description (its config
-    keys, ``tp_size``, ``tokens_per_block``, ``block_bytes``): the rank's KV tensors as its head slice."""
+    keys, ``tp_size``, ``tokens_per_block``, ``block_bytes``): the rank's KV tensors as its head slice.
+
+    ``rank``: this rank's tensor-parallel rank (or ``rank(model)``); by default the layout's ``tp_rank``. An MLA
+    model's layout covers the whole latent (``tp_size`` 1, as every rank holds all of it), so its ranks must
+    give their rank here: the agent registers as rank ``rank`` of the model's ``tp_size``."""
 
     def __init__(self, endpoint: str, make_layout: Callable[[dict[str, Any]], EngineLayout], *, instance: int = 0,
-                 token: str = "", timeout_s: float = 5.0, num_copy_threads: int = 2) -> None:
+                 token: str = "", timeout_s: float = 5.0, num_copy_threads: int = 2,
+                 rank: int | Callable[[dict[str, Any]], int] | None = None) -> None:
         self.endpoint = parse_endpoint(endpoint, token)
         if self.endpoint.scheme == "ipc" and not os.path.exists(self.endpoint.path):
             raise wire.ServerUnavailable(f"nothing listens at {endpoint}: no FlexKV KVManager of this model (with "
@@ -57,11 +62,13 @@ class RankAgent:
             raise
         self.cache_config = CacheConfig(tokens_per_block=self.model["tokens_per_block"], **self.model["copy"])
         layout = self.layout
-        self._register = wire.RegisterRank(wire.PROTOCOL, f"rank{layout.tp_rank}@{socket.gethostname()}:{os.getpid()}",
-                                           os.getpid(), int(instance), layout.tp_rank, layout.tp_size,
+        replicated = bool(self.model["use_mla"])  # every rank holds the whole latent: one stores, all load
+        self.rank = layout.tp_rank if rank is None else int(rank(self.model) if callable(rank) else rank)
+        self.tp_size = int(self.model["tp_size"]) if replicated else layout.tp_size
+        self._register = wire.RegisterRank(wire.PROTOCOL, f"rank{self.rank}@{socket.gethostname()}:{os.getpid()}",
+                                           os.getpid(), int(instance), self.rank, self.tp_size,
                                            layout.num_blocks, self.model["fingerprint"],
-                                           self.model["tokens_per_block"], layout.block_bytes, token,
-                                           bool(self.model["use_mla"]))
+                                           self.model["tokens_per_block"], layout.block_bytes, token, replicated)
         self._threads_n = num_copy_threads
         self._sock: zmq.Socket | None = None  # the receiver thread's (orders arrive on it)
         self._send_lock = threading.Lock()
@@ -146,7 +153,7 @@ class RankAgent:
         self.session = info["session"]
         self.lease_s = float(info["lease_s"])
         self._last_answer = time.monotonic()
-        logger.info("FlexKV: rank %d/%d registered at %s", self.layout.tp_rank, self.layout.tp_size,
+        logger.info("FlexKV: rank %d/%d registered at %s", self.rank, self.tp_size,
                     self.endpoint.address)
 
     def _send(self, msg: Any) -> None:
@@ -194,7 +201,7 @@ class RankAgent:
             try:
                 msg = wire.decode_rank_inbound(frames[-1])
             except Exception as e:
-                logger.error("FlexKV rank %d: an unreadable message from the hub: %s", self.layout.tp_rank, e)
+                logger.error("FlexKV rank %d: an unreadable message from the hub: %s", self.rank, e)
                 continue
             if isinstance(msg, wire.Order):
                 self._copy(msg)
@@ -205,7 +212,7 @@ class RankAgent:
         try:
             self._connect()
         except (FlexKVError, zmq.ZMQError) as e:
-            logger.warning("FlexKV rank %d: the dispatcher at %s is gone (%s); retrying", self.layout.tp_rank,
+            logger.warning("FlexKV rank %d: the dispatcher at %s is gone (%s); retrying", self.rank,
                            self.endpoint.address, e)
             self._stop.wait(min(1.0, self.lease_s / 3))
 
@@ -245,12 +252,12 @@ class RankAgent:
                     try:
                         plane.wait_layer(job, layer)
                     except Exception as e:  # a replaced plane: the copy is gone; release the layer anyway
-                        logger.error("FlexKV rank %d: waiting for layer %d failed: %s", self.layout.tp_rank, layer, e)
+                        logger.error("FlexKV rank %d: waiting for layer %d failed: %s", self.rank, layer, e)
                 for listener in list(self._layer_listeners):
                     try:
                         listener(counter, layer)
                     except Exception:
-                        logger.exception("FlexKV rank %d: a layer listener failed", self.layout.tp_rank)
+                        logger.exception("FlexKV rank %d: a layer listener failed", self.rank)
 
     def _collect(self) -> None:
         while not self._stop.is_set():

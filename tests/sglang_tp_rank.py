@@ -47,6 +47,7 @@ from sglang.test.parallel_groups import publish  # noqa: E402
 
 WORK, RANK, SEED = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 TP, PAGE, LAYERS, HEADS, HEAD_DIM = 2, 4, 3, 4, 8  # HEADS: the model's KV heads, HEADS // TP per rank
+MLA_RANK, MLA_ROPE = 16, 8
 LEASE_S = 2.0
 POISON = 0xA5
 SERVER_ARGS = ServerArgs(model_path="dummy", page_size=PAGE, enable_flexkv=True, tp_size=TP)
@@ -56,7 +57,7 @@ from sglang.srt.managers.schedule_batch import Req  # noqa: E402
 from sglang.srt.mem_cache.allocator import PagedTokenToKVPoolAllocator  # noqa: E402
 from sglang.srt.mem_cache.base_prefix_cache import InitLoadBackParams, MatchPrefixParams  # noqa: E402
 from sglang.srt.mem_cache.cache_init_params import CacheInitParams  # noqa: E402
-from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool  # noqa: E402
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, MLATokenToKVPool, ReqToTokenPool  # noqa: E402
 from sglang.srt.mem_cache.radix_cache import RadixKey  # noqa: E402
 from sglang.srt.mem_cache.storage.flexkv.flexkv_radix_cache import FlexKVRadixCache  # noqa: E402
 from sglang.srt.sampling.sampling_params import SamplingParams  # noqa: E402
@@ -79,25 +80,36 @@ def write_config() -> None:
 
 
 class Rank:
-    """SGLang's FlexKVRadixCache of this rank over its own pools (HEADS // TP heads per layer)."""
+    """SGLang's FlexKVRadixCache of this rank over its own pools (HEADS // TP heads per layer; MLA: the whole
+    latent, as every rank holds it)."""
 
-    def __init__(self) -> None:
+    def __init__(self, mla: bool = False) -> None:
         group = dist.group.WORLD
-        self.kv = MHATokenToKVPool(size=64, page_size=PAGE, dtype=torch.bfloat16, head_num=HEADS // TP,
-                                   head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
+        self.mla = mla
+        if mla:
+            self.kv = MLATokenToKVPool(size=64, page_size=PAGE, dtype=torch.bfloat16, kv_lora_rank=MLA_RANK,
+                                       qk_rope_head_dim=MLA_ROPE, layer_num=LAYERS, device="cpu",
+                                       enable_memory_saver=False)
+        else:
+            self.kv = MHATokenToKVPool(size=64, page_size=PAGE, dtype=torch.bfloat16, head_num=HEADS // TP,
+                                       head_dim=HEAD_DIM, layer_num=LAYERS, device="cpu", enable_memory_saver=False)
         self.alloc = PagedTokenToKVPoolAllocator(size=self.kv.size, page_size=PAGE, dtype=torch.bfloat16,
                                                  device="cpu", kvcache=self.kv, need_sort=False)
         self.r2t = ReqToTokenPool(size=4, max_context_len=64, device="cpu", enable_memory_saver=False)
         params = CacheInitParams(disable=False, req_to_token_pool=self.r2t, token_to_kv_pool_allocator=self.alloc,
                                  page_size=PAGE)
-        model = SimpleNamespace(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, num_key_value_heads=HEADS,
-                                get_num_kv_heads=lambda tp: HEADS // tp, dtype=torch.bfloat16)
+        if mla:
+            model = SimpleNamespace(num_hidden_layers=LAYERS, attention_arch=SimpleNamespace(name="MLA"),
+                                    kv_lora_rank=MLA_RANK, qk_rope_head_dim=MLA_ROPE, dtype=torch.bfloat16)
+        else:
+            model = SimpleNamespace(num_hidden_layers=LAYERS, head_dim=HEAD_DIM, num_key_value_heads=HEADS,
+                                    get_num_kv_heads=lambda tp: HEADS // tp, dtype=torch.bfloat16)
         self.cache = FlexKVRadixCache(params=params, model_config=model, server_args=SERVER_ARGS, tp_rank=RANK,
                                       tp_size=TP, dp_rank=None, pp_rank=0, attn_cp_rank=0, tp_group=group,
                                       attn_tp_group=group)
 
     def buffers(self) -> list:
-        return list(self.kv.k_buffer) + list(self.kv.v_buffer)
+        return list(self.kv.kv_buffer) if self.mla else list(self.kv.k_buffer) + list(self.kv.v_buffer)
 
     def request(self, rid: str, tokens: list[int]):
         req = Req(rid=rid, origin_input_text="", origin_input_ids=array("q", tokens),
@@ -115,12 +127,14 @@ class Rank:
             buf[slots] = torch.randint(0, 256, raw.shape, dtype=torch.uint8, generator=gen).view(buf.dtype)
         whole = len(tokens) // PAGE * PAGE
         ref = [buf[slots[:whole]].clone() for buf in self.buffers()]
+        dist.barrier()  # the forward pass's all-reduce: every rank has written its KV before rank 0 stores it
         req.kv.kv_committed_len = len(tokens)
         finish_req(self.cache, req, up_to=len(tokens))  # rank 0: put_match + launch; the node stays locked
         self.wait_for_stores()
         self.cache.reset()  # SGLang drops its own tree; FlexKV keeps the pages
         for buf in self.buffers():
             buf.view(torch.uint8).fill_(POISON)
+        dist.barrier()  # the test's poison is on every rank before rank 0 can launch a load into it
         self.alloc.clear()
         return ref, whole
 
@@ -140,9 +154,14 @@ class Rank:
     def differs(self, slots, ref: list) -> list[str]:
         """The buffers whose loaded slots differ from this rank's stored bytes. Asserted by the caller after its
         last SGLang call: every rank must make the same collective calls, also when its own bytes are wrong."""
-        return [f"{'K' if i < LAYERS else 'V'} of layer {i % LAYERS}" for i, (buf, want) in
-                enumerate(zip(self.buffers(), ref)) if not torch.equal(buf[slots].view(torch.uint8),
-                                                                       want.view(torch.uint8))]
+        out = []
+        for i, (buf, want) in enumerate(zip(self.buffers(), ref)):
+            got = buf[slots].view(torch.uint8)
+            if not torch.equal(got, want.view(torch.uint8)):
+                same = (got == want.view(torch.uint8)).float().mean().item()
+                out.append(f"buffer {i} (layer {i % LAYERS}): {same:.0%} of bytes right, "
+                           f"{(got == POISON).float().mean().item():.0%} poison")
+        return out
 
     def close(self) -> None:
         """Every rank unregisters, then rank 0 stops its KVManager (SGLang's shutdown)."""
@@ -178,6 +197,32 @@ def mp_round_trip(gen: torch.Generator) -> None:
         rank.close()
 
 
+def mla_round_trip(gen: torch.Generator) -> None:
+    """MLA: every rank holds the whole latent; rank 0's copy is stored and every rank loads it. The ranks
+    here hold different bytes on purpose, so rank 1 must get rank 0's, not its own."""
+    rank = Rank(mla=True)
+    try:
+        tokens = tokens_of(3 * PAGE + 2, 4)
+        ref, whole = rank.store(tokens, gen)
+        refs = [None] * TP
+        dist.all_gather_object(refs, [r.view(torch.uint8).numpy().tobytes() for r in ref])
+        req = rank.request("load", tokens)
+        res = rank.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=req))
+        assert res.host_hit_length == whole, res.host_hit_length
+        n, node = rank.cache.init_load_back(InitLoadBackParams(best_match_node=res.best_match_node,
+                                                               host_hit_length=res.host_hit_length, req=req))
+        assert n == whole, n
+        got = [buf[node.value].view(torch.uint8).numpy().tobytes() for buf in rank.buffers()]
+        assert got == refs[0], (f"rank {RANK} did not load rank 0's latent: layers equal to rank 0's "
+                                f"{[g == w for g, w in zip(got, refs[0])]}, to rank 1's "
+                                f"{[g == w for g, w in zip(got, refs[1])]}, poisoned "
+                                f"{[set(g) == {POISON} for g in got]}")
+        if RANK > 0:
+            assert got != refs[RANK], "the ranks' stored bytes were meant to differ"
+    finally:
+        rank.close()
+
+
 def layerwise_round_trip(gen: torch.Generator) -> Rank:
     from flexkv.adapters.sglang import layerwise_server
 
@@ -196,6 +241,9 @@ def layerwise_round_trip(gen: torch.Generator) -> Rank:
         # microseconds, so rank 0 gives rank 1 the time a GPU launch would take.
         launch = manager.launch
         manager.launch = lambda *a, **k: (time.sleep(0.05), launch(*a, **k))[1]
+    signalled: list[tuple[int, int]] = []  # what this rank's agent told its eventfd server (counter, layer)
+    if connector.tp_client.agent is not None:
+        connector.tp_client.agent.add_layer_listener(lambda counter, layer: signalled.append((counter, layer)))
     problems = []
     for i, (tokens, (ref, whole)) in enumerate(zip(prompts, stored)):  # SGLang's counters 0, then 1
         res = rank.cache.match_prefix(MatchPrefixParams(key=RadixKey(array("q", tokens)), req=None))
@@ -211,7 +259,8 @@ def layerwise_round_trip(gen: torch.Generator) -> Rank:
         t.start()
         t.join(30)
         if waited != list(range(LAYERS)):
-            problems.append(f"load {i}: the forward pass was released for layers {waited} only")
+            problems.append(f"load {i}: the forward pass was released for layers {waited} only; the agent "
+                            f"signalled {signalled}")
         bad = rank.differs(res.last_device_node.value, ref)
         if bad:
             problems.append(f"load {i}: this rank's loaded bytes differ: {bad}")
@@ -263,6 +312,7 @@ def main() -> None:
     print(f"SEED rank{RANK} {SEED + RANK}", flush=True)
     gen = torch.Generator().manual_seed(SEED + RANK)  # each rank's KV bytes are its own
     check("mp_round_trip", mp_round_trip, gen)
+    check("mla_round_trip", mla_round_trip, gen)
     rank = check("layerwise_round_trip", layerwise_round_trip, gen)
     dist.barrier()
     if RANK == 0:

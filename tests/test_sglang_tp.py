@@ -1,8 +1,9 @@
 """SGLang 0.5.23's ``--enable-flexkv --tp-size 2`` on SGLang's own classes, each rank in its own process
 (tests/sglang_tp_rank.py): rank 0's connector runs FlexKV's KVManager, every rank registers its KV pool
 through ``gpu_register_port`` and copies its own head slice. One pair of rank processes runs every check:
-the synchronous round trip, the layer-wise one (each rank's forward pass released by its own copies), and
-a rank SIGKILLed with a load in flight, which fails that load within the rank lease instead of hanging it.
+the synchronous round trip, MLA (rank 0 stores the latent, every rank loads it), the layer-wise one (each
+rank's forward pass released by its own copies), and a rank SIGKILLed with a load in flight, which fails
+that load within the rank lease instead of hanging it.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import pytest
 
 from kv_helpers import seed_for
 
-CHECKS = [("mp_round_trip", 0), ("mp_round_trip", 1), ("layerwise_round_trip", 0), ("layerwise_round_trip", 1),
-          ("killed_rank_fails_within_lease", 0)]
+CHECKS = [("mp_round_trip", 0), ("mp_round_trip", 1), ("mla_round_trip", 0), ("mla_round_trip", 1),
+          ("layerwise_round_trip", 0), ("layerwise_round_trip", 1), ("killed_rank_fails_within_lease", 0)]
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,8 @@ class KVTPClient:
 
         self.close()
         instance = settings.instance_id * max(1, _dp_size()) + self.dp_client_id
-        self.agent = RankAgent(self.gpu_register_port, layout, instance=instance, token=settings.server_token)
+        self.agent = RankAgent(self.gpu_register_port, layout, instance=instance, token=settings.server_token,
+                               rank=lambda model: self.device_id % int(model["tp_size"]))
         with _AGENTS_LOCK:
             _AGENTS[(self.dp_client_id, self.pp_rank)] = self.agent
         if manager is not None:

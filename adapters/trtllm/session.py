@@ -58,7 +58,7 @@ class Session:
             model, layout, tag = pool_layout(pool, st.tokens_per_block, st.tp_size, st.tp_rank)
             self.num_layers = model.num_layers
             if st.tp_rank > 0:
-                self.agent = _join(st.gpu_register_port, layout)
+                self.agent = _join(st.gpu_register_port, layout, st.tp_rank)
                 logger.info("FlexKV: TensorRT-LLM rank %d/%d registered its pool (%s)", st.tp_rank, st.tp_size, tag)
                 return
             kv = KVManager(model, st.cache_config, namespace=st.model_name, layout_tag=tag,
@@ -93,12 +93,12 @@ class Session:
 RANKS_WAIT_S = 120.0  # how long the ranks of one executor may take to register their pools
 
 
-def _join(port: str, layout: EngineLayout) -> RankAgent:
+def _join(port: str, layout: EngineLayout, rank: int) -> RankAgent:
     """A rank's pool joins rank 0's KVManager (which may still be starting)."""
     deadline = time.monotonic() + RANKS_WAIT_S
     while True:
         try:
-            return RankAgent(port, lambda model: layout, token=ServerSettings.from_env().server_token)
+            return RankAgent(port, lambda model: layout, token=ServerSettings.from_env().server_token, rank=rank)
         except ServerUnavailable:
             if time.monotonic() > deadline:
                 raise
