@@ -5,6 +5,7 @@ server logs its periodic line."""
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +16,17 @@ from server_helpers import TPB, ServerProcess, client, server_config, store_in_o
 from flexkv.core.remote_plane import query_stats
 
 
+def wait_listening(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"nothing listens on the metrics port {port}"
+            time.sleep(0.05)
+
+
 def test_flexkv_stats_and_the_metrics_endpoint_of_a_server_two_engines_use(tmp_path: Path, free_port, scrape, rng,
                                                                            seed: int) -> None:
     port = free_port()
@@ -22,6 +34,7 @@ def test_flexkv_stats_and_the_metrics_endpoint_of_a_server_two_engines_use(tmp_p
     proc = ServerProcess(tmp_path, server_config(tmp_path, endpoint, metrics_port=port, num_log_interval_requests=2))
     proc.start()
     try:
+        wait_listening(port)  # the endpoint opens just after the server answers
         first, second = client(endpoint), client(endpoint)
         try:
             store_in_one_load_in_other(first, second, rng, seed)

@@ -172,5 +172,10 @@ def test_vllm_metrics_show_flexkv_consistent_with_its_own_counters(server: Serve
     assert got[("vllm:prompt_tokens_cached_by_source_total", (("source", "host"),))] == external
     log = server.log.read_text(errors="replace")
     assert "FlexKV: " in log and " gets, " in log and "hit rate" in log  # the periodic line
-    # vLLM's own stats line (every VLLM_LOG_STATS_INTERVAL s), through FlexKVConnectorStats.reduce()
+    # vLLM's own stats line (every VLLM_LOG_STATS_INTERVAL s, once a step has run since), through
+    # FlexKVConnectorStats.reduce(); a loaded machine may need a few intervals
+    deadline = time.monotonic() + 30
+    while "KV Transfer metrics: flexkv_hit_rate=" not in log and time.monotonic() < deadline:
+        time.sleep(1)
+        log = server.log.read_text(errors="replace")
     assert "KV Transfer metrics: flexkv_hit_rate=" in log and "flexkv_used_blocks_cpu=" in log

@@ -17,12 +17,16 @@ built-in ``FlexKVConnectorV1`` forwards ``get_kv_connector_stats`` but not the t
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
 from flexkv.core import BYTE_PATHS, plane_snapshot, tier_rows
+
+logger = logging.getLogger("flexkv")
 
 # Per-tier counters sent as differences: (data key, metric, help).
 TIER_COUNTERS = (("hit_blocks", "hit_tokens", "tokens found in the tier (SSD: found only there)"),
@@ -99,11 +103,29 @@ class StatsDelta:
         self._last_counters: dict[str, int] | None = None
         self._last_connector = (0, 0, 0)
         self._first = True
+        self._read_at = float("-inf")
+
+    # vLLM asks every step. A `flexkv serve` is read at most this often (each read is a round trip); what
+    # happened in between is in the next delta. A plane in this process is read every step (a C++ call).
+    MIN_INTERVAL_S = 1.0
 
     def take(self) -> FlexKVConnectorStats | None:
+        """None when nothing was counted, when read less than MIN_INTERVAL_S ago, or when the control plane
+        cannot be read (a server that is gone): statistics never fail a step of the engine."""
         cp = self.kv.control_plane
         if cp is None or cp.closed:
             return None
+        now = time.monotonic()
+        if self.kv.server_client_mode and now - self._read_at < self.MIN_INTERVAL_S:
+            return None
+        self._read_at = now
+        try:
+            return self._take(cp)
+        except Exception as e:
+            logger.warning("FlexKV: the control plane's counters are unavailable for vLLM's metrics: %s", e)
+            return None
+
+    def _take(self, cp: Any) -> FlexKVConnectorStats | None:
         counters = dict(cp.counters())
         own = (self.connector.hit_tokens, self.connector.stored_tokens, self.connector.misses.count)
         if counters == self._last_counters and own == self._last_connector and not self._first:
