@@ -22,11 +22,12 @@ from flexkv import _core
 
 from . import task_args as args
 from .config import CacheConfig, ModelConfig
-from .control_plane import checked_config, open_control_plane
+from .control_plane import checked_config, open_control_plane, remote_tier_of, shutdown_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import register_manager, unregister_manager
 from .manager_ranks import ManagerRanks
+from .remote_flow import RemoteFlow
 from .request import KVResponse
 from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 
@@ -80,6 +81,7 @@ class KVManager:
         self._layout = -1  # the control plane's handle of the registered engine memory
         self._seeds: dict[tuple[str, ...], np.ndarray] = {}
         self._launch_listeners: list[Callable[[list[int], bool, int], None]] = []
+        self._remote: RemoteFlow | None = None  # the plane's remote tier, when it has one
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -104,6 +106,8 @@ class KVManager:
             else:
                 self._cp = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
                 self._owns_plane = True
+            tier = remote_tier_of(self._cp)
+            self._remote = RemoteFlow(self._cp, tier, self.tokens_per_block) if tier is not None else None
             if self._ranks is not None:
                 self._ranks.start(self._cp)
                 if self._engine is not None:
@@ -147,11 +151,11 @@ class KVManager:
             self._ranks.close()
         cp = self._cp
         if cp is not None and self._owns_plane:
-            cp.shutdown()
+            shutdown_plane(cp)
         elif cp is not None and self._layout >= 0 and not cp.closed:
             cp.unregister_layout(self._layout)
         self._cp = cp if keep_results and self._owns_plane else None
-        self._owns_plane, self._layout = False, -1
+        self._owns_plane, self._layout, self._remote = False, -1, None
         stop_embedded_server(self._server_child)
         self._server_child = None
         if self.gpu_register_port:
@@ -195,7 +199,10 @@ class KVManager:
         ``token_mask`` is False for a prefix the engine has. ``block_hashes`` (one 128-bit hash per whole
         block, e.g. vLLM's ``request.block_hashes``) key the blocks instead of hashing the tokens again."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        run = self._run(tokens, namespace, block_hashes)
+        if self._remote is not None:  # remote-only blocks after the local ones come up first (bounded)
+            self._remote.promote(run, self._run_of(tokens, namespace, block_hashes), len(tokens))
+        task, blocks, _ = self._plane().get_match(run, first, len(tokens))
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
@@ -203,19 +210,32 @@ class KVManager:
         """Reserves CPU blocks for the masked tokens' blocks not cached yet; returns (task_id, mask of the
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().put_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        run = self._run(tokens, namespace, block_hashes)
+        task, blocks, covered = self._plane().put_match(run, first, len(tokens))
+        if self._remote is not None:
+            self._remote.note_put(task, run, covered)
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
-        """(tokens of the leading whole blocks ready in the CPU tier, the same on SSD), locking nothing."""
+        """(tokens of the leading whole blocks ready in the CPU tier, the same in the slower tiers: on SSD, or
+        on SSD and then in the remote tier when there is one), locking nothing. prefetch_async brings the
+        slower tiers' blocks up."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        cpu, ssd = self._plane().lookup(self._run(tokens, namespace, block_hashes))
+        run = self._run(tokens, namespace, block_hashes)
+        if self._remote is not None:
+            cpu, ssd, remote = self._remote.plan(run)
+            return cpu * self.tokens_per_block, (max(cpu, ssd) + remote) * self.tokens_per_block
+        cpu, ssd = self._plane().lookup(run)
         return cpu * self.tokens_per_block, ssd * self.tokens_per_block
 
     def prefetch_async(self, token_ids: Any, namespace: Namespace = None) -> int:
-        """Promotes the blocks only slower tiers hold into the CPU tier; a task that needs no launch."""
+        """Promotes the blocks only slower tiers (SSD, remote) hold into the CPU tier; a task that needs no
+        launch (wait / try_wait report its end)."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        return int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
+        run = self._run(tokens, namespace, None)
+        if self._remote is not None:
+            return self._remote.prefetch(run, self._run_of(tokens, namespace, None), len(tokens))
+        return int(self._plane().prefetch(run, len(tokens)))
 
     def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0) -> int:
         """Makes the CPU tier's cached blocks of ``token_ids`` from ``from_token`` on unreadable, as if they had
@@ -289,6 +309,8 @@ class KVManager:
     def finish_external(self, task_id: int, ok: bool, error: str | None = None) -> None:
         """Ends a task claimed by take_external (a put's blocks become readable when ``ok``)."""
         self._plane("finish_external").complete(int(task_id), bool(ok), error or "")
+        if self._remote is not None:
+            self._remote.put_ended(int(task_id), bool(ok))
 
     def tier_info(self) -> dict[str, Any]:
         """What a worker process needs to map the CPU tier (``flexkv.core.cpu_tier.map_cpu_tier``): the socket
@@ -303,12 +325,23 @@ class KVManager:
         """Waits up to ``timeout`` s for the tasks to end; an ended task is reported once and forgotten
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
-        reports = self._tasks().wait(args.task_ids(task_ids), max(0.0, float(timeout)), bool(completely))
-        return args.responses(reports, self.tokens_per_block)
+        ids, timeout = args.task_ids(task_ids), max(0.0, float(timeout))
+        if self._remote is None:
+            return args.responses(self._tasks().wait(ids, timeout, bool(completely)), self.tokens_per_block)
+        ids, jobs = self._remote.split(ids)
+        reports = self._tasks().wait(ids, timeout, bool(completely)) if ids else []
+        self._remote.reported(reports)
+        return args.responses(reports + self._remote.reports(jobs, timeout), self.tokens_per_block)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
-        return args.responses(self._tasks().try_wait(args.task_ids(task_ids)), self.tokens_per_block)
+        ids = args.task_ids(task_ids)
+        if self._remote is None:
+            return args.responses(self._tasks().try_wait(ids), self.tokens_per_block)
+        ids, jobs = self._remote.split(ids)
+        reports = self._tasks().try_wait(ids) if ids else []
+        self._remote.reported(reports)
+        return args.responses(reports + self._remote.reports(jobs, None), self.tokens_per_block)
 
     def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
         """Waits until ``layer`` of a launched get is in the engine's KV memory (with ``stream``, a
@@ -322,7 +355,10 @@ class KVManager:
 
     def cancel(self, task_ids: int | Iterable[int]) -> None:
         """Cancels tasks not yet launched and unlocks their blocks. Running tasks finish normally."""
-        self._plane().cancel(args.task_ids(task_ids))
+        ids = args.task_ids(task_ids)
+        if self._remote is not None:
+            ids, _ = self._remote.split(ids)  # a remote prefetch runs to its end
+        self._plane().cancel(ids)
 
     def reset(self) -> None:
         """Drops every cached block from the indexes (SSD blocks stay on disk: a restart finds them).
@@ -337,7 +373,15 @@ class KVManager:
             out[f"{name}_tokens"] = out[f"{name}_blocks"] * self.tokens_per_block
         out["hit_rate"] = out["get_hit_blocks"] / out["get_query_blocks"] if out["get_query_blocks"] else 0.0
         out.update(cp.index_counts())
+        if self._remote is not None:
+            out["remote"] = {"capacity": self._remote.tier.settings.num_blocks,
+                             "num_cached": self._remote.tier.index_size()}
         return out
+
+    def flush_remote(self, timeout: float = 20.0) -> bool:
+        """Waits until the write-throughs to the remote tier queued so far ended; False on timeout (or
+        True at once without a remote tier)."""
+        return self._remote is None or self._remote.tier.flush(max(0.0, float(timeout)))
 
     # -------------------------------------------------------------- internals
 
@@ -361,6 +405,15 @@ class KVManager:
             seed = self._seeds[salts] = _core.namespace_seed(self.model_config.fingerprint(), self.tokens_per_block,
                                                              self.layout_tag, list(salts))
         return seed
+
+    def _run_of(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Callable[[int], Any]:
+        """n -> the run of the first n blocks (the remote tier promotes a request's blocks up to n)."""
+        hashes = None if block_hashes is None else args.hashes_array(block_hashes)
+
+        def run_of(n: int) -> Any:
+            part = None if hashes is None else hashes[:n]
+            return self._run(tokens[: n * self.tokens_per_block], namespace, part)
+        return run_of
 
     def _run(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Any:
         cp = self._plane()

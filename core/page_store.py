@@ -23,7 +23,7 @@ import numpy as np
 from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
-from .control_plane import checked_config, open_control_plane
+from .control_plane import checked_config, open_control_plane, shutdown_plane
 from .errors import LayoutError
 from .layout import EngineLayout
 
@@ -145,7 +145,7 @@ class PageStore:
     def close(self) -> None:
         layouts, self._layouts = self._layouts, OrderedDict()
         if self._owns:
-            self._cp.shutdown()
+            shutdown_plane(self._cp)
             return
         for _, handle in layouts.values():
             self._cp.unregister_layout(handle)

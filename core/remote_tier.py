@@ -1,0 +1,381 @@
+"""RemoteTier: the third tier of a control plane, on S3 (or any S3-compatible store) with a Redis index.
+
+It drives the control plane through its public protocol, as the SSD flow does inside the core:
+
+- **write-through**: a put that ended well is queued (``queue_write``); a writer thread claims the blocks the
+  index lacks (one round trip; several nodes writing the same block store it once), packs their images
+  from the CPU tier with ``export_blocks`` (blocks locked meanwhile; the SSD header and checksums included),
+  uploads them with bounded concurrency and adds them to the index; past ``num_remote_blocks`` the least
+  recently used blocks leave the index and the bucket.
+- **promotion**: ``promote`` reserves CPU blocks for remote-only blocks with ``put_match``, takes them,
+  downloads the objects in parallel, has ``import_blocks`` verify each (fingerprint, key, parent, position,
+  token ids, payload checksum) and copy it in, and completes the put (the blocks then also reach the SSD
+  tier). An object that does not verify, or is gone, is a miss: it leaves the index.
+
+Objects live at ``<prefix><fingerprint>/<2 hex>/<32 hex key>`` so that models and layouts never meet and
+requests spread over prefixes. Faults (S3 or Redis down, hung, refusing) become misses or skipped stores,
+counted in the control plane's counters (``remote_*``) and logged; every request is bounded (see
+core/remote_clients.py).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from .errors import ConfigError
+from .remote_clients import BlockIndex, ObjectStore, Unavailable
+from .remote_settings import RemoteSettings, redact
+
+logger = logging.getLogger("flexkv")
+
+RunOf = Callable[[int], Any]  # n -> the KeyRun of a request's first n blocks
+_EXPORT_BYTES = 64 << 20      # images packed at once by the writer
+
+
+def key_members(keys: np.ndarray) -> list[str]:
+    """The index members (32 hex digits, high word first) of (n, 2) uint64 block keys [lo, hi]."""
+    keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
+    be = np.empty(keys.shape, dtype=">u8")
+    be[:, 0], be[:, 1] = keys[:, 1], keys[:, 0]
+    text = be.tobytes().hex()
+    return [text[i:i + 32] for i in range(0, len(text), 32)]
+
+
+def leading(flags: Any) -> int:
+    """How many leading entries are true."""
+    arr = np.asarray(flags, dtype=bool)
+    bad = np.flatnonzero(~arr)
+    return int(bad[0]) if len(bad) else len(arr)
+
+
+class RemoteTier:
+    """The remote tier of one control plane (see the module's doc). ``start`` checks the bucket, the
+    credentials and Redis and raises a ConfigError naming the key to fix."""
+
+    def __init__(self, plane: Any, settings: RemoteSettings) -> None:
+        self.plane = plane
+        self.settings = settings
+        fp = f"{int(plane.object_fingerprint):016x}"
+        self.key_prefix = f"{settings.prefix}{fp}/"
+        self.store = ObjectStore(settings, lambda: self.count(remote_refused_requests=1))
+        self.index = BlockIndex(settings, f"{settings.bucket}/{self.key_prefix}",
+                                lambda: self.count(remote_refused_requests=1))
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.read_only = False
+        self._io = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="flexkv-remote-io")
+        self._jobs = ThreadPoolExecutor(2, thread_name_prefix="flexkv-remote-promote")
+        self._mu = threading.Condition()
+        self._queue: collections.deque[tuple[Any, int]] = collections.deque()
+        self._queued_blocks = 0
+        self._writing = False
+        self._closing = False
+        self._rebuilding = False
+        self._writer = threading.Thread(target=self._write_loop, name="flexkv-remote-writer", daemon=True)
+
+    # ----------------------------------------------------------------------------------- lifecycle
+
+    def object_key(self, member: str) -> str:
+        return f"{self.key_prefix}{member[:2]}/{member}"
+
+    def start(self) -> RemoteTier:
+        s, path = self.settings, "cache_config.remote_cache_path"
+        where = s.endpoint_url or f"AWS S3 ({s.region})"
+        if self.store.session.get_credentials() is None:  # the standard AWS chain found nothing
+            raise ConfigError(f"{path}: no AWS credentials for s3://{s.bucket}/: set AWS_ACCESS_KEY_ID and "
+                              "AWS_SECRET_ACCESS_KEY, a profile (AWS_PROFILE) or an instance role", path)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.store.check()
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket", "NotFound"):
+                raise ConfigError(f"{path}: bucket {s.bucket!r} does not exist at {where}; create it (e.g. `aws s3 "
+                                  f"mb s3://{s.bucket}`) or point remote_cache_path at an existing one", path) from e
+            if code in ("403", "AccessDenied", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+                raise ConfigError(f"{path}: the AWS credentials may not use bucket {s.bucket!r} at {where} ({code}); "
+                                  "fix AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or the bucket's policy", path) from e
+            raise ConfigError(f"{path}: bucket {s.bucket!r} at {where} answered {code}: {e}", path) from e
+        except BotoCoreError as e:
+            key = "cache_config.remote_config_custom.endpoint"
+            raise ConfigError(f"{key}: cannot reach S3 at {where} ({e}); fix the endpoint (or AWS_ENDPOINT_URL_S3) "
+                              "or start the server", key) from e
+        try:
+            self.index.ping()
+        except Exception as e:
+            key = "cache_config.remote_config_custom.redis_url"
+            raise ConfigError(f"{key}: cannot reach Redis at {redact(s.redis_url)} ({type(e).__name__}: {e}); fix "
+                              "redis_url (or FLEXKV_REDIS_URL) or start Redis", key) from e
+        self._check_writable()
+        self._writer.start()
+        self.lookup(np.zeros((1, 2), dtype=np.uint64))  # rebuilds an empty index from the bucket
+        logger.info("FlexKV remote tier: %s%s", s.describe(), " (read-only credentials)" if self.read_only else "")
+        return self
+
+    def _check_writable(self) -> None:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.store.client.put_object(Bucket=self.settings.bucket, Key=f"{self.key_prefix}.writable", Body=b"")
+        except ClientError as e:
+            if str(e.response.get("Error", {}).get("Code", "")) in ("403", "AccessDenied", "Forbidden"):
+                self.read_only = True
+                logger.warning("FlexKV remote tier: the credentials may not write to s3://%s/%s: the tier only "
+                               "reads (write-throughs are skipped and counted)", self.settings.bucket,
+                               self.key_prefix)
+                return
+            raise
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Lets queued write-throughs finish (up to ``timeout`` s), then stops the threads."""
+        self.flush(timeout)
+        with self._mu:
+            self._closing = True
+            self._mu.notify_all()
+        if self._writer.is_alive():
+            self._writer.join(timeout)
+        self._jobs.shutdown(wait=True, cancel_futures=True)
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def count(self, **values: int) -> None:
+        values = {k: v for k, v in values.items() if v}
+        if values:
+            self.plane.add_counters(values)
+
+    # -------------------------------------------------------------------------------------- lookup
+
+    def lookup(self, keys: np.ndarray) -> int:
+        """How many leading blocks of ``keys`` the index holds (one round trip; 0 when it cannot answer)."""
+        if len(keys) == 0:
+            return 0
+        try:
+            present, built = self.index.lookup(key_members(keys))
+        except Unavailable:
+            self.count(remote_index_errors=1)
+            return 0
+        except Exception as e:
+            self.count(remote_index_errors=1)
+            logger.warning("FlexKV remote tier: index lookup failed: %s", e)
+            return 0
+        if not built:
+            self._start_rebuild()
+            return 0
+        return leading(present)
+
+    def index_size(self) -> int | None:
+        try:
+            return self.index.size()
+        except Exception:
+            return None
+
+    def _start_rebuild(self) -> None:
+        with self._mu:
+            if self._rebuilding or self._closing:
+                return
+            self._rebuilding = True
+        threading.Thread(target=self._rebuild, name="flexkv-remote-rebuild", daemon=True).start()
+
+    def _rebuild(self) -> None:
+        try:
+            if not self.index.begin_rebuild(self.owner):
+                return
+            members: dict[str, float] = {}
+            for key, mtime in self.store.list(self.key_prefix):
+                name = key.rsplit("/", 1)[-1]
+                if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
+                    members[name] = mtime
+            self.index.load(members)
+            logger.warning("FlexKV remote tier: rebuilt the index of s3://%s/%s from the bucket: %d blocks",
+                           self.settings.bucket, self.key_prefix, len(members))
+        except Exception as e:
+            self.count(remote_index_errors=1)
+            logger.warning("FlexKV remote tier: rebuilding the index failed (%s); retried at the next lookup", e)
+        finally:
+            with self._mu:
+                self._rebuilding = False
+
+    # ---------------------------------------------------------------------------------- promotion
+
+    def promote_async(self, run_of: RunOf, first: int, n: int, seq_len: int) -> Future[int]:
+        """Promotes blocks [first, first + n) in the background; the future holds the blocks now in the CPU
+        tier from ``first`` on."""
+        return self._jobs.submit(self.promote, run_of, first, n, seq_len)
+
+    def promote(self, run_of: RunOf, first: int, n: int, seq_len: int) -> int:
+        """Brings blocks [first, first + n) of a request, which the index holds and the CPU tier lacks, into
+        the CPU tier; returns how many leading ones arrived (never raises: a fault is a miss)."""
+        objects: dict[int, bytes | None] = {}
+        try:
+            arrived = self._promote_once(run_of(first + n), first, seq_len, objects)
+            if arrived < n and arrived > 0:  # keep the blocks before the first bad one
+                arrived = self._promote_once(run_of(first + arrived), first, seq_len, objects)
+            return arrived
+        except Exception as e:
+            logger.warning("FlexKV remote tier: promotion failed: %s", e)
+            return 0
+
+    def _promote_once(self, run: Any, first: int, seq_len: int, objects: dict[int, bytes | None]) -> int:
+        plane = self.plane
+        task, _, _ = plane.put_match(run, first, seq_len)
+        ok_all = False
+        try:
+            positions, _ = plane.take(task, 0.0)
+            positions = [int(p) for p in positions]
+            members = key_members(run.keys)
+            missing = [p for p in positions if p not in objects]
+            for p, body in zip(missing, self._download([members[p] for p in missing])):
+                objects[p] = body
+            ok = plane.import_blocks(task, [objects[p] for p in positions])
+            good = leading(ok)
+            ok_all = good == len(positions)
+            self._drop_bad(positions, members, objects, ok)
+        finally:
+            plane.complete(task, ok_all, "" if ok_all else "remote blocks missing or not verified")
+        if ok_all:
+            self.count(remote_hit_blocks=len(positions))
+            return len(run.keys) - first
+        return positions[good] - first  # the blocks before the first bad one are cached or verified
+
+    def _download(self, members: list[str]) -> list[bytes | None]:
+        def get(m: str) -> bytes | None | Exception:
+            try:
+                return self.store.get(self.object_key(m))
+            except Exception as e:  # counted by the caller
+                return e
+        results = list(self._io.map(get, members))
+        errors = sum(isinstance(r, Exception) for r in results)
+        if errors:
+            self.count(remote_read_errors=errors)
+        gone = [m for m, r in zip(members, results) if r is None]
+        if gone:  # deleted behind the index's back: a miss, and no longer indexed
+            self.count(remote_read_errors=len(gone))
+            self._forget(gone, delete=False)
+        return [None if isinstance(r, Exception) else r for r in results]
+
+    def _drop_bad(self, positions: list[int], members: list[str], objects: dict[int, bytes | None],
+                  ok: np.ndarray) -> None:
+        bad = [members[p] for p, good in zip(positions, ok) if not good and objects.get(p) is not None]
+        if bad:
+            logger.warning("FlexKV remote tier: %d object(s) did not verify (wrong, torn or replaced); dropped",
+                           len(bad))
+            self.count(remote_mismatch_blocks=len(bad))
+            self._forget(bad, delete=True)
+            for p, good in zip(positions, ok):
+                if not good:
+                    objects[p] = None
+
+    def _forget(self, members: list[str], delete: bool) -> None:
+        try:
+            self.index.remove(members)
+            if delete and not self.read_only:
+                self.store.delete([self.object_key(m) for m in members])
+        except Exception as e:
+            logger.warning("FlexKV remote tier: dropping %d bad block(s) failed: %s", len(members), e)
+
+    # ------------------------------------------------------------------------------ write-through
+
+    def queue_write(self, run: Any, n: int) -> None:
+        """Writes the run's first n blocks (ready in the CPU tier) through to the remote tier, later."""
+        if n <= 0:
+            return
+        with self._mu:
+            if self.read_only or self._closing or self._queued_blocks + n > self.settings.write_queue_blocks:
+                skipped = True
+            else:
+                skipped = False
+                self._queue.append((run, n))
+                self._queued_blocks += n
+                self._mu.notify_all()
+        if skipped:
+            self.count(remote_write_skipped_blocks=n)
+
+    def flush(self, timeout: float) -> bool:
+        """Waits until every queued write-through ended; False on timeout."""
+        with self._mu:
+            return self._mu.wait_for(lambda: not self._queue and not self._writing, timeout)
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._mu:
+                self._mu.wait_for(lambda: self._queue or self._closing)
+                if not self._queue:
+                    return
+                run, n = self._queue.popleft()
+                self._writing = True
+            try:
+                self._write(run, n)
+            except Exception as e:
+                self.count(remote_write_skipped_blocks=n)
+                logger.warning("FlexKV remote tier: write-through of %d block(s) skipped: %s", n, e)
+            finally:
+                with self._mu:
+                    self._queued_blocks -= n
+                    self._writing = False
+                    self._mu.notify_all()
+
+    def _write(self, run: Any, n: int) -> None:
+        members = key_members(np.asarray(run.keys)[:n])
+        try:
+            claimed = self.index.claim(members, self.owner)
+        except Unavailable:
+            self.count(remote_index_errors=1, remote_write_skipped_blocks=n)
+            return
+        todo = [i for i, c in enumerate(claimed) if c]
+        if not todo:
+            return
+        per = max(1, _EXPORT_BYTES // int(self.plane.object_bytes))
+        stored: list[str] = []
+        start = todo[0]
+        failed = 0
+        try:
+            while start < n:
+                images = self.plane.export_blocks(run, start, min(n, start + per))
+                if len(images) == 0:
+                    break
+                rows = [i for i in todo if start <= i < start + len(images)]
+                done = self._upload([(members[i], images[i - start]) for i in rows])
+                stored += [members[i] for i, ok in zip(rows, done) if ok]
+                failed += len(rows) - sum(done)
+                start += len(images)
+        finally:
+            unwritten = len(todo) - len(stored) - failed
+            self.count(remote_written_blocks=len(stored), remote_write_errors=failed,
+                       remote_write_skipped_blocks=unwritten)
+            try:
+                size = self.index.add(stored, [members[i] for i in todo])
+            except Unavailable:
+                self.count(remote_index_errors=1)
+                return
+        if size > self.settings.num_blocks:
+            self._evict(size - self.settings.num_blocks)
+
+    def _upload(self, items: list[tuple[str, np.ndarray]]) -> list[bool]:
+        def put(item: tuple[str, np.ndarray]) -> bool:
+            try:
+                self.store.put(self.object_key(item[0]), item[1].tobytes())
+                return True
+            except Exception as e:
+                logger.debug("FlexKV remote tier: upload failed: %s", e)
+                return False
+        return list(self._io.map(put, items))
+
+    def _evict(self, excess: int) -> None:
+        try:
+            old = self.index.pop_oldest(excess)
+            if old:
+                self.store.delete([self.object_key(m) for m in old])
+        except Exception as e:
+            logger.warning("FlexKV remote tier: evicting %d block(s) failed: %s", excess, e)
+
+
+__all__ = ["RemoteTier", "key_members", "leading"]
