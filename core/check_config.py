@@ -13,6 +13,7 @@ import sys
 from .config import MODEL_PRESETS, ModelConfig, model_preset
 from .config_file import env_override_names, load_config, resolve_config_path
 from .errors import ConfigError
+from .remote_settings import remote_settings
 from .resources import check_resources, describe
 
 
@@ -60,6 +61,13 @@ def _build_model(args: argparse.Namespace, from_file: ModelConfig | None) -> Mod
     return dataclasses.replace(model, **flags)
 
 
+def _remote_line(cache_config: object) -> str:
+    """Where the remote tier keeps its blocks and its index (a ConfigError when its settings are wrong)."""
+    if not getattr(cache_config, "enable_remote", False):
+        return ""
+    return "\nremote tier: " + remote_settings(cache_config).describe()  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``flexkv check-config``; return the exit status."""
     parser = _parser()
@@ -78,10 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         overrides = env_override_names(os.environ)
         if overrides:
             print(f"environment overrides: {', '.join(overrides)}")
+        remote = _remote_line(config.cache_config)
         if model is None or args.skip_resources:
-            print(describe(config, model, check_machine=False))
+            print(describe(config, model, check_machine=False) + remote)
             return 0
-        print(describe(config, model))
+        print(describe(config, model) + remote)
         problems = check_resources(config.cache_config, model)
     except ConfigError as err:
         print(f"flexkv check-config: error: {err}", file=sys.stderr)
