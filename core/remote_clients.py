@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import numpy as np
+
 from .remote_settings import RemoteSettings
 
 logger = logging.getLogger("flexkv")
@@ -170,6 +172,21 @@ class ObjectStore:
 # -------------------------------------------------------------------------------------------- Redis
 
 
+# KEYS: the index, the built marker; ARGV: members in prompt order. Returns {leading members indexed, built}.
+_LEADING_LUA = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then n = i else break end
+end
+return {n, redis.call('EXISTS', KEYS[2])}
+"""
+
+
+def _resp_head(count: int, args: list[bytes]) -> bytes:
+    """The RESP header of a command of ``count`` arguments and its first ones."""
+    return b"".join([b"*%d\r\n" % count] + [b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
+
+
 def _redis_down(e: BaseException) -> bool:
     import redis
 
@@ -194,6 +211,8 @@ class BlockIndex:
         self.zset, self.claims, self.built = f"{base}:index", f"{base}:claim:", f"{base}:built"
         self.breaker = CircuitBreaker(f"Redis {settings.redis_url.split('@')[-1]}", settings.breaker_cooldown_s,
                                       on_refused)
+        self._redis_errors = redis.exceptions
+        self._leading_sha = ""
 
     @property
     def client(self) -> Any:
@@ -204,22 +223,46 @@ class BlockIndex:
 
     def ping(self) -> None:
         self._redis.ping()
+        self._leading_sha = self._redis.script_load(_LEADING_LUA)
 
-    def lookup(self, members: Sequence[str], touch: bool = True) -> tuple[list[bool], bool]:
-        """(present per member, whether the index holds the bucket's listing): one round trip."""
-        if not members:
-            return [], True
+    def leading(self, hex_keys: bytes) -> tuple[int, bool]:
+        """(how many leading members the index holds, whether it holds the bucket's listing) of members given
+        as 32 hex digits each, back to back: one round trip (a server-side script that stops at the first
+        miss; the request is packed here in one piece, not argument by argument)."""
+        n = len(hex_keys) // 32
+        if n == 0:
+            return 0, True
+        rows = np.empty((n, 39), dtype=np.uint8)
+        rows[:, :5] = np.frombuffer(b"$32\r\n", dtype=np.uint8)
+        rows[:, 5:37] = np.frombuffer(hex_keys, dtype=np.uint8).reshape(n, 32)
+        rows[:, 37:] = np.frombuffer(b"\r\n", dtype=np.uint8)
 
-        def go() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
-            pipe.zmscore(self.zset, list(members))
-            if touch:
-                now = time.time()
-                pipe.zadd(self.zset, dict.fromkeys(members, now), xx=True)
-            pipe.exists(self.built)
-            return pipe.execute()
-        out = self._run(go)
-        return [s is not None for s in out[0]], bool(out[-1])
+        def go() -> tuple[int, bool]:
+            for attempt in (0, 1):
+                head = _resp_head(n + 5, [b"EVALSHA", self._leading_sha.encode(), b"2", self.zset.encode(),
+                                          self.built.encode()])
+                conn = self._redis.connection_pool.get_connection()
+                try:
+                    conn.send_packed_command([head, rows.tobytes()])
+                    out = conn.read_response()
+                except self._redis_errors.NoScriptError:  # a Redis restarted since: load the script again
+                    self._leading_sha = self._redis.script_load(_LEADING_LUA)
+                    if attempt:
+                        raise
+                    continue
+                except BaseException:
+                    conn.disconnect()
+                    raise
+                finally:
+                    self._redis.connection_pool.release(conn)
+                return int(out[0]), bool(out[1])
+            raise AssertionError("unreachable")
+        return self._run(go)
+
+    def touch(self, members: Sequence[str]) -> None:
+        """Marks members used now (LRU); members no longer indexed are not added back."""
+        if members:
+            self._run(lambda: self._redis.zadd(self.zset, dict.fromkeys(members, time.time()), xx=True))
 
     def claim(self, members: Sequence[str], owner: str) -> list[bool]:
         """Claims the members not in the index: True for those this caller must store."""

@@ -42,12 +42,18 @@ RunOf = Callable[[int], Any]  # n -> the KeyRun of a request's first n blocks
 _EXPORT_BYTES = 64 << 20      # images packed at once by the writer
 
 
-def key_members(keys: np.ndarray) -> list[str]:
-    """The index members (32 hex digits, high word first) of (n, 2) uint64 block keys [lo, hi]."""
+def key_hex(keys: np.ndarray) -> str:
+    """The index members (32 hex digits each, high word first) of (n, 2) uint64 block keys [lo, hi], back to
+    back."""
     keys = np.asarray(keys, dtype=np.uint64).reshape(-1, 2)
     be = np.empty(keys.shape, dtype=">u8")
     be[:, 0], be[:, 1] = keys[:, 1], keys[:, 0]
-    text = be.tobytes().hex()
+    return be.tobytes().hex()
+
+
+def key_members(keys: np.ndarray) -> list[str]:
+    """The index members (32 hex digits, high word first) of (n, 2) uint64 block keys [lo, hi]."""
+    text = key_hex(keys)
     return [text[i:i + 32] for i in range(0, len(text), 32)]
 
 
@@ -159,7 +165,7 @@ class RemoteTier:
         if len(keys) == 0:
             return 0
         try:
-            present, built = self.index.lookup(key_members(keys))
+            n, built = self.index.leading(key_hex(keys).encode())
         except Unavailable:
             self.count(remote_index_errors=1)
             return 0
@@ -170,7 +176,7 @@ class RemoteTier:
         if not built:
             self._start_rebuild()
             return 0
-        return leading(present)
+        return n
 
     def index_size(self) -> int | None:
         try:
@@ -243,6 +249,7 @@ class RemoteTier:
             plane.complete(task, ok_all, "" if ok_all else "remote blocks missing or not verified")
         if ok_all:
             self.count(remote_hit_blocks=len(positions))
+            self._touch([members[p] for p in positions])
             return len(run.keys) - first
         return positions[good] - first  # the blocks before the first bad one are cached or verified
 
@@ -273,6 +280,12 @@ class RemoteTier:
             for p, good in zip(positions, ok):
                 if not good:
                     objects[p] = None
+
+    def _touch(self, members: list[str]) -> None:
+        try:
+            self.index.touch(members)
+        except Exception as e:  # an access time left stale only ages the block
+            logger.debug("FlexKV remote tier: touching %d block(s) failed: %s", len(members), e)
 
     def _forget(self, members: list[str], delete: bool) -> None:
         try:

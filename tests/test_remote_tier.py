@@ -101,19 +101,22 @@ def test_index_lookup_is_one_round_trip(nodes, remote) -> None:
     (a,) = nodes(1, ssd=False)
     tokens = a.tokens(N * TPB)
     share(a, tokens)
-    index = a.kv._remote.tier.index
-    calls = []
-    real = index.client.pipeline
+    pool = a.kv._remote.tier.index.client.connection_pool
+    sent = []
+    real = pool.get_connection
 
     def counting(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
-    index.client.pipeline = counting
+        conn = real(*args, **kwargs)
+        send = conn.send_packed_command
+        conn.send_packed_command = lambda *a, **k: (sent.append(1), send(*a, **k))[1]
+        return conn
+    pool.get_connection = counting
     try:
-        assert a.kv._remote.tier.lookup(a.kv.block_keys(tokens)) == N
+        longer = np.concatenate([tokens, a.tokens(3 * TPB)])
+        assert a.kv._remote.tier.lookup(a.kv.block_keys(longer)) == N  # stops at the first block not indexed
     finally:
-        index.client.pipeline = real
-    assert len(calls) == 1
+        pool.get_connection = real
+    assert len(sent) == 1
 
 
 def test_manual_distributed_worker_json_starts_three_tiers(remote, tmp_path: Path, monkeypatch) -> None:
