@@ -155,19 +155,19 @@ def run(args: argparse.Namespace) -> None:
     long_tokens = rng.integers(0, 50_000, nb * TPB, dtype=np.int64)
     keys = a.block_keys(long_tokens)
     tier.index.load(dict.fromkeys(key_members(keys), time.time()))
-    pool = tier.index.client.connection_pool
+    conns = tier.index.client.connection_pool
     calls = []
-    real = pool.get_connection
+    real = conns.get_connection
 
     def counting(*p, **k):  # noqa: ANN202
         conn = real(*p, **k)
         send = conn.send_packed_command
         conn.send_packed_command = lambda *a, **kw: (calls.append(1), send(*a, **kw))[1]
         return conn
-    pool.get_connection = counting
+    conns.get_connection = counting
     assert tier.lookup(keys) == nb
     trips = len(calls)
-    pool.get_connection = real
+    conns.get_connection = real
     times = []
     for _ in range(50):
         t0 = time.perf_counter()

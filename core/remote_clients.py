@@ -6,9 +6,9 @@ that fails because the server is unreachable or hung opens the breaker: for ``br
 client refuses requests at once (``Unavailable``), then lets one through as a probe; its success closes the
 breaker. Callers turn every failure into a miss or a skipped store.
 
-The index of one namespace (bucket, prefix, object fingerprint) is one sorted set in Redis: member the block
-key (32 hex digits), score the last access time (LRU). ``lookup`` is one round trip for a whole prompt
-(ZMSCORE, plus ZADD XX refreshing the access times of the members it found). A key with ``:claim:`` holds a
+The index of one namespace (bucket, prefix, object fingerprint) is a set of block keys (32 hex digits) in
+Redis, beside a sorted set of the same keys scored by last access time (LRU). A prompt's lookup is one round
+trip (SMISMEMBER of all its keys); promotions refresh the access times. A key with ``:claim:`` holds a
 writer's claim on a block so that several nodes store it once; ``:built`` marks an index that holds the
 bucket's listing (an index that lost it, a Redis restarted empty, is rebuilt from the bucket).
 """
@@ -172,16 +172,6 @@ class ObjectStore:
 # -------------------------------------------------------------------------------------------- Redis
 
 
-# KEYS: the index, the built marker; ARGV: members in prompt order. Returns {leading members indexed, built}.
-_LEADING_LUA = """
-local n = 0
-for i = 1, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then n = i else break end
-end
-return {n, redis.call('EXISTS', KEYS[2])}
-"""
-
-
 def _resp_head(count: int, args: list[bytes]) -> bytes:
     """The RESP header of a command of ``count`` arguments and its first ones."""
     return b"".join([b"*%d\r\n" % count] + [b"$%d\r\n%s\r\n" % (len(a), a) for a in args])
@@ -208,11 +198,11 @@ class BlockIndex:
             retry=Retry(NoBackoff(), settings.retries), retry_on_timeout=True, health_check_interval=0,
             max_connections=64)
         base = f"flexkv:{namespace}"
-        self.zset, self.claims, self.built = f"{base}:index", f"{base}:claim:", f"{base}:built"
+        self.members, self.atimes = f"{base}:blocks", f"{base}:atime"
+        self.claims, self.built = f"{base}:claim:", f"{base}:built"
         self.breaker = CircuitBreaker(f"Redis {settings.redis_url.split('@')[-1]}", settings.breaker_cooldown_s,
                                       on_refused)
-        self._redis_errors = redis.exceptions
-        self._leading_sha = ""
+        self._head = _resp_head(2, [b"EXISTS", self.built.encode()])
 
     @property
     def client(self) -> Any:
@@ -223,12 +213,11 @@ class BlockIndex:
 
     def ping(self) -> None:
         self._redis.ping()
-        self._leading_sha = self._redis.script_load(_LEADING_LUA)
 
     def leading(self, hex_keys: bytes) -> tuple[int, bool]:
         """(how many leading members the index holds, whether it holds the bucket's listing) of members given
-        as 32 hex digits each, back to back: one round trip (a server-side script that stops at the first
-        miss; the request is packed here in one piece, not argument by argument)."""
+        as 32 hex digits each, back to back: one round trip (EXISTS and SMISMEMBER sent together, the request
+        packed here in one piece and the answer parsed by hiredis, not argument by argument in Python)."""
         n = len(hex_keys) // 32
         if n == 0:
             return 0, True
@@ -236,78 +225,87 @@ class BlockIndex:
         rows[:, :5] = np.frombuffer(b"$32\r\n", dtype=np.uint8)
         rows[:, 5:37] = np.frombuffer(hex_keys, dtype=np.uint8).reshape(n, 32)
         rows[:, 37:] = np.frombuffer(b"\r\n", dtype=np.uint8)
+        ask = _resp_head(n + 2, [b"SMISMEMBER", self.members.encode()])
 
         def go() -> tuple[int, bool]:
-            for attempt in (0, 1):
-                head = _resp_head(n + 5, [b"EVALSHA", self._leading_sha.encode(), b"2", self.zset.encode(),
-                                          self.built.encode()])
-                conn = self._redis.connection_pool.get_connection()
-                try:
-                    conn.send_packed_command([head, rows.tobytes()])
-                    out = conn.read_response()
-                except self._redis_errors.NoScriptError:  # a Redis restarted since: load the script again
-                    self._leading_sha = self._redis.script_load(_LEADING_LUA)
-                    if attempt:
-                        raise
-                    continue
-                except BaseException:
-                    conn.disconnect()
-                    raise
-                finally:
-                    self._redis.connection_pool.release(conn)
-                return int(out[0]), bool(out[1])
-            raise AssertionError("unreachable")
+            pool = self._redis.connection_pool
+            conn = pool.get_connection()
+            try:
+                conn.send_packed_command([self._head, ask, rows.tobytes()])
+                built = conn.read_response()
+                present = conn.read_response()
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
+                pool.release(conn)
+            flags = np.asarray(present, dtype=np.int8)
+            misses = np.flatnonzero(flags == 0)
+            return (int(misses[0]) if len(misses) else n), bool(built)
         return self._run(go)
 
     def touch(self, members: Sequence[str]) -> None:
         """Marks members used now (LRU); members no longer indexed are not added back."""
         if members:
-            self._run(lambda: self._redis.zadd(self.zset, dict.fromkeys(members, time.time()), xx=True))
+            self._run(lambda: self._redis.zadd(self.atimes, dict.fromkeys(members, time.time()), xx=True))
 
     def claim(self, members: Sequence[str], owner: str) -> list[bool]:
         """Claims the members not in the index: True for those this caller must store."""
         def go() -> list[Any]:
             pipe = self._redis.pipeline(transaction=False)
-            pipe.zmscore(self.zset, list(members))
+            pipe.smismember(self.members, list(members))
             for m in members:
                 pipe.set(self.claims + m, owner, nx=True, px=self.CLAIM_MS)
             return pipe.execute()
         out = self._run(go)
-        return [s is None and bool(c) for s, c in zip(out[0], out[1:])]
+        return [not s and bool(c) for s, c in zip(out[0], out[1:])]
 
     def add(self, members: Sequence[str], claimed: Sequence[str]) -> int:
         """Adds stored members, drops the claims; returns the index's size."""
         def go() -> list[Any]:
-            pipe = self._redis.pipeline(transaction=False)
+            pipe = self._redis.pipeline(transaction=True)
             if members:
-                pipe.zadd(self.zset, dict.fromkeys(members, time.time()), nx=True)
+                pipe.sadd(self.members, *members)
+                pipe.zadd(self.atimes, dict.fromkeys(members, time.time()), nx=True)
             if claimed:
                 pipe.delete(*[self.claims + m for m in claimed])
-            pipe.zcard(self.zset)
+            pipe.scard(self.members)
             return pipe.execute()
         return int(self._run(go)[-1])
 
     def remove(self, members: Sequence[str]) -> None:
         if members:
-            self._run(lambda: self._redis.zrem(self.zset, *members))
+            def go() -> None:
+                pipe = self._redis.pipeline(transaction=True)
+                pipe.srem(self.members, *members)
+                pipe.zrem(self.atimes, *members)
+                pipe.execute()
+            self._run(go)
 
     def pop_oldest(self, count: int) -> list[str]:
-        return [m.decode() if isinstance(m, bytes) else m
-                for m, _ in self._run(lambda: self._redis.zpopmin(self.zset, count))]
+        """Removes the ``count`` least recently used members; returns them."""
+        popped = [m.decode() if isinstance(m, bytes) else m
+                  for m, _ in self._run(lambda: self._redis.zpopmin(self.atimes, count))]
+        if popped:
+            self._run(lambda: self._redis.srem(self.members, *popped))
+        return popped
 
     def size(self) -> int:
-        return int(self._run(lambda: self._redis.zcard(self.zset)))
+        return int(self._run(lambda: self._redis.scard(self.members)))
 
     def begin_rebuild(self, owner: str) -> bool:
         """True when this caller rebuilds the index (one node at a time)."""
         return bool(self._run(lambda: self._redis.set(self.built + ":rebuilding", owner, nx=True, px=60_000)))
 
     def load(self, members: dict[str, float]) -> None:
+        """Adds members with their access times and marks the index built (a rebuild from the bucket)."""
         def go() -> None:
             pipe = self._redis.pipeline(transaction=False)
             items = list(members.items())
             for i in range(0, len(items), 5000):
-                pipe.zadd(self.zset, dict(items[i:i + 5000]), nx=True)
+                chunk = dict(items[i:i + 5000])
+                pipe.sadd(self.members, *chunk)
+                pipe.zadd(self.atimes, chunk, nx=True)
             pipe.set(self.built, "1")
             pipe.delete(self.built + ":rebuilding")
             pipe.execute()
