@@ -124,9 +124,18 @@ class RemoteTier:
                               "redis_url (or FLEXKV_REDIS_URL) or start Redis", key) from e
         self._check_writable()
         self._writer.start()
+        self._start_io_threads()
         self.lookup(np.zeros((1, 2), dtype=np.uint64))  # rebuilds an empty index from the bucket
         logger.info("FlexKV remote tier: %s%s", s.describe(), " (read-only credentials)" if self.read_only else "")
         return self
+
+    def _start_io_threads(self) -> None:
+        """Starts every I/O thread now: a request's first downloads must not wait for threads to start."""
+        n = self.settings.max_concurrency
+        ready = threading.Barrier(n + 1)
+        for _ in range(n):
+            self._io.submit(ready.wait, 5.0)
+        ready.wait(5.0)
 
     def _check_writable(self) -> None:
         from botocore.exceptions import ClientError
