@@ -11,7 +11,8 @@ a bucket ``--bucket`` must exist).
   thread pool, into the same bucket. Ratio = tier / raw (goal >= 0.9).
 * get: node B (an empty CPU tier) runs ``get_match`` of the same prompt, which promotes every block from the
   remote tier (index lookup, parallel GETs, verification, copy into the CPU tier): blocks x object bytes /
-  time; twice per round: just started, then again after ``reset()`` dropped its CPU tier. Peer: boto3 alone, ``get_object(...).read()`` of the same objects with the same concurrency.
+  time; twice per round: just started, then again after ``reset()`` dropped its CPU tier. Peer: boto3
+  alone, ``get_object(...).read()`` of the same objects with the same concurrency.
 * lookup: the index lookup of a ``--lookup-tokens``-token prompt (128K by default; every block indexed): the
   Redis round trips it makes (goal: 1) and its median time over 50 lookups (goal <= 2 ms on loopback).
 
