@@ -7,6 +7,9 @@ stores within the bound, counted.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from kv_helpers import S, store
 
 TPB = 16
 N = 8  # blocks of the test's sequence
+HERE = Path(__file__).resolve().parent
 BOUND_S = 3.0  # a fault costs a request at most (1 + retries) * timeout_s = 1 s here; with slack for 2 cores
 
 
@@ -79,6 +83,61 @@ def test_two_nodes_share_blocks_byte_exact(nodes, remote, seed: int) -> None:
     assert b.kv.flush_remote(10)
     assert b.kv.cache_stats()["remote_written_blocks"] == 2
     assert len(remote.objects()) == N + 2
+
+
+def run_node(mode: str, cache: dict, tokens: np.ndarray, data: Path) -> dict:
+    """tests/remote_node.py in a process of its own; returns its result line."""
+    config = data.with_suffix(".json")
+    config.write_text(json.dumps(cache))
+    tokens_path = data.with_name(data.stem + "-tokens.npy")
+    np.save(tokens_path, tokens)
+    proc = subprocess.run([sys.executable, str(HERE / "remote_node.py"), mode, str(config), str(tokens_path),
+                           str(data)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")][-1]
+    return json.loads(line[len("FLEXKV_RESULT "):])
+
+
+def test_two_processes_share_blocks_byte_exact(remote, tmp_path: Path, seed: int) -> None:
+    """Node A and node B are processes of their own (each its own CPU tier): B loads A's blocks byte-exact."""
+    import remote_node
+
+    rng = np.random.default_rng(seed)
+    print(f"data seed {seed}")
+    tokens = rng.integers(0, 50_000, N * TPB, dtype=np.int64)
+    sent = rng.integers(0, 256, (N, remote_node.block_bytes()), dtype=np.uint8)
+    np.save(tmp_path / "a.npy", sent)
+    cache = {"tokens_per_block": TPB, "num_cpu_blocks": 64, **remote.cache()}
+    a = run_node("store", cache, tokens, tmp_path / "a.npy")
+    assert a["tokens"] == N * TPB and a["remote_written_blocks"] == N
+    b = run_node("load", cache, tokens, tmp_path / "b.npy")
+    assert b["tokens"] == N * TPB and b["remote_hit_blocks"] == N and b["remote_written_blocks"] == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), sent)
+
+
+def test_ssd_blocks_then_remote_blocks_come_up_in_one_prefetch(nodes) -> None:
+    """B holds a prompt's first blocks on its SSD only, the remote tier the rest: one prefetch brings both up
+    (SSD first, the remote blocks continue them), and the get loads all of them."""
+    a, b = nodes()
+    tokens = a.tokens(N * TPB)
+    data_a = share(a, tokens)
+    half = N // 2
+    data_b = b.eng.fill(list(range(half)))
+    store(b.kv, tokens[: half * TPB], list(range(half)), completely=True)  # B's own bytes for the first half
+    assert b.kv.invalidate(tokens) == half * TPB  # gone from B's CPU tier, still on its SSD
+    assert b.kv.lookup(tokens) == (0, N * TPB)
+    job = b.kv.prefetch_async(tokens)
+    assert b.kv.wait(job, timeout=10)[job].status is S.SUCCESS
+    assert b.kv.lookup(tokens)[0] == N * TPB
+    dst = list(range(20, 20 + N))
+    n, _ = get_into(b, tokens, dst)
+    assert n == N
+    b.eng.assert_blocks(dst[:half], data_b)
+    b.eng.assert_blocks(dst[half:], data_a[half:])
+    s = b.kv.cache_stats()
+    assert s["ssd_hit_blocks"] == half and s["remote_hit_blocks"] == N - half
+    assert b.kv.control_plane.flush(10)  # the remote blocks are written through to B's SSD too
+    assert b.kv.cache_stats()["ssd_written_blocks"] == N
 
 
 def test_prefetch_reports_then_get_hits(nodes) -> None:
