@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
     pool = ThreadPoolExecutor(conc)
     print(f"{n} blocks of {block // 1024} KiB (objects of {obj} B: header + payload), concurrency {conc}, "
           f"S3 {args.s3_url}")
-    best = {"tier put": 0.0, "raw put": 0.0, "tier get": 0.0, "raw get": 0.0}
+    best = {"tier put": 0.0, "raw put": 0.0, "tier get": 0.0, "raw get": 0.0, "raw get of tier objects": 0.0}
     ids = np.arange(n, dtype=np.int64)
     for r in range(args.rounds):
         tokens = rng.integers(0, 50_000, n * TPB, dtype=np.int64)
@@ -149,10 +149,15 @@ def run(args: argparse.Namespace) -> None:
         got = list(pool.map(lambda k: raw.get_object(Bucket=args.bucket, Key=k)["Body"].read(), raw_keys))
         best["raw get"] = max(best["raw get"], n * obj / (time.perf_counter() - t0))
         assert all(len(g) == obj for g in got)
+        tier_keys = [tier.object_key(m) for m in key_members(a.block_keys(tokens))]
+        t0 = time.perf_counter()
+        got = list(pool.map(lambda k: raw.get_object(Bucket=args.bucket, Key=k)["Body"].read(), tier_keys))
+        best["raw get of tier objects"] = max(best["raw get of tier objects"], n * obj / (time.perf_counter() - t0))
     mb = 1e6
     for op in ("put", "get"):
         t, w = best[f"tier {op}"], best[f"raw {op}"]
         print(f"{op}: tier {t / mb:8.1f} MB/s   raw boto3 {w / mb:8.1f} MB/s   ratio {t / w:.2f}")
+    print(f"(raw boto3 get of the tier's own objects: {best['raw get of tier objects'] / mb:.1f} MB/s)")
 
     # --- lookup of a long prompt: every block indexed (members added directly, as write-throughs would)
     nb = args.lookup_tokens // TPB
