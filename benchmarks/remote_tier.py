@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(int.from_bytes(os.urandom(4), "little"))
     engine = np.empty((n, block), dtype=np.uint8)
     a = node(model, cache, engine)
-    tier = a._remote.tier
+    tier = a.remote_tier
     obj = int(a.control_plane.object_bytes)
     conc = tier.settings.max_concurrency
     raw = boto3.client("s3", endpoint_url=args.s3_url, config=Config(

@@ -119,6 +119,11 @@ class KVManager:
             raise
 
     @property
+    def remote_tier(self) -> Any:
+        """The control plane's remote tier (flexkv.core.remote_tier.RemoteTier), or None without one."""
+        return None if self._remote is None else self._remote.tier
+
+    @property
     def uses_ranks(self) -> bool:
         """True when rank processes copy the blocks (server mode, or tp_size > 1): KV memory registers with
         KVTPClient.register_to_server in each rank."""

@@ -71,7 +71,7 @@ class RemoteFlow:
         if remote == 0:
             return int(self.plane.prefetch(run, seq_len))
         job = next(self._ids)
-        future = self.tier._jobs.submit(self._job, run, run_of, seq_len, cpu, ssd, remote)
+        future = self.tier.submit(self._job, run, run_of, seq_len, cpu, ssd, remote)
         with self._lock:
             self._jobs[job] = (future, seq_len, cpu)
         return job

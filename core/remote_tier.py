@@ -86,6 +86,7 @@ class RemoteTier:
         self._writing = False
         self._closing = False
         self._rebuilding = False
+        self._size: int | None = None  # blocks in the index, as last seen
         self._writer = threading.Thread(target=self._write_loop, name="flexkv-remote-writer", daemon=True)
 
     # ----------------------------------------------------------------------------------- lifecycle
@@ -188,10 +189,14 @@ class RemoteTier:
         return n
 
     def index_size(self) -> int | None:
-        try:
-            return self.index.size()
-        except Exception:
-            return None
+        """Blocks in the index as of the last write-through (asked from Redis once; None if it cannot
+        answer): stats readers never wait for Redis again."""
+        if self._size is None:
+            try:
+                self._size = self.index.size()
+            except Exception:
+                return None
+        return self._size
 
     def _start_rebuild(self) -> None:
         with self._mu:
@@ -210,6 +215,7 @@ class RemoteTier:
                 if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
                     members[name] = mtime
             self.index.load(members)
+            self._size = None
             logger.warning("FlexKV remote tier: rebuilt the index of s3://%s/%s from the bucket: %d blocks",
                            self.settings.bucket, self.key_prefix, len(members))
         except Exception as e:
@@ -221,41 +227,47 @@ class RemoteTier:
 
     # ---------------------------------------------------------------------------------- promotion
 
-    def promote_async(self, run_of: RunOf, first: int, n: int, seq_len: int) -> Future[int]:
-        """Promotes blocks [first, first + n) in the background; the future holds the blocks now in the CPU
-        tier from ``first`` on."""
-        return self._jobs.submit(self.promote, run_of, first, n, seq_len)
+    def submit(self, fn: Callable[..., int], *args: Any) -> Future[int]:
+        """Runs a promotion job on the tier's job threads."""
+        return self._jobs.submit(fn, *args)
 
     def promote(self, run_of: RunOf, first: int, n: int, seq_len: int) -> int:
         """Brings blocks [first, first + n) of a request, which the index holds and the CPU tier lacks, into
-        the CPU tier; returns how many leading ones arrived (never raises: a fault is a miss)."""
-        objects: dict[int, bytes | None] = {}
+        the CPU tier; returns how many leading ones arrived (never raises: a fault is a miss).
+
+        The objects are downloaded first; CPU blocks are reserved (``put_match``) only for the leading ones
+        that arrived, verified and copied in (``import_blocks``), and the put completed. A block that does not
+        verify ends that put unstored; a second put then keeps the blocks before it."""
         try:
-            arrived = self._promote_once(run_of(first + n), first, seq_len, objects)
-            if arrived < n and arrived > 0:  # keep the blocks before the first bad one
-                arrived = self._promote_once(run_of(first + arrived), first, seq_len, objects)
+            run = run_of(first + n)
+            members = key_members(run.keys)
+            bodies = self._download(members[first:first + n])
+            got = leading([b is not None for b in bodies])
+            if got == 0:
+                return 0
+            objects = {first + i: bodies[i] for i in range(got)}
+            arrived = self._promote_once(run if got == n else run_of(first + got), first, seq_len, objects, members)
+            if 0 < arrived < got:  # a block did not verify: keep the blocks before it
+                arrived = self._promote_once(run_of(first + arrived), first, seq_len, objects, members)
             return arrived
         except Exception as e:
             logger.warning("FlexKV remote tier: promotion failed: %s", e)
             return 0
 
-    def _promote_once(self, run: Any, first: int, seq_len: int, objects: dict[int, bytes | None]) -> int:
+    def _promote_once(self, run: Any, first: int, seq_len: int, objects: dict[int, bytes | None],
+                      members: list[str]) -> int:
         plane = self.plane
         task, _, _ = plane.put_match(run, first, seq_len)
         ok_all = False
         try:
             positions, _ = plane.take(task, 0.0)
             positions = [int(p) for p in positions]
-            members = key_members(run.keys)
-            missing = [p for p in positions if p not in objects]
-            for p, body in zip(missing, self._download([members[p] for p in missing])):
-                objects[p] = body
-            ok = plane.import_blocks(task, [objects[p] for p in positions])
+            ok = plane.import_blocks(task, [objects.get(p) for p in positions])
             good = leading(ok)
             ok_all = good == len(positions)
             self._drop_bad(positions, members, objects, ok)
         finally:
-            plane.complete(task, ok_all, "" if ok_all else "remote blocks missing or not verified")
+            plane.complete(task, ok_all, "" if ok_all else "remote blocks did not verify")
         if ok_all:
             self.count(remote_hit_blocks=len(positions))
             self._touch([members[p] for p in positions])
@@ -378,6 +390,7 @@ class RemoteTier:
             except Unavailable:
                 self.count(remote_index_errors=1)
                 return
+        self._size = size
         if size > self.settings.num_blocks:
             self._evict(size - self.settings.num_blocks)
 
@@ -394,6 +407,8 @@ class RemoteTier:
     def _evict(self, excess: int) -> None:
         try:
             old = self.index.pop_oldest(excess)
+            if self._size is not None:
+                self._size -= len(old)
             if old:
                 self.store.delete([self.object_key(m) for m in old])
         except Exception as e:

@@ -160,7 +160,7 @@ def test_index_lookup_is_one_round_trip(nodes, remote) -> None:
     (a,) = nodes(1, ssd=False)
     tokens = a.tokens(N * TPB)
     share(a, tokens)
-    pool = a.kv._remote.tier.index.client.connection_pool
+    pool = a.kv.remote_tier.index.client.connection_pool
     sent = []
     real = pool.get_connection
 
@@ -172,7 +172,7 @@ def test_index_lookup_is_one_round_trip(nodes, remote) -> None:
     pool.get_connection = counting
     try:
         longer = np.concatenate([tokens, a.tokens(3 * TPB)])
-        assert a.kv._remote.tier.lookup(a.kv.block_keys(longer)) == N  # stops at the first block not indexed
+        assert a.kv.remote_tier.lookup(a.kv.block_keys(longer)) == N  # stops at the first block not indexed
     finally:
         pool.get_connection = real
     assert len(sent) == 1
@@ -199,7 +199,7 @@ def test_manual_distributed_worker_json_starts_three_tiers(remote, tmp_path: Pat
         stats = kv.cache_stats()
         assert stats["cpu"]["capacity"] == 200000 and stats["ssd"]["capacity"] == 256
         assert stats["remote"]["capacity"] == 20000000
-        tier = kv._remote.tier
+        tier = kv.remote_tier
         assert tier.settings.bucket == "flexkv-cache" and tier.settings.endpoint_url == remote.servers.s3_url
     finally:
         kv.shutdown()
@@ -297,7 +297,7 @@ def test_object_damaged_behind_the_index_is_a_verified_miss(nodes, remote, damag
     tokens = a.tokens(N * TPB)
     data = share(a, tokens)
     keys = b.kv.block_keys(tokens)
-    tier = b.kv._remote.tier
+    tier = b.kv.remote_tier
     from flexkv.core.remote_tier import key_members
 
     bad = 5  # blocks 0..4 stay good
@@ -335,7 +335,7 @@ def test_read_only_credentials_read_but_skip_stores(nodes, remote, monkeypatch) 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", READ_ACCESS_KEY)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", READ_SECRET_KEY)
     (b,) = nodes(1, ssd=False)
-    assert b.kv._remote.tier.read_only
+    assert b.kv.remote_tier.read_only
     dst = list(range(20, 20 + N))
     n, _ = get_into(b, tokens, dst)
     assert n == N
@@ -354,7 +354,7 @@ def test_lru_keeps_num_remote_blocks(nodes, remote) -> None:
     assert a.kv.flush_remote(10)
     store(a.kv, second, [4, 5, 6, 7])
     assert a.kv.flush_remote(10)
-    tier = a.kv._remote.tier
+    tier = a.kv.remote_tier
     assert tier.index_size() == 6 and len(remote.objects()) == 6
     assert tier.lookup(a.kv.block_keys(second)) == 4  # the oldest blocks left
 
