@@ -55,3 +55,17 @@ def test_bad_settings_name_their_key(custom: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         remote_settings(cache(**custom), {})
     assert err.value.key == f"cache_config.remote_config_custom.{key}", str(err.value)
+
+
+def test_the_page_store_runs_without_the_remote_tier(caplog: pytest.LogCaptureFixture) -> None:
+    from flexkv import ModelConfig
+    from flexkv.core.page_store import PageStore
+
+    store = PageStore(ModelConfig(num_layers=1, num_kv_heads=1, head_size=8, dtype="float16"),
+                      CacheConfig(num_cpu_blocks=8, enable_remote=True, num_remote_blocks=10), namespace="",
+                      layout_tag="")
+    try:
+        assert not store.cache_config.enable_remote
+        assert "not used by the page store" in caplog.text
+    finally:
+        store.close()
