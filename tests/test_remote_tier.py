@@ -83,6 +83,7 @@ def test_two_nodes_share_blocks_byte_exact(nodes, remote, seed: int) -> None:
     assert b.kv.flush_remote(10)
     assert b.kv.cache_stats()["remote_written_blocks"] == 2
     assert len(remote.objects()) == N + 2
+    assert b.kv.control_plane.flush(10)  # B's SSD write-through too: its blocks stay locked until written
 
 
 def run_node(mode: str, cache: dict, tokens: np.ndarray, data: Path) -> dict:
