@@ -57,6 +57,15 @@ def key_members(keys: np.ndarray) -> list[str]:
     return [text[i:i + 32] for i in range(0, len(text), 32)]
 
 
+def _require_clients() -> None:
+    try:
+        import boto3  # noqa: F401
+        import redis  # noqa: F401
+    except ImportError as e:
+        raise ConfigError(f"cache_config.enable_remote needs the S3 and Redis clients ({e}); install them with "
+                          "pip install 'flexkv[remote]' (boto3, redis, hiredis)", "cache_config.enable_remote") from e
+
+
 def leading(flags: Any) -> int:
     """How many leading entries are true."""
     arr = np.asarray(flags, dtype=bool)
@@ -71,6 +80,7 @@ class RemoteTier:
     def __init__(self, plane: Any, settings: RemoteSettings) -> None:
         self.plane = plane
         self.settings = settings
+        _require_clients()
         fp = f"{int(plane.object_fingerprint):016x}"
         self.key_prefix = f"{settings.prefix}{fp}/"
         self.store = ObjectStore(settings, lambda: self.count(remote_refused_requests=1))
