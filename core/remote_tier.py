@@ -94,6 +94,7 @@ class RemoteTier:
         self._queue: collections.deque[tuple[Any, int]] = collections.deque()
         self._queued_blocks = 0
         self._writing = False
+        self._writing_blocks = 0
         self._closing = False
         self._rebuilding = False
         self._size: int | None = None  # blocks in the index, as last seen
@@ -163,11 +164,19 @@ class RemoteTier:
             raise
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Lets queued write-throughs finish (up to ``timeout`` s), then stops the threads."""
+        """Lets queued write-throughs finish (up to ``timeout`` s), then stops the threads: the blocks still
+        queued are skipped (counted), the uploads in flight end within their bound."""
         self.flush(timeout)
         with self._mu:
             self._closing = True
+            dropped = self._queued_blocks - (self._writing_blocks if self._writing else 0)
+            self._queue.clear()
+            self._queued_blocks -= dropped
             self._mu.notify_all()
+        if dropped:
+            self.count(remote_write_skipped_blocks=dropped)
+            logger.warning("FlexKV remote tier: shutting down with %d block(s) not written through yet; skipped",
+                           dropped)
         if self._writer.is_alive():
             self._writer.join(timeout)
         self._jobs.shutdown(wait=True, cancel_futures=True)
@@ -355,12 +364,13 @@ class RemoteTier:
                 if not self._queue:
                     return
                 run, n = self._queue.popleft()
-                self._writing = True
+                self._writing, self._writing_blocks = True, n
             try:
                 self._write(run, n)
             except Exception as e:
                 self.count(remote_write_skipped_blocks=n)
-                logger.warning("FlexKV remote tier: write-through of %d block(s) skipped: %s", n, e)
+                logger.warning("FlexKV remote tier: write-through of %d block(s) skipped: %s: %s", n,
+                               type(e).__name__, e)
             finally:
                 with self._mu:
                     self._queued_blocks -= n
