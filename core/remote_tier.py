@@ -384,29 +384,31 @@ class RemoteTier:
         except Unavailable:
             self.count(remote_index_errors=1, remote_write_skipped_blocks=n)
             return
-        todo = [i for i, c in enumerate(claimed) if c]
-        if not todo:
+        todo = np.flatnonzero(np.asarray(claimed, dtype=bool))
+        if len(todo) == 0:
             return
         per = max(1, _EXPORT_BYTES // int(self.plane.object_bytes))
         stored: list[str] = []
-        start = todo[0]
-        failed = 0
+        failed = k = 0
         try:
-            while start < n:
-                images = self.plane.export_blocks(run, start, min(n, start + per))
-                if len(images) == 0:
-                    break
-                rows = [i for i in todo if start <= i < start + len(images)]
+            while k < len(todo):  # pack and upload the claimed blocks, at most _EXPORT_BYTES at a time
+                start = int(todo[k])
+                stop = min(n, start + per)
+                images = self.plane.export_blocks(run, start, stop)
+                end = int(np.searchsorted(todo, start + len(images)))
+                rows = [int(i) for i in todo[k:end]]
                 done = self._upload([(members[i], images[i - start]) for i in rows])
                 stored += [members[i] for i, ok in zip(rows, done) if ok]
                 failed += len(rows) - sum(done)
-                start += len(images)
+                k = end
+                if len(images) < stop - start:  # a block left the CPU tier: the rest cannot be packed
+                    break
         finally:
             unwritten = len(todo) - len(stored) - failed
             self.count(remote_written_blocks=len(stored), remote_write_errors=failed,
                        remote_write_skipped_blocks=unwritten)
             try:
-                size = self.index.add(stored, [members[i] for i in todo])
+                size = self.index.add(stored, [members[int(i)] for i in todo])
             except Unavailable:
                 self.count(remote_index_errors=1)
                 return

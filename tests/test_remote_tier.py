@@ -86,6 +86,23 @@ def test_two_nodes_share_blocks_byte_exact(nodes, remote, seed: int) -> None:
     assert b.kv.control_plane.flush(10)  # B's SSD write-through too: its blocks stay locked until written
 
 
+def test_nodes_storing_the_same_blocks_store_them_once(nodes, remote) -> None:
+    """Three nodes store the same blocks (the same bytes) at about the same time: their write-throughs run
+    concurrently, and each block reaches the bucket once."""
+    a, b, c = nodes(3, ssd=False)
+    tokens = a.tokens(N * TPB)
+    data = a.eng.fill(list(range(N)))
+    for node in (b, c):
+        for i, block in enumerate(data):
+            node.eng.write(i, block)
+    for node in (a, b, c):
+        store(node.kv, tokens, list(range(N)))
+    for node in (a, b, c):
+        assert node.kv.flush_remote(10)
+    assert sum(node.kv.cache_stats()["remote_written_blocks"] for node in (a, b, c)) == N
+    assert len(remote.objects()) == N
+
+
 def run_node(mode: str, cache: dict, tokens: np.ndarray, data: Path) -> dict:
     """tests/remote_node.py in a process of its own; returns its result line."""
     config = data.with_suffix(".json")
