@@ -69,3 +69,22 @@ def test_the_page_store_runs_without_the_remote_tier(caplog: pytest.LogCaptureFi
         assert "not used by the page store" in caplog.text
     finally:
         store.close()
+
+
+def test_check_config_shows_the_remote_tier(monkeypatch: pytest.MonkeyPatch,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    from flexkv.core.check_config import main
+
+    manual = str(Path(__file__).resolve().parents[1] / "examples" / "configs" / "distributed_worker.json")
+    for name in ("FLEXKV_REDIS_URL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:8333")
+    assert main([manual, "--model", "tiny", "--skip-resources"]) == 1
+    assert "FLEXKV_REDIS_URL" in capsys.readouterr().err
+    monkeypatch.setenv("FLEXKV_REDIS_URL", "redis://127.0.0.1:6379/0")
+    assert main([manual, "--model", "tiny", "--skip-resources"]) == 0
+    out = capsys.readouterr().out
+    assert "REMOTE tier" in out and "20000000 blocks" in out
+    assert "remote tier: s3://flexkv-cache/ at http://127.0.0.1:8333, index redis://127.0.0.1:6379/0" in out
