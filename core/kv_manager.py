@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -334,9 +335,11 @@ class KVManager:
         if self._remote is None:
             return args.responses(self._tasks().wait(ids, timeout, bool(completely)), self.tokens_per_block)
         ids, jobs = self._remote.split(ids)
+        start = time.monotonic()
         reports = self._tasks().wait(ids, timeout, bool(completely)) if ids else []
         self._remote.reported(reports)
-        return args.responses(reports + self._remote.reports(jobs, timeout), self.tokens_per_block)
+        left = max(0.0, timeout - (time.monotonic() - start))
+        return args.responses(reports + self._remote.reports(jobs, left), self.tokens_per_block)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""

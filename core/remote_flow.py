@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -90,8 +91,10 @@ class RemoteFlow:
         return [i for i in ids if not self.is_job(i)], jobs
 
     def reports(self, jobs: list[int], timeout: float | None) -> list[tuple[Any, ...]]:
-        """The control plane's report tuples for jobs; ``timeout`` None leaves out running ones."""
+        """The control plane's report tuples for jobs; ``timeout`` None leaves out running ones (a timeout
+        bounds the wait for all of them together)."""
         out = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for job in jobs:
             with self._lock:
                 entry = self._jobs.get(job)
@@ -100,8 +103,10 @@ class RemoteFlow:
                 continue
             future, seq_len, first = entry
             try:
-                end = future.result(timeout=timeout) if timeout is not None else (
-                    future.result() if future.done() else None)
+                if deadline is None:
+                    end = future.result() if future.done() else None
+                else:
+                    end = future.result(timeout=max(0.0, deadline - time.monotonic()))
             except FutureTimeout:
                 end = None
             except Exception as e:  # the job never raises; a crash of its thread is a failed prefetch
