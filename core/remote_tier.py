@@ -161,7 +161,11 @@ class RemoteTier:
                                "reads (write-throughs are skipped and counted)", self.settings.bucket,
                                self.key_prefix)
                 return
-            raise
+            logger.warning("FlexKV remote tier: probing write access to s3://%s/%s failed (%s); assuming it may "
+                           "write", self.settings.bucket, self.key_prefix, e)
+        except Exception as e:  # a transient fault: the write-throughs find out and count it
+            logger.warning("FlexKV remote tier: probing write access to s3://%s/%s failed (%s); assuming it may "
+                           "write", self.settings.bucket, self.key_prefix, e)
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Lets queued write-throughs finish (up to ``timeout`` s), then stops the threads: the blocks still
