@@ -6,6 +6,7 @@ them; ``ensure_up`` brings both back between tests.
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -75,6 +76,7 @@ class Servers:
              "actions": ["Read", "List"]},
         ]}))
         os.chmod(self.s3_config, 0o600)
+        atexit.register(self.stop)  # also when the session ends without its teardown (an interrupted run)
 
     # ------------------------------------------------------------------------------------------ S3
 
