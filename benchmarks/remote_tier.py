@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -87,6 +88,7 @@ def main() -> None:
     finally:
         if servers is not None:
             servers.stop()
+            shutil.rmtree(servers.root, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> None:
