@@ -60,12 +60,9 @@ def checked_config(model_config: ModelConfig, cache_config: CacheConfig, *, serv
     if model_config.dp_size != 1 and not server:
         raise FlexKVError("model_config.dp_size > 1 needs FlexKV's server mode: the data-parallel ranks share one "
                           "cache through `flexkv serve` (KVManager becomes its client by itself)")
-    if resolved.enable_remote:
-        if server:
-            raise FlexKVError("cache_config.enable_remote: the remote tier runs in the engine's process; it is not "
-                              "available in server mode yet (set server_client_mode to false, use one engine "
-                              "instance with dp_size 1, or set enable_remote to false)")
-        remote_settings(resolved)  # a ConfigError naming the key, before anything is allocated
+    if resolved.enable_remote and not server:
+        remote_settings(resolved)  # a ConfigError naming the key, before anything is allocated (the server's
+        # plane checks its own when it opens: its clients need no S3 or Redis settings)
     if resolved.num_cpu_blocks > _MAX_BLOCKS:
         raise ConfigError(f"cache_config.num_cpu_blocks = {resolved.num_cpu_blocks} exceeds {_MAX_BLOCKS}, the "
                           "most one tier can index; use larger blocks (tokens_per_block) or fewer of them",

@@ -158,6 +158,56 @@ def test_ssd_blocks_then_remote_blocks_come_up_in_one_prefetch(nodes) -> None:
     assert b.kv.cache_stats()["ssd_written_blocks"] == N
 
 
+def test_two_servers_share_blocks_through_the_remote_tier(remote, tmp_path: Path, seed: int) -> None:
+    """Two `flexkv serve` nodes (each its own CPU tier) with the remote tier: a client of A stores, the
+    server writes through; a client of B prefetches (the server promotes in the background, try_wait says
+    when) and loads byte-exact."""
+    import torch
+    from server_helpers import ServerProcess, client, copy_task, server_config
+
+    from flexkv.core.data_plane import DataPlane
+
+    from kv_helpers import engine_for
+
+    servers = [ServerProcess(tmp_path, server_config(tmp_path, f"ipc://{tmp_path}/node{i}.sock",
+                                                     cache_config=remote.cache())).start() for i in range(2)]
+    writer, reader = client(servers[0].endpoint), client(servers[1].endpoint)
+    planes = []
+    try:
+        tokens = np.random.default_rng(seed).integers(0, 50_000, 4 * TPB, dtype=np.int64)
+        src = engine_for(writer, num_blocks=16, gen=torch.Generator().manual_seed(seed))
+        dst = engine_for(reader, num_blocks=16, gen=torch.Generator().manual_seed(seed + 1))
+        expected = src.fill(range(4))
+        dst.poison()
+        planes = [DataPlane(writer.tier_info(), src.engine_layout(), writer.cache_config),
+                  DataPlane(reader.tier_info(), dst.engine_layout(), reader.cache_config)]
+        task, _ = writer.put_match(tokens)
+        copy_task(writer, planes[0], task, np.arange(4), store=True)
+        deadline = time.monotonic() + 10
+        while reader.lookup(tokens) != (0, 4 * TPB):  # B's server finds A's blocks in the index
+            assert time.monotonic() < deadline, reader.lookup(tokens)
+            time.sleep(0.05)
+        job = reader.prefetch_async(tokens)
+        while job not in reader.try_wait(job):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        task, mask = reader.get_match(tokens)
+        assert mask.sum() == 4 * TPB
+        moved = copy_task(reader, planes[1], task, np.array([8, 9, 10, 11]), store=False)
+        assert sorted(moved) == [8, 9, 10, 11]
+        dst.assert_blocks([8, 9, 10, 11], expected)
+        stats = reader.cache_stats()
+        assert stats["remote_hit_blocks"] == 4 and stats["cpu"]["num_locked"] == 0
+        assert writer.cache_stats()["remote_written_blocks"] == 4
+    finally:
+        for plane in planes:
+            plane.close()
+        writer.shutdown()
+        reader.shutdown()
+        for server in servers:
+            assert server.stop() == 0, server.output()
+
+
 def test_prefetch_reports_then_get_hits(nodes) -> None:
     a, b = nodes(ssd=False)
     tokens = a.tokens(N * TPB)
