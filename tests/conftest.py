@@ -15,6 +15,8 @@
 - ``flexkv_log``: the records logged on the ``flexkv`` logger during the test.
 - ``original_kv``: managers built and fed as the original FlexKV's users do (tests/upstream_helpers.py), checked
   clean and shut down after the test; ``upstream_warnings``: the original's no-effect keys warn afresh.
+- ``remote_servers``: SeaweedFS (S3) and Redis on 127.0.0.1, started once per session (tests/remote_servers.py);
+  ``remote``: those servers up, the AWS environment pointing at them, and a bucket prefix of the test's own.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
@@ -26,6 +28,7 @@ import os
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from remote_servers import ACCESS_KEY, BUCKET, SECRET_KEY, Servers
 from upstream_helpers import OriginalEngine, start_original
 
 from kv_helpers import REF_SRC, KVEnv, RefKVEnv, assert_clean, free_tcp_port, seed_for, start_manager
@@ -282,3 +286,49 @@ def tiny_chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
                           "{% if add_generation_prompt %}assistant :{% endif %}")
     fast.save_pretrained(out)
     return out
+@pytest.fixture(scope="session")
+def remote_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+    servers = Servers(tmp_path_factory.mktemp("remote-servers"))
+    try:
+        servers.start_redis()
+        servers.start_s3()
+        yield servers
+    finally:
+        servers.stop()
+
+
+class RemoteEnv:
+    """The remote tier's servers for one test, and the cache config keys that use them."""
+
+    def __init__(self, servers: Servers, prefix: str) -> None:
+        self.servers = servers
+        self.prefix = prefix
+        self.path = f"s3://{BUCKET}/{prefix}"
+
+    def cache(self, num_remote_blocks: int = 100_000, **custom: Any) -> dict[str, Any]:
+        settings = {"redis_url": self.servers.redis_url, "timeout_s": 0.5, "retries": 1, "breaker_cooldown_s": 1.0}
+        settings.update(custom)
+        return {"enable_remote": True, "num_remote_blocks": num_remote_blocks, "remote_cache_path": self.path,
+                "remote_config_custom": settings}
+
+    def objects(self) -> list[str]:
+        """The keys of this test's block objects in the bucket."""
+        s3 = self.servers.client()
+        pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=self.prefix)
+        return sorted(o["Key"] for page in pages for o in page.get("Contents", ()) if not o["Key"].endswith(
+            ".writable"))
+
+
+@pytest.fixture
+def remote(remote_servers: Servers, monkeypatch: pytest.MonkeyPatch,
+           request: pytest.FixtureRequest) -> Iterator[RemoteEnv]:
+    remote_servers.ensure_up()
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "FLEXKV_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", remote_servers.s3_url)
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+    prefix = f"{zlib.crc32(request.node.nodeid.encode()):08x}-{os.urandom(4).hex()}/"
+    yield RemoteEnv(remote_servers, prefix)
+    remote_servers.ensure_up()

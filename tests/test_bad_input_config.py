@@ -30,9 +30,10 @@ def test_enable_ssd_without_a_directory_is_a_config_error() -> None:
     assert "ssd_cache_dir" in str(exc.value)
 
 
-def test_enable_remote_is_refused_naming_the_key() -> None:
-    with pytest.raises(FlexKVError) as exc:
+def test_enable_remote_without_a_path_is_refused_naming_the_key() -> None:
+    with pytest.raises(ConfigError) as exc:
         KVManager(*configs(enable_remote=True, num_remote_blocks=1000))
+    assert exc.value.key == "cache_config.remote_cache_path"
     assert "enable_remote" in str(exc.value)
 
 

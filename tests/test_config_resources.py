@@ -248,7 +248,7 @@ def test_check_config_predicts_what_runs(capsys: pytest.CaptureFixture[str], roo
     # vLLM's block size replaces tokens_per_block: 1 GiB holds half the blocks, each twice the bytes
     assert "tokens_per_block             = 32" in out and "(2730 blocks x 384 KiB)" in out
     assert "engine: vllm runs tokens_per_block = 32 (its block size), not 16" in out
-    assert "this version runs: CPU + SSD" in out and "a remote tier is not in this version" in out
+    assert "this version runs: CPU + SSD (tiers in this version: CPU, SSD, remote)" in out
     slot = check_config.ssd_slot_bytes(384 * 1024, 32)
     assert slot == 388 * 1024 and f"100 slots x {format_bytes(slot)}" in out  # a header per slot
     assert f"ssd_cache_dir '{ssd}' does not exist: the cache creates it" in err
@@ -260,11 +260,11 @@ def test_check_config_predicts_what_runs(capsys: pytest.CaptureFixture[str], roo
 def test_check_config_warns_on_what_is_ignored_or_refused(capsys: pytest.CaptureFixture[str], roomy_machine: None,
                                                           tmp_path: Path) -> None:
     path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "num_ssd_blocks": 100,
-                                                  "enable_remote": True, "num_remote_blocks": 10}})
+                                                  "num_remote_blocks": 10}})
     assert check_config.main([str(path)]) == 0
     err = capsys.readouterr().err
     assert "num_ssd_blocks is ignored: enable_ssd is false" in err
-    assert "enable_remote: true is refused when the cache starts" in err
+    assert "the remote_* keys are ignored: enable_remote is false" in err
     path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "enable_ssd": True, "num_ssd_blocks": 10,
                                                   "ssd_cache_dir": str(tmp_path / "ssd_${worker_id}")}})
     assert check_config.main([str(path)]) == 0

@@ -149,3 +149,18 @@ def test_reset_prefix_cache_with_reset_connector_leaves_no_stale_flexkv_hit(run)
     assert reset["hits_after_reset"] == 0 and reset["turns"][1]["cached"] == 0
     assert reset["turns"][1]["tokens"] == reset["turns"][0]["tokens"]
 
+
+def test_a_conversation_begun_on_one_node_continues_on_another_from_the_remote_tier(run, remote, tmp_path) -> None:
+    """Node A (an engine process with its own CPU tier) runs two turns of two conversations, its blocks written
+    through to the remote tier (S3 on SeaweedFS, the index in Redis); node B, another engine process with an
+    empty CPU tier, continues both with the third turn: its prompts hit A's blocks in the remote tier, and
+    every output equals vLLM alone."""
+    reference = run("chat", "none", LARGE_KV_MIB)
+    cache = {"num_cpu_blocks": 256, **remote.cache()}
+    state = str(tmp_path / "conversations.json")
+    a = run("handoff", "builtin", cache=cache, extra=("--part", "a", "--state", state))
+    assert a["flexkv"]["remote_written_blocks"] > 0
+    b = run("handoff", "builtin", cache=cache, extra=("--part", "b", "--state", state))
+    assert_same_outputs(reference, {"turns": a["turns"] + b["turns"]})
+    assert b["flexkv"]["remote_hit_blocks"] > 0 and b["flexkv"]["hit_tokens"] > 0
+    assert b["flexkv"]["failures"] == 0 and b["flexkv"]["remote_mismatch_blocks"] == 0

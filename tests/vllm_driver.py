@@ -29,12 +29,15 @@ def conversation_prompts(seed: int, turns: int, first: int, later: int) -> list[
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix", "reset"])
+    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix", "reset", "handoff"])
     p.add_argument("--model", required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--connector", choices=["none", "builtin", "module"], default="builtin")
     p.add_argument("--kv-cache-mib", type=float, default=64)
     p.add_argument("--multiprocessing", action="store_true")
+    p.add_argument("--part", choices=["a", "b"], help="handoff: a runs the chat's first two turns and saves the "
+                   "conversations to --state; b continues them with the third turn")
+    p.add_argument("--state", help="handoff: the file of the conversations")
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
@@ -85,6 +88,22 @@ def main() -> None:
                 out = generate([prompt])[0]
                 history[c] = prompt + out["tokens"]
                 result["turns"].append(out)
+    elif args.scenario == "handoff":  # the chat's conversations, begun by one engine and ended by another
+        chats = {c: conversation_prompts(c, 3, 700, 150) for c in (1, 2)}
+        history = {1: [], 2: []}
+        turns = range(2) if args.part == "a" else range(2, 3)
+        if args.part == "b":
+            with open(args.state, encoding="utf-8") as f:
+                history = {int(c): h for c, h in json.load(f).items()}
+        for turn in turns:
+            for c in (1, 2):
+                prompt = history[c] + chats[c][turn]
+                out = generate([prompt])[0]
+                history[c] = prompt + out["tokens"]
+                result["turns"].append(out)
+        if args.part == "a":
+            with open(args.state, "w", encoding="utf-8") as f:
+                json.dump(history, f)
     elif args.scenario == "batch":
         # Eight requests at once whose prompts fill whole blocks: the ones vLLM admits fill a small KV cache,
         # and the blocks their answers need next make vLLM preempt some of them.

@@ -2,8 +2,8 @@
 process, and orders the copies that the workers make.
 
 - Load: ``get_num_new_matched_tokens`` looks the prompt up without locking (``None`` while blocks come up
-  from SSD) and answers that the load is asynchronous; ``update_state_after_alloc`` locks the blocks and
-  orders the copy into the blocks vLLM allocated (in a later step, should some of them have to come up
+  from SSD or the remote tier) and answers that the load is asynchronous; ``update_state_after_alloc`` locks
+  the blocks and orders the copy into the blocks vLLM allocated (in a later step, should some of them have to come up
   from SSD again: the scheduler thread never waits for the disk); the request waits until the worker
   reports it in ``finished_recving``, then its CPU blocks are unlocked.
 - Store: ``request_finished`` reserves CPU blocks for the request's computed whole blocks that the cache
@@ -57,7 +57,7 @@ class SchedulerSide:
                             layout_tag=settings.layout_tag, external_copies=True)
         self.kv.start()
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
-        self.prefetches = RequestTasks(self.kv, "prefetch")  # SSD promotions
+        self.prefetches = RequestTasks(self.kv, "prefetch")  # SSD and remote promotions
         self.loads = RequestTasks(self.kv, "load")  # get tasks the workers are copying
         self.promoting: dict[str, tuple[int, list[int], range]] = {}  # request -> (get task, block ids, blocks)
         self.stores = RequestTasks(self.kv, "store")  # put tasks the workers are copying
@@ -83,7 +83,7 @@ class SchedulerSide:
                     task = kv.prefetch_async(tokens, ns)
                     self.prefetches.hold(rid, task)
                 if task not in kv.try_wait(task):
-                    return None, False  # blocks are coming up from SSD: vLLM asks again later
+                    return None, False  # blocks are coming up from SSD or remote: vLLM asks again later
                 self.prefetches.pop(rid)
                 cpu, _ = kv.lookup(tokens, ns)
         except Exception as e:  # a lookup that fails is a miss
@@ -244,7 +244,7 @@ class SchedulerSide:
     def stats(self) -> dict[str, Any]:
         out = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "failures": self.misses.count}
         try:
-            out.update({k: v for k, v in self.kv.cache_stats().items() if k.startswith("ssd_")})
+            out.update({k: v for k, v in self.kv.cache_stats().items() if k.startswith(("ssd_", "remote_"))})
         except Exception as e:  # a server that is gone has no counters to give
             logger.warning("FlexKV: the control plane's counters are unavailable: %s", e)
         return out

@@ -170,8 +170,8 @@ std::unique_ptr<Cache> Cache::open(const CacheOptions& options, const ModelShape
                       "tensor-parallel rank in this version; use tp_size 1", "model_config.tp_size");
   }
   if (resolved.enable_remote) {
-    throw ConfigError("cache_config.enable_remote: this version has no remote tier yet; set enable_remote to false",
-                      "cache_config.enable_remote");
+    throw ConfigError("cache_config.enable_remote: the C++ API has no remote tier yet (the Python KVManager has, "
+                      "docs/remote.md); set enable_remote to false", "cache_config.enable_remote");
   }
   auto impl = std::make_unique<Impl>();
   impl->plane = ControlPlane::open(plane_options(resolved, model));

@@ -224,6 +224,27 @@ class ControlPlane {
   std::optional<RankOrder> next_rank_order(int64_t timeout_us);
   void finish_rank_order(uint64_t job, const std::string& error);
 
+  // -------------------------------------------------- flows outside the core
+  // A tier kept outside the core (the remote tier, in Python) moves whole
+  // blocks as object images: the SSD block header (fingerprint, key, parent,
+  // position, token ids, checksums) followed by the payload, object_bytes() each.
+  uint64_t object_bytes() const;
+  // XXH3-64 of the model fingerprint, block size and bytes, as the headers record it: objects of
+  // planes with the same value are interchangeable (salts and layout tags live in the keys).
+  uint64_t object_fingerprint() const;
+  // Images of the run's blocks [start, ...) ready in the CPU tier, up to `stop`
+  // (the leading ones; the blocks before `start` must be ready too), packed with
+  // the blocks locked so no eviction rewrites them meanwhile. Returns how many.
+  size_t export_blocks(const KeyRun& run, size_t start, size_t stop, std::vector<uint8_t>* out);
+  // For a put task taken with take(): verifies objects[i] against the task's
+  // block i (header fields, token ids, payload checksum) and copies its payload
+  // into the task's CPU block. 1 per verified block, 0 otherwise; the caller
+  // then completes the task. TaskError unless the task is taken by the caller.
+  std::vector<uint8_t> import_blocks(TaskId id, const uint8_t* const* objects, const size_t* sizes, size_t n);
+  // Adds a flow's counts to the plane's counters (names from counters());
+  // std::invalid_argument naming an unknown one.
+  void add_counters(const std::vector<std::pair<std::string, int64_t>>& values);
+
   // ------------------------------------------------------------ observation
   std::vector<std::pair<std::string, int64_t>> counters() const;
   // Latency histograms (get_match, put_match, load, store, promotion, write_through).

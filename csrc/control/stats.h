@@ -39,6 +39,14 @@ enum class Counter : size_t {
   kStoreBytes,         // engine -> CPU tier, bytes of stored blocks
   kSsdReadBytes,       // SSD tier -> CPU tier, bytes of promoted blocks
   kSsdWriteBytes,      // CPU tier -> SSD tier, bytes written through
+  kRemoteHitBlocks,           // blocks promoted from the remote tier into the CPU tier
+  kRemoteMismatchBlocks,      // remote objects that did not verify (wrong, torn, replaced): a miss
+  kRemoteReadErrors,          // remote blocks not read (server errors, timeouts, deleted objects)
+  kRemoteWrittenBlocks,       // blocks written through to the remote tier
+  kRemoteWriteErrors,
+  kRemoteWriteSkippedBlocks,  // not written through: the queue was full or the server was down
+  kRemoteIndexErrors,         // index (Redis) requests that failed or timed out
+  kRemoteRefusedRequests,     // requests not sent: the circuit breaker found the server down
   kCount,
 };
 
@@ -78,6 +86,8 @@ class Counters {
   int64_t get(Counter c) const { return values_[static_cast<size_t>(c)].load(std::memory_order_relaxed); }
   // (name, value) of every counter, in declaration order.
   std::vector<std::pair<std::string, int64_t>> snapshot() const;
+  // Adds v to the counter called `name`; false when there is none.
+  bool add_named(const std::string& name, int64_t v);
 
   void observe(Timer t, double seconds) { timers_[static_cast<size_t>(t)].observe(seconds); }
   // (name, histogram) of every timer, in declaration order.

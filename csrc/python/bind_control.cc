@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
@@ -342,6 +343,47 @@ void bind_control(py::module_& m) {
       }, py::arg("segments"), py::arg("num_blocks"), py::arg("device"))
       .def("unregister_layout", &ControlPlane::unregister_layout, py::arg("handle"),
            py::call_guard<py::gil_scoped_release>())
+      // ------------------------------------------ flows outside the core
+      .def_property_readonly("object_bytes", &ControlPlane::object_bytes,
+                             "Bytes of one block image (header + payload) for tiers kept outside the core.")
+      .def_property_readonly("object_fingerprint", &ControlPlane::object_fingerprint,
+                             "What block images of this plane's model, block size and bytes record (XXH3-64).")
+      .def("export_blocks", [](ControlPlane& c, const KeyRun& run, size_t start, size_t stop) {
+        std::vector<uint8_t> buf;
+        size_t n;
+        {
+          py::gil_scoped_release nogil;
+          n = c.export_blocks(run, start, stop, &buf);
+        }
+        const auto each = static_cast<py::ssize_t>(c.object_bytes());
+        py::array_t<uint8_t> out({static_cast<py::ssize_t>(n), each});
+        if (n > 0) std::memcpy(out.mutable_data(), buf.data(), buf.size());
+        return out;
+      }, py::arg("run"), py::arg("start"), py::arg("stop"),
+         "(n, object_bytes) images of the run's leading CPU-ready blocks from start, up to stop.")
+      .def("import_blocks", [](ControlPlane& c, int64_t id, const py::list& objects) {
+        std::vector<py::buffer_info> keep;
+        std::vector<const uint8_t*> ptrs(objects.size(), nullptr);
+        std::vector<size_t> sizes(objects.size(), 0);
+        for (size_t i = 0; i < objects.size(); ++i) {
+          if (objects[i].is_none()) continue;
+          keep.push_back(objects[i].cast<py::buffer>().request());
+          ptrs[i] = static_cast<const uint8_t*>(keep.back().ptr);
+          sizes[i] = static_cast<size_t>(keep.back().size * keep.back().itemsize);
+        }
+        std::vector<uint8_t> ok;
+        {
+          py::gil_scoped_release nogil;
+          ok = c.import_blocks(static_cast<flexkv::TaskId>(id), ptrs.data(), sizes.data(), ptrs.size());
+        }
+        return to_array(ok);
+      }, py::arg("task_id"), py::arg("objects"),
+         "Verifies block images (bytes, or None for a miss) of a taken put and copies them in: 1 per good block.")
+      .def("add_counters", [](ControlPlane& c, const py::dict& values) {
+        std::vector<std::pair<std::string, int64_t>> v;
+        for (auto item : values) v.emplace_back(item.first.cast<std::string>(), item.second.cast<int64_t>());
+        c.add_counters(v);
+      }, py::arg("values"), "Adds a flow's counts to the counters (names from counters()).")
       // ----------------------------------------------------- observation
       .def("counters", [](const ControlPlane& c) {
         py::dict d;
