@@ -16,6 +16,8 @@ import json
 import os
 import sys
 
+from vllm_engine import generate as engine_generate
+
 BLOCK = 32  # vLLM's CPU backend needs a multiple of 32
 
 
@@ -66,16 +68,7 @@ def main() -> None:
     sp = SamplingParams(temperature=0, max_tokens=12, logprobs=1, detokenize=False)
 
     def generate(prompts: list[list[int]], salts: list[str | None] | None = None, params=sp) -> list[dict]:
-        inputs = []
-        for i, pr in enumerate(prompts):
-            item = {"prompt_token_ids": pr}
-            if salts and salts[i]:
-                item["cache_salt"] = salts[i]
-            inputs.append(item)
-        outs = llm.generate(inputs, params, use_tqdm=False)
-        return [{"tokens": list(o.outputs[0].token_ids),
-                 "logprobs": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)],
-                 "cached": int(o.num_cached_tokens or 0), "prompt_len": len(o.prompt_token_ids)} for o in outs]
+        return engine_generate(llm, params, prompts, salts)
 
     result: dict = {"turns": []}
     if args.scenario == "chat":
