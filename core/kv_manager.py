@@ -190,39 +190,54 @@ class KVManager:
     # ---------------------------------------------------------------- matching
 
     def get_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
-                  block_hashes: Any = None) -> tuple[int, np.ndarray]:
+                  block_hashes: Any = None, chain: Any = None) -> tuple[int, np.ndarray]:
         """Locks the cached blocks the masked tokens need; returns (task_id, mask of the tokens it loads).
         ``token_mask`` is False for a prefix the engine has. ``block_hashes`` (one 128-bit hash per whole
-        block, e.g. vLLM's ``request.block_hashes``) key the blocks instead of hashing the tokens again."""
+        block, e.g. vLLM's ``request.block_hashes``) key the blocks instead of hashing the tokens again;
+        ``chain`` (from :meth:`key_chain`) reuses keys made before."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().get_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        run = chain if chain is not None else self._run(tokens, namespace, block_hashes)
+        task, blocks, _ = self._plane().get_match(run, first, len(tokens))
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
-                  block_hashes: Any = None) -> tuple[int, np.ndarray]:
+                  block_hashes: Any = None, chain: Any = None) -> tuple[int, np.ndarray]:
         """Reserves CPU blocks for the masked tokens' blocks not cached yet; returns (task_id, mask of the
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        task, blocks, _ = self._plane().put_match(self._run(tokens, namespace, block_hashes), first, len(tokens))
+        run = chain if chain is not None else self._run(tokens, namespace, block_hashes)
+        task, blocks, _ = self._plane().put_match(run, first, len(tokens))
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
-    def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
+    def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None,
+               chain: Any = None) -> tuple[int, int]:
         """(tokens of the leading whole blocks ready in the CPU tier, the same on SSD), locking nothing."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        cpu, ssd = self._plane().lookup(self._run(tokens, namespace, block_hashes))
+        run = chain if chain is not None else self._run(tokens, namespace, block_hashes)
+        cpu, ssd = self._plane().lookup(run)
         return cpu * self.tokens_per_block, ssd * self.tokens_per_block
 
-    def prefetch_async(self, token_ids: Any, namespace: Namespace = None) -> int:
+    def prefetch_async(self, token_ids: Any, namespace: Namespace = None, *, chain: Any = None) -> int:
         """Promotes the blocks only slower tiers hold into the CPU tier; a task that needs no launch."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        return int(self._plane().prefetch(self._run(tokens, namespace, None), len(tokens)))
+        run = chain if chain is not None else self._run(tokens, namespace, None)
+        return int(self._plane().prefetch(run, len(tokens)))
 
-    def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0) -> int:
+    def key_chain(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> Any:
+        """The keys of ``token_ids``' whole blocks (salted from ``block_hashes`` when given: no token is hashed),
+        to pass as ``chain=`` to lookup / get_match / put_match / prefetch_async with the same token ids, so a
+        request's prompt is keyed once for all of them."""
+        tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
+        return self._run(tokens, namespace, block_hashes)
+
+    def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0,
+                   chain: Any = None) -> int:
         """Makes the CPU tier's cached blocks of ``token_ids`` from ``from_token`` on unreadable, as if they had
         been evicted (the next put rewrites them); returns how many tokens it dropped."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
         start = max(0, int(from_token)) // self.tokens_per_block
-        return int(self._plane().invalidate(self._run(tokens, namespace, None), start)) * self.tokens_per_block
+        run = chain if chain is not None else self._run(tokens, namespace, None)
+        return int(self._plane().invalidate(run, start)) * self.tokens_per_block
 
     def block_keys(self, token_ids: Any, namespace: Namespace = None) -> np.ndarray:
         """The (n, 2) uint64 block keys of the whole blocks of ``token_ids``: the same in every facade."""

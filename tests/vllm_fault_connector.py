@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from flexkv.adapters.vllm import FlexKVConnectorV1
 from flexkv.adapters.vllm.scheduler_side import live_schedulers
 
@@ -25,9 +23,8 @@ class LosesLastBlockConnector(FlexKVConnectorV1):
         if num_external_tokens > 0:
             (side,) = live_schedulers()  # one engine in this process: its scheduler-side connector
             kv = side.kv
-            # The tokens vLLM asked about; requests here carry no cache_salt or LoRA (no namespace).
-            tokens = np.asarray(request.all_token_ids[: request.num_tokens - 1], dtype=np.int64)
-            cached, _ = kv.lookup(tokens)
+            tokens, chain = side.prompt_chain(request)  # the keys the lookup used, made once per request
+            cached, _ = kv.lookup(tokens, chain=chain)
             if cached:
-                kv.invalidate(tokens, from_token=cached - kv.tokens_per_block)  # the last cached block
+                kv.invalidate(tokens, chain=chain, from_token=cached - kv.tokens_per_block)  # the last cached block
         super().update_state_after_alloc(request, blocks, num_external_tokens)

@@ -1,11 +1,18 @@
 """The worker-side connector: copies blocks between this worker's KV memory and FlexKV's CPU tier, as
 the scheduler-side connector orders them in each step's metadata, and reports them done.
 
-Loads are asynchronous for vLLM: a request whose blocks are loading waits (``WAITING_FOR_REMOTE_KVS``)
-until ``get_finished`` reports it in ``finished_recving``; blocks that could not be delivered are
-reported by ``get_block_ids_with_load_errors`` no later than that, and vLLM recomputes them
-(``kv_load_failure_policy: recompute``). A store is reported in ``finished_sending`` once its copy is
-done, and vLLM frees its blocks then.
+- Loads, asynchronous mode: queued in ``start_load_kv`` (after the forward is launched); the request waits
+  (``WAITING_FOR_REMOTE_KVS``) until ``get_finished`` reports it in ``finished_recving``; blocks that could not
+  be delivered are reported by ``get_block_ids_with_load_errors`` no later than that, and vLLM recomputes them
+  (``kv_load_failure_policy: recompute``).
+- Loads, layer-wise mode: queued in ``start_load_kv`` before the forward, one copy per layer;
+  ``wait_for_layer_load`` waits for its own layer only.
+- Stores: queued in ``wait_for_save``, after the step's forward, so they never delay it. Every order is
+  reported done in the step's worker metadata (``build_connector_worker_meta``); a finished request that vLLM
+  keeps for its stores is reported in ``finished_sending`` once they are done here. ``handle_preemptions``
+  waits for the stores of the requests vLLM preempted before their blocks are overwritten.
+- Shutdown: waits (a bounded time) for the copies in flight and records the stores no report carried for
+  the scheduler, which keeps them (and writes them through to SSD).
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ from typing import Any
 from flexkv.core import DataPlane
 
 from .config import VllmSettings
-from .kv_layout import layout_from_kv_caches
+from .kv_layout import layer_positions, layout_from_kv_caches
 from .metadata import CopyOrder, FlexKVConnectorMetadata
+from .worker_jobs import JobBook
 
 logger = logging.getLogger("flexkv")
+SHUTDOWN_DRAIN_S = 30.0  # the longest a worker's shutdown waits for copies in flight
 
 
 class WorkerSide:
@@ -27,75 +36,115 @@ class WorkerSide:
         self.settings = settings
         self.vllm_config = vllm_config
         self.layout: Any = None
+        self.layer_of: dict[str, int] = {}  # vLLM layer name -> its layer group in the layout
         self.plane: DataPlane | None = None
         self.plane_error: str | None = None
-        self.jobs: dict[int, CopyOrder] = {}  # copy job -> its order
-        self.recved: set[str] = set()  # loads done, to report
-        self.sent: set[str] = set()  # stores done, to report once vLLM has said the request finished
-        self.finished: set[str] = set()
-        self.load_errors: set[int] = set()
+        self.book = JobBook()
+        self.layer_jobs: list[Any] = []  # this step's layer-wise loads (DataPlane.LayerJobs)
+        self.receipts = ""
+        self.tier: dict[str, Any] = {}
+        self.closed = False
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         num_blocks = getattr(self.vllm_config.cache_config, "num_gpu_blocks", None)
         self.layout, tag, num_layers = layout_from_kv_caches(kv_caches, num_blocks)
+        self.layer_of = layer_positions(kv_caches)
         logger.info("FlexKV: worker registered %d layers x %d blocks (%s), %d bytes per block", num_layers,
                     self.layout.num_blocks, tag, self.layout.block_bytes)
 
     def start_load_kv(self, metadata: FlexKVConnectorMetadata | None) -> None:
-        """Queues this step's copies: loads ahead of stores."""
-        if metadata is None or not metadata.orders:
+        """Queues this step's loads (layer-wise ones before the forward, as vLLM calls this then)."""
+        self.layer_jobs = []
+        if metadata is None:
             return
-        plane = self._plane(metadata.tier)
-        for order in sorted(metadata.orders, key=lambda o: o.store):
-            if not order.store:
-                self.load_errors.update(order.error_blocks)
-            if plane is None or not order.engine_blocks:
-                self._done(order, self.plane_error if plane is None and order.engine_blocks else "")
-                continue
-            try:
-                job = plane.submit("engine_to_host" if order.store else "host_to_engine", order.engine_blocks,
-                                   order.host_blocks, urgent=not order.store)
-            except Exception as e:  # never leave the request waiting: report it, with its blocks as errors
-                self._done(order, str(e))
-                continue
-            self.jobs[job] = order
+        self.receipts, self.tier = metadata.receipts or self.receipts, metadata.tier or self.tier
+        self.book.awaiting.update(metadata.awaiting)
+        self._submit([o for o in metadata.orders if not o.store])
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if not self.layer_jobs or self.plane is None:
+            return
+        layer = self.layer_of.get(layer_name)
+        for jobs in self.layer_jobs:
+            try:  # a layer FlexKV does not know waits for the whole copy
+                self.plane.wait_layer(jobs, int(jobs.groups[-1]) if layer is None else layer)
+            except Exception as e:  # the job's failure is reported by poll: its blocks are recomputed
+                logger.warning("FlexKV: waiting for layer %s failed: %s", layer_name, e)
+
+    def wait_for_save(self, metadata: FlexKVConnectorMetadata | None) -> None:
+        """Queues this step's stores: vLLM calls this after the step's forward."""
+        self.layer_jobs = []
+        if metadata is not None:
+            self.tier = metadata.tier or self.tier
+            self._submit([o for o in metadata.orders if o.store])
+
+    def handle_preemptions(self, metadata: FlexKVConnectorMetadata | None) -> None:
+        """Waits for the stores of preempted requests: vLLM may overwrite their blocks in this step."""
+        if metadata is None or not metadata.flush or self.plane is None:
+            return
+        jobs = self.book.jobs_of(metadata.flush)
+        while jobs & self.book.jobs_of(metadata.flush):
+            self._collect(1_000_000)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        self.finished.update(finished_req_ids)
-        if self.plane is not None and self.jobs:
-            for job, error in self.plane.poll():
-                order = self.jobs.pop(job, None)
-                if order is not None:
-                    self._done(order, error)
-        sending = {r for r in self.sent if r in self.finished}
-        self.sent -= sending
-        self.finished -= sending
-        recving, self.recved = self.recved, set()
+        self._collect(0)
+        sending = self.book.finished_sending(finished_req_ids)
+        recving, self.book.recved = self.book.recved, set()
         return sending or None, recving or None
 
+    def build_connector_worker_meta(self) -> Any:
+        return self.book.take_report()
+
     def get_block_ids_with_load_errors(self) -> set[int]:
-        errors, self.load_errors = self.load_errors, set()
+        errors, self.book.load_errors = self.book.load_errors, set()
         return errors
 
     def shutdown(self) -> None:
-        """Waits for the copies in flight, then unmaps the CPU tier."""
+        """Waits (at most SHUTDOWN_DRAIN_S) for the copies in flight, records the stores no report carried
+        for the scheduler, then unmaps the CPU tier."""
+        if self.closed:
+            return
+        self.closed = True
         if self.plane is None:
             return
-        while self.jobs:
-            for job, error in self.plane.poll(1_000_000):
-                order = self.jobs.pop(job, None)
-                if order is not None:
-                    self._done(order, error)
+        self.book.drain(self.plane, SHUTDOWN_DRAIN_S)
+        self.book.write_receipts(self.receipts)
+        if self.book:
+            logger.warning("FlexKV: copies still running after %.0f s at shutdown; their stores are dropped",
+                           SHUTDOWN_DRAIN_S)
+            return  # the CPU tier stays mapped: a copy still writes into it
         self.plane.close()
         self.plane = None
 
-    def _done(self, order: CopyOrder, error: str) -> None:
-        if error:
-            logger.warning("FlexKV: %s of request %s failed: %s", "store" if order.store else "load",
-                           order.request_id, error)
+    def _submit(self, orders: list[CopyOrder]) -> None:
+        if not orders:
+            return
+        plane = self._plane(self.tier)
+        for order in orders:
             if not order.store:
-                self.load_errors.update(order.engine_blocks)
-        (self.sent if order.store else self.recved).add(order.request_id)
+                self.book.load_errors.update(order.error_blocks)
+            if plane is None or not order.engine_blocks:
+                self.book.started(order, [])
+                self.book.order_done(order, self.plane_error if plane is None and order.engine_blocks else "")
+                continue
+            try:
+                if order.sync:
+                    jobs = plane.submit_layers("host_to_engine", order.engine_blocks, order.host_blocks)
+                    self.layer_jobs.append(jobs)
+                    job_ids = sorted(set(jobs.jobs))
+                else:
+                    job_ids = [plane.submit("engine_to_host" if order.store else "host_to_engine",
+                                            order.engine_blocks, order.host_blocks, urgent=not order.store)]
+            except Exception as e:  # never leave the request waiting: report it, with its blocks as errors
+                self.book.started(order, [])
+                self.book.order_done(order, str(e))
+                continue
+            self.book.started(order, job_ids)
+
+    def _collect(self, timeout_us: int) -> None:
+        if self.plane is not None and self.book:
+            for job, error in self.plane.poll(timeout_us):
+                self.book.job_done(job, error)
 
     def _plane(self, tier: dict[str, Any]) -> DataPlane | None:
         """The data plane onto the scheduler's CPU tier, built on the first order (the scheduler starts
