@@ -9,13 +9,18 @@
 - ``make_env``: make_kv whose managers start with a reference sequence stored (kv_helpers.RefKVEnv); each
   still running must load it byte-exact after the test (the bad-input tests).
 - ``no_flexkv_env``: no FLEXKV_* variable of the tests' own environment (the config tests use it).
+- ``vllm_tiny_model`` / ``vllm_run``: a tiny random-weight Llama, and tests/vllm_driver.py run on it in a process
+  of its own (one vLLM engine per process), each result computed once per session so tests share engines.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -117,3 +122,50 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+VLLM_DRIVER = Path(__file__).with_name("vllm_driver.py")
+SMALL_KV_MIB = 1.6  # about 50 vLLM blocks of 32 tokens: less than two conversations need
+LARGE_KV_MIB = 64
+
+
+@pytest.fixture(scope="session")
+def vllm_tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with random weights (logits far from uniform, so wrong KV shows), saved for vLLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    cfg = LlamaConfig(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+                      initializer_range=0.2, tie_word_embeddings=False)
+    torch.manual_seed(1234)
+    LlamaForCausalLM(cfg).to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_run(vllm_tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
+    """vllm_run(scenario, connector, kv_mib, cache=dict(...), extra=(...)) -> the driver's JSON result; a
+    scenario run once per session with the same arguments is not run again."""
+    results: dict = {}
+    work = tmp_path_factory.mktemp("vllm-runs")
+
+    def run_driver(scenario: str, connector: str = "builtin", kv_mib: float = SMALL_KV_MIB,
+                   cache: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
+        key = (scenario, connector, kv_mib, json.dumps(cache, sort_keys=True), extra)
+        if key in results:
+            return results[key]
+        config = work / f"flexkv-{len(results)}.json"
+        config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "num_cpu_blocks": 512,
+                                                       "tokens_per_block": 32, **(cache or {})}}))
+        cmd = [sys.executable, str(VLLM_DRIVER), scenario, "--model", str(vllm_tiny_model), "--config", str(config),
+               "--connector", connector, "--kv-cache-mib", str(kv_mib), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("FLEXKV_RESULT ")]
+        assert lines, f"{' '.join(cmd)} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        results[key] = json.loads(lines[-1][len("FLEXKV_RESULT "):])
+        results[key]["stderr"] = proc.stderr
+        return results[key]
+
+    return run_driver

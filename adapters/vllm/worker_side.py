@@ -18,6 +18,7 @@ the scheduler-side connector orders them in each step's metadata, and reports th
 from __future__ import annotations
 
 import logging
+import weakref
 from typing import Any
 
 from flexkv.core import DataPlane
@@ -29,6 +30,12 @@ from .worker_jobs import JobBook
 
 logger = logging.getLogger("flexkv")
 SHUTDOWN_DRAIN_S = 30.0  # the longest a worker's shutdown waits for copies in flight
+_LIVE: weakref.WeakSet[WorkerSide] = weakref.WeakSet()
+
+
+def live_workers() -> list[WorkerSide]:
+    """The worker-side connectors of this process."""
+    return list(_LIVE)
 
 
 class WorkerSide:
@@ -44,6 +51,9 @@ class WorkerSide:
         self.receipts = ""
         self.tier: dict[str, Any] = {}
         self.closed = False
+        self.layer_loads = 0  # loads copied layer by layer inside a forward
+        self.layer_waits = 0  # waits of an attention layer for its layer of them
+        _LIVE.add(self)
 
     def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
         num_blocks = getattr(self.vllm_config.cache_config, "num_gpu_blocks", None)
@@ -65,6 +75,7 @@ class WorkerSide:
         if not self.layer_jobs or self.plane is None:
             return
         layer = self.layer_of.get(layer_name)
+        self.layer_waits += 1
         for jobs in self.layer_jobs:
             try:  # a layer FlexKV does not know waits for the whole copy
                 self.plane.wait_layer(jobs, int(jobs.groups[-1]) if layer is None else layer)
@@ -85,6 +96,9 @@ class WorkerSide:
         jobs = self.book.jobs_of(metadata.flush)
         while jobs & self.book.jobs_of(metadata.flush):
             self._collect(1_000_000)
+
+    def stats(self) -> dict[str, int]:
+        return {"layer_loads": self.layer_loads, "layer_waits": self.layer_waits}
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         self._collect(0)
@@ -131,6 +145,7 @@ class WorkerSide:
                 if order.sync:
                     jobs = plane.submit_layers("host_to_engine", order.engine_blocks, order.host_blocks)
                     self.layer_jobs.append(jobs)
+                    self.layer_loads += 1
                     job_ids = sorted(set(jobs.jobs))
                 else:
                     job_ids = [plane.submit("engine_to_host" if order.store else "host_to_engine",
