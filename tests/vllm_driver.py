@@ -36,7 +36,11 @@ def main() -> None:
     p.add_argument("--kv-cache-mib", type=float, default=64)
     p.add_argument("--multiprocessing", action="store_true")
     p.add_argument("--max-batched-tokens", type=int, default=None, help="vLLM's max_num_batched_tokens (chunks)")
+    p.add_argument("--late-reports", action="store_true",
+                   help="fault injection: copies are seen done 16 steps late, as slow GPU copies would be (with "
+                        "--connector module: the connector of tests/vllm_fault_connector.py)")
     p.add_argument("--load-mode", choices=["async", "layerwise"], default="async")
+    p.add_argument("--prompts", help="scenario fresh: a JSON file of prompts (token id lists)")
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
@@ -56,6 +60,10 @@ def main() -> None:
             if args.connector != "module" or args.multiprocessing:
                 p.error("--drop-last-block needs --connector module without --multiprocessing")
             ktc.update(kv_connector="LosesLastBlockConnector", kv_connector_module_path="vllm_fault_connector")
+        if args.late_reports:
+            if args.connector != "module" or args.multiprocessing:
+                p.error("--late-reports needs --connector module without --multiprocessing")
+            ktc.update(kv_connector="LateReportsConnector", kv_connector_module_path="vllm_fault_connector")
         if args.load_mode != "async":
             ktc["kv_connector_extra_config"] = {"flexkv_load_mode": args.load_mode}
         kw["kv_transfer_config"] = KVTransferConfig(**ktc)
@@ -106,8 +114,9 @@ def main() -> None:
         result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
     elif args.scenario == "depth":
         result.update(depth(llm, generate, SamplingParams, reference=args.connector == "none"))
-    elif args.scenario == "fresh":  # after "depth" in another process: its shared prefix from SSD
-        result["turns"] = [generate([p])[0] for p in shared_prefix_prompts(2, 50)]
+    elif args.scenario == "fresh":  # after "depth" in another process: what its batch stored, from SSD
+        with open(args.prompts) as f:  # one at a time: the same batches as the reference's, so the same bits
+            result["turns"] = [generate([p])[0] for p in json.load(f)]
 
     result["flexkv"] = _flexkv_counters()
     result["preemptions"] = _preemptions(llm)
@@ -115,7 +124,7 @@ def main() -> None:
 
 
 def shared_prefix_prompts(n: int, seed: int) -> list[list[int]]:
-    """n prompts of a 640-token shared prefix (20 blocks) and 96 tokens of their own."""
+    """n prompts of a 640-token shared prefix (20 blocks) and 96 tokens of their own (23 blocks in all)."""
     prefix = conversation_prompts(60, 1, 20 * BLOCK, 0)[0]
     return [prefix + conversation_prompts(seed + i, 1, 96, 0)[0] for i in range(n)]
 
@@ -143,11 +152,24 @@ def depth(llm, generate, sampling_params, reference: bool) -> dict:
     out["retry"] = generate([long_prompt])[0]
     if not reference:
         out["retry_hit_tokens"] = side.hit_tokens - hits
-    longer = sampling_params(temperature=0, max_tokens=48, logprobs=1, detokenize=False)
-    out["turns"] = generate(shared_prefix_prompts(8, 10), params=longer)
+    # 736-token prompts and 33 tokens out: each request's last step fills its 24th block, so the batch's last
+    # copies are still running when generate() returns.
+    longer = sampling_params(temperature=0, max_tokens=33, logprobs=1, detokenize=False)
+    prompts = shared_prefix_prompts(8, 10)
+    out["turns"] = generate(prompts, params=longer)
     out["preemptions"] = _preemptions(llm)
-    if reference:  # what a fresh process's requests must answer
-        out["fresh"] = [generate([p])[0] for p in shared_prefix_prompts(2, 50)]
+    # Then a prompt whose three chunks are computed, and the process exits with it still running.
+    unfinished = conversation_prompts(70, 1, 700, 0)[0]
+    if reference:  # what a fresh process asks afterwards (24 or 21 whole blocks each), and must answer
+        out["fresh_prompts"] = [p + t["tokens"] for p, t in zip(prompts, out["turns"])] + [unfinished]
+        out["fresh"] = [generate([p])[0] for p in out["fresh_prompts"]]
+    else:
+        out["stores_in_flight_after_generate"] = len(side.ledger)
+        engine.add_request("unfinished", {"prompt_token_ids": unfinished},
+                           sampling_params(temperature=0, max_tokens=12, detokenize=False))
+        for _ in range(3):
+            engine.step()
+        out["stores_in_flight_at_exit"] = len(side.ledger)
     return out
 
 

@@ -39,6 +39,7 @@ from .orders import OrderLedger
 logger = logging.getLogger("flexkv")
 _LIVE: weakref.WeakSet[SchedulerSide] = weakref.WeakSet()
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
+_PREFETCH_TRIES = 8  # SSD promotions a lookup waits for before it takes what the CPU tier has
 
 
 def live_schedulers() -> list[SchedulerSide]:
@@ -84,6 +85,7 @@ class SchedulerSide:
         self.reqs: dict[str, _Request] = {}
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
         self.prefetches = RequestTasks(self.kv, "prefetch")  # SSD promotions
+        self.prefetch_tries: dict[str, int] = {}
         self.promoting: dict[str, tuple[int, list[int], range]] = {}  # request -> (get task, block ids, blocks)
         self.orders: list[CopyOrder] = []  # ordered since the last build_connector_meta
         self.awaiting: list[str] = []  # finished requests whose stores are in flight, for the next metadata
@@ -170,7 +172,11 @@ class SchedulerSide:
                 if task not in kv.try_wait(task):
                     return None, False  # blocks are coming up from SSD: vLLM asks again later
                 self.prefetches.pop(rid)
-                cpu, _ = kv.lookup(tokens, chain=chain)
+                cpu, ssd = kv.lookup(tokens, chain=chain)
+                tries = self.prefetch_tries[rid] = self.prefetch_tries.get(rid, 0) + 1
+                if ssd > cpu and tries < _PREFETCH_TRIES:  # another request's promotion brings some of them up
+                    return None, False
+            self.prefetch_tries.pop(rid, None)
         except Exception as e:  # a lookup that fails is a miss
             self.prefetches.pop(rid)
             self.misses.failed("lookup", rid, e)
@@ -326,6 +332,7 @@ class SchedulerSide:
         rid = request.request_id
         self.matched.pop(rid, None)
         self.prefetches.pop(rid)
+        self.prefetch_tries.pop(rid, None)
         self.preempted.discard(rid)
         waiting = self.promoting.pop(rid, None)
         if waiting is not None:  # never ordered: its blocks go back once its SSD reads end
