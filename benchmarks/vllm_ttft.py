@@ -13,6 +13,11 @@ with random weights, made on the fly (4 layers, hidden 512, 4 KV heads of 64, bf
 ``--server`` adds a third run: FlexKV in server mode (the engine starts ``flexkv serve`` as its child and is
 its client over ipc), compared with FlexKV in the engine's process.
 
+``--retry`` adds, in each run, the retry of an aborted long prompt: a ``--retry-tokens`` prompt is prefilled in
+chunks of ``--chunk`` tokens, aborted after ``--abort-after`` chunks, vLLM's own prefix cache is emptied (as
+other traffic would evict it) and the prompt is sent again; its TTFT is compared (FlexKV stores each chunk's
+blocks as they are computed, so the retry loads them).
+
 Each configuration runs in its own process (one vLLM engine per process).
 """
 
@@ -71,7 +76,9 @@ def run_engine(args: argparse.Namespace) -> None:
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
                                                     kv_load_failure_policy="recompute")
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
-    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=2048, dtype="bfloat16",
+    if args.retry:
+        kw["max_num_batched_tokens"] = args.chunk
+    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=4096, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
               max_num_seqs=4, seed=0, **kw)
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
@@ -83,13 +90,40 @@ def run_engine(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
             ttft.append({"turn": turn, "tokens": len(prompt), "seconds": time.perf_counter() - t0})
+    if args.retry:
+        ttft += retry_after_abort(llm, sp, args)
     print("FLEXKV_RESULT " + json.dumps(ttft), flush=True)
+
+
+def retry_after_abort(llm, sp, args: argparse.Namespace) -> list[dict]:
+    """TTFT of a long prompt sent again after it was aborted mid-prefill (vLLM's own prefix cache emptied)."""
+    import numpy as np
+
+    out = []
+    for i in range(3):
+        prompt = np.random.default_rng(100 + i).integers(5, 4000, size=args.retry_tokens).tolist()
+        engine = llm.llm_engine
+        engine.add_request(f"long-{i}", {"prompt_token_ids": prompt}, sp)
+        for _ in range(args.abort_after):
+            engine.step()
+        engine.abort_request([f"long-{i}"])
+        for _ in range(50):  # let the abort and the stores of its chunks be reported
+            engine.step()
+        llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+        out.append({"turn": -1, "tokens": len(prompt), "seconds": time.perf_counter() - t0})
+    return out
 
 
 def summary(ttft: list[dict]) -> dict[str, float]:
     later = sorted(r["seconds"] for r in ttft if r["turn"] >= 1)
-    return {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
-            "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+    out = {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
+           "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+    retries = [r["seconds"] for r in ttft if r["turn"] == -1]
+    if retries:
+        out["retry_mean_s"] = statistics.mean(retries)
+    return out
 
 
 def main() -> None:
@@ -101,6 +135,10 @@ def main() -> None:
     p.add_argument("--reply", type=int, default=16, help="tokens of each assistant reply in the history")
     p.add_argument("--vllm-kv-tokens", type=int, default=4096, help="vLLM's own KV cache, in tokens")
     p.add_argument("--server", action="store_true", help="also run FlexKV in server mode")
+    p.add_argument("--retry", action="store_true", help="also time the retry of an aborted long prompt")
+    p.add_argument("--retry-tokens", type=int, default=3072)
+    p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens with --retry")
+    p.add_argument("--abort-after", type=int, default=5, help="prefill chunks computed before the abort")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--mode", choices=["none", "flexkv", "server"], help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -121,7 +159,8 @@ def main() -> None:
             config.write_text(json.dumps(configs[mode]))
             cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens")]
+                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
+                         "chunk", "abort_after")] + (["--retry"] if args.retry else [])
             env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
@@ -135,6 +174,11 @@ def main() -> None:
     for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
                       ("turn1_mean_s", "TTFT mean, turn 1")):
         print(f"{name:>22} {base[key] * 1e3:>9.1f}ms {fx[key] * 1e3:>10.1f}ms {base[key] / fx[key]:>6.2f}x")
+    if args.retry:
+        b, f = base["retry_mean_s"], fx["retry_mean_s"]
+        print(f"{'retry of aborted prompt':>22} {b * 1e3:>9.1f}ms {f * 1e3:>10.1f}ms {b / f:>6.2f}x   "
+              f"({args.retry_tokens} tokens, aborted after "
+              f"{args.abort_after} chunks of {args.chunk}; goal >= 3x)")
     if args.server:
         sv = summary(results["server"])
         print(f"{'':>22} {'in process':>11} {'server mode':>12} {'ratio':>7}   (goal: in process / server >= 0.95)")

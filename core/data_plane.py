@@ -65,6 +65,17 @@ class DataPlane:
         return int(self.copy.submit(direction, self.layout_id, np.asarray(engine_blocks, dtype=np.int64),
                                     np.asarray(host_blocks, dtype=np.int64), urgent))
 
+    def after_current_stream(self) -> None:
+        """On the GPU: the stores queued from now on start only after the work queued so far on the caller's
+        current CUDA stream (an engine's forward that writes the blocks they copy). Nothing on the host."""
+        if not self.layout.is_cuda:
+            return
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        torch.cuda.ExternalStream(int(self.copy.store_stream)).wait_event(event)
+
     def submit_layers(self, direction: str, engine_blocks: Any, host_blocks: Any) -> LayerJobs:
         """Queues an urgent copy that completes layer by layer (``wait_layer``): on the GPU one layer-wise job
         (a CUDA event per layer), on the host one job per layer. ``poll`` reports each of ``jobs`` once."""

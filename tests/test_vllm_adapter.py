@@ -3,6 +3,7 @@ config checks (each a clear error at engine start), and the import paths vLLM us
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -204,5 +205,39 @@ def test_blocks_are_stored_as_computed_and_preemption_flushes_them(tmp_path, mon
         Path(side.ledger.receipts).write_text(f"{third.order_id}\n")  # the worker completed it as it stopped
         side.shutdown()
         assert side.stats()["failures"] == 1  # the failed second order
+    finally:
+        side.shutdown()
+
+
+def test_an_order_ends_once_every_worker_reported_it(tmp_path, monkeypatch) -> None:
+    """With several workers (each copying its slice), a store becomes readable only when every worker
+    reported it done; one failed slice stores nothing. vLLM sums the workers' reports with aggregate()."""
+    from flexkv.adapters.vllm.metadata import FlexKVWorkerMetadata
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    side = SchedulerSide(dataclasses.replace(settings_from_vllm(fake_vllm_config()), num_workers=2))
+    try:
+        for rid, second_ok in (("ok", True), ("bad", False)):
+            tokens = list(range(len(rid), len(rid) + 3 * 32 + 1))
+            req = fake_request(rid, tokens, computed=3 * 32)
+            assert side.request_finished(req, [4, 5, 6, 7]) == (True, None)
+            (order,) = side.build_connector_meta(None).orders
+            side.update_connector_output(done(order))  # the first worker
+            assert len(side.ledger) == 1
+            other = FlexKVWorkerMetadata(ok={order.order_id: 1}) if second_ok else \
+                FlexKVWorkerMetadata(failed={order.order_id: 1})
+            both = FlexKVWorkerMetadata().aggregate(other)
+            side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=both, finished_sending={rid},
+                                                         finished_recving=None))
+            assert len(side.ledger) == 0
+            hit = side.get_num_new_matched_tokens(fake_request(rid + "-again", tokens), 0)
+            assert hit == ((3 * 32, True) if rid == "ok" else (0, False))
+        assert side.stats()["failures"] == 1
+        # A step can schedule tokens whose ids are not known yet (async scheduling): only known ones are stored.
+        req = fake_request("async", list(range(50, 50 + 40)))
+        side.get_num_new_matched_tokens(req, 0)
+        meta = side.build_connector_meta(scheduled(new=[("async", [1, 2], 0)], tokens={"async": 64}))
+        assert [o.engine_blocks for o in meta.orders] == [[1]]
     finally:
         side.shutdown()

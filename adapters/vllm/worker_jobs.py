@@ -83,6 +83,14 @@ class JobBook:
         elif not order.sync:
             self.recved.add(order.request_id)
 
+    def abandon(self, order_ids: list[int], why: str) -> None:
+        """Ends these orders as failed although their jobs still run (their completions are ignored)."""
+        for job in self.jobs_of(order_ids):
+            order_id = self._job_order.pop(job)
+            run = self._running.get(order_id)
+            if run is not None:
+                self.order_done(run.order, why)
+
     def jobs_of(self, order_ids: list[int]) -> set[int]:
         """The copy jobs still running for these orders."""
         wanted = set(order_ids)

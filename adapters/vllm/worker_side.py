@@ -18,6 +18,7 @@ the scheduler-side connector orders them in each step's metadata, and reports th
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -85,17 +86,30 @@ class WorkerSide:
     def wait_for_save(self, metadata: FlexKVConnectorMetadata | None) -> None:
         """Queues this step's stores: vLLM calls this after the step's forward."""
         self.layer_jobs = []
-        if metadata is not None:
-            self.tier = metadata.tier or self.tier
-            self._submit([o for o in metadata.orders if o.store])
+        if metadata is None:
+            return
+        self.tier = metadata.tier or self.tier
+        stores = [o for o in metadata.orders if o.store]
+        if stores and self.plane is not None:
+            try:  # the forward just launched writes the blocks these copy (a GPU runs it asynchronously)
+                self.plane.after_current_stream()
+            except Exception as e:
+                logger.warning("FlexKV: cannot order stores after the forward (%s); they are skipped", e)
+                for order in stores:
+                    self.book.started(order, [])
+                    self.book.order_done(order, str(e))
+                return
+        self._submit(stores)
 
     def handle_preemptions(self, metadata: FlexKVConnectorMetadata | None) -> None:
         """Waits for the stores of preempted requests: vLLM may overwrite their blocks in this step."""
         if metadata is None or not metadata.flush or self.plane is None:
             return
-        jobs = self.book.jobs_of(metadata.flush)
-        while jobs & self.book.jobs_of(metadata.flush):
-            self._collect(1_000_000)
+        deadline = time.monotonic() + SHUTDOWN_DRAIN_S
+        while self.book.jobs_of(metadata.flush) and time.monotonic() < deadline:
+            self._collect(100_000)
+        if self.book.jobs_of(metadata.flush):  # what they copy may be overwritten now: never make it readable
+            self.book.abandon(metadata.flush, f"still running {SHUTDOWN_DRAIN_S:.0f} s after its request was preempted")
 
     def stats(self) -> dict[str, int]:
         return {"layer_loads": self.layer_loads, "layer_waits": self.layer_waits}
