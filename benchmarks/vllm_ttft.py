@@ -78,7 +78,8 @@ def run_engine(args: argparse.Namespace) -> None:
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
     if args.retry:
         kw["max_num_batched_tokens"] = args.chunk
-    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=4096, dtype="bfloat16",
+    max_len = max(2048, args.retry_tokens + 64) if args.retry else 2048
+    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=max_len, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
               max_num_seqs=4, seed=0, **kw)
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
