@@ -241,3 +241,26 @@ def test_an_order_ends_once_every_worker_reported_it(tmp_path, monkeypatch) -> N
         assert [o.engine_blocks for o in meta.orders] == [[1]]
     finally:
         side.shutdown()
+
+
+def test_each_attention_layer_waits_for_its_own_layer_only(tmp_path, monkeypatch) -> None:
+    """Layer-wise loads: vLLM's attention layer i waits (wait_for_layer_load) for layer i of the step's copies,
+    not for the whole copy (the data plane's per-layer copies are tested in test_external_copy.py)."""
+    import numpy as np
+
+    from flexkv.adapters.vllm.worker_side import WorkerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    worker = WorkerSide(settings_from_vllm(fake_vllm_config()), SimpleNamespace(cache_config=SimpleNamespace(
+        num_gpu_blocks=NB)))
+    caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(NB, H, BS, 2 * D, dtype=torch.bfloat16)
+              for i in (2, 0, 1)}
+    worker.register_kv_caches(caches)
+    waited: list[int] = []
+    worker.plane = SimpleNamespace(wait_layer=lambda jobs, layer: waited.append(layer))
+    worker.wait_for_layer_load("model.layers.0.self_attn.attn")  # no layer-wise load this step: no wait
+    assert waited == []
+    worker.layer_jobs = [SimpleNamespace(jobs=[7, 8, 9], groups=np.array([0, 1, 2]))]
+    for i in range(3):
+        worker.wait_for_layer_load(f"model.layers.{i}.self_attn.attn")
+    assert waited == [0, 1, 2] and worker.stats()["layer_waits"] == 3
