@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +38,14 @@ class OrderLedger:
         self._by_request: dict[str, set[int]] = {}
         self._reports: dict[int, list[int]] = {}  # order -> [workers ok, workers failed]
         self.failed_orders = 0
+        self.last_report = time.monotonic()  # when a worker last reported an order
 
     def __len__(self) -> int:
         return len(self._task)
 
     def add(self, request_id: str, task: int, store: bool) -> int:
+        if not self._task:  # the workers' silence counts from the first order in flight
+            self.last_report = time.monotonic()
         order = self._next
         self._next += 1
         self._task[order] = task
@@ -61,6 +65,7 @@ class OrderLedger:
         """Counts a step's worker reports; ends each order every worker has reported."""
         if not isinstance(meta, FlexKVWorkerMetadata):
             return
+        self.last_report = time.monotonic()
         for orders, column in ((meta.ok, 0), (meta.failed, 1)):
             for order, n in orders.items():
                 counts = self._reports.setdefault(order, [0, 0])

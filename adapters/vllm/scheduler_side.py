@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 import weakref
 from typing import Any
 
@@ -40,6 +41,7 @@ logger = logging.getLogger("flexkv")
 _LIVE: weakref.WeakSet[SchedulerSide] = weakref.WeakSet()
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
 _PREFETCH_TRIES = 8  # SSD promotions a lookup waits for before it takes what the CPU tier has
+_SILENT_WORKERS_S = 60.0  # with stores in flight and no report for this long, vLLM's engine may go idle
 
 
 def live_schedulers() -> list[SchedulerSide]:
@@ -102,6 +104,7 @@ class SchedulerSide:
         self.hit_request_keyings = 0
         self.misses = Misses()
         self._closed = False
+        self._warned_silent = False
         _LIVE.add(self)
 
     # ---------------------------------------------------------------------------------------------- keys
@@ -349,8 +352,18 @@ class SchedulerSide:
         return True, None
 
     def has_pending_stores(self) -> bool:
-        """True while copies of stores are in flight: vLLM's engine loop keeps stepping so they are reported."""
-        return self.ledger.has_stores()
+        """True while copies of stores are in flight: vLLM's engine loop keeps stepping so they are reported.
+        Should the workers report nothing for _SILENT_WORKERS_S, the engine may go idle (the stores are then
+        settled at shutdown)."""
+        if not self.ledger.has_stores():
+            return False
+        if time.monotonic() - self.ledger.last_report < _SILENT_WORKERS_S:
+            return True
+        if not self._warned_silent:
+            self._warned_silent = True
+            logger.warning("FlexKV: the workers reported no copy for %.0f s while stores are in flight; vLLM's "
+                           "engine may go idle, the stores are settled at shutdown", _SILENT_WORKERS_S)
+        return False
 
     # ------------------------------------------------------------------------------------------ per step
 
