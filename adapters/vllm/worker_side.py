@@ -90,9 +90,10 @@ class WorkerSide:
             return
         self.tier = metadata.tier or self.tier
         stores = [o for o in metadata.orders if o.store]
-        if stores and self.plane is not None:
+        plane = self._plane(self.tier) if stores else None
+        if plane is not None:
             try:  # the forward just launched writes the blocks these copy (a GPU runs it asynchronously)
-                self.plane.after_current_stream()
+                plane.after_current_stream()
             except Exception as e:
                 logger.warning("FlexKV: cannot order stores after the forward (%s); they are skipped", e)
                 for order in stores:
