@@ -13,6 +13,16 @@ with random weights, made on the fly (4 layers, hidden 512, 4 KV heads of 64, bf
 ``--server`` adds a third run: FlexKV in server mode (the engine starts ``flexkv serve`` as its child and is
 its client over ipc), compared with FlexKV in the engine's process.
 
+``--retry`` adds, in each run, the retry of an aborted long prompt: a ``--retry-tokens`` prompt is prefilled in
+chunks of ``--chunk`` tokens, aborted after ``--abort-after`` chunks, vLLM's own prefix cache is emptied (as
+other traffic would evict it) and the prompt is sent again; its TTFT is compared (FlexKV stores each chunk's
+blocks as they are computed, so the retry loads them).
+
+``--limits`` adds two runs whose vLLM KV cache holds every conversation (``--large-kv-tokens``): vLLM alone
+there is the limit a FlexKV hit can reach (later turns: FlexKV with the small vLLM cache vs vLLM alone with
+the large one; goal within 1.05x), and FlexKV there shows its cost on turns vLLM's own prefix cache serves
+(vLLM alone / FlexKV, both with the large cache; goal >= 0.98).
+
 Each configuration runs in its own process (one vLLM engine per process).
 """
 
@@ -67,11 +77,16 @@ def run_engine(args: argparse.Namespace) -> None:
     from vllm.config import KVTransferConfig
 
     kw = {}
-    if args.mode in ("flexkv", "server"):
+    if args.mode in ("flexkv", "server", "flexkv-large"):
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
                                                     kv_load_failure_policy="recompute")
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
-    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=2048, dtype="bfloat16",
+    if args.mode.endswith("large"):
+        args.vllm_kv_tokens = args.large_kv_tokens
+    if args.retry:
+        kw["max_num_batched_tokens"] = args.chunk
+    max_len = max(2048, args.retry_tokens + 64) if args.retry else 2048
+    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=max_len, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
               max_num_seqs=4, seed=0, **kw)
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
@@ -83,13 +98,40 @@ def run_engine(args: argparse.Namespace) -> None:
             t0 = time.perf_counter()
             llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
             ttft.append({"turn": turn, "tokens": len(prompt), "seconds": time.perf_counter() - t0})
+    if args.retry:
+        ttft += retry_after_abort(llm, sp, args)
     print("FLEXKV_RESULT " + json.dumps(ttft), flush=True)
+
+
+def retry_after_abort(llm, sp, args: argparse.Namespace) -> list[dict]:
+    """TTFT of a long prompt sent again after it was aborted mid-prefill (vLLM's own prefix cache emptied)."""
+    import numpy as np
+
+    out = []
+    for i in range(3):
+        prompt = np.random.default_rng(100 + i).integers(5, 4000, size=args.retry_tokens).tolist()
+        engine = llm.llm_engine
+        engine.add_request(f"long-{i}", {"prompt_token_ids": prompt}, sp)
+        for _ in range(args.abort_after):
+            engine.step()
+        engine.abort_request([f"long-{i}"])
+        for _ in range(50):  # let the abort and the stores of its chunks be reported
+            engine.step()
+        llm.reset_prefix_cache()
+        t0 = time.perf_counter()
+        llm.generate([{"prompt_token_ids": prompt}], sp, use_tqdm=False)
+        out.append({"turn": -1, "tokens": len(prompt), "seconds": time.perf_counter() - t0})
+    return out
 
 
 def summary(ttft: list[dict]) -> dict[str, float]:
     later = sorted(r["seconds"] for r in ttft if r["turn"] >= 1)
-    return {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
-            "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+    out = {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
+           "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+    retries = [r["seconds"] for r in ttft if r["turn"] == -1]
+    if retries:
+        out["retry_mean_s"] = statistics.mean(retries)
+    return out
 
 
 def main() -> None:
@@ -101,8 +143,15 @@ def main() -> None:
     p.add_argument("--reply", type=int, default=16, help="tokens of each assistant reply in the history")
     p.add_argument("--vllm-kv-tokens", type=int, default=4096, help="vLLM's own KV cache, in tokens")
     p.add_argument("--server", action="store_true", help="also run FlexKV in server mode")
+    p.add_argument("--retry", action="store_true", help="also time the retry of an aborted long prompt")
+    p.add_argument("--retry-tokens", type=int, default=3072)
+    p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens with --retry")
+    p.add_argument("--abort-after", type=int, default=5, help="prefill chunks computed before the abort")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--mode", choices=["none", "flexkv", "server"], help=argparse.SUPPRESS)
+    p.add_argument("--limits", action="store_true", help="also run with a vLLM KV cache that holds everything")
+    p.add_argument("--large-kv-tokens", type=int, default=32768, help="vLLM's KV cache with --limits, in tokens")
+    p.add_argument("--mode", choices=["none", "flexkv", "server", "none-large", "flexkv-large"],
+                   help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.mode:
@@ -113,15 +162,19 @@ def main() -> None:
         make_model(model)
         cache = {"enable_cpu": True, "cpu_cache_gb": 1, "tokens_per_block": BLOCK}
         configs = {"none": {"cache_config": cache}, "flexkv": {"cache_config": cache},
+                   "none-large": {"cache_config": cache}, "flexkv-large": {"cache_config": cache},
                    "server": {"cache_config": cache, "server_client_mode": True,
                               "server_recv_port": f"ipc://{tmp}/flexkv.sock"}}
         results = {}
-        for mode in ("none", "flexkv", "server") if args.server else ("none", "flexkv"):
+        modes = ["none", "flexkv"] + (["server"] if args.server else []) + \
+            (["none-large", "flexkv-large"] if args.limits else [])
+        for mode in modes:
             config = Path(tmp) / f"flexkv-{mode}.json"
             config.write_text(json.dumps(configs[mode]))
             cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens")]
+                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
+                         "chunk", "abort_after", "large_kv_tokens")] + (["--retry"] if args.retry else [])
             env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
@@ -135,6 +188,21 @@ def main() -> None:
     for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
                       ("turn1_mean_s", "TTFT mean, turn 1")):
         print(f"{name:>22} {base[key] * 1e3:>9.1f}ms {fx[key] * 1e3:>10.1f}ms {base[key] / fx[key]:>6.2f}x")
+    if args.retry:
+        b, f = base["retry_mean_s"], fx["retry_mean_s"]
+        print(f"{'retry of aborted prompt':>22} {b * 1e3:>9.1f}ms {f * 1e3:>10.1f}ms {b / f:>6.2f}x   "
+              f"({args.retry_tokens} tokens, aborted after "
+              f"{args.abort_after} chunks of {args.chunk}; goal >= 3x)")
+    if args.limits:
+        lim, fl = summary(results["none-large"]), summary(results["flexkv-large"])
+        print(f"{'':>22} {'vLLM cache':>11} {'FlexKV':>12} {'ratio':>7}   (later turns: the limit a hit can reach; "
+              "goal FlexKV / limit <= 1.05)")
+        print(f"{'TTFT mean, turns >= 2':>22} {lim['mean_s'] * 1e3:>9.1f}ms {fx['mean_s'] * 1e3:>10.1f}ms "
+              f"{fx['mean_s'] / lim['mean_s']:>6.2f}x")
+        print(f"{'':>22} {'vLLM alone':>11} {'with FlexKV':>12} {'ratio':>7}   (vLLM's cache holds everything; "
+              "goal alone / FlexKV >= 0.98)")
+        for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("turn1_mean_s", "TTFT mean, turn 1")):
+            print(f"{name:>22} {lim[key] * 1e3:>9.1f}ms {fl[key] * 1e3:>10.1f}ms {lim[key] / fl[key]:>6.2f}x")
     if args.server:
         sv = summary(results["server"])
         print(f"{'':>22} {'in process':>11} {'server mode':>12} {'ratio':>7}   (goal: in process / server >= 0.95)")

@@ -10,7 +10,7 @@ from .control_plane import FaultInjectingIoEnv
 from .data_plane import DataPlane
 from .engine_requests import Misses, RequestTasks, block_size_for_engine, end_task, request_namespace
 from .errors import ConfigError, FlexKVError, LayoutError, TaskError
-from .kv_manager import KVManager
+from .kv_manager import KeyChain, KVManager
 from .layout import EngineLayout, KVCacheLayout, KVCacheLayoutType
 from .local_registry import manager_for, manager_with_model
 from .log import setup_logging
@@ -20,6 +20,7 @@ from .rank_agent import RankAgent
 from .rank_hub import rank_endpoint
 from .request import KVResponse, KVResponseStatus
 from .server_launch import ServerSettings
+from .task_args import hashes_array
 from .wire import ServerError, ServerUnavailable
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "KVCacheLayout",
     "KVCacheLayoutType",
     "KVManager",
+    "KeyChain",
     "KVResponse",
     "KVResponseStatus",
     "LayoutError",
@@ -49,6 +51,7 @@ __all__ = [
     "block_size_for_engine",
     "canonical_dtype_name",
     "end_task",
+    "hashes_array",
     "load_config",
     "manager_for",
     "manager_with_model",

@@ -4,6 +4,7 @@ that manager's scheduler orders them."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +17,15 @@ from .cpu_tier import map_cpu_tier
 from .errors import LayoutError
 from .gpu_plane import make_gpu_copy_engine
 from .layout import EngineLayout
+
+
+@dataclass
+class LayerJobs:
+    """A copy that completes layer by layer: ``jobs[i]`` completes layer group ``groups[i]`` (a group is the
+    last layer its segments hold)."""
+
+    jobs: list[int]
+    groups: np.ndarray
 
 
 class DataPlane:
@@ -36,6 +46,7 @@ class DataPlane:
         self.tier = SimpleNamespace(base=int(self.region.address), num_blocks=int(tier_info["num_blocks"]),
                                     block_stride=int(tier_info["block_stride"]))
         self.layout = layout
+        self._per_layer: list[int] | None = None
         t = self.tier
         if layout.is_cuda:
             self.copy, self.layout_id = make_gpu_copy_engine(cache_config, layout, t)
@@ -60,6 +71,52 @@ class DataPlane:
         """Blocks until ``layer`` of a job is copied (the whole job when it is not layer-wise, or on the host
         copy threads); returns at once for a job that ended, collected by ``poll`` or not."""
         self.copy.wait_group(int(job), int(layer))
+
+    def after_current_stream(self) -> None:
+        """On the GPU: the stores queued from now on start only after the work queued so far on the caller's
+        current CUDA stream (an engine's forward that writes the blocks they copy). Nothing on the host."""
+        if not self.layout.is_cuda:
+            return
+        import torch
+
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        torch.cuda.ExternalStream(int(self.copy.store_stream)).wait_event(event)
+
+    def submit_layers(self, direction: str, engine_blocks: Any, host_blocks: Any) -> LayerJobs:
+        """Queues an urgent copy that completes layer by layer (``wait_layer_jobs``): on the GPU one layer-wise job
+        (a CUDA event per layer), on the host one job per layer. ``poll`` reports each of ``jobs`` once."""
+        if self.layout.is_cuda:
+            job = self.submit(direction, engine_blocks, host_blocks, urgent=True, layerwise=True)
+            return LayerJobs([job] * len(self._groups()), self._groups())
+        engine = np.asarray(engine_blocks, dtype=np.int64)
+        host = np.asarray(host_blocks, dtype=np.int64)
+        jobs = [int(self.copy.submit(direction, layout_id, engine, host, True)) for layout_id in self._layer_layouts()]
+        return LayerJobs(jobs, self._groups())
+
+    def wait_layer_jobs(self, jobs: LayerJobs, layer: int) -> None:
+        """Returns once ``layer`` of the copy is in the engine's memory (on the GPU: makes the current CUDA
+        stream wait for it instead)."""
+        i = min(int(np.searchsorted(jobs.groups, layer)), len(jobs.groups) - 1)
+        if self.layout.is_cuda:
+            import torch
+
+            self.copy.stream_wait_group(jobs.jobs[i], int(jobs.groups[i]), torch.cuda.current_stream().cuda_stream)
+        else:
+            self.copy.wait_group(jobs.jobs[i], 0)
+
+    def _groups(self) -> np.ndarray:
+        return np.unique(self.layout.grouped_segments()[:, 4])
+
+    def _layer_layouts(self) -> list[int]:
+        """The host engine's layout of each layer group's segments alone, registered on first use."""
+        if self._per_layer is None:
+            seg = self.layout.grouped_segments()
+            t = self.tier
+            self._per_layer = [self.copy.register_layout(np.ascontiguousarray(seg[seg[:, 4] == g, :4]),
+                                                         self.layout.num_blocks, t.base, t.block_stride, t.num_blocks)
+                               for g in self._groups()]
+        return self._per_layer
 
     def poll(self, timeout_us: int = 0) -> list[tuple[int, str]]:
         """Jobs that have ended since the last poll, with their error ("" when they succeeded); waits up to

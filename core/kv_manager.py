@@ -40,6 +40,17 @@ _TOKEN_COUNTERS = ("get_query", "get_hit", "put_new", "put_cached", "put_dropped
 Namespace = Sequence[str] | str | None
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyChain:
+    """The keys of a token run's whole blocks, made once (``KVManager.key_chain``) and reused by every call on
+    the same tokens: ``run`` is the control plane's, ``hashes`` the engine block hashes they were salted from
+    (None: from token ids), ``namespace`` the one they were made in."""
+
+    run: Any
+    hashes: np.ndarray | None
+    namespace: Namespace
+
+
 class KVManager:
     """``layout_tag`` names the engine's byte order inside a block (engines with different ones never share
     blocks); ``namespace`` salts every request of this manager. ``control_plane`` shares another facade's
@@ -250,76 +261,91 @@ class KVManager:
     # ---------------------------------------------------------------- matching
 
     def get_match(self, token_ids: Any, token_mask: Any = None, cpu_only: bool = False, namespace: Namespace = None,
-                  swa_aware: bool = False, *, block_hashes: Any = None) -> tuple[int, np.ndarray]:
+                  swa_aware: bool = False, *, block_hashes: Any = None, chain: KeyChain | None = None
+                  ) -> tuple[int, np.ndarray]:
         """Locks the cached blocks the masked tokens need; returns (task_id, mask of the tokens it loads).
         ``token_mask`` is False for a prefix the engine has. ``cpu_only`` loads only what the CPU tier holds
         now (nothing comes up from SSD). ``block_hashes`` (one 128-bit hash per whole block, e.g. vLLM's
-        ``request.block_hashes``) key the blocks instead of hashing the tokens again. The order of the
-        arguments is the original FlexKV's (``namespace`` is the fourth); ``swa_aware`` must stay False."""
+        ``request.block_hashes``) key the blocks instead of hashing the tokens again; ``chain`` (from
+        :meth:`key_chain`) reuses keys made before. The order of the arguments is the original FlexKV's
+        (``namespace`` is the fourth); ``swa_aware`` must stay False."""
         args.check_flag("get_match", "cpu_only", cpu_only, 3, "namespace=... by keyword")
         args.check_flag("get_match", "swa_aware", swa_aware, 5, "")
         if swa_aware:
             raise TaskError("get_match: swa_aware=True needs sliding-window (SWA) pools, which this version lacks")
         tokens, mask_in, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
         n = len(tokens)
+        chain = self._chain(tokens, namespace, block_hashes, chain)
         if cpu_only:  # match the prefix the CPU tier holds; the rest of the mask stays False
-            n = min(n, self.lookup(tokens, namespace, block_hashes=block_hashes)[0])
-            hashes = None if block_hashes is None else block_hashes[: n // self.tokens_per_block]
+            n = min(n, self.lookup(tokens, namespace, chain=chain)[0])
             if first * self.tokens_per_block >= n:
                 n, first = 0, 0
-            task, blocks, _ = self._plane().get_match(self._run(tokens[:n], namespace, hashes), first, n)
-        else:
-            run = self._run(tokens, namespace, block_hashes)
-            if self._remote is not None:  # remote-only blocks after the local ones come up first (bounded)
-                self._remote.promote(run, self._run_of(tokens, namespace, block_hashes), len(tokens))
+            run = chain.run
+            if n < len(tokens):
+                hashes = None if chain.hashes is None else chain.hashes[: n // self.tokens_per_block]
+                run = self._run(tokens[:n], chain.namespace, hashes)
             task, blocks, _ = self._plane().get_match(run, first, n)
+        else:
+            if self._remote is not None:  # remote-only blocks after the local ones come up first (bounded)
+                self._remote.promote(chain.run, self._run_of(tokens, chain.namespace, chain.hashes), len(tokens))
+            task, blocks, _ = self._plane().get_match(chain.run, first, n)
         self._track(task, "get")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
     def put_match(self, token_ids: Any, token_mask: Any = None, namespace: Namespace = None, *,
-                  block_hashes: Any = None) -> tuple[int, np.ndarray]:
+                  block_hashes: Any = None, chain: Any = None) -> tuple[int, np.ndarray]:
         """Reserves CPU blocks for the masked tokens' blocks not cached yet; returns (task_id, mask of the
         tokens to store). The blocks before the mask must be cached already, else nothing is stored."""
         tokens, _, first = args.check_tokens(token_ids, token_mask, self.tokens_per_block)
-        run = self._run(tokens, namespace, block_hashes)
+        run = self._chain(tokens, namespace, block_hashes, chain).run
         task, blocks, covered = self._plane().put_match(run, first, len(tokens))
         if self._remote is not None:
             self._remote.note_put(task, run, covered)
         self._track(task, "put")
         return task, args.token_mask(len(tokens), blocks, self.tokens_per_block)
 
-    def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> tuple[int, int]:
+    def lookup(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None,
+               chain: KeyChain | None = None) -> tuple[int, int]:
         """(tokens of the leading whole blocks ready in the CPU tier, the same in the slower tiers: on SSD, or
         on SSD and then in the remote tier when there is one), locking nothing. prefetch_async brings the
         slower tiers' blocks up."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        run = self._run(tokens, namespace, block_hashes)
+        run = self._chain(tokens, namespace, block_hashes, chain).run
         if self._remote is not None:
             cpu, ssd, remote = self._remote.plan(run)
             return cpu * self.tokens_per_block, (max(cpu, ssd) + remote) * self.tokens_per_block
         cpu, ssd = self._plane().lookup(run)
         return cpu * self.tokens_per_block, ssd * self.tokens_per_block
 
-    def prefetch_async(self, token_ids: Any, namespace: Namespace = None) -> int:
+    def prefetch_async(self, token_ids: Any, namespace: Namespace = None, *, chain: KeyChain | None = None) -> int:
         """Promotes the blocks only slower tiers (SSD, remote) hold into the CPU tier; a task that needs no
         launch (wait / try_wait report its end)."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
-        run = self._run(tokens, namespace, None)
+        chain = self._chain(tokens, namespace, None, chain)
         if self._remote is not None:
-            job = self._remote.prefetch(run, self._run_of(tokens, namespace, None), len(tokens))
+            job = self._remote.prefetch(chain.run, self._run_of(tokens, chain.namespace, chain.hashes), len(tokens))
             if not self._remote.is_job(job):
                 self._track(job, "prefetch")
             return job
-        task = int(self._plane().prefetch(run, len(tokens)))
+        task = int(self._plane().prefetch(chain.run, len(tokens)))
         self._track(task, "prefetch")
         return task
 
-    def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0) -> int:
+    def key_chain(self, token_ids: Any, namespace: Namespace = None, *, block_hashes: Any = None) -> KeyChain:
+        """The keys of ``token_ids``' whole blocks (salted from ``block_hashes`` when given: no token is hashed),
+        to pass as ``chain=`` to lookup / get_match / put_match / prefetch_async / invalidate with the same token
+        ids, so a request's prompt is keyed once for all of them."""
+        tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
+        return self._chain(tokens, namespace, block_hashes, None)
+
+    def invalidate(self, token_ids: Any, namespace: Namespace = None, *, from_token: int = 0,
+                   chain: Any = None) -> int:
         """Makes the CPU tier's cached blocks of ``token_ids`` from ``from_token`` on unreadable, as if they had
         been evicted (the next put rewrites them); returns how many tokens it dropped."""
         tokens, _, _ = args.check_tokens(token_ids, None, self.tokens_per_block)
         start = max(0, int(from_token)) // self.tokens_per_block
-        return int(self._plane().invalidate(self._run(tokens, namespace, None), start)) * self.tokens_per_block
+        run = self._chain(tokens, namespace, None, chain).run
+        return int(self._plane().invalidate(run, start)) * self.tokens_per_block
 
     def block_keys(self, token_ids: Any, namespace: Namespace = None) -> np.ndarray:
         """The (n, 2) uint64 block keys of the whole blocks of ``token_ids``: the same in every facade."""
@@ -573,6 +599,12 @@ class KVManager:
             part = None if hashes is None else hashes[:n]
             return self._run(tokens[: n * self.tokens_per_block], namespace, part)
         return run_of
+
+    def _chain(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any, chain: KeyChain | None) -> KeyChain:
+        if chain is not None:
+            return chain
+        hashes = None if block_hashes is None else args.hashes_array(block_hashes)
+        return KeyChain(self._run(tokens, namespace, hashes), hashes, namespace)
 
     def _run(self, tokens: np.ndarray, namespace: Namespace, block_hashes: Any) -> Any:
         cp = self._plane()

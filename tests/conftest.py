@@ -17,12 +17,15 @@
   clean and shut down after the test; ``upstream_warnings``: the original's no-effect keys warn afresh.
 - ``remote_servers``: SeaweedFS (S3) and Redis on 127.0.0.1, started once per session (tests/remote_servers.py);
   ``remote``: those servers up, the AWS environment pointing at them, and a bucket prefix of the test's own.
+- ``vllm_run``: tests/vllm_driver.py run on tiny_model in a process
+  of its own (one vLLM engine per process), each result computed once per session so tests share engines.
 
 The plain helpers (engine fake, store / load, slots, tokens) are in tests/kv_helpers.py.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -132,6 +135,11 @@ def no_flexkv_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("FLEXKV_"):
             monkeypatch.delenv(name)
+
+
+VLLM_DRIVER = Path(__file__).with_name("vllm_driver.py")
+SMALL_KV_MIB = 1.6  # about 50 vLLM blocks of 32 tokens: less than two conversations need
+LARGE_KV_MIB = 64
 
 
 @pytest.fixture(scope="module")
@@ -286,6 +294,8 @@ def tiny_chat_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
                           "{% if add_generation_prompt %}assistant :{% endif %}")
     fast.save_pretrained(out)
     return out
+
+
 @pytest.fixture(scope="session")
 def remote_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
     servers = Servers(tmp_path_factory.mktemp("remote-servers"))
@@ -332,3 +342,31 @@ def remote(remote_servers: Servers, monkeypatch: pytest.MonkeyPatch,
     prefix = f"{zlib.crc32(request.node.nodeid.encode()):08x}-{os.urandom(4).hex()}/"
     yield RemoteEnv(remote_servers, prefix)
     remote_servers.ensure_up()
+
+
+@pytest.fixture(scope="session")
+def vllm_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
+    """vllm_run(scenario, connector, kv_mib, cache=dict(...), extra=(...)) -> the driver's JSON result; a
+    scenario run once per session with the same arguments is not run again."""
+    results: dict = {}
+    work = tmp_path_factory.mktemp("vllm-runs")
+
+    def run_driver(scenario: str, connector: str = "builtin", kv_mib: float = SMALL_KV_MIB,
+                   cache: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
+        key = (scenario, connector, kv_mib, json.dumps(cache, sort_keys=True), extra)
+        if key in results:
+            return results[key]
+        config = work / f"flexkv-{len(results)}.json"
+        config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "num_cpu_blocks": 512,
+                                                       "tokens_per_block": 32, **(cache or {})}}))
+        cmd = [sys.executable, str(VLLM_DRIVER), scenario, "--model", str(tiny_model), "--config", str(config),
+               "--connector", connector, "--kv-cache-mib", str(kv_mib), *extra]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("FLEXKV_RESULT ")]
+        assert lines, f"{' '.join(cmd)} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+        results[key] = json.loads(lines[-1][len("FLEXKV_RESULT "):])
+        results[key]["stderr"] = proc.stderr
+        return results[key]
+
+    return run_driver

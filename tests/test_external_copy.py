@@ -146,3 +146,36 @@ def test_external_loads_of_blocks_coming_up_from_ssd(make_env, timeout: float) -
     eng.assert_poisoned(range(10 + len(seq), 16))
     wait_until(lambda: kv.cache_stats()["cpu"]["num_locked"] == 0)
     plane.close()
+
+
+def test_a_layerwise_load_completes_layer_by_layer(make_env) -> None:
+    """submit_layers: one copy per layer group on the host (vLLM's layer-wise loads on its CPU backend); after
+    wait_layer_jobs(layer) that layer of every block is in place; poll reports each job once."""
+    env = make_env()
+    kv, eng = env.kv, env.eng
+    data = eng.fill(range(B))
+    plane = data_plane(env)
+    tokens = env.tokens(4 * T)
+    src, dst = [5, 6, 7, 8], [20, 21, 22, 23]
+    task, _ = kv.put_match(tokens)
+    seq, host = kv.take_external(task)
+    plane.submit("engine_to_host", [src[i] for i in seq], host)
+    plane.poll(5_000_000)
+    kv.finish_external(task, True)
+
+    eng.poison(dst)
+    task, _ = kv.get_match(tokens)
+    seq, host = kv.take_external(task)
+    jobs = plane.submit_layers("host_to_engine", [dst[i] for i in seq], host)
+    assert len(set(jobs.jobs)) == 2 and jobs.groups.tolist() == [0, 1]  # one copy per layer
+    for layer in (1, 0):
+        plane.wait_layer_jobs(jobs, layer)
+        assert torch.equal(eng.tensors[layer][dst].view(torch.int16), eng.tensors[layer][src].view(torch.int16))
+    done: list[tuple[int, str]] = []
+    deadline = time.monotonic() + 5
+    while len(done) < 2 and time.monotonic() < deadline:
+        done += plane.poll(100_000)
+    assert sorted(done) == sorted((job, "") for job in jobs.jobs)
+    kv.finish_external(task, True)
+    eng.assert_blocks(dst, [data[s] for s in src])
+    plane.close()

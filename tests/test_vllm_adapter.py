@@ -3,8 +3,11 @@ config checks (each a clear error at engine start), and the import paths vLLM us
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -136,8 +139,19 @@ def test_engine_settings_that_cannot_work_are_refused(tmp_path, monkeypatch) -> 
 
 
 def fake_request(rid: str, tokens: list[int], computed: int = 0, salt: str | None = None) -> SimpleNamespace:
+    """A vLLM request; its block_hashes stand in for vLLM's (a hash of each whole block's prefix)."""
+    hashes = [hashlib.sha256(repr((salt, tokens[: (i + 1) * 32])).encode()).digest() for i in range(len(tokens) // 32)]
     return SimpleNamespace(request_id=rid, all_token_ids=tokens, num_tokens=len(tokens), num_computed_tokens=computed,
-                           cache_salt=salt, lora_request=None)
+                           cache_salt=salt, lora_request=None, block_hashes=hashes)
+
+
+def done(*orders, failed: tuple = ()) -> SimpleNamespace:
+    """A step's connector output in which the worker reports these orders done (or failed)."""
+    from flexkv.adapters.vllm.metadata import FlexKVWorkerMetadata
+
+    return SimpleNamespace(kv_connector_worker_meta=FlexKVWorkerMetadata(ok={o.order_id: 1 for o in orders},
+                                                                         failed={o.order_id: 1 for o in failed}),
+                           finished_sending=None, finished_recving=None)
 
 
 def test_scheduler_side_releases_everything_of_aborted_and_finished_requests(tmp_path, monkeypatch) -> None:
@@ -153,7 +167,8 @@ def test_scheduler_side_releases_everything_of_aborted_and_finished_requests(tmp
         assert side.request_finished(first, [10, 11, 12, 13, 14]) == (True, None)  # 4 whole blocks to store
         meta = side.build_connector_meta(None)
         assert [o.engine_blocks for o in meta.orders] == [[10, 11, 12, 13]] and meta.orders[0].store
-        side.update_connector_output(SimpleNamespace(finished_sending={"a"}, finished_recving=None))
+        assert meta.awaiting == ["a"]  # vLLM keeps the blocks until the worker reports the request
+        side.update_connector_output(done(meta.orders[0]))
 
         again = fake_request("b", tokens)
         assert side.get_num_new_matched_tokens(again, 0) == (4 * 32, True)
@@ -167,7 +182,118 @@ def test_scheduler_side_releases_everything_of_aborted_and_finished_requests(tmp
         assert side.request_finished(again, []) == (False, None)  # aborted while loading
         side.update_connector_output(SimpleNamespace(finished_sending=None, finished_recving={"b"}))
         assert side.kv.cache_stats()["cpu"]["num_locked"] == 0
+        assert side.stats()["keyings"] == 1  # the prompt was keyed once for its lookups and its load
         salted = fake_request("c", tokens, salt="other")
         assert side.get_num_new_matched_tokens(salted, 0) == (0, False)
     finally:
         side.shutdown()
+
+
+def scheduled(new: list = (), cached: list = (), preempted: tuple = (), tokens: dict | None = None) -> SimpleNamespace:
+    """A scheduler output: new requests (rid, block ids, computed), running ones (rid, new block ids, computed)."""
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=c) for r, b, c in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=[r for r, _, _ in cached], resumed_req_ids=set(),
+                                              new_block_ids=[(b,) if b else None for _, b, _ in cached],
+                                              num_computed_tokens=[c for _, _, c in cached]),
+        preempted_req_ids=set(preempted), num_scheduled_tokens=dict(tokens or {}))
+
+
+def test_blocks_are_stored_as_computed_and_preemption_flushes_them(tmp_path, monkeypatch) -> None:
+    """Each step orders the blocks its forward fills; a failed copy stores nothing; a preempted request's
+    copies in flight are named for the workers to wait for; a request finished with copies in flight is kept
+    by vLLM until they are done, and what the workers completed at shutdown is kept."""
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    side = SchedulerSide(settings_from_vllm(fake_vllm_config()))
+    try:
+        tokens = list(range(7, 7 + 5 * 32 + 3))
+        req = fake_request("long", tokens)
+        assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+        side.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: ([],)), 0)
+        # First chunk: 70 tokens fill 2 blocks.
+        meta = side.build_connector_meta(scheduled(new=[("long", [5, 6, 7], 0)], tokens={"long": 70}))
+        (first,) = meta.orders
+        assert first.store and first.engine_blocks == [5, 6]
+        # Second chunk: 64 more tokens fill blocks 2 and 3 (block 4 is partial).
+        meta = side.build_connector_meta(scheduled(cached=[("long", [8, 9], 70)], tokens={"long": 64}))
+        (second,) = meta.orders
+        assert second.engine_blocks == [7, 8]
+        side.update_connector_output(done(first, failed=(second,)))
+        assert side.kv.lookup(tokens, side.reqs["long"].ns, block_hashes=None)[0] == 0  # keyed by vLLM's hashes
+        # Preempted: nothing new is ordered for it, and no copy of it is in flight any more.
+        meta = side.build_connector_meta(scheduled(preempted=("long",)))
+        assert meta.flush == [] and meta.orders == []
+        assert side.stats()["preemptions"] == 1
+        # Resumed with new blocks: blocks 2 and 3 failed, so they are ordered again, with block 4.
+        req.num_computed_tokens = 5 * 32
+        meta = side.build_connector_meta(scheduled(new=[("long", [1, 2, 3, 4, 0, 9], 0)], tokens={"long": 163}))
+        (third,) = meta.orders
+        assert third.engine_blocks == [3, 4, 0]
+        # Preempted again while that copy runs: the workers must wait for it.
+        assert side.build_connector_meta(scheduled(preempted=("long",))).flush == [third.order_id]
+        assert side.request_finished(req, [1, 2, 3, 4, 0, 9]) == (True, None)
+        assert side.build_connector_meta(None).awaiting == ["long"]
+        Path(side.ledger.receipts).write_text(f"{third.order_id}\n")  # the worker completed it as it stopped
+        side.shutdown()
+        assert side.stats()["failures"] == 1  # the failed second order
+    finally:
+        side.shutdown()
+
+
+def test_an_order_ends_once_every_worker_reported_it(tmp_path, monkeypatch) -> None:
+    """With several workers (each copying its slice), a store becomes readable only when every worker
+    reported it done; one failed slice stores nothing. vLLM sums the workers' reports with aggregate()."""
+    from flexkv.adapters.vllm.metadata import FlexKVWorkerMetadata
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    side = SchedulerSide(dataclasses.replace(settings_from_vllm(fake_vllm_config()), num_workers=2))
+    try:
+        for rid, second_ok in (("ok", True), ("bad", False)):
+            tokens = list(range(len(rid), len(rid) + 3 * 32 + 1))
+            req = fake_request(rid, tokens, computed=3 * 32)
+            assert side.request_finished(req, [4, 5, 6, 7]) == (True, None)
+            (order,) = side.build_connector_meta(None).orders
+            side.update_connector_output(done(order))  # the first worker
+            assert len(side.ledger) == 1
+            other = FlexKVWorkerMetadata(ok={order.order_id: 1}) if second_ok else \
+                FlexKVWorkerMetadata(failed={order.order_id: 1})
+            both = FlexKVWorkerMetadata().aggregate(other)
+            side.update_connector_output(SimpleNamespace(kv_connector_worker_meta=both, finished_sending={rid},
+                                                         finished_recving=None))
+            assert len(side.ledger) == 0
+            hit = side.get_num_new_matched_tokens(fake_request(rid + "-again", tokens), 0)
+            assert hit == ((3 * 32, True) if rid == "ok" else (0, False))
+        assert side.stats()["failures"] == 1
+        # A step can schedule tokens whose ids are not known yet (async scheduling): only known ones are stored.
+        req = fake_request("async", list(range(50, 50 + 40)))
+        side.get_num_new_matched_tokens(req, 0)
+        meta = side.build_connector_meta(scheduled(new=[("async", [1, 2], 0)], tokens={"async": 64}))
+        assert [o.engine_blocks for o in meta.orders] == [[1]]
+    finally:
+        side.shutdown()
+
+
+def test_each_attention_layer_waits_for_its_own_layer_only(tmp_path, monkeypatch) -> None:
+    """Layer-wise loads: vLLM's attention layer i waits (wait_for_layer_load) for layer i of the step's copies,
+    not for the whole copy (the data plane's per-layer copies are tested in test_external_copy.py)."""
+    import numpy as np
+
+    from flexkv.adapters.vllm.worker_side import WorkerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    worker = WorkerSide(settings_from_vllm(fake_vllm_config()), SimpleNamespace(cache_config=SimpleNamespace(
+        num_gpu_blocks=NB)))
+    caches = {f"model.layers.{i}.self_attn.attn": torch.zeros(NB, H, BS, 2 * D, dtype=torch.bfloat16)
+              for i in (2, 0, 1)}
+    worker.register_kv_caches(caches)
+    waited: list[int] = []
+    plane = SimpleNamespace(wait_layer_jobs=lambda jobs, layer: waited.append(layer))
+    worker.wait_for_layer_load("model.layers.0.self_attn.attn")  # no layer-wise load this step: no wait
+    assert waited == []
+    worker.layer_jobs = [(plane, SimpleNamespace(jobs=[7, 8, 9], groups=np.array([0, 1, 2])))]
+    for i in range(3):
+        worker.wait_for_layer_load(f"model.layers.{i}.self_attn.attn")
+    assert waited == [0, 1, 2] and worker.stats()["layer_waits"] == 3

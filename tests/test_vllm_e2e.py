@@ -9,48 +9,14 @@ FlexKV. Outputs must be identical, token for token and logprob for logprob.
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 try:
     import vllm  # noqa: F401  (installed by `./build.sh --dev`; these tests must run, never skip)
 except ImportError as e:
     raise ImportError("the vLLM end-to-end tests need vLLM's CPU build: run ./build.sh --dev") from e
 
-DRIVER = Path(__file__).with_name("vllm_driver.py")
-SMALL_KV_MIB = 1.6  # about 50 vLLM blocks of 32 tokens: less than two conversations need
-LARGE_KV_MIB = 64
-
-
-@pytest.fixture(scope="module")
-def run(tiny_model, tmp_path_factory):
-    """run(scenario, connector, kv_mib, cache=dict(...), extra=[...]) -> the driver's JSON result."""
-    results: dict = {}
-    work = tmp_path_factory.mktemp("vllm-runs")
-
-    def run_driver(scenario: str, connector: str = "builtin", kv_mib: float = SMALL_KV_MIB,
-                   cache: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
-        key = (scenario, connector, kv_mib, json.dumps(cache, sort_keys=True), extra)
-        if key in results:
-            return results[key]
-        config = work / f"flexkv-{len(results)}.json"
-        config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "num_cpu_blocks": 512,
-                                                       "tokens_per_block": 32, **(cache or {})}}))
-        cmd = [sys.executable, str(DRIVER), scenario, "--model", str(tiny_model), "--config", str(config),
-               "--connector", connector, "--kv-cache-mib", str(kv_mib), *extra]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"
-        lines = [line for line in proc.stdout.splitlines() if line.startswith("FLEXKV_RESULT ")]
-        assert lines, f"{' '.join(cmd)} printed no result:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-        results[key] = json.loads(lines[-1][len("FLEXKV_RESULT "):])
-        return results[key]
-
-    return run_driver
+from conftest import LARGE_KV_MIB
 
 
 def assert_same_outputs(reference: dict, got: dict) -> None:
@@ -60,9 +26,9 @@ def assert_same_outputs(reference: dict, got: dict) -> None:
         assert b["logprobs"] == a["logprobs"], f"turn {i}: logprobs differ"
 
 
-def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(run) -> None:
-    reference = run("chat", "none", LARGE_KV_MIB)
-    got = run("chat", "builtin")
+def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(vllm_run) -> None:
+    reference = vllm_run("chat", "none", LARGE_KV_MIB)
+    got = vllm_run("chat", "builtin")
     assert_same_outputs(reference, got)
     assert got["flexkv"]["hit_tokens"] > 0, got["flexkv"]  # vLLM evicted, FlexKV served
     assert got["flexkv"]["failures"] == 0
@@ -71,26 +37,26 @@ def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(run) -> None:
     assert any(t["cached"] > 0 for t in got["turns"])
 
 
-def test_preempted_requests_resume_with_the_same_outputs(run) -> None:
-    reference = run("batch", "none", LARGE_KV_MIB)
-    got = run("batch", "builtin")
+def test_preempted_requests_resume_with_the_same_outputs(vllm_run) -> None:
+    reference = vllm_run("batch", "none", LARGE_KV_MIB)
+    got = vllm_run("batch", "builtin")
     assert got["preemptions"] > 0, "the scenario should make vLLM preempt requests"
     for a, b in zip(reference["turns"], got["turns"]):
         assert b["tokens"] == a["tokens"]
     assert got["flexkv"]["hit_tokens"] > 0 and got["flexkv"]["failures"] == 0
 
 
-def test_blocks_lost_after_the_lookup_are_recomputed(run) -> None:
+def test_blocks_lost_after_the_lookup_are_recomputed(vllm_run) -> None:
     """A block the lookup promised but the load cannot deliver is reported to vLLM, which recomputes it
     (kv_load_failure_policy=recompute): outputs stay exact."""
-    reference = run("chat", "none", LARGE_KV_MIB)
-    got = run("chat", "module", extra=("--drop-last-block",))  # the fault comes in as the engine's connector
+    reference = vllm_run("chat", "none", LARGE_KV_MIB)
+    got = vllm_run("chat", "module", extra=("--drop-last-block",))  # the fault comes in as the engine's connector
     assert_same_outputs(reference, got)
     assert got["flexkv"]["failures"] > 0, got["flexkv"]
 
 
-def test_cache_salts_never_share_blocks(run) -> None:
-    got = run("salts", "builtin")
+def test_cache_salts_never_share_blocks(vllm_run) -> None:
+    got = vllm_run("salts", "builtin")
     first, other_salt, same_salt = got["turns"]
     assert first["cached"] == 0
     assert other_salt["cached"] == 0  # the same prompt under another cache_salt: no hit, not even from FlexKV
@@ -98,14 +64,14 @@ def test_cache_salts_never_share_blocks(run) -> None:
     assert other_salt["tokens"] == first["tokens"]
 
 
-def test_a_fresh_engine_process_hits_what_an_earlier_one_stored_on_ssd(run, tmp_path) -> None:
+def test_a_fresh_engine_process_hits_what_an_earlier_one_stored_on_ssd(vllm_run, tmp_path) -> None:
     """The module-path connector in vLLM's default multi-process engine stores a prompt (through to SSD);
     a new engine process with the built-in connector loads it from SSD."""
     ssd = {"enable_ssd": True, "num_ssd_blocks": 1024, "ssd_cache_dir": str(tmp_path / "ssd")}
-    reference = run("prefix", "none", LARGE_KV_MIB)
-    first = run("prefix", "module", cache=ssd, extra=("--multiprocessing",))
+    reference = vllm_run("prefix", "none", LARGE_KV_MIB)
+    first = vllm_run("prefix", "module", cache=ssd, extra=("--multiprocessing",))
     assert first["turns"][0]["cached"] == 0
-    fresh = run("prefix", "builtin", cache=ssd)
+    fresh = vllm_run("prefix", "builtin", cache=ssd)
     assert fresh["turns"][0]["cached"] == reference["turns"][1]["cached"] > 0
     assert fresh["flexkv"]["ssd_hit_tokens"] > 0
     assert fresh["turns"][0]["tokens"] == reference["turns"][1]["tokens"]
@@ -115,11 +81,12 @@ def test_a_fresh_engine_process_hits_what_an_earlier_one_stored_on_ssd(run, tmp_
     assert fresh["turns"][0]["logprobs"] == first["turns"][1]["logprobs"]
 
 
-def test_corrupted_ssd_blocks_are_recomputed(run, tmp_path) -> None:
+def test_corrupted_ssd_blocks_are_recomputed(vllm_run, tmp_path) -> None:
     """Blocks whose bytes on SSD were damaged fail their checksum when a fresh engine brings them up: they
     are misses, counted, and vLLM computes those tokens itself; the answer is the same."""
     ssd_dir = tmp_path / "ssd"
-    first = run("prefix", "builtin", cache={"enable_ssd": True, "num_ssd_blocks": 1024, "ssd_cache_dir": str(ssd_dir)})
+    first = vllm_run("prefix", "builtin",
+                     cache={"enable_ssd": True, "num_ssd_blocks": 1024, "ssd_cache_dir": str(ssd_dir)})
     assert first["flexkv"]["stored_tokens"] > 0
     damaged = tmp_path / "damaged"
     shutil.copytree(ssd_dir, damaged)
@@ -131,36 +98,36 @@ def test_corrupted_ssd_blocks_are_recomputed(run, tmp_path) -> None:
                 byte = f.read(1)
                 f.seek(i * slot + 4096 + 1000)
                 f.write(bytes([byte[0] ^ 0xFF]))
-    fresh = run("prefix", "builtin", cache={"enable_ssd": True, "num_ssd_blocks": 1024,
+    fresh = vllm_run("prefix", "builtin", cache={"enable_ssd": True, "num_ssd_blocks": 1024,
                                             "ssd_cache_dir": str(damaged)})
     assert fresh["flexkv"]["ssd_mismatch_blocks"] > 0, fresh["flexkv"]
     assert fresh["turns"][0]["cached"] < first["turns"][1]["cached"]
     assert fresh["turns"][0]["tokens"] == first["turns"][1]["tokens"]
 
 
-def test_reset_prefix_cache_with_reset_connector_leaves_no_stale_flexkv_hit(run) -> None:
+def test_reset_prefix_cache_with_reset_connector_leaves_no_stale_flexkv_hit(vllm_run) -> None:
     """After ``llm.reset_prefix_cache(reset_connector=True)`` (what RL trainers call after a weight update) the
     prompt stored before is computed again: FlexKV serves nothing of it. Without reset_connector, FlexKV still
     serves it (the control that shows the blocks were there)."""
-    kept = run("reset", "module", LARGE_KV_MIB, extra=("--keep-connector-cache",))
+    kept = vllm_run("reset", "module", LARGE_KV_MIB, extra=("--keep-connector-cache",))
     assert kept["reset_ok"] and kept["hits_after_reset"] > 0 and kept["turns"][1]["cached"] > 0
-    reset = run("reset", "module", LARGE_KV_MIB)
+    reset = vllm_run("reset", "module", LARGE_KV_MIB)
     assert reset["reset_ok"]
     assert reset["hits_after_reset"] == 0 and reset["turns"][1]["cached"] == 0
     assert reset["turns"][1]["tokens"] == reset["turns"][0]["tokens"]
 
 
-def test_a_conversation_begun_on_one_node_continues_on_another_from_the_remote_tier(run, remote, tmp_path) -> None:
+def test_a_conversation_begun_on_one_node_continues_on_another_from_the_remote_tier(vllm_run, remote, tmp_path) -> None:
     """Node A (an engine process with its own CPU tier) runs two turns of two conversations, its blocks written
     through to the remote tier (S3 on SeaweedFS, the index in Redis); node B, another engine process with an
     empty CPU tier, continues both with the third turn: its prompts hit A's blocks in the remote tier, and
     every output equals vLLM alone."""
-    reference = run("chat", "none", LARGE_KV_MIB)
+    reference = vllm_run("chat", "none", LARGE_KV_MIB)
     cache = {"num_cpu_blocks": 256, **remote.cache()}
     state = str(tmp_path / "conversations.json")
-    a = run("handoff", "builtin", cache=cache, extra=("--part", "a", "--state", state))
+    a = vllm_run("handoff", "builtin", cache=cache, extra=("--part", "a", "--state", state))
     assert a["flexkv"]["remote_written_blocks"] > 0
-    b = run("handoff", "builtin", cache=cache, extra=("--part", "b", "--state", state))
+    b = vllm_run("handoff", "builtin", cache=cache, extra=("--part", "b", "--state", state))
     assert_same_outputs(reference, {"turns": a["turns"] + b["turns"]})
     assert b["flexkv"]["remote_hit_blocks"] > 0 and b["flexkv"]["hit_tokens"] > 0
     assert b["flexkv"]["failures"] == 0 and b["flexkv"]["remote_mismatch_blocks"] == 0

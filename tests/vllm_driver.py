@@ -31,7 +31,7 @@ def conversation_prompts(seed: int, turns: int, first: int, later: int) -> list[
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix", "reset", "handoff"])
+    p.add_argument("scenario", choices=["chat", "batch", "salts", "prefix", "reset", "handoff", "depth", "fresh"])
     p.add_argument("--model", required=True)
     p.add_argument("--config", required=True)
     p.add_argument("--connector", choices=["none", "builtin", "module"], default="builtin")
@@ -40,6 +40,12 @@ def main() -> None:
     p.add_argument("--part", choices=["a", "b"], help="handoff: a runs the chat's first two turns and saves the "
                    "conversations to --state; b continues them with the third turn")
     p.add_argument("--state", help="handoff: the file of the conversations")
+    p.add_argument("--max-batched-tokens", type=int, default=None, help="vLLM's max_num_batched_tokens (chunks)")
+    p.add_argument("--late-reports", action="store_true",
+                   help="fault injection: copies are seen done 16 steps late, as slow GPU copies would be (with "
+                        "--connector module: the connector of tests/vllm_fault_connector.py)")
+    p.add_argument("--load-mode", choices=["async", "layerwise"], default="async")
+    p.add_argument("--prompts", help="scenario fresh: a JSON file of prompts (token id lists)")
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
@@ -61,7 +67,15 @@ def main() -> None:
             if args.connector != "module" or args.multiprocessing:
                 p.error("--drop-last-block needs --connector module without --multiprocessing")
             ktc.update(kv_connector="LosesLastBlockConnector", kv_connector_module_path="vllm_fault_connector")
+        if args.late_reports:
+            if args.connector != "module" or args.multiprocessing:
+                p.error("--late-reports needs --connector module without --multiprocessing")
+            ktc.update(kv_connector="LateReportsConnector", kv_connector_module_path="vllm_fault_connector")
+        if args.load_mode != "async":
+            ktc["kv_connector_extra_config"] = {"flexkv_load_mode": args.load_mode}
         kw["kv_transfer_config"] = KVTransferConfig(**ktc)
+    if args.max_batched_tokens:
+        kw["max_num_batched_tokens"] = args.max_batched_tokens
     llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=1536, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=int(args.kv_cache_mib * 2**20),
               max_num_seqs=8, seed=0, disable_log_stats=False, **kw)  # stats on: get_metrics counts preemptions
@@ -112,6 +126,11 @@ def main() -> None:
     elif args.scenario == "prefix":  # the same prompt twice: the second finds the first's blocks cached
         prompt = conversation_prompts(30, 1, 800, 0)[0]
         result["turns"] = [generate([prompt])[0], generate([prompt])[0]]
+    elif args.scenario == "depth":
+        result.update(depth(llm, generate, SamplingParams, reference=args.connector == "none"))
+    elif args.scenario == "fresh":  # after "depth" in another process: what its batch stored, from SSD
+        with open(args.prompts) as f:  # one at a time: the same batches as the reference's, so the same bits
+            result["turns"] = [generate([p])[0] for p in json.load(f)]
 
     elif args.scenario == "reset":  # an RL trainer's weight update: the cache is cleared through vLLM
         prompt = conversation_prompts(40, 1, 640, 0)[0]
@@ -133,14 +152,65 @@ def main() -> None:
     print("FLEXKV_RESULT " + json.dumps(result), flush=True)
 
 
+def shared_prefix_prompts(n: int, seed: int) -> list[list[int]]:
+    """n prompts of a 640-token shared prefix (20 blocks) and 96 tokens of their own (23 blocks in all)."""
+    prefix = conversation_prompts(60, 1, 20 * BLOCK, 0)[0]
+    return [prefix + conversation_prompts(seed + i, 1, 96, 0)[0] for i in range(n)]
+
+
+def depth(llm, generate, sampling_params, reference: bool) -> dict:
+    """A long prompt aborted after its second prefill chunk, then resubmitted (vLLM's own prefix cache
+    emptied, so only FlexKV can serve it); then a batch sharing a prefix that makes vLLM preempt."""
+    out: dict = {}
+    long_prompt = conversation_prompts(40, 1, 1200, 0)[0]
+    if not reference:
+        from flexkv.adapters.vllm.scheduler_side import live_schedulers
+
+        (side,) = live_schedulers()
+        engine = llm.llm_engine
+        engine.add_request("aborted", {"prompt_token_ids": long_prompt},
+                           sampling_params(temperature=0, max_tokens=12, detokenize=False))
+        engine.step()
+        engine.step()
+        out["stored_before_abort"] = side.stored_tokens
+        engine.abort_request(["aborted"])
+        while side.has_pending_stores() or engine.has_unfinished_requests():
+            engine.step()
+        out["prefix_cache_reset"] = bool(llm.reset_prefix_cache())
+        hits = side.hit_tokens
+    out["retry"] = generate([long_prompt])[0]
+    if not reference:
+        out["retry_hit_tokens"] = side.hit_tokens - hits
+    # 736-token prompts and 33 tokens out: each request's last step fills its 24th block, so the batch's last
+    # copies are still running when generate() returns.
+    longer = sampling_params(temperature=0, max_tokens=33, logprobs=1, detokenize=False)
+    prompts = shared_prefix_prompts(8, 10)
+    out["turns"] = generate(prompts, params=longer)
+    out["preemptions"] = _preemptions(llm)
+    # Then a prompt whose three chunks are computed, and the process exits with it still running.
+    unfinished = conversation_prompts(70, 1, 700, 0)[0]
+    if reference:  # what a fresh process asks afterwards (24 or 21 whole blocks each), and must answer
+        out["fresh_prompts"] = [p + t["tokens"] for p, t in zip(prompts, out["turns"])] + [unfinished]
+        out["fresh"] = [generate([p])[0] for p in out["fresh_prompts"]]
+    else:
+        out["stores_in_flight_after_generate"] = len(side.ledger)
+        engine.add_request("unfinished", {"prompt_token_ids": unfinished},
+                           sampling_params(temperature=0, max_tokens=12, detokenize=False))
+        for _ in range(3):
+            engine.step()
+        out["stores_in_flight_at_exit"] = len(side.ledger)
+    return out
+
+
 def _flexkv_counters() -> dict:
     """The connector's counters when vLLM's scheduler runs in this process (not with multiprocessing)."""
     if "flexkv.adapters.vllm.scheduler_side" not in sys.modules:
         return {}
     from flexkv.adapters.vllm.scheduler_side import live_schedulers
+    from flexkv.adapters.vllm.worker_side import live_workers
 
     out: dict = {"hit_tokens": 0, "stored_tokens": 0, "failures": 0, "ssd_hit_tokens": 0}
-    for side in live_schedulers():
+    for side in [*live_schedulers(), *live_workers()]:
         for k, v in side.stats().items():
             out[k] = out.get(k, 0) + v
     return out

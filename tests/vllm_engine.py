@@ -82,7 +82,7 @@ def settle(llm, timeout_s: float = 20.0) -> None:
 
     sides = schedulers()
     deadline = time.monotonic() + timeout_s
-    while any(len(s.stores) or len(s.loads) for s in sides) and time.monotonic() < deadline:
+    while any(len(s.ledger) for s in sides) and time.monotonic() < deadline:
         llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=1, detokenize=False),
                      use_tqdm=False)
 

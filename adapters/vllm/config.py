@@ -23,6 +23,12 @@ class VllmSettings:
     kv_dtype: Any  # the KV cache's torch dtype
     layout_tag: str  # the engine's byte order inside a block: engines with different ones never share blocks
     tp_size: int = 1  # tensor-parallel workers: each holds num_kv_heads heads of every block (MLA: all of it)
+    num_workers: int = 1  # worker processes that each copy their slice of every block (report every order)
+    load_mode: str = "async"  # "async": whole loads before the request runs; "layerwise": inside the forward
+    hash_salt: str | None = None  # keys come from vLLM's block hashes, salted with this; None: from token ids
+
+
+LOAD_MODES = ("async", "layerwise")
 
 
 def settings_from_vllm(vllm_config: Any) -> VllmSettings:
@@ -44,7 +50,39 @@ def settings_from_vllm(vllm_config: Any) -> VllmSettings:
                         num_layers=int(model.get_num_layers(parallel)),
                         num_kv_heads=int(model.get_num_kv_heads(parallel)), head_size=int(model.get_head_size()),
                         use_mla=bool(getattr(model, "use_mla", False)), kv_dtype=kv_dtype, layout_tag=layout_tag,
-                        tp_size=int(parallel.tensor_parallel_size))
+                        tp_size=int(parallel.tensor_parallel_size),
+                        num_workers=int(getattr(parallel, "world_size", 1) or 1), load_mode=_load_mode(vllm_config),
+                        hash_salt=_hash_salt(vllm_config))
+
+
+def _load_mode(vllm_config: Any) -> str:
+    """``kv_connector_extra_config: {"flexkv_load_mode": "async" | "layerwise"}`` (default async)."""
+    ktc = getattr(vllm_config, "kv_transfer_config", None)
+    extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
+    mode = str(extra.get("flexkv_load_mode", "async"))
+    if mode not in LOAD_MODES:
+        raise ConfigError(f"kv_connector_extra_config.flexkv_load_mode is {mode!r}; use one of {list(LOAD_MODES)}",
+                          "flexkv_load_mode")
+    return mode
+
+
+def _hash_salt(vllm_config: Any) -> str | None:
+    """The salt of keys made from vLLM's ``request.block_hashes``, or None where those hashes differ from one
+    process to the next (a non-cryptographic hash without PYTHONHASHSEED): then FlexKV hashes token ids."""
+    import hashlib
+    import os
+
+    algo = str(getattr(vllm_config.cache_config, "prefix_caching_hash_algo", "sha256"))
+    seed = os.getenv("PYTHONHASHSEED")
+    if seed is None:
+        if algo.startswith("xxhash"):
+            return None
+        try:
+            from vllm.v1.core.kv_cache_utils import DEFAULT_NONE_HASH_SEED
+        except ImportError:
+            return None
+        seed = str(DEFAULT_NONE_HASH_SEED)
+    return f"vllm-hash:{algo}:{hashlib.sha256(seed.encode()).hexdigest()[:16]}"
 
 
 def _kv_dtype(vllm_config: Any) -> Any:

@@ -40,6 +40,12 @@ class FlexKVConnectorV1(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         self._impl.wait_for_save()
 
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        self._impl.handle_preemptions(kv_connector_metadata)
+
+    def build_connector_worker_meta(self) -> Any:
+        return self._impl.build_connector_worker_meta()
+
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._impl.get_finished(finished_req_ids)
 
@@ -61,6 +67,9 @@ class FlexKVConnectorV1(KVConnectorBase_V1):
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self._impl.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        return self._impl.has_pending_push_work()
 
     def take_events(self) -> Any:
         return self._impl.take_events()

@@ -10,7 +10,10 @@ worker runs in the scheduler's process or in its own.
 
 from __future__ import annotations
 
+import atexit
 import logging
+import sys
+import weakref
 from typing import Any
 
 from flexkv.core import setup_logging
@@ -19,6 +22,10 @@ from .config import settings_from_vllm
 from .versions import check_vllm_version
 
 logger = logging.getLogger("flexkv")
+_IMPLS: weakref.WeakSet[FlexKVConnectorImpl] = weakref.WeakSet()
+# vLLM calls these on its connector object; its built-in FlexKVConnectorV1 does not forward them, so FlexKV
+# binds them onto that object (FlexKV's own class defines them).
+_HOOKS = ("handle_preemptions", "build_connector_worker_meta", "has_pending_push_work")
 
 
 class FlexKVConnectorImpl:
@@ -40,8 +47,13 @@ class FlexKVConnectorImpl:
 
             self.scheduler = SchedulerSide(settings)
             self.worker = None
-        logger.info("FlexKV vLLM connector (%s role) for %s, block size %d",
-                    "worker" if self.is_worker else "scheduler", settings.model_name, settings.block_size)
+        logger.info("FlexKV vLLM connector (%s role) for %s, block size %d, %s loads",
+                    "worker" if self.is_worker else "scheduler", settings.model_name, settings.block_size,
+                    settings.load_mode)
+        if not _IMPLS:
+            atexit.register(_flush_at_exit)
+        _IMPLS.add(self)
+        _bind_hooks(sys._getframe(1).f_locals.get("self"), self)
 
     # ------------------------------------------------------------------------------------------ worker
 
@@ -52,13 +64,20 @@ class FlexKVConnectorImpl:
         self.worker.start_load_kv(_bound_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # requests whose blocks load wait in vLLM's scheduler until the whole load is done
+        self.worker.wait_for_layer_load(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
-        return  # stores copy whole blocks once the request finishes
+        return  # stores copy whole blocks after the forward (wait_for_save)
 
     def wait_for_save(self) -> None:
-        return
+        self.worker.wait_for_save(_bound_metadata())
+
+    def handle_preemptions(self, metadata: Any) -> None:
+        if self.worker is not None:
+            self.worker.handle_preemptions(metadata)
+
+    def build_connector_worker_meta(self) -> Any:
+        return self.worker.build_connector_worker_meta() if self.worker is not None else None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self.worker.get_finished(finished_req_ids)
@@ -82,6 +101,10 @@ class FlexKVConnectorImpl:
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         return self.scheduler.request_finished(request, block_ids)
+
+    def has_pending_push_work(self) -> bool:
+        """True while stores are in flight: vLLM's engine keeps stepping until the workers report them."""
+        return self.scheduler is not None and self.scheduler.has_pending_stores()
 
     def take_events(self) -> list[Any]:
         return []
@@ -113,6 +136,32 @@ class FlexKVConnectorImpl:
             self.worker.shutdown()
         if self.scheduler is not None:
             self.scheduler.shutdown()
+
+
+def _bind_hooks(owner: Any, impl: FlexKVConnectorImpl) -> None:
+    """Binds the calls of _HOOKS that vLLM makes on ``owner``, the connector object that constructed ``impl``
+    (vLLM's built-in FlexKVConnectorV1), where its class leaves them to vLLM's base class."""
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+    except ImportError:
+        return
+    if not isinstance(owner, KVConnectorBase_V1):
+        return
+    for name in _HOOKS:
+        if getattr(type(owner), name, None) is getattr(KVConnectorBase_V1, name, None):
+            setattr(owner, name, getattr(impl, name))
+
+
+def _flush_at_exit() -> None:
+    """At interpreter exit (an offline engine never shut down): workers first, so the scheduler side keeps the
+    stores they completed, then the scheduler sides, which write them through to SSD."""
+    impls = list(_IMPLS)
+    for impl in impls:
+        if impl.worker is not None:
+            impl.shutdown()
+    for impl in impls:
+        if impl.scheduler is not None:
+            impl.shutdown()
 
 
 def _bound_metadata() -> Any:

@@ -62,3 +62,10 @@ def layout_from_kv_caches(kv_caches: dict[str, Any], num_blocks: int | None = No
     split, inner, dtype = shapes.pop()
     tag = f"vllm:{'kv-split' if split else 'block-first'}:{inner}:{dtype}"
     return layout, tag, len(seen)
+
+
+def layer_positions(kv_caches: dict[str, Any]) -> dict[str, int]:
+    """vLLM layer name -> its layer in the layout of :func:`layout_from_kv_caches` (the segment group a
+    layer-wise copy completes it in)."""
+    named = sorted(((_layer_index(n, i), n) for i, n in enumerate(kv_caches)), key=lambda x: x[0])
+    return {name: position for position, (_, name) in enumerate(named)}
