@@ -105,6 +105,24 @@ def test_a_restart_keeps_the_hits(make_ssd, engine: str) -> None:
     env.eng.assert_blocks(range(30, 35), want)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_restart_after_a_reset_restores_nothing_of_before(make_ssd, engine: str) -> None:
+    """A reset (vLLM's reset_prefix_cache after a weight update) must not come back with the old KV when the
+    process restarts: the dropped blocks' SSD headers are zeroed. Blocks stored after the reset come back."""
+    first = make_ssd(engine)
+    old, new = first.tokens(5 * TPB), first.tokens(3 * TPB)
+    put_completely(first, old, range(5))
+    first.kv.reset()
+    want = put_completely(first, new, range(5, 8))
+    first.kv.shutdown()
+    env = make_ssd(engine)
+    assert env.kv.control_plane.ssd_restored == 3
+    assert hit_tokens(env.kv, old) == 0
+    mask, res = try_load(env.kv, new, range(30, 33))
+    assert res.ok and mask.sum() == 3 * TPB
+    env.eng.assert_blocks(range(30, 33), want)
+
+
 FRESH_PROCESS = """
 import sys
 import numpy as np, torch

@@ -409,7 +409,7 @@ void ControlPlane::reset() {
   }
   try {
     cpu_->index().reset();
-    if (ssd_) ssd_->index().reset();
+    if (ssd_) ssd_->reset();
   } catch (const std::logic_error& e) {  // a match on another thread locked blocks just now
     throw TaskError(std::string("reset: ") + e.what() + "; wait for or cancel the tasks holding them first");
   }

@@ -270,6 +270,12 @@ SsdBatchResult SsdTier::read(const CpuTier& cpu, const int32_t* cpu_ids, const i
   return r;
 }
 
+void SsdTier::reset() {
+  const std::vector<int32_t> held = index_.held_ids();
+  index_.reset();
+  if (store_ && !held.empty()) store_->invalidate(held.data(), held.size());
+}
+
 void SsdTier::drop(const int32_t* slots, size_t n) {
   if (n == 0) return;
   index_.set_ready(slots, n, false);
