@@ -248,7 +248,8 @@ class FlexKVCollector:
 
 
 def metric_names() -> set[str]:
-    """Every series name a FlexKVCollector exposes (without a server's extras): what a dashboard may query."""
+    """Every series name a FlexKVCollector exposes (without a server's extras, and without the remote tier's:
+    ``remote_metric_names()``): what a dashboard may query."""
     names = {f"{PREFIX}_tier_{n}" for n, _ in TIER_GAUGES}
     names |= {f"{PREFIX}_tier_{n}_total" for n, _ in TIER_COUNTERS}
     names |= {f"{PREFIX}_{n}_total" for n in ("transfer_bytes", "requests", "query_tokens", "hit_tokens",
