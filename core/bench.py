@@ -59,6 +59,7 @@ class BenchResult:
     evicted_blocks: int
     load_ms: dict[str, float] = field(default_factory=dict)  # p5 .. p99 of the per-request load latency
     sweep: bool = False  # a --capacities point
+    cpu_ms_per_request: float = 0.0  # CPU time of the whole process (every thread) per request
 
 
 def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec,
@@ -80,7 +81,7 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
     ssd = cache_config.enable_ssd
     with KVManager(model, cache_config, server_settings=settings or ServerSettings(num_log_interval_requests=0)) as kv:
         kv.register_kv_caches(EngineLayout.from_block_views([engine]))
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         for req in chat_requests(spec):
             tokens = req.token_ids
             task_id, mask = kv.get_match(tokens)
@@ -99,6 +100,7 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
             if progress is not None:
                 progress.update(1)  # type: ignore[attr-defined]
         elapsed = time.perf_counter() - start
+        cpu_s = time.process_time() - cpu_start
         stats = kv.cache_stats()
     lat = np.array(latencies) * 1e3 if latencies else np.zeros(1)
     n_cpu = cache_config.num_cpu_blocks
@@ -109,7 +111,8 @@ def run_config(name: str, cache_config: CacheConfig, model: ModelConfig, spec: C
         ssd_hit_tokens=stats["ssd_hit_tokens"], num_ssd_blocks=cache_config.num_ssd_blocks if ssd else 0,
         transfer_p50_ms=float(np.percentile(lat, 50)), transfer_p99_ms=float(np.percentile(lat, 99)),
         requests_per_s=requests / elapsed if elapsed > 0 else 0.0, evicted_blocks=stats["cpu"]["evicted"],
-        load_ms={f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(lat, PERCENTILES))}, sweep=sweep)
+        load_ms={f"p{q}": float(v) for q, v in zip(PERCENTILES, np.percentile(lat, PERCENTILES))}, sweep=sweep,
+        cpu_ms_per_request=1e3 * cpu_s / requests if requests else 0.0)
 
 
 def format_table(results: list[BenchResult]) -> str:
@@ -151,7 +154,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "stderr)")
     p.add_argument("--metrics-overhead", action="store_true",
                    help="also run the first configuration with metrics off and on (a scraped Prometheus endpoint "
-                        "every second and the periodic log line), in ABBA pairs, and print the throughput ratio")
+                        "every second and the periodic log line), interleaved off, on, off, ..., off, and print the "
+                        "median throughput and CPU ratios with their spread")
+    p.add_argument("--overhead-rounds", type=int, default=8, metavar="N",
+                   help="runs with metrics on in --metrics-overhead (each between two runs with them off; default 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -169,9 +175,9 @@ def parse_capacities(text: str, model: ModelConfig, tokens_per_block: int) -> li
 
 
 def main(args: argparse.Namespace) -> int:
-    for name in ("conversations", "turns", "concurrency"):
+    for name in ("conversations", "turns", "concurrency", "overhead_rounds"):
         if getattr(args, name) < 1:
-            print(f"flexkv bench: --{name} must be at least 1", file=sys.stderr)
+            print(f"flexkv bench: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     model = MODEL_PRESETS[args.model]
     configs = [(name, replace(c)) for name, c in DEFAULT_CONFIGS if not (args.no_ssd and c.enable_ssd)]
@@ -193,7 +199,7 @@ def main(args: argparse.Namespace) -> int:
           file=out)
     print(f"model: {args.model}, {format_bytes(model.token_size_in_bytes)} of KV per token ({model.num_layers} "
           f"layers, {model.num_kv_heads} KV heads x {model.head_size}, {model.dtype_name})", file=out)
-    runs = len(configs) + len(sweep) + (6 if args.metrics_overhead else 0)
+    runs = len(configs) + len(sweep) + (2 * args.overhead_rounds + 1 if args.metrics_overhead else 0)
     progress = None
     if not args.no_progress:
         from tqdm import tqdm
@@ -206,15 +212,13 @@ def main(args: argparse.Namespace) -> int:
                 results.append(run_config(name, scratch.own(cache_config, name), model, spec, progress,
                                           sweep=i >= len(configs)))
             if args.metrics_overhead:
-                overhead = metrics_overhead(configs[0][1], model, spec, progress, scratch)
+                overhead = metrics_overhead(configs[0][1], model, spec, progress, scratch, args.overhead_rounds)
         finally:
             if progress is not None:
                 progress.close()
     print(format_table(results), file=out)
     if overhead is not None:
-        pairs = ", ".join(f"{on:.0f}/{off:.0f}" for off, on in zip(overhead["off_req_s"], overhead["on_req_s"]))
-        print(f"metrics overhead: throughput with metrics on / off = {overhead['ratio']:.3f} (median of "
-              f"{len(overhead['pair_ratios'])} back-to-back pairs, req/s on/off: {pairs})", file=out)
+        print(format_overhead(overhead), file=out)
     if args.json:
         data: Any = [asdict(r) for r in results]
         if overhead is not None:
@@ -263,49 +267,103 @@ class _ScratchSsd:
 
 
 def metrics_overhead(cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec, progress: Any,
-                     scratch: _ScratchSsd, pairs: int = 3) -> dict[str, Any]:
-    """Throughput of one configuration with metrics off and on (a Prometheus endpoint scraped every second and
-    the periodic log line every 50 requests), in ``pairs`` pairs back to back, off/on then on/off (so neither
-    side gains from running second); the ratio is the median of the pairs' ratios (a pair's two runs see the
-    same machine load)."""
+                     scratch: _ScratchSsd, rounds: int = 8) -> dict[str, Any]:
+    """Throughput and CPU time of one configuration with metrics off and on (a Prometheus endpoint scraped every
+    second and the periodic log line every 50 requests), interleaved: off, on, off, on, ..., off (``rounds``
+    runs on, ``rounds + 1`` off). Each run with metrics on is compared with the mean of the two runs around
+    it, so a machine that gets busier or quieter during the measurement biases neither side; the result is
+    the median of those ratios with their quartiles and range (``overhead_summary``)."""
+    runs: dict[str, list[BenchResult]] = {"off": [], "on": []}
+    for i in range(2 * rounds + 1):
+        mode = "on" if i % 2 else "off"
+        runs[mode].append(_overhead_run(mode, cache_config, model, spec, progress, scratch))
+    return overhead_summary([r.requests_per_s for r in runs["off"]], [r.requests_per_s for r in runs["on"]],
+                            [r.cpu_ms_per_request for r in runs["off"]], [r.cpu_ms_per_request for r in runs["on"]])
+
+
+def overhead_summary(off_req_s: list[float], on_req_s: list[float], off_cpu_ms: list[float],
+                     on_cpu_ms: list[float]) -> dict[str, Any]:
+    """Per run with metrics on (run i, between runs i and i + 1 with them off): its throughput over the mean of
+    its neighbours' (``ratios``; 0.98 means 2% slower) and their CPU time per request over its own
+    (``cpu_ratios``; 0.98 means 2% more CPU). ``ratio`` and ``cpu_ratio`` are the medians; ``*_quartiles`` and
+    ``*_range`` the spread; ``*_ci95`` a distribution-free 95% confidence interval of the median (order
+    statistics n/2 -/+ 0.98 sqrt(n); the range when there are too few runs)."""
+    def around(values: list[float], i: int) -> float:
+        return (values[i] + values[i + 1]) / 2
+
+    ratios = sorted(on / around(off_req_s, i) for i, on in enumerate(on_req_s))
+    cpu = sorted(around(off_cpu_ms, i) / on for i, on in enumerate(on_cpu_ms) if on > 0)
+    out: dict[str, Any] = {"rounds": len(on_req_s), "off_req_s": off_req_s, "on_req_s": on_req_s,
+                           "off_cpu_ms_per_request": off_cpu_ms, "on_cpu_ms_per_request": on_cpu_ms}
+    for key, values in (("ratio", ratios), ("cpu_ratio", cpu)):
+        q = np.percentile(values, [25, 50, 75]) if values else [0.0] * 3
+        out[f"{key}s"] = values
+        out[key] = float(q[1])
+        out[f"{key}_quartiles"] = [float(q[0]), float(q[2])]
+        out[f"{key}_range"] = [float(values[0]), float(values[-1])] if values else [0.0, 0.0]
+        out[f"{key}_ci95"] = median_ci95(values)
+    return out
+
+
+def median_ci95(values: list[float]) -> list[float]:
+    """[low, high]: the order statistics that bound a sample's median with about 95% confidence, whatever
+    the distribution (ranks n/2 -/+ 1.96 sqrt(n) / 2, 1-based, clipped to the sample)."""
+    n = len(values)
+    if n == 0:
+        return [0.0, 0.0]
+    ordered = sorted(values)
+    half = 1.96 * n**0.5 / 2
+    low, high = max(1, int(n / 2 - half)), min(n, int(np.ceil(1 + n / 2 + half)))
+    return [float(ordered[low - 1]), float(ordered[high - 1])]
+
+
+def format_overhead(o: dict[str, Any]) -> str:
+    """The bench's overhead line: the medians with their quartiles and range."""
+    def one(key: str) -> str:
+        (c1, c2), (q1, q3), (lo, hi) = o[f"{key}_ci95"], o[f"{key}_quartiles"], o[f"{key}_range"]
+        return (f"{o[key]:.3f} (95% CI of the median {c1:.3f}-{c2:.3f}, quartiles {q1:.3f}-{q3:.3f}, range "
+                f"{lo:.3f}-{hi:.3f})")
+
+    return (f"metrics overhead: throughput with metrics on / off = {one('ratio')}; CPU per request off / on = "
+            f"{one('cpu_ratio')}; medians of {o['rounds']} runs with metrics on, each against the mean of the runs "
+            "with them off before and after it (goal >= 0.98)")
+
+
+def _overhead_run(mode: str, cache_config: CacheConfig, model: ModelConfig, spec: ChatWorkloadSpec, progress: Any,
+                  scratch: _ScratchSsd) -> BenchResult:
+    """One run of the overhead measurement: ``on`` serves a Prometheus endpoint that a thread scrapes every
+    second and logs the periodic line every 50 requests (formatted, then filtered: not printed)."""
     import threading
     import urllib.request
 
     from .metrics import logger as metrics_logger
 
-    runs: dict[str, list[float]] = {"off": [], "on": []}
-    order = [m for i in range(pairs) for m in (("off", "on") if i % 2 == 0 else ("on", "off"))]  # ABBA: no warm-up bias
-    for mode in order:
-        settings = None
-        stop = threading.Event()
-        scraper = None
-        if mode == "on":
-            port = _free_port()
-            settings = ServerSettings(metrics_port=port, num_log_interval_requests=50)
+    settings = None
+    stop = threading.Event()
+    scraper = None
+    if mode == "on":
+        port = _free_port()
+        settings = ServerSettings(metrics_port=port, num_log_interval_requests=50)
 
-            def scrape(port: int = port, stop: threading.Event = stop) -> None:
-                while not stop.wait(1.0):
-                    try:
-                        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
-                    except OSError:
-                        pass  # not up yet, or closed
+        def scrape() -> None:
+            while not stop.wait(1.0):
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+                except OSError:
+                    pass  # not up yet, or closed
 
-            scraper = threading.Thread(target=scrape, daemon=True)
-            scraper.start()
-        level = metrics_logger.level
-        metrics_logger.setLevel("WARNING")  # the log line is formatted and filtered, not printed
-        try:
-            r = run_config(f"overhead {mode}", scratch.own(cache_config, "overhead"), model, spec, progress,
-                           settings=settings)
-        finally:
-            metrics_logger.setLevel(level)
-            stop.set()
-            if scraper is not None:
-                scraper.join()
-        runs[mode].append(r.requests_per_s)
-    ratios = sorted(on / off for off, on in zip(runs["off"], runs["on"]))
-    return {"off_req_s": runs["off"], "on_req_s": runs["on"], "pair_ratios": ratios,
-            "ratio": ratios[len(ratios) // 2]}
+        scraper = threading.Thread(target=scrape, daemon=True)
+        scraper.start()
+    level = metrics_logger.level
+    metrics_logger.setLevel("WARNING")
+    try:
+        return run_config(f"overhead {mode}", scratch.own(cache_config, "overhead"), model, spec, progress,
+                          settings=settings)
+    finally:
+        metrics_logger.setLevel(level)
+        stop.set()
+        if scraper is not None:
+            scraper.join()
 
 
 def _free_port() -> int:

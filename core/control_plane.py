@@ -18,6 +18,7 @@ from flexkv import _core
 
 from .config import CacheConfig, ModelConfig
 from .errors import ConfigError, FlexKVError
+from .progress import progress_interval_s
 from .remote_settings import remote_settings
 from .remote_tier import RemoteTier
 from .resources import require_resources
@@ -93,6 +94,7 @@ def plane_options(model_config: ModelConfig, cache_config: CacheConfig, *, num_c
         "transfer_sms_h2d": c.transfer_sms_h2d,
         "transfer_sms_d2h": c.transfer_sms_d2h,
         "num_copy_threads": num_copy_threads,
+        "progress_interval_s": progress_interval_s(),
     }
 
 

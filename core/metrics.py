@@ -3,8 +3,9 @@ Prometheus metrics, ``flexkv stats`` rows and a periodic log line.
 
 - ``plane_snapshot(cp)``: the counters, latency histograms, queue depths and index state of a control
   plane (in this process, or a ``flexkv serve`` through its client).
-- ``tier_rows(snapshot, tokens_per_block)``: per tier (cpu, ssd) capacity, used, locked, hits, misses,
-  hit tokens, stored, evictions, verification failures and I/O errors.
+- ``tier_rows(snapshot, tokens_per_block)``: per tier (cpu, ssd, remote) capacity, used, locked, hits,
+  misses, hit tokens, stored, evictions, verification failures and I/O errors; the remote tier's circuit
+  breakers are in core/remote_metrics.py.
 - ``FlexKVCollector``: a prometheus_client collector that reads a snapshot at each scrape (nothing is
   counted in Python, so metrics cost the cache nothing between scrapes).
 - ``MetricsServer``: an HTTP endpoint of its own (``metrics_port``) for ``flexkv serve`` or an in-process
@@ -19,6 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+
+from .remote_metrics import (
+    REMOTE_BYTE_PATHS,
+    collect_remote,
+    remote_from_scrape,
+    remote_row,
+    remote_section,
+    server_lines,
+    summary_part,
+)
 
 logger = logging.getLogger("flexkv")
 
@@ -42,13 +53,34 @@ BYTE_PATHS = (("load_bytes", "cpu", "engine"), ("store_bytes", "engine", "cpu"),
 
 
 def plane_snapshot(cp: Any) -> Snapshot:
-    """One read of a control plane's counters, histograms, queue depths and indexes; ``cp`` is a
-    ``flexkv._core.ControlPlane`` or the client of a ``flexkv serve`` (one round trip)."""
+    """One read of a control plane's counters, histograms, queue depths and indexes, and with a remote tier
+    its ``remote`` section (core/remote_metrics.py); ``cp`` is a ``flexkv._core.ControlPlane`` or the client
+    of a ``flexkv serve`` (one round trip)."""
     if hasattr(cp, "stats"):  # RemotePlane: the server reads its plane
         s = cp.stats()
-        return {k: s.get(k, {}) for k in ("counters", "histograms", "gauges", "index")}
-    return {"counters": dict(cp.counters()), "histograms": dict(cp.histograms()), "gauges": dict(cp.gauges()),
+        snap = {k: s.get(k, {}) for k in ("counters", "histograms", "gauges", "index")}
+        if s.get("remote"):
+            snap["remote"] = s["remote"]
+        return snap
+    snap = {"counters": dict(cp.counters()), "histograms": dict(cp.histograms()), "gauges": dict(cp.gauges()),
             "index": dict(cp.index_counts())}
+    remote = remote_section(cp)
+    if remote is not None:
+        snap["remote"] = remote
+    return snap
+
+
+def queue_depths(snap: Snapshot) -> dict[str, int]:
+    """The plane's queue depths, and the remote tier's write-through queue (blocks) when it has one."""
+    gauges = dict(snap["gauges"])
+    if snap.get("remote"):
+        gauges["remote_write_queue_blocks"] = int(snap["remote"].get("write_queue_blocks", 0))
+    return gauges
+
+
+def byte_paths(snap: Snapshot) -> tuple[tuple[str, str, str], ...]:
+    """(counter, src, dst) of the paths the snapshot's tiers move bytes on."""
+    return BYTE_PATHS + REMOTE_BYTE_PATHS if snap.get("remote") else BYTE_PATHS
 
 
 def tier_rows(snap: Snapshot, tokens_per_block: int) -> dict[str, dict[str, int]]:
@@ -69,6 +101,8 @@ def tier_rows(snap: Snapshot, tokens_per_block: int) -> dict[str, dict[str, int]
             "verification_failures": c["ssd_mismatch_blocks"] if ssd else 0,
             "read_errors": c["ssd_read_errors"] if ssd else 0, "write_errors": c["ssd_write_errors"] if ssd else 0,
         }
+    if snap.get("remote"):
+        rows["remote"] = remote_row(snap, tokens_per_block)
     return rows
 
 
@@ -92,9 +126,10 @@ def render_table(snap: Snapshot, tokens_per_block: int) -> str:
         lat.append([op, str(n), _ms(histogram_quantile(h, 0.5)), _ms(histogram_quantile(h, 0.99)),
                     _ms(h["sum"] / n if n else 0.0)])
     lines += [""] + _columns(lat)
-    moved = ", ".join(f"{src}->{dst} {_bytes(c.get(k, 0))}" for k, src, dst in BYTE_PATHS)
-    queues = ", ".join(f"{k} {v}" for k, v in sorted(snap["gauges"].items()))
-    return "\n".join([*lines, "", f"moved: {moved}", f"queues: {queues}"])
+    moved = ", ".join(f"{src}->{dst} {_bytes(c.get(k, 0))}" for k, src, dst in byte_paths(snap))
+    queues = ", ".join(f"{k} {v}" for k, v in sorted(queue_depths(snap).items()))
+    remote = server_lines(snap) if snap.get("remote") else []
+    return "\n".join([*lines, "", f"moved: {moved}", f"queues: {queues}", *remote])
 
 
 def _columns(table: list[list[str]]) -> list[str]:
@@ -159,7 +194,7 @@ class FlexKVCollector:
             yield m
         m = CounterMetricFamily(f"{PREFIX}_transfer_bytes", "FlexKV: bytes moved, per path and direction",
                                 labels=[*names, "src", "dst"])
-        for counter, src, dst in BYTE_PATHS:
+        for counter, src, dst in byte_paths(snap):
             m.add_metric([*values, src, dst], c.get(counter, 0))
         yield m
         m = CounterMetricFamily(f"{PREFIX}_requests", "FlexKV: requests per operation", labels=[*names, "op"])
@@ -179,6 +214,8 @@ class FlexKVCollector:
         for outcome in ("new", "cached", "dropped", "no_prefix"):
             m.add_metric([*values, outcome], c[f"put_{outcome}_blocks"])
         m.add_metric([*values, "ssd_write_skipped"], c["ssd_write_skipped_blocks"])
+        if snap.get("remote"):
+            m.add_metric([*values, "remote_write_skipped"], c.get("remote_write_skipped_blocks", 0))
         yield m
         m = CounterMetricFamily(f"{PREFIX}_tasks_ended", "FlexKV: tasks that failed or were cancelled",
                                 labels=[*names, "outcome"])
@@ -187,9 +224,11 @@ class FlexKVCollector:
         yield m
         g = GaugeMetricFamily(f"{PREFIX}_queue_depth", "FlexKV: tasks, promotions and write-throughs waiting",
                               labels=[*names, "queue"])
-        for queue, depth in sorted(snap["gauges"].items()):
+        for queue, depth in sorted(queue_depths(snap).items()):
             g.add_metric([*values, queue], depth)
         yield g
+        if snap.get("remote"):
+            yield from collect_remote(snap, names, values)
         h = HistogramMetricFamily(f"{PREFIX}_latency_seconds", "FlexKV: latency of matches, loads, stores, "
                                   "promotions and write-throughs", labels=[*names, "op"])
         for op, hist in sorted(snap["histograms"].items()):
@@ -209,7 +248,8 @@ class FlexKVCollector:
 
 
 def metric_names() -> set[str]:
-    """Every series name a FlexKVCollector exposes (without a server's extras): what a dashboard may query."""
+    """Every series name a FlexKVCollector exposes (without a server's extras, and without the remote tier's:
+    ``remote_metric_names()``): what a dashboard may query."""
     names = {f"{PREFIX}_tier_{n}" for n, _ in TIER_GAUGES}
     names |= {f"{PREFIX}_tier_{n}_total" for n, _ in TIER_COUNTERS}
     names |= {f"{PREFIX}_{n}_total" for n in ("transfer_bytes", "requests", "query_tokens", "hit_tokens",
@@ -225,15 +265,17 @@ def snapshot_from_scrape(text: str) -> tuple[Snapshot, int]:
     from prometheus_client.parser import text_string_to_metric_families
 
     v: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    labelled: list[tuple[str, dict[str, str], float]] = []
     for family in text_string_to_metric_families(text):
         for smp in family.samples:
             v[(smp.name, tuple(sorted(smp.labels.items())))] = smp.value
+            labelled.append((smp.name, dict(smp.labels), smp.value))
 
     def get(name: str, **labels: str) -> int:
         return int(v.get((f"{PREFIX}_{name}", tuple(sorted(labels.items()))), 0))
 
     tpb = get("tokens_per_block") or 1
-    tiers = sorted({dict(k[1])["tier"] for k in v if k[0] == f"{PREFIX}_tier_capacity_blocks"})
+    tiers = sorted({dict(k[1])["tier"] for k in v if k[0] == f"{PREFIX}_tier_capacity_blocks"} - {"remote"})
     index = {t: {"capacity": get("tier_capacity_blocks", tier=t), "num_cached": get("tier_used_blocks", tier=t),
                  "num_locked": get("tier_locked_blocks", tier=t), "num_free": get("tier_free_blocks", tier=t),
                  "evicted": get("tier_evicted_blocks_total", tier=t)} for t in tiers}
@@ -251,6 +293,12 @@ def snapshot_from_scrape(text: str) -> tuple[Snapshot, int]:
     for key, src, dst in BYTE_PATHS:
         c[key] = get("transfer_bytes_total", src=src, dst=dst)
     gauges = {dict(k[1])["queue"]: int(val) for k, val in v.items() if k[0] == f"{PREFIX}_queue_depth"}
+    remote = None
+    if (f"{PREFIX}_tier_capacity_blocks", (("tier", "remote"),)) in v:
+        rebuilt = remote_from_scrape(get, labelled)
+        c.update(rebuilt["counters"])
+        remote = rebuilt["remote"]
+        gauges.pop("remote_write_queue_blocks", None)
     hists: dict[str, Any] = {}
     for (name, labels), val in v.items():
         if name != f"{PREFIX}_latency_seconds_bucket":
@@ -264,7 +312,10 @@ def snapshot_from_scrape(text: str) -> tuple[Snapshot, int]:
         counts = [cumulative[0]] + [b - a for a, b in zip(cumulative, cumulative[1:])]
         histograms[op] = {"bounds": bounds[:-1], "counts": counts, "count": cumulative[-1],
                           "sum": v.get((f"{PREFIX}_latency_seconds_sum", (("op", op),)), 0.0)}
-    return {"counters": c, "index": index, "gauges": gauges, "histograms": histograms}, tpb
+    snap = {"counters": c, "index": index, "gauges": gauges, "histograms": histograms}
+    if remote is not None:
+        snap["remote"] = remote
+    return snap, tpb
 
 
 class MetricsServer:
@@ -292,12 +343,13 @@ def summary_line(prev: Snapshot | None, snap: Snapshot, tokens_per_block: int) -
     p = prev["counters"] if prev else {k: 0 for k in c}
     d = {k: c[k] - p.get(k, 0) for k in c}
     rows, prow = tier_rows(snap, tokens_per_block), tier_rows(prev, tokens_per_block) if prev else {}
+    local = {t: r for t, r in rows.items() if t != "remote"}  # remote hits are CPU hits of the gets that follow
     query = d["get_query_blocks"]
 
     def pct(n: int) -> str:
         return f"{100.0 * n / query:.1f}%" if query else "-"
 
-    hits = ", ".join(f"{t} {pct(r['hit_blocks'] - prow.get(t, {}).get('hit_blocks', 0))}" for t, r in rows.items())
+    hits = ", ".join(f"{t} {pct(r['hit_blocks'] - prow.get(t, {}).get('hit_blocks', 0))}" for t, r in local.items())
     evicted = ", ".join(f"{t} {r['evicted_blocks'] - prow.get(t, {}).get('evicted_blocks', 0)}"
                         for t, r in rows.items())
     used = ", ".join(f"{t} {r['used_blocks']}/{r['capacity_blocks']}" for t, r in rows.items())
@@ -307,7 +359,8 @@ def summary_line(prev: Snapshot | None, snap: Snapshot, tokens_per_block: int) -
             f"({hits}), {d['get_hit_blocks'] * tokens_per_block} hit tokens{p50}; stored {d['put_stored_blocks']} "
             f"blocks (ssd {d['ssd_written_blocks']}), evicted {evicted}; failures: tasks {d['tasks_failed']}, "
             f"ssd verification {d['ssd_mismatch_blocks']}, ssd I/O {d['ssd_read_errors'] + d['ssd_write_errors']}, "
-            f"skipped stores {d['put_dropped_blocks'] + d['ssd_write_skipped_blocks']} blocks; used {used}")
+            f"skipped stores {d['put_dropped_blocks'] + d['ssd_write_skipped_blocks']} blocks; used {used}"
+            f"{summary_part(prev, snap) if snap.get('remote') else ''}")
 
 
 class StatsLogger:

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .remote_settings import RemoteSettings
+from .remote_settings import RemoteSettings, redact
 
 logger = logging.getLogger("flexkv")
 T = TypeVar("T")
@@ -35,26 +35,56 @@ class Unavailable(Exception):
 
 class CircuitBreaker:
     """Closed: requests go through. Open (after a failure that says the server is down): requests are
-    refused for ``cooldown_s``, then one probe goes through; its success closes the breaker."""
+    refused for ``cooldown_s``, then one probe goes through (half-open); its success closes the breaker.
 
-    def __init__(self, name: str, cooldown_s: float, on_refused: Callable[[], None]) -> None:
+    ``server`` ("s3", "redis") and ``endpoint`` name the server in metrics; ``trips`` (closed -> open),
+    ``failures`` (requests that raised) and ``refused`` (requests not sent while open) only grow."""
+
+    CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
+    STATES = (CLOSED, HALF_OPEN, OPEN)  # a state's index is its gauge value
+
+    def __init__(self, name: str, cooldown_s: float, on_refused: Callable[[], None], *, server: str = "",
+                 endpoint: str = "") -> None:
         self.name = name
+        self.server = server or name.split(" ", 1)[0].lower()
+        self.endpoint = endpoint
         self.cooldown_s = cooldown_s
         self._on_refused = on_refused
         self._lock = threading.Lock()
         self._open_until: float | None = None
         self._probing = False
         self.trips = 0
+        self.failures = 0
+        self.refused = 0
 
     @property
     def is_open(self) -> bool:
         with self._lock:
             return self._open_until is not None
 
+    @property
+    def state(self) -> str:
+        """closed, open (refusing requests) or half_open (the cooldown passed: the next request, or the one
+        in flight, is the probe)."""
+        with self._lock:
+            return self._state()
+
+    def _state(self) -> str:
+        if self._open_until is None:
+            return self.CLOSED
+        return self.HALF_OPEN if self._probing or time.monotonic() >= self._open_until else self.OPEN
+
+    def describe(self) -> dict[str, Any]:
+        """The breaker's numbers for metrics: server, endpoint, state, trips, failures, refused."""
+        with self._lock:
+            return {"server": self.server, "endpoint": self.endpoint, "state": self._state(), "trips": self.trips,
+                    "failures": self.failures, "refused": self.refused}
+
     def call(self, fn: Callable[[], T], is_down: Callable[[BaseException], bool]) -> T:
         with self._lock:
             if self._open_until is not None:
                 if time.monotonic() < self._open_until or self._probing:
+                    self.refused += 1
                     self._on_refused()
                     raise Unavailable(f"{self.name}: circuit open (the server failed recently)")
                 self._probing = True
@@ -63,6 +93,7 @@ class CircuitBreaker:
         except BaseException as e:
             down = is_down(e)
             with self._lock:
+                self.failures += 1
                 self._probing = False
                 if down:
                     if self._open_until is None:
@@ -110,8 +141,9 @@ class ObjectStore:
         )
         self.session = boto3.session.Session()
         self._client = self.session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+        where = settings.endpoint_url or f"AWS S3 ({settings.region})"
         self.breaker = CircuitBreaker(f"S3 {settings.endpoint_url or 'AWS'}", settings.breaker_cooldown_s,
-                                      on_refused)
+                                      on_refused, server="s3", endpoint=where)
 
     @property
     def client(self) -> Any:
@@ -201,7 +233,7 @@ class BlockIndex:
         self.members, self.atimes = f"{base}:blocks", f"{base}:atime"
         self.claims, self.built = f"{base}:claim:", f"{base}:built"
         self.breaker = CircuitBreaker(f"Redis {settings.redis_url.split('@')[-1]}", settings.breaker_cooldown_s,
-                                      on_refused)
+                                      on_refused, server="redis", endpoint=redact(settings.redis_url))
         self._head = _resp_head(2, [b"EXISTS", self.built.encode()])
 
     @property

@@ -25,6 +25,7 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
+from .progress import Progress
 from .remote_clients import BlockIndex, ObjectStore, Unavailable
 from .remote_settings import RemoteSettings, redact
 
@@ -137,7 +139,8 @@ class RemoteTier:
         self._check_writable()
         self._writer.start()
         self._start_io_threads()
-        self.lookup(np.zeros((1, 2), dtype=np.uint64))  # rebuilds an empty index from the bucket
+        self.lookup(np.zeros((1, 2), dtype=np.uint64), count=False)  # rebuilds an empty index from the bucket
+        self.index_size()  # metrics show the index's size without asking Redis again
         logger.info("FlexKV remote tier: %s%s", s.describe(), " (read-only credentials)" if self.read_only else "")
         return self
 
@@ -187,28 +190,51 @@ class RemoteTier:
         self._io.shutdown(wait=True, cancel_futures=True)
 
     def count(self, **values: int) -> None:
+        """Adds to the control plane's remote_* counters (one call per batch of blocks)."""
         values = {k: v for k, v in values.items() if v}
         if values:
             self.plane.add_counters(values)
 
+    def observe(self, timer: str, seconds: float) -> None:
+        """Records one job's latency in the control plane's histogram ``timer``."""
+        try:
+            self.plane.observe_latency(timer, seconds)
+        except Exception as e:  # a plane shut down under a last job: the latency is not needed any more
+            logger.debug("FlexKV remote tier: latency of %s not recorded: %s", timer, e)
+
+    def describe(self) -> dict[str, Any]:
+        """What metrics show of the tier now, without a request to Redis or S3: its capacity, the blocks in
+        the index as last seen (None before the first write-through or size query), the write-through queue
+        and each server's circuit breaker (``CircuitBreaker.describe``)."""
+        with self._mu:
+            queued = self._queued_blocks
+            rebuilding = self._rebuilding
+        return {"capacity": self.settings.num_blocks, "index_blocks": self._size, "write_queue_blocks": queued,
+                "rebuilding": rebuilding, "read_only": self.read_only,
+                "servers": [self.store.breaker.describe(), self.index.breaker.describe()]}
+
     # -------------------------------------------------------------------------------------- lookup
 
-    def lookup(self, keys: np.ndarray) -> int:
-        """How many leading blocks of ``keys`` the index holds (one round trip; 0 when it cannot answer)."""
+    def lookup(self, keys: np.ndarray, count: bool = True) -> int:
+        """How many leading blocks of ``keys`` the index holds (one round trip; 0 when it cannot answer); the
+        others count as remote misses unless ``count`` is False (a probe)."""
         if len(keys) == 0:
             return 0
+        asked = len(keys) if count else 0
         try:
             n, built = self.index.leading(key_hex(keys).encode())
         except Unavailable:
-            self.count(remote_index_errors=1)
+            self.count(remote_index_errors=1, remote_miss_blocks=asked)
             return 0
         except Exception as e:
-            self.count(remote_index_errors=1)
+            self.count(remote_index_errors=1, remote_miss_blocks=asked)
             logger.warning("FlexKV remote tier: index lookup failed: %s", e)
             return 0
         if not built:
+            self.count(remote_miss_blocks=asked)
             self._start_rebuild()
             return 0
+        self.count(remote_miss_blocks=asked and asked - n)
         return n
 
     def index_size(self) -> int | None:
@@ -232,15 +258,22 @@ class RemoteTier:
         try:
             if not self.index.begin_rebuild(self.owner):
                 return
+            where = f"s3://{self.settings.bucket}/{self.key_prefix}"
+            progress = Progress(f"FlexKV remote tier: rebuilding the index of {where} from the bucket",
+                                "objects listed", "blocks found")
             members: dict[str, float] = {}
+            listed = 0
             for key, mtime in self.store.list(self.key_prefix):
+                listed += 1
                 name = key.rsplit("/", 1)[-1]
                 if len(name) == 32 and all(c in "0123456789abcdef" for c in name):
                     members[name] = mtime
+                if listed % 1000 == 0:  # the end of a listing page
+                    progress.step(listed, len(members))
             self.index.load(members)
             self._size = None
-            logger.warning("FlexKV remote tier: rebuilt the index of s3://%s/%s from the bucket: %d blocks",
-                           self.settings.bucket, self.key_prefix, len(members))
+            logger.warning("FlexKV remote tier: rebuilt the index of %s from the bucket: %d blocks (%d objects listed "
+                           "in %.2f s)", where, len(members), listed, progress.elapsed())
         except Exception as e:
             self.count(remote_index_errors=1)
             logger.warning("FlexKV remote tier: rebuilding the index failed (%s); retried at the next lookup", e)
@@ -261,6 +294,7 @@ class RemoteTier:
         The objects are downloaded first; CPU blocks are reserved (``put_match``) only for the leading ones
         that arrived, verified and copied in (``import_blocks``), and the put completed. A block that does not
         verify ends that put unstored; a second put then keeps the blocks before it."""
+        started = time.monotonic()
         try:
             run = run_of(first + n)
             members = key_members(run.keys)
@@ -276,6 +310,8 @@ class RemoteTier:
         except Exception as e:
             logger.warning("FlexKV remote tier: promotion failed: %s", e)
             return 0
+        finally:
+            self.observe("remote_promotion", time.monotonic() - started)
 
     def _promote_once(self, run: Any, first: int, seq_len: int, objects: dict[int, bytes | None],
                       members: list[str]) -> int:
@@ -305,8 +341,8 @@ class RemoteTier:
                 return e
         results = list(self._io.map(get, members))
         errors = sum(isinstance(r, Exception) for r in results)
-        if errors:
-            self.count(remote_read_errors=errors)
+        got = [r for r in results if isinstance(r, bytes)]
+        self.count(remote_read_errors=errors, remote_read_blocks=len(got), remote_read_bytes=sum(map(len, got)))
         gone = [m for m, r in zip(members, results) if r is None]
         if gone:  # deleted behind the index's back: a miss, and no longer indexed
             self.count(remote_read_errors=len(gone))
@@ -369,6 +405,7 @@ class RemoteTier:
                     return
                 run, n = self._queue.popleft()
                 self._writing, self._writing_blocks = True, n
+            started = time.monotonic()
             try:
                 self._write(run, n)
             except Exception as e:
@@ -376,6 +413,7 @@ class RemoteTier:
                 logger.warning("FlexKV remote tier: write-through of %d block(s) skipped: %s: %s", n,
                                type(e).__name__, e)
             finally:
+                self.observe("remote_write_through", time.monotonic() - started)
                 with self._mu:
                     self._queued_blocks -= n
                     self._writing = False
@@ -393,7 +431,7 @@ class RemoteTier:
             return
         per = max(1, _EXPORT_BYTES // int(self.plane.object_bytes))
         stored: list[str] = []
-        failed = k = 0
+        failed = k = sent = 0
         try:
             while k < len(todo):  # pack and upload the claimed blocks, at most _EXPORT_BYTES at a time
                 start = int(todo[k])
@@ -403,6 +441,7 @@ class RemoteTier:
                 rows = [int(i) for i in todo[k:end]]
                 done = self._upload([(members[i], images[i - start]) for i in rows])
                 stored += [members[i] for i, ok in zip(rows, done) if ok]
+                sent += sum(int(images[i - start].nbytes) for i, ok in zip(rows, done) if ok)
                 failed += len(rows) - sum(done)
                 k = end
                 if len(images) < stop - start:  # a block left the CPU tier: the rest cannot be packed
@@ -410,7 +449,7 @@ class RemoteTier:
         finally:
             unwritten = len(todo) - len(stored) - failed
             self.count(remote_written_blocks=len(stored), remote_write_errors=failed,
-                       remote_write_skipped_blocks=unwritten)
+                       remote_write_skipped_blocks=unwritten, remote_write_bytes=sent)
             try:
                 size = self.index.add(stored, [members[int(i)] for i in todo])
             except Unavailable:
@@ -433,6 +472,7 @@ class RemoteTier:
     def _evict(self, excess: int) -> None:
         try:
             old = self.index.pop_oldest(excess)
+            self.count(remote_evicted_blocks=len(old))
             if self._size is not None:
                 self._size -= len(old)
             if old:

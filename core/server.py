@@ -32,6 +32,7 @@ from .endpoint import EndpointLock, parse_endpoint, private_umask
 from .errors import FlexKVError, TaskError
 from .rank_hub import RankHub, describe_model, rank_endpoint
 from .remote_flow import RemoteFlow
+from .remote_metrics import remote_section
 from .server_sessions import Session, SessionTable
 
 logger = logging.getLogger("flexkv")
@@ -356,7 +357,8 @@ class FlexKVServer:
                 "gauges": dict(p.gauges()), "tokens_per_block": self.cache_config.tokens_per_block,
                 "sessions": self.sessions.describe(),
                 "ranks": self.hub.describe(),
-                "expired_sessions": self.sessions.expired, "requests": self.requests, "refused": self.refused}
+                "expired_sessions": self.sessions.expired, "requests": self.requests, "refused": self.refused,
+                "remote": remote_section(p)}
 
 
 def _status_values(*names: str) -> frozenset[int]:

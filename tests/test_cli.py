@@ -78,14 +78,32 @@ def test_bench_is_deterministic_and_leaves_a_configs_ssd_directory_alone(tmp_pat
 
 def test_bench_json_to_stdout_and_metrics_overhead(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["bench", "--no-progress", "--model", "tiny", "--no-ssd", "--conversations", "10", "--concurrency",
-                 "5", "--turns", "2", "--json", "-", "--metrics-overhead"]) == 0
+                 "5", "--turns", "2", "--json", "-", "--metrics-overhead", "--overhead-rounds", "3"]) == 0
     out, err = capsys.readouterr()
     data = json.loads(out)  # stdout is the JSON alone; the table went to stderr
     assert [r["name"] for r in data["results"]] == ["1 small", "2 large"] and "| config" in err
     o = data["metrics_overhead"]
-    assert len(o["off_req_s"]) == len(o["on_req_s"]) == len(o["pair_ratios"]) == 3
-    assert o["ratio"] == sorted(on / off for off, on in zip(o["off_req_s"], o["on_req_s"]))[1] > 0
-    assert "metrics overhead: throughput with metrics on / off" in err
+    assert len(o["off_req_s"]) == 4 and len(o["on_req_s"]) == len(o["ratios"]) == len(o["cpu_ratios"]) == 3
+    off, on = o["off_req_s"], o["on_req_s"]  # off, on, off, on, off, on, off: each on between two offs
+    assert o["ratio"] == sorted(on[i] / ((off[i] + off[i + 1]) / 2) for i in range(3))[1] > 0
+    (lo, hi), (q1, q3), (c1, c2) = o["ratio_range"], o["ratio_quartiles"], o["ratio_ci95"]
+    assert lo <= q1 <= o["ratio"] <= q3 <= hi and lo <= c1 <= o["ratio"] <= c2 <= hi
+    assert o["cpu_ratio"] > 0 and all(r["cpu_ms_per_request"] > 0 for r in data["results"])
+    assert "metrics overhead: throughput with metrics on / off = " in err and "3 runs with metrics on" in err
+
+
+def test_overhead_ratios_compare_each_run_with_the_runs_around_it() -> None:
+    from flexkv.core.bench import median_ci95, overhead_summary
+
+    # A machine that gets twice as fast during the measurement, metrics costing exactly 10%: every ratio says 0.9.
+    off = [100.0, 150.0, 200.0]
+    on = [0.9 * 125.0, 0.9 * 175.0]
+    o = overhead_summary(off, on, [2.0, 2.0, 2.0], [2.5, 2.0])
+    assert o["ratios"] == pytest.approx([0.9, 0.9]) and o["ratio"] == pytest.approx(0.9)
+    assert o["cpu_ratios"] == pytest.approx([0.8, 1.0]) and o["cpu_ratio"] == pytest.approx(0.9)
+    assert o["cpu_ratio_range"] == pytest.approx([0.8, 1.0])
+    assert median_ci95([float(v) for v in range(1, 41)]) == [13.0, 28.0]  # n = 40: ranks 20 -/+ 6.2
+    assert median_ci95([1.0, 2.0, 3.0]) == [1.0, 3.0]  # too few runs: the range
 
 
 def test_bench_runs_configs_from_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

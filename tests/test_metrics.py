@@ -149,13 +149,16 @@ def test_histogram_bounds_cover_loads_to_stalls(make_kv) -> None:
     assert np.all(np.diff(h["bounds"]) > 0)
 
 
-def test_every_metric_the_grafana_dashboard_queries_exists(make_kv, free_port, scrape) -> None:
-    """examples/grafana/flexkv.json queries only series a FlexKV endpoint serves (scraped from a live one)."""
+def test_every_metric_the_grafana_dashboard_queries_exists(make_kv, remote, free_port, scrape) -> None:
+    """examples/grafana/flexkv.json queries only series a FlexKV endpoint serves (scraped from a live one with
+    all three tiers: CPU, SSD and the remote tier on real S3 and Redis servers)."""
     port = free_port()
-    env = make_kv(ssd=True, server_settings=ServerSettings(metrics_port=port, num_log_interval_requests=0))
+    env = make_kv(ssd=True, server_settings=ServerSettings(metrics_port=port, num_log_interval_requests=0),
+                  **remote.cache())
     tokens = env.tokens(3 * TPB)
     env.eng.fill([0, 1, 2])
     store(env.kv, tokens, [0, 1, 2], completely=True)
+    assert env.kv.flush_remote(10)
     try_load(env.kv, tokens, [3, 4, 5])
     served = {name for name, _ in scrape(f"http://127.0.0.1:{port}/metrics")}
     dashboard = json.loads((REPO / "examples/grafana/flexkv.json").read_text())

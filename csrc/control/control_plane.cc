@@ -58,6 +58,7 @@ ControlPlane::ControlPlane(ControlPlaneOptions options) : options_(std::move(opt
     so.io_engine = options_.ssd_io_engine;
     so.queue_depth = options_.ssd_cache_iouring_entries;
     so.env = options_.ssd_env;
+    so.progress_interval_s = options_.progress_interval_s;
     ssd_ = std::make_unique<SsdTier>(so);
     ssd_->index().set_listener(events_.listener(Tier::kSsd));
   }

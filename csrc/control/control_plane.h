@@ -61,6 +61,7 @@ struct ControlPlaneOptions {
   unsigned ssd_cache_iouring_entries = 512;
   std::string ssd_io_engine = "auto";
   std::shared_ptr<IoEnv> ssd_env;  // replaces ssd_io_engine (fault injection)
+  double progress_interval_s = 2.0;  // least seconds between two progress lines of a long warm restart
   // Copy engines.
   bool use_ce_transfer_h2d = false;
   bool use_ce_transfer_d2h = false;
@@ -246,10 +247,14 @@ class ControlPlane {
   // Adds a flow's counts to the plane's counters (names from counters());
   // std::invalid_argument naming an unknown one.
   void add_counters(const std::vector<std::pair<std::string, int64_t>>& values);
+  // Records one latency of a flow run outside the plane (names from histograms());
+  // std::invalid_argument naming an unknown one.
+  void observe_latency(const std::string& name, double seconds);
 
   // ------------------------------------------------------------ observation
   std::vector<std::pair<std::string, int64_t>> counters() const;
-  // Latency histograms (get_match, put_match, load, store, promotion, write_through).
+  // Latency histograms (get_match, put_match, load, store, promotion, write_through, remote_promotion,
+  // remote_write_through).
   std::vector<std::pair<std::string, Histogram::Snapshot>> histograms() const;
   // Queue depths now: tasks in flight, promotions, write-through backlog, SSD queues.
   std::vector<std::pair<std::string, int64_t>> gauges() const;

@@ -122,4 +122,8 @@ void ControlPlane::add_counters(const std::vector<std::pair<std::string, int64_t
   }
 }
 
+void ControlPlane::observe_latency(const std::string& name, double seconds) {
+  if (!stats_.observe_named(name, seconds)) throw std::invalid_argument("observe_latency: no timer named '" + name + "'");
+}
+
 }  // namespace flexkv

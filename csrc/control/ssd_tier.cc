@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -169,9 +170,12 @@ SsdTier::SsdTier(const SsdTierOptions& options)
   for (const auto& d : options_.dirs) dirs += (dirs.empty() ? "" : ", ") + d;
   char size[64];
   std::snprintf(size, sizeof size, "%.2f MiB", static_cast<double>(store_->slot_bytes()) / (1 << 20));
+  char took[96];
+  std::snprintf(took, sizeof took, " (%lld slots scanned in %.2f s)", static_cast<long long>(scanned_),
+                restore_seconds_);
   log_line(LogLevel::kInfo, "SSD tier: " + std::to_string(options_.num_blocks) + " slots of " + size + " over [" +
                                 dirs + "] (" + store_->io_env_name() + "), " + std::to_string(restored_) +
-                                " blocks restored");
+                                " blocks restored" + took);
 }
 
 SsdTier::~SsdTier() { close(); }
@@ -189,7 +193,29 @@ int64_t SsdTier::restore() {
     int64_t v = 0;
     if (in >> v && v >= 0) limit = v;
   }
-  const std::vector<SsdEntry> entries = store_->scan(limit);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = Clock::now();
+  Clock::time_point last = start;
+  const double every = options_.progress_interval_s;
+  const auto progress = [&](uint64_t scanned, uint64_t total, uint64_t found) {
+    scanned_ = static_cast<int64_t>(scanned);
+    const Clock::time_point now = Clock::now();
+    if (scanned >= total || std::chrono::duration<double>(now - last).count() < every) return;
+    last = now;
+    const double elapsed = std::chrono::duration<double>(now - start).count();
+    const double rate = elapsed > 0 ? static_cast<double>(scanned) / elapsed : 0.0;
+    char line[256];
+    std::snprintf(line, sizeof line,
+                  "SSD tier: restoring the index from block headers: %llu/%llu slots scanned (%.0f%%), %llu "
+                  "blocks found, %.0f slots/s, ETA %.1f s",
+                  static_cast<unsigned long long>(scanned), static_cast<unsigned long long>(total),
+                  100.0 * static_cast<double>(scanned) / static_cast<double>(total),
+                  static_cast<unsigned long long>(found), rate,
+                  rate > 0 ? static_cast<double>(total - scanned) / rate : 0.0);
+    log_line(LogLevel::kInfo, line);
+  };
+  const std::vector<SsdEntry> entries = store_->scan(limit, progress);
+  restore_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
   high_water_ = 0;
   for (const auto& e : entries) high_water_ = std::max<int64_t>(high_water_, e.slot + 1);
   note_high_water(high_water_, true);
@@ -207,6 +233,7 @@ int64_t SsdTier::restore() {
   const size_t restored = index_.restore(keys.data(), parents.data(), positions.data(), slots.data(), keys.size(),
                                          &left_out);
   if (!left_out.empty()) store_->invalidate(left_out.data(), left_out.size());
+  restore_seconds_ = std::chrono::duration<double>(Clock::now() - start).count();
   return static_cast<int64_t>(restored);
 }
 

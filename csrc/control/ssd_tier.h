@@ -34,6 +34,9 @@ struct SsdTierOptions {
   std::string io_engine = "auto";   // "auto" (io_uring, else threads), "io_uring", "threads"
   unsigned queue_depth = 512;
   std::shared_ptr<IoEnv> env;       // used instead of io_engine when set (tests inject faults here)
+  // A warm restart that scans the block headers for longer than this logs its progress (slots scanned of
+  // the total, blocks found, rate, ETA) at most this often (0: after every scan batch), then a summary.
+  double progress_interval_s = 2.0;
 };
 
 // Per block of a read or write: what happened.
@@ -95,6 +98,8 @@ class SsdTier {
   int64_t high_water_ = 0;
   int64_t persisted_ = -1;
   int64_t restored_ = 0;
+  int64_t scanned_ = 0;         // slots whose headers the restart read
+  double restore_seconds_ = 0;  // how long the restart's scan and index rebuild took
 };
 
 }  // namespace flexkv

@@ -13,6 +13,8 @@ const char* const kNames[] = {
     "ssd_read_bytes",      "ssd_write_bytes",
     "remote_hit_blocks",   "remote_mismatch_blocks", "remote_read_errors",     "remote_written_blocks",
     "remote_write_errors", "remote_write_skipped_blocks", "remote_index_errors", "remote_refused_requests",
+    "remote_miss_blocks",  "remote_read_blocks",    "remote_read_bytes",       "remote_write_bytes",
+    "remote_evicted_blocks",
 };
 static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Counter::kCount), "a name per counter");
 }  // namespace
@@ -49,12 +51,29 @@ Histogram::Snapshot Histogram::snapshot() const {
   return s;
 }
 
+namespace {
+const char* const kTimerNames[] = {"get_match", "put_match",        "load",
+                                   "store",     "promotion",        "write_through",
+                                   "remote_promotion", "remote_write_through"};
+static_assert(sizeof(kTimerNames) / sizeof(kTimerNames[0]) == static_cast<size_t>(Timer::kCount), "a name per timer");
+}  // namespace
+
 std::vector<std::pair<std::string, Histogram::Snapshot>> Counters::histograms() const {
-  static const char* const kNames[] = {"get_match", "put_match", "load", "store", "promotion", "write_through"};
-  static_assert(sizeof(kNames) / sizeof(kNames[0]) == static_cast<size_t>(Timer::kCount), "a name per timer");
   std::vector<std::pair<std::string, Histogram::Snapshot>> out;
-  for (size_t i = 0; i < static_cast<size_t>(Timer::kCount); ++i) out.emplace_back(kNames[i], timers_[i].snapshot());
+  for (size_t i = 0; i < static_cast<size_t>(Timer::kCount); ++i) {
+    out.emplace_back(kTimerNames[i], timers_[i].snapshot());
+  }
   return out;
+}
+
+bool Counters::observe_named(const std::string& name, double seconds) {
+  for (size_t i = 0; i < static_cast<size_t>(Timer::kCount); ++i) {
+    if (name == kTimerNames[i]) {
+      timers_[i].observe(seconds);
+      return true;
+    }
+  }
+  return false;
 }
 
 bool Counters::add_named(const std::string& name, int64_t v) {

@@ -47,6 +47,11 @@ enum class Counter : size_t {
   kRemoteWriteSkippedBlocks,  // not written through: the queue was full or the server was down
   kRemoteIndexErrors,         // index (Redis) requests that failed or timed out
   kRemoteRefusedRequests,     // requests not sent: the circuit breaker found the server down
+  kRemoteMissBlocks,          // blocks looked up in the remote index that it did not hold (or could not answer)
+  kRemoteReadBlocks,          // objects downloaded from the remote tier (before verification)
+  kRemoteReadBytes,           // bytes of those objects (header included)
+  kRemoteWriteBytes,          // bytes of the objects written through to the remote tier (header included)
+  kRemoteEvictedBlocks,       // blocks the remote tier dropped past num_remote_blocks (least recently used)
   kCount,
 };
 
@@ -58,6 +63,8 @@ enum class Timer : size_t {
   kStore,         // a put from launch (or take) to its end, when it completed
   kPromotion,     // one SSD -> CPU promotion run
   kWriteThrough,  // one write-through job (CPU -> SSD)
+  kRemotePromotion,     // one remote -> CPU promotion (download, verification, import)
+  kRemoteWriteThrough,  // one write-through job to the remote tier (claim, pack, upload, index)
   kCount,
 };
 
@@ -90,6 +97,8 @@ class Counters {
   bool add_named(const std::string& name, int64_t v);
 
   void observe(Timer t, double seconds) { timers_[static_cast<size_t>(t)].observe(seconds); }
+  // Observes `seconds` in the timer called `name` (names from histograms()); false when there is none.
+  bool observe_named(const std::string& name, double seconds);
   // (name, histogram) of every timer, in declaration order.
   std::vector<std::pair<std::string, Histogram::Snapshot>> histograms() const;
 

@@ -62,7 +62,7 @@ flexkv::ControlPlaneOptions options_of(const py::dict& d) {
       "model_fingerprint", "block_bytes", "num_layers", "tokens_per_block", "num_cpu_blocks", "evict_ratio",
       "use_hugepage_cpu_buffer", "enable_ssd", "num_ssd_blocks", "ssd_cache_dirs", "ssd_cache_iouring_entries",
       "ssd_io_engine", "ssd_env", "use_ce_transfer_h2d", "use_ce_transfer_d2h", "transfer_sms_h2d",
-      "transfer_sms_d2h", "num_copy_threads"};
+      "transfer_sms_d2h", "num_copy_threads", "progress_interval_s"};
   for (auto item : d) {
     const std::string key = item.first.cast<std::string>();
     bool known = false;
@@ -87,6 +87,7 @@ flexkv::ControlPlaneOptions options_of(const py::dict& d) {
   o.transfer_sms_h2d = opt<int>(d, "transfer_sms_h2d", 8);
   o.transfer_sms_d2h = opt<int>(d, "transfer_sms_d2h", 8);
   o.num_copy_threads = opt<int>(d, "num_copy_threads", 2);
+  o.progress_interval_s = opt<double>(d, "progress_interval_s", 2.0);
   return o;
 }
 
@@ -384,6 +385,8 @@ void bind_control(py::module_& m) {
         for (auto item : values) v.emplace_back(item.first.cast<std::string>(), item.second.cast<int64_t>());
         c.add_counters(v);
       }, py::arg("values"), "Adds a flow's counts to the counters (names from counters()).")
+      .def("observe_latency", &ControlPlane::observe_latency, py::arg("name"), py::arg("seconds"),
+           "Records one latency of a flow run outside the plane (names from histograms()).")
       // ----------------------------------------------------- observation
       .def("counters", [](const ControlPlane& c) {
         py::dict d;

@@ -30,7 +30,9 @@ constexpr size_t kMaxRunBlocks = IOV_MAX / 2;    // two iovecs (header, payload)
 // A run longer than this (but always at least one block) is split into several requests: that keeps many
 // requests in flight and lets the checksums of one overlap the I/O of the others (measured best at 1-2 MiB).
 constexpr uint64_t kMaxRunBytes = 2ull << 20;
-constexpr uint64_t kScanBatchBytes = 32ull << 20;  // header bytes read per scan batch
+constexpr uint64_t kScanBatchBytes = 32ull << 20;  // header bytes read per scan batch, at most
+constexpr uint64_t kScanMinBatch = 256;              // slots per scan batch, at least (when there are as many)
+constexpr uint64_t kScanProgressSteps = 16;          // a long scan reports at least this many times
 
 // Aligned buffers for headers, reused across calls (big allocations are mmap'ed fresh otherwise, and every
 // page then faults on first touch).
@@ -429,11 +431,13 @@ void SsdStore::read(const SsdBlock* blocks, size_t n, SsdStatus* status) {
   s.env->run_with_hooks(p.reqs.data(), p.reqs.size(), results.data(), hooks);
 }
 
-std::vector<SsdEntry> SsdStore::scan(int64_t limit) {
+std::vector<SsdEntry> SsdStore::scan(int64_t limit, const ScanProgress& progress) {
   const Impl& s = *impl_;
   const uint64_t total = static_cast<uint64_t>(limit < 0 ? s.opt.num_blocks : std::min(limit, s.opt.num_blocks));
   if (total == 0) return {};
-  const uint64_t batch = std::min<uint64_t>(total, std::max<uint64_t>(1, kScanBatchBytes / s.header_bytes));
+  const uint64_t by_bytes = std::max<uint64_t>(1, kScanBatchBytes / s.header_bytes);
+  const uint64_t by_steps = std::max<uint64_t>(kScanMinBatch, (total + kScanProgressSteps - 1) / kScanProgressSteps);
+  const uint64_t batch = std::min<uint64_t>(total, std::min(by_bytes, by_steps));
   AlignedPool::Buffer buf = impl_->pool.get(batch * s.header_bytes);
   std::vector<struct iovec> iov(batch);
   std::vector<IoRequest> reqs(batch);
@@ -462,6 +466,7 @@ std::vector<SsdEntry> SsdStore::scan(int64_t limit) {
     s.env->run_with_hooks(reqs.data(), m, results.data(), hooks);
     for (size_t j = 0; j < m; ++j)
       if (valid[j]) out.push_back(found[j]);
+    if (progress) progress(first + m, total, out.size());
   }
   return out;
 }

@@ -17,6 +17,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -74,8 +75,11 @@ class SsdStore {
   void read(const SsdBlock* blocks, size_t n, SsdStatus* status);
   // Reads the headers of slots 0..limit-1 (every slot when limit < 0) in big batches and returns, by
   // slot, those whose header is intact and matches this store's fingerprint and geometry (the payload
-  // is checked by read()).
-  std::vector<SsdEntry> scan(int64_t limit = -1);
+  // is checked by read()). `progress`, when set, is called after each batch with (slots scanned, slots to
+  // scan, intact headers found so far); a scan of many slots runs in at least 16 batches so that it can
+  // report its progress.
+  using ScanProgress = std::function<void(uint64_t scanned, uint64_t total, uint64_t found)>;
+  std::vector<SsdEntry> scan(int64_t limit = -1, const ScanProgress& progress = nullptr);
   // Overwrites those slots' headers so scan() never returns them (and read() reports kMismatch).
   // Throws std::runtime_error if some header could not be overwritten.
   void invalidate(const int32_t* slots, size_t n);
