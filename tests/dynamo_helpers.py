@@ -80,7 +80,9 @@ class Deployment:
         log = self.root / f"{name}.log"
         self.logs.append(log)
         with open(log, "ab") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            # cwd: outside the checkout, whose flexkv/ would shadow the installed package for `python -m`
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.root,
+                                    start_new_session=True)
         self.procs.append(proc)
         return proc
 

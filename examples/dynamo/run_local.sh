@@ -10,6 +10,7 @@ workers=${2:-2}
 here=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=${OUT:-/tmp/flexkv-dynamo}
 mkdir -p "$OUT/discovery"
+cd "$OUT"  # not the checkout: its flexkv/ source folder would shadow the installed package for `python -m`
 export DYN_FILE_KV=$OUT/discovery DYN_TCP_RPC_HOST=127.0.0.1 DYN_EVENT_PLANE_HOST=127.0.0.1 \
        DYN_TCP_RESPONSE_STREAM_HOST=127.0.0.1 DYN_SYSTEM_HOST=127.0.0.1 VLLM_HOST_IP=127.0.0.1 \
        VLLM_CPU_NUM_OF_RESERVED_CPU=0 PYTHONPATH=$here/tests/sglang_standin  # torchvision: import-only stand-in
