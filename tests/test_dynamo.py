@@ -69,7 +69,7 @@ def test_the_router_follows_flexkv_tiers(deployment: Deployment, holder: int) ->
     assert sel["host_pinned_blocks"] == 0 and sel["disk_blocks"] == PROMPT_BLOCKS, sel
     assert on_ssd["choices"][0]["text"] == first["choices"][0]["text"]
 
-    fill(d, worker, k, 12)  # out of the SSD tier's 160 blocks too: FlexKV holds nothing of it
+    fill(d, worker, k, 24)  # 336 blocks through the SSD tier's 160 (LRU): FlexKV holds nothing of it
     gone = d.complete(p)
     sel = d.selection(gone)
     assert sel["host_pinned_blocks"] == 0 and sel["disk_blocks"] == 0, sel
