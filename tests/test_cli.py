@@ -114,7 +114,9 @@ def test_bench_runs_configs_from_files(tmp_path: Path, capsys: pytest.CaptureFix
     assert "300 blocks" in capsys.readouterr().out
 
 
-def test_bench_rejects_a_config_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bench_rejects_a_config_it_cannot_run(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("worker_id", "0")  # the manual's ${worker_id}
     rc = main(["bench", "--no-progress", "--config", str(REPO / "examples/configs/distributed_worker.json")])
     assert rc == 1
     assert "enable_remote" in capsys.readouterr().err

@@ -72,7 +72,8 @@ def both(text: str, where: str, tmp_path: Path, env: dict[str, str] | None = Non
          model: ModelConfig | None = None) -> tuple[CacheConfig, dict[str, Any]]:
     path = tmp_path / Path(where).name
     path.write_text(text, encoding="utf-8")
-    config = load_config(path, env=env or {})
+    env = {"worker_id": "0", **(env or {})}  # the manual's ${worker_id}, for both readers
+    config = load_config(path, env=env)
     cache = config.cache_config if model is None else config.cache_config.resolved(model)
     cpp = _core.read_config_text(text, where, env, None if model is None else model_dict(model))
     if config.model_config is None:

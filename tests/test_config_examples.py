@@ -46,7 +46,7 @@ def test_examples_present() -> None:
 
 @pytest.mark.parametrize("name", EXAMPLE_FILES)
 def test_every_example_loads_and_validates(name: str) -> None:
-    config = load_config(EXAMPLES / name, env={})
+    config = load_config(EXAMPLES / name, env={"worker_id": "0"})  # the manual's ${worker_id}
     assert isinstance(config, FlexKVConfig)
     config.validate()
     # every example resolves to block counts with a model shape
@@ -75,7 +75,7 @@ def test_every_manual_json_block_loads_as_printed(tmp_path: Path) -> None:
     assert len(blocks) == 3
     for i, block in enumerate(blocks):
         assert "//" in block
-        config = load_config(write(tmp_path, f"manual_{i}.json", block), env={})
+        config = load_config(write(tmp_path, f"manual_{i}.json", block), env={"worker_id": "0"})
         assert config.cache_config.num_cpu_blocks in (50000, 200000, 500000)
 
 
@@ -95,8 +95,8 @@ def test_single_node_values() -> None:
 
 
 def test_distributed_worker_values() -> None:
-    c = load_config(EXAMPLES / "distributed_worker.json", env={})
-    assert c.server_recv_port == "ipc:///tmp/flexkv_${worker_id}_test"
+    c = load_config(EXAMPLES / "distributed_worker.json", env={"worker_id": "3"})
+    assert c.server_recv_port == "ipc:///tmp/flexkv_3_test"  # ${worker_id} from the environment
     cc = c.cache_config
     assert cc.enable_remote and cc.num_remote_blocks == 20000000
     assert cc.remote_cache_path == "s3://flexkv-cache/"

@@ -258,7 +258,7 @@ def test_check_config_predicts_what_runs(capsys: pytest.CaptureFixture[str], roo
 
 
 def test_check_config_warns_on_what_is_ignored_or_refused(capsys: pytest.CaptureFixture[str], roomy_machine: None,
-                                                          tmp_path: Path) -> None:
+                                                          tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "num_ssd_blocks": 100,
                                                   "num_remote_blocks": 10}})
     assert check_config.main([str(path)]) == 0
@@ -267,8 +267,12 @@ def test_check_config_warns_on_what_is_ignored_or_refused(capsys: pytest.Capture
     assert "the remote_* keys are ignored: enable_remote is false" in err
     path = write_json(tmp_path, {"cache_config": {"num_cpu_blocks": 10, "enable_ssd": True, "num_ssd_blocks": 10,
                                                   "ssd_cache_dir": str(tmp_path / "ssd_${worker_id}")}})
+    monkeypatch.delenv("worker_id", raising=False)
+    assert check_config.main([str(path)]) == 1
+    assert "the environment variable worker_id is not set" in capsys.readouterr().err
+    monkeypatch.setenv("worker_id", "7")
     assert check_config.main([str(path)]) == 0
-    assert "is used literally: FlexKV does not expand ${...}" in capsys.readouterr().err
+    assert f"cache_config.ssd_cache_dir = {str(tmp_path / 'ssd_7')!r}" in capsys.readouterr().out
 
 
 def test_check_config_prints_each_error_once(capsys: pytest.CaptureFixture[str], small_machine: None) -> None:

@@ -81,6 +81,7 @@ def test_check_config_shows_the_remote_tier(monkeypatch: pytest.MonkeyPatch,
     for name in ("FLEXKV_REDIS_URL", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:8333")
+    monkeypatch.setenv("worker_id", "0")  # the manual's ${worker_id}
     assert main([manual, "--model", "tiny", "--skip-resources"]) == 1
     assert "FLEXKV_REDIS_URL" in capsys.readouterr().err
     monkeypatch.setenv("FLEXKV_REDIS_URL", "redis://127.0.0.1:6379/0")

@@ -256,6 +256,7 @@ def test_manual_distributed_worker_json_starts_three_tiers(remote, tmp_path: Pat
     monkeypatch.setenv("FLEXKV_REDIS_URL", remote.servers.redis_url)
     monkeypatch.setenv("FLEXKV_SSD_CACHE_DIR", str(tmp_path / "ssd"))
     monkeypatch.setenv("FLEXKV_NUM_SSD_BLOCKS", "256")
+    monkeypatch.setenv("worker_id", "0")  # the manual's ${worker_id}
     path = Path(__file__).resolve().parents[1] / "examples" / "configs" / "distributed_worker.json"
     config = load_config(path)
     cc = config.cache_config

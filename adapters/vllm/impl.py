@@ -47,6 +47,9 @@ class FlexKVConnectorImpl:
 
             self.scheduler = SchedulerSide(settings)
             self.worker = None
+        from .kv_events import tier_events_for  # FlexKV's tiers in vLLM's KV events (kv_events.py)
+
+        self.events = tier_events_for(vllm_config, self.scheduler) if self.scheduler is not None else None
         logger.info("FlexKV vLLM connector (%s role) for %s, block size %d, %s loads",
                     "worker" if self.is_worker else "scheduler", settings.model_name, settings.block_size,
                     settings.load_mode)
@@ -100,6 +103,8 @@ class FlexKVConnectorImpl:
         self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        if self.events is not None:
+            self.events.forget(request.request_id)
         return self.scheduler.request_finished(request, block_ids)
 
     def has_pending_push_work(self) -> bool:
@@ -107,7 +112,8 @@ class FlexKVConnectorImpl:
         return self.scheduler is not None and self.scheduler.has_pending_stores()
 
     def take_events(self) -> list[Any]:
-        return []
+        """FlexKV's block events as vLLM KV events (kv_events.py); vLLM publishes them with its own."""
+        return self.events.take() if self.events is not None else []
 
     def get_kv_connector_stats(self) -> Any:
         """The scheduler side's FlexKVConnectorStats since the last step (metrics.py); None on workers."""

@@ -29,6 +29,7 @@ import os
 import tempfile
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,8 @@ class SchedulerSide:
         self.hit_requests = 0
         self.hit_request_keyings = 0
         self.misses = Misses()
+        # called with (key chain, vLLM request) for every key chain made (kv_events.py learns vLLM's block ids so)
+        self.chain_listeners: list[Callable[[Any, Any], None]] = []
         self._closed = False
         self._warned_silent = False
         _LIVE.add(self)
@@ -152,7 +155,10 @@ class SchedulerSide:
             return _token_array(st.request, n * self.block_size), st.lookup[1]
         keys = self._keys(st, n, counted)
         tokens = _token_array(st.request, len(keys) * self.block_size)
-        return tokens, self.kv.key_chain(tokens, st.ns, block_hashes=keys)
+        chain = self.kv.key_chain(tokens, st.ns, block_hashes=keys)
+        for listener in self.chain_listeners:
+            listener(chain, st.request)
+        return tokens, chain
 
     def prompt_chain(self, request: Any) -> tuple[np.ndarray, Any]:
         """(token ids, key chain) of the whole blocks a lookup of the request covers (made once per request)."""

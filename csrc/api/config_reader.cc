@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cstring>
 #include <fstream>
@@ -29,6 +30,60 @@ std::string upper(std::string s) {
 
 bool starts_with(const std::string& s, const std::string& prefix) { return s.compare(0, prefix.size(), prefix) == 0; }
 
+// `'text'` as Python's repr() writes a string without quotes or backslashes in it (errors match Python's).
+std::string quoted(const std::string& text) { return "'" + text + "'"; }
+
+bool is_env_name(const std::string& name) {
+  if (name.empty() || std::isdigit(static_cast<unsigned char>(name[0]))) return false;
+  return std::all_of(name.begin(), name.end(), [](unsigned char c) { return std::isalnum(c) || c == '_'; });
+}
+
+// `value` with each ${NAME} replaced by env's NAME and each $${ by ${; the rules and the errors are those of
+// core/env_refs.py: an unset NAME, or a ${ that does not close with a name, names `key` and the variable.
+std::string expand_env_string(const std::string& value, const EnvVars& env, const std::string& key) {
+  std::string out;
+  size_t i = 0;
+  while (i < value.size()) {
+    if (value.compare(i, 3, "$${") == 0) {
+      out += "${";
+      i += 3;
+    } else if (value.compare(i, 2, "${") == 0) {
+      const size_t close = value.find('}', i + 2);
+      const std::string name = value.substr(i + 2, close == std::string::npos ? std::string::npos : close - i - 2);
+      if (close == std::string::npos || !is_env_name(name)) {
+        const std::string ref = value.substr(i, close == std::string::npos ? std::string::npos : close - i + 1);
+        throw ConfigKeyError(key, quoted(value) + " has " + quoted(ref) + ", which is not a ${NAME} reference; write "
+                                  "${NAME} with NAME a variable name (letters, digits, _), or $${ for a literal ${");
+      }
+      const auto it = env.find(name);
+      if (it == env.end()) {
+        throw ConfigKeyError(key, quoted(value) + " refers to ${" + name + "}, but the environment variable " + name +
+                                  " is not set; set it in each process's environment (export " + name +
+                                  "=0), or write the value without ${...}");
+      }
+      out += it->second;
+      i = close + 1;
+    } else {
+      out += value[i++];
+    }
+  }
+  return out;
+}
+
+// Every string value of parsed config data expanded (env_refs.py); `key` is the dotted path of `data`.
+void expand_env_refs(Json& data, const EnvVars& env, const std::string& key) {
+  if (data.is_string()) {
+    const std::string& text = data.get_ref<const std::string&>();
+    if (text.find("${") != std::string::npos) data = expand_env_string(text, env, key.empty() ? "config" : key);
+  } else if (data.is_object()) {
+    for (auto it = data.begin(); it != data.end(); ++it) {
+      expand_env_refs(it.value(), env, key.empty() ? it.key() : key + "." + it.key());
+    }
+  } else if (data.is_array()) {
+    for (size_t i = 0; i < data.size(); ++i) expand_env_refs(data[i], env, key + "[" + std::to_string(i) + "]");
+  }
+}
+
 // A key's value, from the file or the environment.
 struct Given {
   std::string name;
@@ -51,12 +106,13 @@ class Reader {
       : where_(std::move(where)), env_(env), no_file_(no_file), schema_(config_schema()) {}
 
   ConfigRead read(std::string_view text) {
-    const Json root = parse_config_text(text, where_);
+    Json root = parse_config_text(text, where_);
     if (!root.is_object()) {
       throw std::invalid_argument(where_ + ": the config is " + describe_value(root) +
                                   "; it must be an object such as {\"cache_config\": {\"num_cpu_blocks\": 50000}}");
     }
     try {
+      expand_env_refs(root, env_ != nullptr ? *env_ : process_env(), "");  // ${NAME} in string values
       split_layout(root);
       if (env_ != nullptr) apply_env();
       if (no_file_ && find(cache_, "num_cpu_blocks") == nullptr && find(cache_, "cpu_cache_gb") == nullptr) {
@@ -542,7 +598,7 @@ EnvVars process_env() {
   for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
     const std::string entry = *e;
     const size_t eq = entry.find('=');
-    if (eq != std::string::npos && starts_with(entry, "FLEXKV_")) env[entry.substr(0, eq)] = entry.substr(eq + 1);
+    if (eq != std::string::npos) env[entry.substr(0, eq)] = entry.substr(eq + 1);
   }
   return env;
 }

@@ -22,13 +22,14 @@ struct ConfigRead {
   std::vector<std::string> warnings;
 };
 
-// Reads the text of a JSON config; `where` names it in errors. With `env`,
-// its FLEXKV_<KEY> variables override single keys.
+// Reads the text of a JSON config; `where` names it in errors. ${NAME} in a
+// string value is env's NAME (without `env`: this process's). With `env`, its
+// FLEXKV_<KEY> variables override single keys.
 ConfigRead read_config(std::string_view text, const std::string& where, const EnvVars* env);
 // Reads a config file (an empty path: env's FLEXKV_CONFIG_PATH; neither: the
 // defaults), then applies env's overrides.
 ConfigRead read_config_file(const std::string& path, const EnvVars& env);
-// This process's FLEXKV_* environment variables.
+// This process's environment variables (FLEXKV_* override keys; any may be a ${NAME}).
 EnvVars process_env();
 // Every CacheOptions field as JSON text, under its config key name
 // (`ssd_cache_dir` holds the list), plus num_copy_threads and model (with its
