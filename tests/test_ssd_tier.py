@@ -108,10 +108,14 @@ def test_a_restart_keeps_the_hits(make_ssd, engine: str) -> None:
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_restart_after_a_reset_restores_nothing_of_before(make_ssd, engine: str) -> None:
     """A reset (vLLM's reset_prefix_cache after a weight update) must not come back with the old KV when the
-    process restarts: the dropped blocks' SSD headers are zeroed. Blocks stored after the reset come back."""
-    first = make_ssd(engine)
+    process restarts: the SSD headers of every slot written before are zeroed, those of blocks the SSD tier had
+    evicted included. Blocks stored after the reset come back."""
+    first = make_ssd(engine, num_ssd_blocks=16)
     old, new = first.tokens(5 * TPB), first.tokens(3 * TPB)
     put_completely(first, old, range(5))
+    for _ in range(3):  # 24 more blocks through the 16-slot SSD tier: some slots hold evicted blocks now
+        put_completely(first, first.tokens(8 * TPB), range(40, 48))
+    assert first.kv.cache_stats()["ssd"]["evicted"] > 0
     first.kv.reset()
     want = put_completely(first, new, range(5, 8))
     first.kv.shutdown()

@@ -297,3 +297,22 @@ def test_each_attention_layer_waits_for_its_own_layer_only(tmp_path, monkeypatch
     for i in range(3):
         worker.wait_for_layer_load(f"model.layers.{i}.self_attn.attn")
     assert waited == [0, 1, 2] and worker.stats()["layer_waits"] == 3
+
+
+def test_a_store_ordered_but_not_queued_yet_holds_its_finished_request_back() -> None:
+    """With speculative decoding vLLM asks get_finished before wait_for_save queues the step's stores: a finished
+    request whose tail store is ordered but not queued must not be reported in finished_sending (vLLM would free
+    the blocks the store is about to copy)."""
+    from flexkv.adapters.vllm.metadata import CopyOrder
+    from flexkv.adapters.vllm.worker_jobs import JobBook
+
+    book = JobBook()
+    order = CopyOrder("r", [1], [2], store=True, order_id=7)
+    book.awaiting.add("r")
+    book.expect(order)  # start_load_kv saw it
+    assert book.finished_sending({"r"}) == set()
+    book.started(order, [("tier", 1)])  # wait_for_save queued it
+    assert book.finished_sending(set()) == set()
+    book.job_done(("tier", 1), "")
+    assert book.finished_sending(set()) == {"r"}
+    assert book.take_report().ok == {7: 1}

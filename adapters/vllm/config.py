@@ -39,6 +39,10 @@ def settings_from_vllm(vllm_config: Any) -> VllmSettings:
                           f"parallelism in this version: pipeline_parallel_size={parallel.pipeline_parallel_size}, "
                           f"data_parallel_size={getattr(parallel, 'data_parallel_size', 1)}; use 1 for both (run "
                           "several engines on one `flexkv serve` instead of data-parallel ranks)")
+    for name in ("prefill_context_parallel_size", "decode_context_parallel_size"):
+        if int(getattr(parallel, name, 1) or 1) > 1:  # KV split by tokens across ranks: not FlexKV's head slices
+            raise ConfigError(f"FlexKV's vLLM connector does not support context parallelism in this version: "
+                              f"{name}={getattr(parallel, name)}; use 1", name)
     block_size = int(vllm_config.cache_config.block_size)
     cache = block_size_for_engine(load_config().cache_config, block_size, "vLLM", "block_size")
     model = vllm_config.model_config

@@ -103,9 +103,10 @@ class FlexKVConnectorImpl:
         self.scheduler.update_connector_output(connector_output)
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        if self.events is not None:
+        out = self.scheduler.request_finished(request, block_ids)
+        if self.events is not None:  # after its last key chain (the tail store's)
             self.events.forget(request.request_id)
-        return self.scheduler.request_finished(request, block_ids)
+        return out
 
     def has_pending_push_work(self) -> bool:
         """True while stores are in flight: vLLM's engine keeps stepping until the workers report them."""

@@ -23,7 +23,8 @@ Contracts a router relies on:
   (``note_chain``: FlexKV's key of block i of a request is made from the request's block i), so no token is
   hashed again; a block no chain of this process named (restored from SSD at start) is not published.
 - Namespace: a block of a request with a LoRA adapter carries ``lora_name``; a salted one carries its salt
-  in ``extra_keys`` as vLLM writes it (the adapter's name, then the salt), recorded with its id.
+  in ``extra_keys`` as vLLM writes them (the adapter's name on every block, the salt on a sequence's first
+  block only), recorded with its id.
 - The remote tier reports nothing: every worker reads the shared store, so crediting the worker that wrote a
   block would steer every request for it to one worker for no gain (docs/dynamo.md).
 """
@@ -52,8 +53,10 @@ class BlockNamespace:
     lora_name: str | None = None
     cache_salt: str | None = None
 
-    def extra_keys(self) -> tuple[str, ...] | None:
-        keys = tuple(k for k in (self.lora_name, self.cache_salt) if k)
+    def extra_keys(self, position: int) -> tuple[str, ...] | None:
+        """vLLM's event extra keys of the block at ``position``: the adapter's name on every block, the cache
+        salt on a sequence's first block only (vLLM hashes it into that block alone)."""
+        keys = tuple(k for k in (self.lora_name, self.cache_salt if position == 0 else None) if k)
         return keys or None
 
 
@@ -162,11 +165,12 @@ class TierEvents:
                 if run is not None and run["medium"] == medium and run["ours"][-1] == p and run["ns"] == ns:
                     run["ours"].append(h)
                     run["hashes"].append(ext)
+                    run["positions"].append(int(position))
                     run["tokens"].extend(toks.tolist())
                     continue
                 self._flush(run, out)
                 run = {"medium": medium, "ours": [h], "hashes": [ext], "parent": None if parent is None else parent[0],
-                       "tokens": toks.tolist(), "ns": ns}
+                       "positions": [int(position)], "tokens": toks.tolist(), "ns": ns}
                 continue
             self._flush(run, out)
             run = None
@@ -197,11 +201,11 @@ class TierEvents:
         if run is None:
             return
         ns: BlockNamespace = run["ns"]
-        extra = ns.extra_keys()
+        extra = [ns.extra_keys(p) for p in run["positions"]]
         out.append(self._stored_cls(block_hashes=run["hashes"], parent_block_hash=run["parent"],
                                     token_ids=run["tokens"], block_size=self.block_size, lora_id=None,
                                     medium=run["medium"], lora_name=ns.lora_name,
-                                    extra_keys=None if extra is None else [extra] * len(run["hashes"])))
+                                    extra_keys=extra if any(k is not None for k in extra) else None))
 
     def _unknown(self) -> None:
         self.unknown += 1

@@ -58,6 +58,10 @@ class OrderLedger:
         """The request's store orders still in flight."""
         return sorted(o for o in self._by_request.get(request_id, ()) if self._store[o])
 
+    def loads_of(self, request_id: str) -> list[int]:
+        """The request's load orders still in flight."""
+        return sorted(o for o in self._by_request.get(request_id, ()) if not self._store[o])
+
     def has_stores(self) -> bool:
         return any(self._store.values())
 
@@ -106,14 +110,16 @@ class OrderLedger:
         receipts file, ends every other order failed. Returns (orders kept, orders dropped)."""
         done: dict[int, int] = {}
         path = Path(self.receipts) if self.receipts else None
-        if path is not None and path.exists():
+        if path is not None and path.exists() and not path.is_symlink() and path.stat().st_uid == os.getuid():
             for line in path.read_text().split():
                 if line.isdigit():
                     done[int(line)] = done.get(int(line), 0) + 1
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        if path is not None:
+            for remove, target in ((os.unlink, path), (os.rmdir, path.parent)):  # the file, then its directory
+                try:
+                    remove(target)
+                except OSError:
+                    pass
         kept = dropped = 0
         for order in list(self._task):
             ok = done.get(order, 0) + self._reports.get(order, [0, 0])[0] >= self.workers and \

@@ -86,7 +86,8 @@ class SchedulerSide:
         self.kv = KVManager(model, settings.cache_config, namespace=settings.model_name,
                             layout_tag=settings.layout_tag, external_copies=True)
         self.kv.start()
-        receipts = os.path.join(tempfile.gettempdir(), f"flexkv-receipts-{os.getpid()}-{id(self):x}")
+        # in a directory of its own (0700): no other user can plant order ids for the scheduler to keep
+        receipts = os.path.join(tempfile.mkdtemp(prefix="flexkv-receipts-"), "receipts")
         self.ledger = OrderLedger(self.kv, settings.num_workers, receipts)
         self.reqs: dict[str, _Request] = {}
         self.matched: dict[str, int] = {}  # request -> the tokens vLLM had computed when it asked
@@ -140,7 +141,7 @@ class SchedulerSide:
             if n > have:
                 st.keys = np.concatenate([st.keys, hashes_array(list(hashes[have:n]))]) if have else \
                     hashes_array(list(hashes[:n]))
-        else:  # token ids are hashed again only for blocks the request did not have when it was keyed
+        else:  # token mode (vLLM's hashes differ between processes): the whole prefix is hashed again
             st.keys = self.kv.block_keys(_token_array(st.request, n * self.block_size))
             if counted:
                 self.token_keyings += 1
@@ -191,7 +192,7 @@ class SchedulerSide:
                     return None, False
             self.prefetch_tries.pop(rid, None)
         except Exception as e:  # a lookup that fails is a miss
-            self.prefetches.pop(rid)
+            self.prefetches.drop(rid)
             self.misses.failed("lookup", rid, e)
             return 0, False
         external = max(0, cpu - num_computed_tokens)
@@ -349,14 +350,23 @@ class SchedulerSide:
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         rid = request.request_id
         self.matched.pop(rid, None)
-        self.prefetches.pop(rid)
+        self.prefetches.drop(rid)
         self.prefetch_tries.pop(rid, None)
         self.preempted.discard(rid)
-        waiting = self.promoting.pop(rid, None)
-        if waiting is not None:  # never ordered: its blocks go back once its SSD reads end
-            end_task(self.kv, waiting[0])
         st = self._state(request)
         del self.reqs[rid]
+        waiting = self.promoting.pop(rid, None)
+        if waiting is not None:
+            # Aborted while its blocks come up from SSD: vLLM frees its blocks only once the workers report it
+            # in finished_recving, so an empty load is ordered (every promised block failed); the CPU blocks go
+            # back once the SSD reads end. Nothing of it is stored: it computed nothing.
+            end_task(self.kv, waiting[0])
+            _, block_ids_wanted, wanted, _ = waiting
+            self.orders.append(CopyOrder(rid, [], [], error_blocks=list(block_ids_wanted[wanted.start:wanted.stop]),
+                                         sync=self.layerwise))
+            return False, None
+        if self.ledger.loads_of(rid):  # aborted while loading: vLLM frees its blocks once the load is reported
+            return False, None
         n = min(request.num_computed_tokens, len(block_ids) * self.block_size) // self.block_size
         if n > st.stored:
             st.blocks = list(block_ids)
@@ -422,7 +432,12 @@ class SchedulerSide:
         for st in self.reqs.values():  # requests that ran across the reset hold KV of the old weights
             st.stored = _NEVER
             st.lookup = None
-        self.kv.reset()
+        try:
+            self.kv.reset()
+        except Exception as e:  # vLLM reports the reset failed; FlexKV keeps serving
+            self.misses.count += 1
+            logger.error("FlexKV: reset_cache failed, vLLM reports the reset as failed: %s", e)
+            return False
         return True
 
     def shutdown(self) -> None:

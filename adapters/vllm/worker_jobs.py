@@ -50,6 +50,12 @@ class JobBook:
         """The CPU tiers some job runs on."""
         return {socket for socket, _ in self._job_order}
 
+    def expect(self, order: CopyOrder) -> None:
+        """A store ordered in this step's metadata, queued later (``wait_for_save``; with speculative decoding vLLM
+        calls that after ``get_finished``): its request is not reported in ``finished_sending`` before it is done,
+        so vLLM never frees the blocks it copies."""
+        self._stores_of.setdefault(order.request_id, set()).add(order.order_id)
+
     def started(self, order: CopyOrder, jobs: list[tuple[str, int]]) -> None:
         """Records the jobs an order runs as (none: the order is done at once, with ``error`` if not empty)."""
         run = _Running(order, len(jobs))
@@ -124,7 +130,7 @@ class JobBook:
             return
         data = "".join(f"{order}\n" for order in sorted(self._unreported_stores)).encode()
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
             try:
                 os.write(fd, data)
             finally:

@@ -84,6 +84,9 @@ class WorkerSide:
             return
         self.receipts = metadata.receipts or self.receipts
         self.book.awaiting.update(metadata.awaiting)
+        for order in metadata.orders:  # queued in wait_for_save, which vLLM may call after get_finished
+            if order.store:
+                self.book.expect(order)
         self._submit([o for o in metadata.orders if not o.store])
 
     def wait_for_layer_load(self, layer_name: str) -> None:

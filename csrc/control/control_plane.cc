@@ -413,6 +413,10 @@ void ControlPlane::reset() {
     if (ssd_) ssd_->reset();
   } catch (const std::logic_error& e) {  // a match on another thread locked blocks just now
     throw TaskError(std::string("reset: ") + e.what() + "; wait for or cancel the tasks holding them first");
+  } catch (const std::runtime_error& e) {  // the SSD refused the header writes: the indexes are empty already
+    throw TaskError(std::string("reset: the cache is empty, but the SSD tier's headers could not be zeroed (") +
+                    e.what() + "): a restart may restore blocks from before the reset; delete the SSD directory "
+                    "before restarting");
   }
 }
 

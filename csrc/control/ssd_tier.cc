@@ -5,11 +5,13 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <numeric>
 #include <stdexcept>
 
 #define XXH_INLINE_ALL
@@ -298,9 +300,16 @@ SsdBatchResult SsdTier::read(const CpuTier& cpu, const int32_t* cpu_ids, const i
 }
 
 void SsdTier::reset() {
-  const std::vector<int32_t> held = index_.held_ids();
   index_.reset();
-  if (store_ && !held.empty()) store_->invalidate(held.data(), held.size());
+  int64_t end = 0;
+  {
+    std::lock_guard<std::mutex> g(mark_mu_);
+    end = std::min<int64_t>(high_water_, options_.num_blocks);
+  }
+  if (!store_ || end <= 0) return;
+  std::vector<int32_t> slots(static_cast<size_t>(end));
+  std::iota(slots.begin(), slots.end(), 0);
+  store_->invalidate(slots.data(), slots.size());
 }
 
 void SsdTier::drop(const int32_t* slots, size_t n) {

@@ -74,9 +74,11 @@ class SsdTier {
                       const int64_t* positions, size_t n);
   // Makes locked slots unreadable (their bytes were wrong) and erases their headers.
   void drop(const int32_t* slots, size_t n);
-  // Drops every block and zeroes the headers of their slots on disk (one batched 4 KiB write each), so a
-  // restart restores none of them: a reset (a weight update) must not come back with the old KV. Throws,
-  // changing nothing, while a block is locked; throws after dropping them if the disk refuses the writes.
+  // Drops every block and zeroes the header of every slot ever written (below the high-water mark, one
+  // batched 4 KiB write each; evicted slots keep their headers otherwise), so a restart restores nothing
+  // of before: a reset (a weight update) must not come back with the old KV. Throws std::logic_error,
+  // changing nothing, while a block is locked; std::runtime_error after dropping them if the disk refuses
+  // the writes.
   void reset();
   // Closes the files and lets another cache use the directories; the index
   // stays. Reads and writes afterwards throw std::runtime_error.

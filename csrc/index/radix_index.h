@@ -124,8 +124,6 @@ class RadixIndex {
 
   // Drops every block. Throws if any block is locked.
   void reset();
-  // The ids of the blocks in the tree (ready or not), ascending.
-  std::vector<int32_t> held_ids() const;
 
   // Rebuilds an empty index from blocks read back from the tier's own storage
   // (warm restart). Entry i is block ids[i] holding keys[i], whose predecessor

@@ -122,15 +122,6 @@ void RadixIndex::reset() {
   if (listener_ != nullptr) listener_->on_cleared();
 }
 
-std::vector<int32_t> RadixIndex::held_ids() const {
-  std::lock_guard<std::mutex> g(mu_);
-  std::vector<int32_t> ids;
-  for (size_t id = 0; id < node_of_.size(); ++id) {
-    if (node_of_[id] != nullptr) ids.push_back(static_cast<int32_t>(id));
-  }
-  return ids;
-}
-
 bool RadixIndex::is_ready(int32_t id) const {
   std::lock_guard<std::mutex> g(mu_);
   check_id(id);
