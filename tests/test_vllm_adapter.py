@@ -316,3 +316,19 @@ def test_a_store_ordered_but_not_queued_yet_holds_its_finished_request_back() ->
     book.job_done(("tier", 1), "")
     assert book.finished_sending(set()) == {"r"}
     assert book.take_report().ok == {7: 1}
+
+
+def test_an_abandoned_copy_is_reported_failed_only_once_it_ends() -> None:
+    """A preempted request's store still running after the wait is failed (its source blocks may be overwritten),
+    but reported only when its copy ends: until then the control plane keeps the CPU blocks it writes into."""
+    from flexkv.adapters.vllm.metadata import CopyOrder
+    from flexkv.adapters.vllm.worker_jobs import JobBook
+
+    book = JobBook()
+    order = CopyOrder("r", [1], [2], store=True, order_id=9)
+    book.started(order, [("tier", 4)])
+    book.abandon([9], "preempted")
+    assert book.take_report() is None and book.jobs_of([9]) == {("tier", 4)}
+    book.job_done(("tier", 4), "")  # the copy itself succeeded, too late
+    report = book.take_report()
+    assert report.failed == {9: 1} and report.ok == {}

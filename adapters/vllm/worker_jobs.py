@@ -96,12 +96,12 @@ class JobBook:
             self.recved.add(order.request_id)
 
     def abandon(self, order_ids: list[int], why: str) -> None:
-        """Ends these orders as failed although their jobs still run (their completions are ignored)."""
-        for job in self.jobs_of(order_ids):
-            order_id = self._job_order.pop(job)
+        """Fails these orders, whose jobs still run: what they copy is never made readable. They are reported
+        (failed) once their jobs end, so the control plane keeps their CPU blocks until no copy writes there."""
+        for order_id in set(order_ids):
             run = self._running.get(order_id)
             if run is not None:
-                self.order_done(run.order, why)
+                run.error = run.error or why
 
     def jobs_of(self, order_ids: list[int]) -> set[tuple[str, int]]:
         """The copy jobs still running for these orders."""
