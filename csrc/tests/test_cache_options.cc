@@ -124,7 +124,9 @@ TEST(reads_the_manuals_keys_and_comments) {
 }
 
 TEST(reads_the_ssd_and_remote_keys) {
+  setenv("worker_id", "0", 1);  // the manual's ${worker_id}: each worker's environment names it
   const CacheOptions o = CacheOptions::from_json(kDistributed);
+  unsetenv("worker_id");
   CHECK(o.enable_ssd && o.enable_remote);
   CHECK_EQ(o.num_ssd_blocks, 2000000);
   CHECK(o.num_remote_blocks && *o.num_remote_blocks == 20000000);
@@ -281,7 +283,8 @@ TEST(environment_overrides_follow_load_config) {
                        {"FLEXKV_SSD_CACHE_DIR", "/a;/b"},     {"FLEXKV_REMOTE_CONFIG_CUSTOM", R"({"k": 1})"},
                        {"FLEXKV_SERVER_RECV_PORT", "tcp://127.0.0.1:6000"}, {"FLEXKV_EVICTION_POLICY", "lru"},
                        {"FLEXKV_CONFIG_PATH", "ignored here"}, {"FLEXKV_TEST_ANYTHING", "x"},
-                       {"FLEXKV_MASTER_HOST", "h"},            {"OTHER", "1"}};
+                       {"FLEXKV_MASTER_HOST", "h"},            {"OTHER", "1"},
+                       {"worker_id", "3"}};  // the manual's ${worker_id}
   const auto read = read_config(kDistributed, "f.json", &env);
   const CacheOptions& o = read.options;
   CHECK(read.warnings.empty());
@@ -306,7 +309,7 @@ TEST(environment_overrides_follow_load_config) {
   CHECK(contains(env_error("{}", {{"FLEXKV_REMOTE_CONFIG_CUSTOM", "{bad"}}), "not valid JSON"));
   CHECK(contains(env_error("{}", {{"FLEXKV_REMOTE_CONFIG_CUSTOM", "[1]"}}), "a JSON object"));
   // A value out of range names its variable.
-  CHECK(contains(env_error(kDistributed, {{"FLEXKV_EVICT_RATIO", "2"}}),
+  CHECK(contains(env_error(kDistributed, {{"FLEXKV_EVICT_RATIO", "2"}, {"worker_id", "0"}}),
                  "cache_config.evict_ratio: 2.0 is out of range: expected a number in [0, 1] (the share of extra blocks "
                  "freed per eviction, e.g. 0.05) (set by environment variable FLEXKV_EVICT_RATIO)"));
 
@@ -314,7 +317,7 @@ TEST(environment_overrides_follow_load_config) {
   const char* short_form = R"({"cpu_cache_gb": 32, "ssd_cache_gb": 512, "ssd_cache_dir": "/d"})";
   const CacheOptions blocks = with_env(short_form, {{"FLEXKV_NUM_CPU_BLOCKS", "100"}});
   CHECK(!blocks.cpu_cache_gb && blocks.num_cpu_blocks == 100);
-  const CacheOptions gib = with_env(kDistributed, {{"FLEXKV_CPU_CACHE_GB", "8"}});
+  const CacheOptions gib = with_env(kDistributed, {{"FLEXKV_CPU_CACHE_GB", "8"}, {"worker_id", "0"}});
   CHECK(gib.cpu_cache_gb && gib.num_cpu_blocks == 1000000);
   CHECK(contains(env_error("{}", {{"FLEXKV_NUM_CPU_BLOCKS", "100"}, {"FLEXKV_CPU_CACHE_GB", "8"}}),
                  "FLEXKV_NUM_CPU_BLOCKS and FLEXKV_CPU_CACHE_GB both size the same tier"));
@@ -324,7 +327,7 @@ TEST(environment_overrides_follow_load_config) {
   CHECK_EQ(warned.options.num_cpu_blocks, 1000000);  // not applied, not fatal
   CHECK(warned.warnings.size() == 1 &&
         contains(warned.warnings[0], "FLEXKV_NUM_CPU_BLOCK: it is not a FlexKV config key; did you mean FLEXKV_NUM_CPU_BLOCKS?"));
-  // from_json never reads the environment.
+  // from_json applies no FLEXKV_* variable (only ${NAME} references read the environment).
   CHECK_EQ(CacheOptions::from_json("{}").num_cpu_blocks, 1000000);
 }
 
