@@ -508,7 +508,7 @@ class KVManager:
         self._plane().cancel(ids)
 
     def reset(self, timeout: float = 60.0) -> None:
-        """Drops every cached block from every tier's index (and zeroes the SSD headers of the dropped blocks,
+        """Drops every cached block from every tier's index (and zeroes the header of every SSD slot written,
         so a restart does not bring them back: a reset after a weight update stays a reset), as the
         original FlexKV's reset: tasks of this manager still pending end CANCELLED (a wait reports them so). Here
         the copies already running are let finish first (up to ``timeout`` s), so no copy lands in a block

@@ -205,9 +205,9 @@ class ControlPlane {
   // block that will reach the SSD tier is there). False on timeout.
   bool flush(double timeout_s);
 
-  // Drops every cached block from the indexes, and zeroes the SSD headers of
-  // the dropped SSD blocks so that a restart restores none of them (one 4 KiB
-  // write per block, batched, under the plane's lock: reset is stop-the-world).
+  // Drops every cached block from the indexes, and zeroes the header of every
+  // SSD slot written so far so that a restart restores none of them (one 4 KiB
+  // write per slot, batched, under the plane's lock: reset is stop-the-world).
   // TaskError while a task holds blocks.
   void reset();
 
