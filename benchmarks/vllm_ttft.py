@@ -81,7 +81,8 @@ def run_engine(args: argparse.Namespace) -> None:
     kw = {}
     if args.mode in ("flexkv", "server", "flexkv-large"):
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
-                                                    kv_load_failure_policy="recompute")
+                                                    kv_load_failure_policy="recompute",
+                                                    kv_connector_extra_config={"flexkv_load_mode": args.load_mode})
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
     if args.mode.endswith("large"):
         args.vllm_kv_tokens = args.large_kv_tokens
@@ -165,6 +166,8 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens with --retry")
     p.add_argument("--abort-after", type=int, default=5, help="prefill chunks computed before the abort")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--load-mode", choices=["async", "layerwise"], default="async",
+                   help="FlexKV's load mode (kv_connector_extra_config flexkv_load_mode)")
     p.add_argument("--limits", action="store_true", help="also run with a vLLM KV cache that holds everything")
     p.add_argument("--large-kv-tokens", type=int, default=32768, help="vLLM's KV cache with --limits, in tokens")
     p.add_argument("--mode", choices=["none", "flexkv", "server", "none-large", "flexkv-large"],
@@ -191,7 +194,7 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
                 f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
                 if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
-                         "chunk", "abort_after", "large_kv_tokens")] + (["--retry"] if args.retry else [])
+                         "chunk", "abort_after", "large_kv_tokens", "load_mode")] + (["--retry"] if args.retry else [])
             env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
