@@ -29,6 +29,8 @@ try:
 except ImportError as e:
     raise ImportError("the vLLM end-to-end tests need vLLM's CPU build: run ./build.sh --dev") from e
 
+from vllm_helpers import wait_http_up
+
 from kv_helpers import free_tcp_port
 
 SMALL_KV_BYTES = int(1.6 * 2**20)  # about 50 vLLM blocks of 32 tokens: less than two conversations need
@@ -78,15 +80,7 @@ def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=work)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 600
-        while True:
-            assert proc.poll() is None, f"vLLM's server exited:\n{log.read_text()[-6000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                assert time.monotonic() < deadline, f"vLLM's server did not come up:\n{log.read_text()[-6000:]}"
-                time.sleep(1)
+        wait_http_up(proc, f"{url}/health", log, 600)
         yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", log, str(tiny_chat_model))
     finally:
         proc.terminate()

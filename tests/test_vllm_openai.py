@@ -20,7 +20,15 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from vllm_helpers import BLOCK, processes_tagged, random_prompt, remove_vllm_dist_leftovers, shm_names, tagged_env
+from vllm_helpers import (
+    BLOCK,
+    processes_tagged,
+    random_prompt,
+    remove_vllm_dist_leftovers,
+    shm_names,
+    tagged_env,
+    wait_http_up,
+)
 
 from flexkv.core.remote_plane import query_stats
 
@@ -41,18 +49,6 @@ def post(port: int, body: dict, timeout: float = 120.0) -> dict:
                                  headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read())
-
-
-def wait_up(proc: subprocess.Popen, port: int, log: Path, timeout: float = 400.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        assert proc.poll() is None, f"the OpenAI server exited:\n{log.read_text(errors='replace')[-6000:]}"
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return
-        except OSError:
-            assert time.monotonic() < deadline, f"the OpenAI server did not answer:\n{log.read_text()[-6000:]}"
-            time.sleep(0.5)
 
 
 def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path, seed: int) -> None:
@@ -77,7 +73,7 @@ def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path,
     with open(log, "wb") as out:  # its own process group, as a shell's foreground job: Ctrl-C signals all of it
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_up(proc, port, log)
+        wait_http_up(proc, f"http://127.0.0.1:{port}/v1/models", log, 400)
         prompt = random_prompt(np.random.default_rng(seed), 6 * BLOCK + 9)
         body = {"model": str(tiny_model), "prompt": prompt, "max_tokens": 8, "temperature": 0,
                 "return_token_ids": True}

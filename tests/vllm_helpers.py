@@ -182,3 +182,20 @@ def wait_until(check: Any, timeout: float, what: str) -> float:
         assert time.monotonic() - t0 < timeout, f"{what} within {timeout} s"
         time.sleep(0.05)
     return time.monotonic() - t0
+
+
+def wait_http_up(proc: subprocess.Popen, url: str, log: Path, timeout: float) -> None:
+    """Until ``url`` answers (an OpenAI server that has loaded its model); fails with the log's tail if
+    ``proc`` exits or ``timeout`` s pass first."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the OpenAI server exited:\n{log.read_text(errors='replace')[-6000:]}"
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            assert time.monotonic() < deadline, (f"the OpenAI server did not answer {url} within {timeout} s:\n"
+                                                 f"{log.read_text(errors='replace')[-6000:]}")
+            time.sleep(0.5)
