@@ -85,8 +85,9 @@ uint64_t submit(const EngineHandle& h, const std::string& direction, int32_t lay
   auto e = h.get();
   if (e->device() < 0) {
     // The host engine's submit never blocks (it copies the block lists and queues them under a short
-    // mutex). Releasing the GIL here would let another Python thread, such as a completion collector,
-    // take it and keep the caller waiting up to a switch interval (5 ms).
+    // mutex, or copies a job of at most 1 MiB itself, in tens of microseconds). Releasing the GIL here would
+    // let another Python thread, such as a completion collector, take it and keep the caller waiting up to
+    // a switch interval (5 ms).
     return e->submit(dir, layout_id, engine_blocks.data(), host_blocks.data(), n, urgent, layerwise, tag);
   }
   py::gil_scoped_release nogil;  // CUDA calls can block while the device's queues are full
@@ -108,7 +109,11 @@ bool wait(const EngineHandle& h, uint64_t job, int64_t timeout_us) {
 std::optional<py::tuple> next_completion(const EngineHandle& h, int64_t timeout_us) {
   auto e = h.get();
   std::optional<flexkv::CopyCompletion> c;
-  {
+  if (timeout_us == 0) {
+    // A poll takes a short lock and never waits: releasing the GIL for it would let another Python thread
+    // take it and keep the caller (an engine's step) waiting up to a switch interval.
+    c = e->next_completion(0);
+  } else {
     py::gil_scoped_release nogil;
     c = e->next_completion(timeout_us);
   }

@@ -138,4 +138,42 @@ TEST(large_chunks_use_streaming_stores_and_stay_exact) {
   }
 }
 
+TEST(small_jobs_are_done_on_submit_and_large_ones_by_the_threads) {
+  // 4 segments of 64 KiB a block: 4 blocks (1 MiB) are copied by submit itself, 24 blocks (6 MiB) in claims by
+  // the copy threads; both byte-exact into poisoned destinations, with every thread count.
+  const size_t chunk = 64 * 1024;
+  for (int threads : {1, 2, 3}) {
+    Engine e = make_engine(32, chunk, 21 + threads);
+    auto original = e.kv;
+    std::vector<uint8_t> host(32 * 4 * chunk);
+    for (size_t i = 0; i < host.size(); ++i) host[i] = static_cast<uint8_t>(i * 131 + 7 + (i >> 16));
+    flexkv::HostRegion region{reinterpret_cast<uint64_t>(host.data()), 4 * chunk, 32};
+    auto eng = flexkv::make_host_copy_engine(threads);
+    eng->register_host(region.base, host.size());
+    const int32_t id = eng->register_layout(e.layout(), region);
+    std::vector<int64_t> small_e{9, 1, 30, 4}, small_h{0, 31, 2, 17};
+    const uint64_t small =
+        eng->submit(CopyDirection::kEngineToHost, id, small_e.data(), small_h.data(), small_e.size(), false, false, 7);
+    std::string error;
+    CHECK(eng->wait(small, 0, &error) && error.empty());  // done before submit returned
+    std::vector<int64_t> large_e, large_h;
+    for (int64_t b = 0; b < 24; ++b) {
+      large_e.push_back((b * 7 + 3) % 32);
+      large_h.push_back(31 - b);
+    }
+    for (auto& v : e.kv) std::memset(v.data(), 0xEE, v.size());  // poisoned destinations for the load back
+    const uint64_t large =
+        eng->submit(CopyDirection::kHostToEngine, id, large_e.data(), large_h.data(), large_e.size(), true, false, 8);
+    CHECK(eng->wait(large, -1, &error) && error.empty());
+    for (size_t i = 0; i < small_e.size(); ++i)
+      for (size_t s = 0; s < 4; ++s)
+        CHECK(std::memcmp(host.data() + small_h[i] * 4 * chunk + s * chunk, original[s].data() + small_e[i] * chunk,
+                          chunk) == 0);
+    for (size_t i = 0; i < large_e.size(); ++i)
+      for (size_t s = 0; s < 4; ++s)
+        CHECK(std::memcmp(e.kv[s].data() + large_e[i] * chunk, host.data() + large_h[i] * 4 * chunk + s * chunk,
+                          chunk) == 0);
+  }
+}
+
 TEST_MAIN()

@@ -1,6 +1,8 @@
 // HostCopyEngine: the CopyEngine for engine KV memory in host RAM. A pool of
 // threads moves whole blocks; a job is split into runs of (block, segment)
-// chunks that the threads claim, urgent jobs before queued ones. Chunks of 4
+// chunks that the threads claim, urgent jobs before queued ones; a job of at
+// most 1 MiB is copied by the submitting thread instead, before submit returns
+// (still collected like any other). Chunks of 4
 // KiB and more are copied with 32-byte (AVX2, where the CPU has it) or 16-byte
 // loads and non-temporal stores, the next chunk's first lines prefetched. Built through
 // make_host_copy_engine (copy_engine.h); declared here for its own tests.
