@@ -346,20 +346,21 @@ def remote(remote_servers: Servers, monkeypatch: pytest.MonkeyPatch,
 
 @pytest.fixture(scope="session")
 def vllm_run(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., dict]:
-    """vllm_run(scenario, connector, kv_mib, cache=dict(...), extra=(...)) -> the driver's JSON result; a
-    scenario run once per session with the same arguments is not run again."""
+    """vllm_run(scenario, connector, kv_mib, cache=dict(...), extra=(...), model=path) -> the driver's JSON result
+    (model: tiny_model unless given); a scenario run once per session with the same arguments is not run again."""
     results: dict = {}
     work = tmp_path_factory.mktemp("vllm-runs")
 
     def run_driver(scenario: str, connector: str = "builtin", kv_mib: float = SMALL_KV_MIB,
-                   cache: dict | None = None, extra: tuple[str, ...] = ()) -> dict:
-        key = (scenario, connector, kv_mib, json.dumps(cache, sort_keys=True), extra)
+                   cache: dict | None = None, extra: tuple[str, ...] = (), model: Path | None = None) -> dict:
+        model = model or tiny_model
+        key = (scenario, connector, kv_mib, json.dumps(cache, sort_keys=True), extra, str(model))
         if key in results:
             return results[key]
         config = work / f"flexkv-{len(results)}.json"
         config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "num_cpu_blocks": 512,
                                                        "tokens_per_block": 32, **(cache or {})}}))
-        cmd = [sys.executable, str(VLLM_DRIVER), scenario, "--model", str(tiny_model), "--config", str(config),
+        cmd = [sys.executable, str(VLLM_DRIVER), scenario, "--model", str(model), "--config", str(config),
                "--connector", connector, "--kv-cache-mib", str(kv_mib), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}"

@@ -242,6 +242,34 @@ def test_blocks_are_stored_as_computed_and_preemption_flushes_them(tmp_path, mon
         side.shutdown()
 
 
+def test_store_mode_finished_stores_a_request_only_when_it_ends(tmp_path, monkeypatch) -> None:
+    """``flexkv_store_mode: finished``: the steps of a prefill order no copy; the request's end orders every
+    block it computed. An unknown mode is refused, naming the key."""
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+
+    write_config(tmp_path, monkeypatch, 32)
+    config = fake_vllm_config()
+    config.kv_transfer_config = SimpleNamespace(kv_connector_extra_config={"flexkv_store_mode": "at_exit"})
+    with pytest.raises(ConfigError, match="flexkv_store_mode is 'at_exit'; use one of"):
+        settings_from_vllm(config)
+    config.kv_transfer_config.kv_connector_extra_config["flexkv_store_mode"] = "finished"
+    side = SchedulerSide(settings_from_vllm(config))
+    try:
+        tokens = list(range(7, 7 + 5 * 32 + 3))
+        req = fake_request("long", tokens)
+        assert side.get_num_new_matched_tokens(req, 0) == (0, False)
+        assert side.build_connector_meta(scheduled(new=[("long", [5, 6, 7], 0)], tokens={"long": 70})).orders == []
+        assert side.build_connector_meta(scheduled(cached=[("long", [8, 9], 70)], tokens={"long": 64})).orders == []
+        req.num_computed_tokens = 134
+        assert side.request_finished(req, [5, 6, 7, 8, 9]) == (True, None)
+        (store,) = side.build_connector_meta(None).orders
+        assert store.store and store.engine_blocks == [5, 6, 7, 8]
+        side.update_connector_output(done(store))
+        assert side.stats()["stored_tokens"] == 4 * 32
+    finally:
+        side.shutdown()
+
+
 def test_an_order_ends_once_every_worker_reported_it(tmp_path, monkeypatch) -> None:
     """With several workers (each copying its slice), a store becomes readable only when every worker
     reported it done; one failed slice stores nothing. vLLM sums the workers' reports with aggregate()."""

@@ -2,7 +2,9 @@
 entry point is ``python -m vllm.entrypoints.openai.api_server``; docs/vllm.md): a multi-turn streaming chat
 with FlexKV hits on later turns and the same answers as recomputing, and vLLM's ``/metrics`` scraped over
 HTTP showing FlexKV's hit tokens, tier usage and load latency, equal to what FlexKV's own endpoint (the
-engine process's in-process manager with ``metrics_port``) and vLLM's own connector-hit counter say.
+engine process's in-process manager with ``metrics_port``) and vLLM's own connector-hit counter say; last,
+the server stopped with SIGTERM right after an answer, and a fresh engine process finding that answer's
+blocks on SSD.
 
 One server serves every check (module fixture): a tiny random-weight Llama with a one-word-per-token
 tokenizer (conftest ``tiny_chat_model``) and a vLLM KV cache so small that two conversations evict each
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -37,8 +40,19 @@ SMALL_KV_BYTES = int(1.6 * 2**20)  # about 50 vLLM blocks of 32 tokens: less tha
 
 
 class Server:
-    def __init__(self, url: str, flexkv_metrics: str, log: Path, model: str) -> None:
+    def __init__(self, url: str, flexkv_metrics: str, log: Path, model: str, proc: subprocess.Popen,
+                 ssd: dict[str, Any]) -> None:
         self.url, self.flexkv_metrics, self.log, self.model = url, flexkv_metrics, log, model
+        self.proc, self.ssd = proc, ssd
+
+    def complete(self, prompt: list[int], max_tokens: int) -> list[int]:
+        """The greedy answer's token ids to a prompt of token ids (/v1/completions)."""
+        body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                "return_token_ids": True}
+        req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())["choices"][0]["token_ids"]
 
     def chat(self, messages: list[dict[str, str]], *, stream: bool, salt: str | None = None) -> str:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": 12, "temperature": 0,
@@ -65,7 +79,9 @@ def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     work = tmp_path_factory.mktemp("vllm-http")
     port, metrics_port = free_tcp_port(), free_tcp_port()
     config = work / "flexkv.json"
-    config.write_text(json.dumps({"cache_config": {"num_cpu_blocks": 512, "tokens_per_block": 32},
+    ssd = {"enable_ssd": True, "num_ssd_blocks": 1024, "ssd_cache_dir": str(work / "ssd")}
+    config.write_text(json.dumps({"cache_config": {"enable_cpu": True, "num_cpu_blocks": 512, "tokens_per_block": 32,
+                                                   **ssd},
                                   "metrics_port": metrics_port, "num_log_interval_requests": 4}))
     ktc = {"kv_connector": "FlexKVConnectorV1", "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
            "kv_connector_module_path": "flexkv.adapters.vllm"}  # the module path: vLLM finds the metrics hooks
@@ -81,7 +97,7 @@ def server(tiny_chat_model: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http_up(proc, f"{url}/health", log, 600)
-        yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", log, str(tiny_chat_model))
+        yield Server(url, f"http://127.0.0.1:{metrics_port}/metrics", log, str(tiny_chat_model), proc, ssd)
     finally:
         proc.terminate()
         try:
@@ -173,3 +189,26 @@ def test_vllm_metrics_show_flexkv_consistent_with_its_own_counters(server: Serve
         time.sleep(1)
         log = server.log.read_text(errors="replace")
     assert "KV Transfer metrics: flexkv_hit_rate=" in log and "flexkv_used_blocks_cpu=" in log
+
+
+def test_sigterm_right_after_an_answer_keeps_its_blocks_for_a_fresh_process(server: Server, chat_run: dict[str, Any],
+                                                                             vllm_run, seed: int,
+                                                                             tmp_path: Path) -> None:
+    """`vllm serve` stopped with SIGTERM as soon as an answer is back (its stores may still be in flight): it
+    exits in bounded time, and what it stored is on SSD before it does. A fresh engine process (offline, the
+    same model and FlexKV config) hits every whole block of that prompt from SSD and answers the same.
+    The last test of this module: it stops the module's server."""
+    prompt = np.random.default_rng(seed).integers(6, 1024, size=20 * 32 + 5).tolist()
+    answer = server.complete(prompt, max_tokens=12)  # 12: the driver's max_tokens
+    t0 = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    server.proc.wait(120)
+    stopped_s = time.monotonic() - t0
+    assert stopped_s < 45, f"vllm serve took {stopped_s:.0f} s to stop after SIGTERM"
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([prompt]))
+    fresh = vllm_run("fresh", "builtin", cache=server.ssd, extra=("--prompts", str(prompts)), model=Path(server.model))
+    assert [t["cached"] for t in fresh["turns"]] == [20 * 32]
+    assert fresh["flexkv"]["ssd_hit_tokens"] >= 20 * 32  # its CPU tier started empty
+    assert fresh["turns"][0]["tokens"] == answer
+    assert fresh["flexkv"]["failures"] == 0

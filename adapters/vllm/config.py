@@ -25,10 +25,12 @@ class VllmSettings:
     tp_size: int = 1  # tensor-parallel workers: each holds num_kv_heads heads of every block (MLA: all of it)
     num_workers: int = 1  # worker processes that each copy their slice of every block (report every order)
     load_mode: str = "async"  # "async": whole loads before the request runs; "layerwise": inside the forward
+    store_mode: str = "computed"  # "computed": blocks stored as each step fills them; "finished": when a request ends
     hash_salt: str | None = None  # keys come from vLLM's block hashes, salted with this; None: from token ids
 
 
 LOAD_MODES = ("async", "layerwise")
+STORE_MODES = ("computed", "finished")
 
 
 def settings_from_vllm(vllm_config: Any) -> VllmSettings:
@@ -55,19 +57,20 @@ def settings_from_vllm(vllm_config: Any) -> VllmSettings:
                         num_kv_heads=int(model.get_num_kv_heads(parallel)), head_size=int(model.get_head_size()),
                         use_mla=bool(getattr(model, "use_mla", False)), kv_dtype=kv_dtype, layout_tag=layout_tag,
                         tp_size=int(parallel.tensor_parallel_size),
-                        num_workers=int(getattr(parallel, "world_size", 1) or 1), load_mode=_load_mode(vllm_config),
+                        num_workers=int(getattr(parallel, "world_size", 1) or 1),
+                        load_mode=_extra_choice(vllm_config, "flexkv_load_mode", LOAD_MODES),
+                        store_mode=_extra_choice(vllm_config, "flexkv_store_mode", STORE_MODES),
                         hash_salt=_hash_salt(vllm_config))
 
 
-def _load_mode(vllm_config: Any) -> str:
-    """``kv_connector_extra_config: {"flexkv_load_mode": "async" | "layerwise"}`` (default async)."""
+def _extra_choice(vllm_config: Any, key: str, choices: tuple[str, ...]) -> str:
+    """``kv_connector_extra_config: {key: one of choices}`` (default: the first)."""
     ktc = getattr(vllm_config, "kv_transfer_config", None)
     extra = dict(getattr(ktc, "kv_connector_extra_config", None) or {})
-    mode = str(extra.get("flexkv_load_mode", "async"))
-    if mode not in LOAD_MODES:
-        raise ConfigError(f"kv_connector_extra_config.flexkv_load_mode is {mode!r}; use one of {list(LOAD_MODES)}",
-                          "flexkv_load_mode")
-    return mode
+    value = str(extra.get(key, choices[0]))
+    if value not in choices:
+        raise ConfigError(f"kv_connector_extra_config.{key} is {value!r}; use one of {list(choices)}", key)
+    return value
 
 
 def _hash_salt(vllm_config: Any) -> str | None:

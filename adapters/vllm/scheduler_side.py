@@ -11,7 +11,9 @@ process, and orders the copies that the workers make.
 - Store, as blocks are computed: each step orders the copies of the blocks that this step's forward fills
   (prefill chunks included); the workers start them after the forward. ``request_finished`` orders only the
   tail, and vLLM keeps a finished request's blocks while any of its copies is in flight. When vLLM preempts
-  a request, its copies in flight are waited for before its blocks can be overwritten (``flush``).
+  a request, its copies in flight are waited for before its blocks can be overwritten (``flush``). With
+  ``flexkv_store_mode: finished`` a request is stored only when it ends or is aborted: no copy runs while it is
+  prefilled, and a preempted request's blocks are recomputed on resumption.
 - Keys: a request's block keys are made once, from vLLM's own ``request.block_hashes`` salted by FlexKV's
   namespace (or from its token ids where vLLM's hashes differ between processes), and extended by the new
   blocks only.
@@ -43,6 +45,7 @@ from .orders import OrderLedger
 logger = logging.getLogger("flexkv")
 _LIVE: weakref.WeakSet[SchedulerSide] = weakref.WeakSet()
 _EMPTY_KEYS = np.zeros((0, 2), dtype=np.uint64)
+_NO_TOKENS = np.zeros(0, dtype=np.int64)
 _PREFETCH_TRIES = 8  # SSD promotions a lookup waits for before it takes what the CPU tier has
 _NEVER = 1 << 62  # a request's stored-block count that no store reaches: it is never stored
 _SILENT_WORKERS_S = 60.0  # with stores in flight and no report for this long, vLLM's engine may go idle
@@ -53,19 +56,15 @@ def live_schedulers() -> list[SchedulerSide]:
     return list(_LIVE)
 
 
-def _token_array(request: Any, n: int | None = None) -> np.ndarray:
-    ids = request.all_token_ids
-    return np.asarray(ids[:n] if n is not None else ids, dtype=np.int64)
-
-
 class _Request:
     """What the scheduler side keeps of one request between vLLM's calls."""
 
-    __slots__ = ("request", "ns", "keys", "blocks", "computed", "stored", "lookup", "keyings", "hit")
+    __slots__ = ("request", "ns", "token_ids", "keys", "blocks", "computed", "stored", "lookup", "keyings", "hit")
 
     def __init__(self, request: Any, ns: tuple[str, ...]) -> None:
         self.request = request
         self.ns = ns
+        self.token_ids = _NO_TOKENS  # the leading token ids converted so far (vLLM only appends to a request's)
         self.keys = _EMPTY_KEYS  # (n, 2) uint64: the request's leading block keys before FlexKV's salt
         self.blocks: list[int] = []  # vLLM's block table (the one KV cache group)
         self.computed = 0  # tokens computed before the step being built
@@ -74,12 +73,21 @@ class _Request:
         self.keyings = 0  # times the prompt's keys were made
         self.hit = False
 
+    def tokens(self, n: int) -> np.ndarray:
+        """The request's first n token ids (fewer if it has fewer), each converted from vLLM's list once."""
+        have = len(self.token_ids)
+        if n > have:
+            more = np.asarray(self.request.all_token_ids[have:n], dtype=np.int64)
+            self.token_ids = np.concatenate([self.token_ids, more]) if have else more
+        return self.token_ids[:n]
+
 
 class SchedulerSide:
     def __init__(self, settings: VllmSettings) -> None:
         self.settings = settings
         self.block_size = settings.block_size
         self.layerwise = settings.load_mode == "layerwise"
+        self.store_as_computed = settings.store_mode == "computed"
         self.hash_salt = settings.hash_salt
         model = model_config_for(settings)
         # vLLM's workers copy every block themselves (each its own heads): no rank dispatcher is needed.
@@ -142,7 +150,7 @@ class SchedulerSide:
                 st.keys = np.concatenate([st.keys, hashes_array(list(hashes[have:n]))]) if have else \
                     hashes_array(list(hashes[:n]))
         else:  # token mode (vLLM's hashes differ between processes): the whole prefix is hashed again
-            st.keys = self.kv.block_keys(_token_array(st.request, n * self.block_size))
+            st.keys = self.kv.block_keys(st.tokens(n * self.block_size))
             if counted:
                 self.token_keyings += 1
         if counted and len(st.keys) > have:
@@ -153,9 +161,9 @@ class SchedulerSide:
     def _chain(self, st: _Request, n: int, counted: bool = False) -> tuple[np.ndarray, Any]:
         """(token ids, key chain) of the request's first n whole blocks (fewer if not keyed that far)."""
         if st.lookup is not None and st.lookup[0] == n:
-            return _token_array(st.request, n * self.block_size), st.lookup[1]
+            return st.tokens(n * self.block_size), st.lookup[1]
         keys = self._keys(st, n, counted)
-        tokens = _token_array(st.request, len(keys) * self.block_size)
+        tokens = st.tokens(len(keys) * self.block_size)
         chain = self.kv.key_chain(tokens, st.ns, block_hashes=keys)
         for listener in self.chain_listeners:
             listener(chain, st.request)
@@ -168,7 +176,7 @@ class SchedulerSide:
         if st.lookup is None or st.lookup[0] != n:
             tokens, chain = self._chain(st, n, counted=True)
             st.lookup = (len(tokens) // self.block_size, chain)
-        return _token_array(request, st.lookup[0] * self.block_size), st.lookup[1]
+        return st.tokens(st.lookup[0] * self.block_size), st.lookup[1]
 
     # ---------------------------------------------------------------------------------------------- load
 
@@ -398,7 +406,8 @@ class SchedulerSide:
         if scheduler_output is not None:
             self._track(scheduler_output)
             flush = self._preempted(scheduler_output)
-            self._store_computed(scheduler_output)
+            if self.store_as_computed:
+                self._store_computed(scheduler_output)
         orders, self.orders = self.orders, []
         awaiting, self.awaiting = self.awaiting, []
         return FlexKVConnectorMetadata(orders=orders, flush=flush, awaiting=awaiting, receipts=self.ledger.receipts)
