@@ -2,7 +2,7 @@
 # On a GPU machine: builds FlexKV with CUDA for this GPU, runs the gpu-marked tests (optionally under
 # compute-sanitizer memcheck) and the GPU transfer benchmark. Logs go to $OUT (or ./gpu-suite-out).
 #
-#   benchmarks/gpu_suite.sh [build] [test] [ctest] [cppbench] [memcheck] [bench] [bench-quick] [pcie]
+#   benchmarks/gpu_suite.sh [build] [test] [ctest] [cppbench] [memcheck] [bench] [bench-quick] [layerwise] [pcie]
 #
 # DEPS_ROOT: a folder with usr/include/{xxhash.h,liburing.h,nlohmann/json.hpp} and
 # usr/lib/x86_64-linux-gnu/liburing.a, for machines without libxxhash-dev, liburing-dev and nlohmann-json3-dev
@@ -66,6 +66,11 @@ run_step() {
     bench-quick)
       (cd /tmp && python3 "$REPO/benchmarks/gpu_transfer.py" --total-mib 256 --repeat 3 \
         --json "$OUT/gpu_transfer.json" 2>&1 | tee "$OUT/bench.log")
+      ;;
+    layerwise)
+      # The vLLM connector's load modes: a layer-wise load inside the forward vs a whole load before it.
+      (cd /tmp && python3 "$REPO/benchmarks/gpu_layerwise.py" --json "$OUT/gpu_layerwise.json" 2>&1 |
+        tee "$OUT/layerwise.log")
       ;;
     pcie)
       # The standalone PCIe path experiments (no FlexKV): kernel, staged DMA, split, both directions.

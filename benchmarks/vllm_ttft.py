@@ -23,9 +23,14 @@ blocks as they are computed, so the retry loads them).
 ``--limits`` adds two runs whose vLLM KV cache holds every conversation (``--large-kv-tokens``): vLLM alone
 there is the limit a FlexKV hit can reach (later turns: FlexKV with the small vLLM cache vs vLLM alone with
 the large one; goal within 1.05x), and FlexKV there shows its cost on turns vLLM's own prefix cache serves
-(vLLM alone / FlexKV, both with the large cache; goal >= 0.98).
+(vLLM alone / FlexKV, both with the large cache; goal >= 0.98). Since TTFT moves a few percent from one
+process to the next on a small machine, the FlexKV runs also time the connector's hooks, which vLLM calls on
+the engine's thread: their time before a request's first token is FlexKV's direct cost on its TTFT.
 
-Each configuration runs in its own process (one vLLM engine per process).
+Each configuration runs in its own process (one vLLM engine per process). ``--passes N`` runs every
+configuration N times, interleaved (none, flexkv, ..., none, flexkv, ...), so that a drift of the machine
+hits all of them alike; each figure is then the median over a configuration's processes, and the (a) and
+(c) ratios of each pass are listed as well.
 """
 
 from __future__ import annotations
@@ -95,10 +100,14 @@ def run_engine(args: argparse.Namespace) -> None:
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
     prompts = workload(args.conversations, args.turns, args.first, args.later, args.reply)
     llm.generate([{"prompt_token_ids": [7] * 64}], sp, use_tqdm=False)  # warm-up
+    clock = HookClock(llm) if "kv_transfer_config" in kw else None
     ttft = []
     for turn, row in enumerate(prompts):
         for prompt in row:
-            ttft.append({"turn": turn, "tokens": len(prompt), "seconds": first_token_seconds(llm, prompt, sp)})
+            before = clock.seconds if clock else 0.0
+            seconds = first_token_seconds(llm, prompt, sp, clock)
+            ttft.append({"turn": turn, "tokens": len(prompt), "seconds": seconds,
+                         "hook_seconds": clock.at_first_token - before if clock else 0.0})
     if args.retry:
         ttft += retry_after_abort(llm, sp, args)
     print("FLEXKV_RESULT " + json.dumps(ttft), flush=True)
@@ -109,9 +118,13 @@ def retry_after_abort(llm, sp, args: argparse.Namespace) -> list[dict]:
     import numpy as np
 
     out = []
+    engine = llm.llm_engine
     for i in range(3):
         prompt = np.random.default_rng(100 + i).integers(5, 4000, size=args.retry_tokens).tolist()
-        engine = llm.llm_engine
+        # The previous request's blocks stay allocated until FlexKV's stores of them are reported; a step spent
+        # waiting for that memory would leave the prompt one chunk short at its abort.
+        for _ in range(50):
+            engine.step()
         engine.add_request(f"long-{i}", {"prompt_token_ids": prompt}, sp)
         for _ in range(args.abort_after):
             engine.step()
@@ -126,9 +139,42 @@ def retry_after_abort(llm, sp, args: argparse.Namespace) -> list[dict]:
 _REQUESTS = iter(range(1 << 62))
 
 
-def first_token_seconds(llm, prompt: list[int], sp) -> float:
+class HookClock:
+    """Wall time inside the connector's hooks, which vLLM calls on the engine's thread, in line with the forward:
+    FlexKV's direct cost on a request's TTFT, resolved far below the run-to-run noise of TTFT itself. Wraps the
+    hooks of this in-process engine's two connector objects (the scheduler's and the worker's)."""
+
+    SCHEDULER = ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
+                 "update_connector_output", "request_finished", "take_events", "has_pending_push_work",
+                 "get_kv_connector_stats")
+    WORKER = ("bind_connector_metadata", "handle_preemptions", "start_load_kv", "wait_for_layer_load",
+              "save_kv_layer", "wait_for_save", "get_finished", "build_connector_worker_meta",
+              "clear_connector_metadata", "get_kv_connector_stats")
+
+    def __init__(self, llm) -> None:
+        from vllm.distributed.kv_transfer import get_kv_transfer_group
+
+        self.seconds = 0.0
+        self.at_first_token = 0.0
+        scheduler = llm.llm_engine.engine_core.engine_core.scheduler.connector
+        for obj, names in ((scheduler, self.SCHEDULER), (get_kv_transfer_group(), self.WORKER)):
+            for name in names:
+                setattr(obj, name, self._timed(getattr(obj, name)))
+
+    def _timed(self, hook):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return timed
+
+
+def first_token_seconds(llm, prompt: list[int], sp, clock: HookClock | None = None) -> float:
     """Seconds from adding the request to the engine step whose output carries its first token; the engine
-    then steps on, untimed, until nothing is left to do (stores in flight included)."""
+    then steps on, untimed, until nothing is left to do (stores in flight included). ``clock`` notes its hook
+    time at the first token."""
     engine = llm.llm_engine
     rid = f"ttft-{next(_REQUESTS)}"
     t0 = time.perf_counter()
@@ -138,6 +184,8 @@ def first_token_seconds(llm, prompt: list[int], sp) -> float:
         for out in engine.step():
             if first is None and out.request_id == rid and out.outputs and out.outputs[0].token_ids:
                 first = time.perf_counter() - t0
+                if clock is not None:
+                    clock.at_first_token = clock.seconds
     assert first is not None, "the request produced no token"
     return first
 
@@ -145,15 +193,38 @@ def first_token_seconds(llm, prompt: list[int], sp) -> float:
 def summary(ttft: list[dict]) -> dict[str, float]:
     later = sorted(r["seconds"] for r in ttft if r["turn"] >= 1)
     out = {"mean_s": statistics.mean(later), "p90_s": later[int(0.9 * (len(later) - 1))],
-           "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0)}
+           "turn1_mean_s": statistics.mean(r["seconds"] for r in ttft if r["turn"] == 0),
+           "hooks_mean_s": statistics.mean(r.get("hook_seconds", 0.0) for r in ttft if r["turn"] >= 1)}
     retries = [r["seconds"] for r in ttft if r["turn"] == -1]
     if retries:
         out["retry_mean_s"] = statistics.mean(retries)
     return out
 
 
+def run_mode(mode: str, model: Path, config: dict, tmp: Path, args: argparse.Namespace) -> list[dict]:
+    """One configuration's run in a process of its own: the TTFT of each request."""
+    path = tmp / f"flexkv-{mode}.json"
+    path.write_text(json.dumps(config))
+    cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+        if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
+                 "chunk", "abort_after", "large_kv_tokens", "load_mode")] + (["--retry"] if args.retry else [])
+    env = dict(os.environ, FLEXKV_CONFIG_PATH=str(path))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("FLEXKV_RESULT "):])
+
+
+def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+    """Each figure's median over a configuration's processes."""
+    return {k: statistics.median(s[k] for s in summaries) for k in summaries[0]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--passes", type=int, default=1, help="processes per configuration, interleaved")
     p.add_argument("--conversations", type=int, default=6)
     p.add_argument("--turns", type=int, default=4)
     p.add_argument("--first", type=int, default=1200, help="tokens of the first user message")
@@ -185,25 +256,18 @@ def main() -> None:
                    "none-large": {"cache_config": cache}, "flexkv-large": {"cache_config": cache},
                    "server": {"cache_config": cache, "server_client_mode": True,
                               "server_recv_port": f"ipc://{tmp}/flexkv.sock"}}
-        results = {}
+        results: dict[str, list[list[dict]]] = {}
         modes = ["none", "flexkv"] + (["server"] if args.server else []) + \
             (["none-large", "flexkv-large"] if args.limits else [])
-        for mode in modes:
-            config = Path(tmp) / f"flexkv-{mode}.json"
-            config.write_text(json.dumps(configs[mode]))
-            cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
-                f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
-                         "chunk", "abort_after", "large_kv_tokens", "load_mode")] + (["--retry"] if args.retry else [])
-            env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
-            if proc.returncode != 0 or not lines:
-                raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-            results[mode] = json.loads(lines[-1][len("FLEXKV_RESULT "):])
-    base, fx = summary(results["none"]), summary(results["flexkv"])
+        for _ in range(args.passes):
+            for mode in modes:
+                results.setdefault(mode, []).append(run_mode(mode, model, configs[mode], Path(tmp), args))
+    per_run = {m: [summary(r) for r in runs] for m, runs in results.items()}
+    sums = {m: median_summary(s) for m, s in per_run.items()}
+    base, fx = sums["none"], sums["flexkv"]
     print(f"vllm_ttft: {args.conversations} conversations x {args.turns} turns (first message {args.first} tokens, "
-          f"then {args.later}), vLLM KV cache {args.vllm_kv_tokens} tokens, vLLM's CPU build")
+          f"then {args.later}), vLLM KV cache {args.vllm_kv_tokens} tokens, vLLM's CPU build"
+          + (f"; medians over {args.passes} processes per configuration" if args.passes > 1 else ""))
     print(f"{'':>22} {'vLLM alone':>11} {'with FlexKV':>12} {'ratio':>7}")
     for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
                       ("turn1_mean_s", "TTFT mean, turn 1")):
@@ -214,7 +278,7 @@ def main() -> None:
               f"({args.retry_tokens} tokens, aborted after "
               f"{args.abort_after} chunks of {args.chunk}; goal >= 3x)")
     if args.limits:
-        lim, fl = summary(results["none-large"]), summary(results["flexkv-large"])
+        lim, fl = sums["none-large"], sums["flexkv-large"]
         print(f"{'':>22} {'vLLM cache':>11} {'FlexKV':>12} {'ratio':>7}   (later turns: the limit a hit can reach; "
               "goal FlexKV / limit <= 1.05)")
         print(f"{'TTFT mean, turns >= 2':>22} {lim['mean_s'] * 1e3:>9.1f}ms {fx['mean_s'] * 1e3:>10.1f}ms "
@@ -223,15 +287,23 @@ def main() -> None:
               "goal alone / FlexKV >= 0.98)")
         for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("turn1_mean_s", "TTFT mean, turn 1")):
             print(f"{name:>22} {lim[key] * 1e3:>9.1f}ms {fl[key] * 1e3:>10.1f}ms {lim[key] / fl[key]:>6.2f}x")
+        print(f"{'':>22} FlexKV's hooks on the engine thread before the first token, turns >= 2: "
+              f"{fl['hooks_mean_s'] * 1e3:.2f} ms per request, {fl['hooks_mean_s'] / lim['mean_s']:.1%} of vLLM "
+              f"alone's TTFT (so alone / FlexKV >= {lim['mean_s'] / (lim['mean_s'] + fl['hooks_mean_s']):.3f} "
+              "from FlexKV's own work on that thread)")
+        if args.passes > 1:
+            a = [f["mean_s"] / n["mean_s"] for f, n in zip(per_run["flexkv"], per_run["none-large"])]
+            c = [n["mean_s"] / f["mean_s"] for n, f in zip(per_run["none-large"], per_run["flexkv-large"])]
+            print(f"per pass: (a) FlexKV / limit {', '.join(f'{x:.3f}' for x in a)}; "
+                  f"(c) alone / FlexKV {', '.join(f'{x:.3f}' for x in c)}")
     if args.server:
-        sv = summary(results["server"])
+        sv = sums["server"]
         print(f"{'':>22} {'in process':>11} {'server mode':>12} {'ratio':>7}   (goal: in process / server >= 0.95)")
         for key, name in (("mean_s", "TTFT mean, turns >= 2"), ("p90_s", "TTFT p90, turns >= 2"),
                           ("turn1_mean_s", "TTFT mean, turn 1")):
             print(f"{name:>22} {fx[key] * 1e3:>9.1f}ms {sv[key] * 1e3:>10.1f}ms {fx[key] / sv[key]:>6.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "summary": {m: summary(r) for m, r in
-                                                                                results.items()}}, indent=1))
+        Path(args.json).write_text(json.dumps({"results": results, "summary": sums, "per_process": per_run}, indent=1))
 
 
 if __name__ == "__main__":
