@@ -327,6 +327,57 @@ def test_each_attention_layer_waits_for_its_own_layer_only(tmp_path, monkeypatch
     assert waited == [0, 1, 2] and worker.stats()["layer_waits"] == 3
 
 
+def test_a_step_without_a_forward_reports_its_loads_done_in_that_step(tmp_path, monkeypatch, seed: int) -> None:
+    """Asynchronous loads in a step that schedules no token (only requests waiting for their loads): the worker
+    waits for them in get_finished (at most NO_FORWARD_LOAD_WAIT_S), so the request is reported in that same
+    step, its blocks byte-exact in vLLM's poisoned blocks. The load (16 MiB, on the copy threads) takes longer
+    than the step's other calls, so a get_finished that did not wait would find it running."""
+    import time
+
+    import numpy as np
+
+    from flexkv.adapters.vllm.metadata import CopyOrder, FlexKVConnectorMetadata
+    from flexkv.adapters.vllm.scheduler_side import SchedulerSide
+    from flexkv.adapters.vllm.worker_side import NO_FORWARD_LOAD_WAIT_S, WorkerSide
+
+    path = tmp_path / "flexkv.json"
+    path.write_text(json.dumps({"cache_config": {"num_cpu_blocks": 512, "tokens_per_block": 32}}))
+    monkeypatch.setenv("FLEXKV_CONFIG_PATH", str(path))
+    settings = settings_from_vllm(fake_vllm_config())
+    side = SchedulerSide(settings)
+    worker = WorkerSide(settings, SimpleNamespace(cache_config=SimpleNamespace(num_gpu_blocks=512)))
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        caches = {f"model.layers.{i}.self_attn.attn": torch.randint(-9, 9, (512, H, BS, 2 * D), generator=gen)
+                  .to(torch.bfloat16) for i in range(2)}
+        worker.register_kv_caches(caches)
+        original = {k: v.clone() for k, v in caches.items()}
+        tier = side.kv.tier_info()
+        engine = np.random.default_rng(seed).permutation(512).tolist()
+        store = CopyOrder("s", engine, list(range(512)), store=True, order_id=1, tier=tier)
+        worker.start_load_kv(FlexKVConnectorMetadata(orders=[store]))
+        worker.wait_for_save(FlexKVConnectorMetadata(orders=[store]))
+        assert worker.before_device_sleep() == 1  # waits for the store: only the test's setup
+        for t in caches.values():
+            t.fill_(-77.0)  # poisoned: a block the load misses cannot pass
+        load = CopyOrder("r", engine, list(range(512)), order_id=2, tier=tier)
+        worker.start_load_kv(FlexKVConnectorMetadata(orders=[load], no_forward=True))
+        worker.wait_for_save(FlexKVConnectorMetadata(orders=[load], no_forward=True))
+        t0 = time.monotonic()
+        sending, recving = worker.get_finished(set())
+        waited = time.monotonic() - t0
+        assert NO_FORWARD_LOAD_WAIT_S == 0.005
+        assert recving == {"r"} or waited >= 0.005, (recving, waited)
+        if recving is None:  # a machine too busy to copy 16 MiB in 5 ms: a later step reports it
+            worker.before_device_sleep()
+        for name, t in caches.items():
+            assert torch.equal(t, original[name])
+        assert worker.build_connector_worker_meta().ok == {1: 1, 2: 1}
+    finally:
+        worker.shutdown()
+        side.shutdown()
+
+
 def test_a_store_ordered_but_not_queued_yet_holds_its_finished_request_back() -> None:
     """With speculative decoding vLLM asks get_finished before wait_for_save queues the step's stores: a finished
     request whose tail store is ordered but not queued must not be reported in finished_sending (vLLM would free

@@ -36,6 +36,8 @@ class FlexKVConnectorMetadata(KVConnectorMetadata):
     # request's store copies on that worker are done).
     awaiting: list[str] = field(default_factory=list)
     receipts: str = ""  # the file where a worker that shuts down records the store orders it completed
+    # The step schedules no token: its only work is requests waiting for their loads (asynchronous mode).
+    no_forward: bool = False
 
 
 @dataclass

@@ -410,7 +410,9 @@ class SchedulerSide:
                 self._store_computed(scheduler_output)
         orders, self.orders = self.orders, []
         awaiting, self.awaiting = self.awaiting, []
-        return FlexKVConnectorMetadata(orders=orders, flush=flush, awaiting=awaiting, receipts=self.ledger.receipts)
+        no_forward = getattr(scheduler_output, "total_num_scheduled_tokens", None) == 0
+        return FlexKVConnectorMetadata(orders=orders, flush=flush, awaiting=awaiting, receipts=self.ledger.receipts,
+                                       no_forward=no_forward)
 
     def update_connector_output(self, connector_output: Any) -> None:
         """Ends the tasks whose copies every worker reports done."""

@@ -4,7 +4,9 @@ the scheduler-side connector orders them in each step's metadata, and reports th
 - Loads, asynchronous mode: queued in ``start_load_kv`` (after the forward is launched); the request waits
   (``WAITING_FOR_REMOTE_KVS``) until ``get_finished`` reports it in ``finished_recving``; blocks that could not
   be delivered are reported by ``get_block_ids_with_load_errors`` no later than that, and vLLM recomputes them
-  (``kv_load_failure_policy: recompute``).
+  (``kv_load_failure_policy: recompute``). In a step without a forward (nothing to compute but requests
+  waiting for their loads) ``get_finished`` waits up to NO_FORWARD_LOAD_WAIT_S for that step's loads, so
+  vLLM schedules those requests a step or two sooner instead of spinning through empty steps.
 - Loads, layer-wise mode: queued in ``start_load_kv`` before the forward, one copy per layer;
   ``wait_for_layer_load`` waits for its own layer only.
 - Stores: queued in ``wait_for_save``, after the step's forward, so they never delay it. Every order is
@@ -39,6 +41,7 @@ from .worker_jobs import JobBook
 
 logger = logging.getLogger("flexkv")
 SHUTDOWN_DRAIN_S = 30.0  # the longest a worker's shutdown (or a preemption's flush) waits for copies in flight
+NO_FORWARD_LOAD_WAIT_S = 0.005  # the longest get_finished waits for a step's loads when the step has no forward
 _LIVE: weakref.WeakSet[WorkerSide] = weakref.WeakSet()
 
 
@@ -58,6 +61,7 @@ class WorkerSide:
         self.plane_errors: dict[str, str] = {}  # CPU tier socket -> why it cannot be mapped
         self.book = JobBook()
         self.layer_jobs: list[tuple[DataPlane, Any]] = []  # this step's layer-wise loads (DataPlane.LayerJobs)
+        self.idle_step_loads: list[int] = []  # load orders of this step when it has no forward
         self.receipts = ""
         self.closed = False
         self.layer_loads = 0  # loads copied layer by layer inside a forward
@@ -87,7 +91,9 @@ class WorkerSide:
         for order in metadata.orders:  # queued in wait_for_save, which vLLM may call after get_finished
             if order.store:
                 self.book.expect(order)
-        self._submit([o for o in metadata.orders if not o.store])
+        loads = [o for o in metadata.orders if not o.store]
+        self._submit(loads)
+        self.idle_step_loads = [o.order_id for o in loads if not o.sync] if metadata.no_forward else []
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if not self.layer_jobs:
@@ -137,6 +143,11 @@ class WorkerSide:
         return {"layer_loads": self.layer_loads, "layer_waits": self.layer_waits}
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.idle_step_loads:  # the engine has nothing to compute: reported now, they run in the next step
+            deadline = time.monotonic() + NO_FORWARD_LOAD_WAIT_S
+            while self.book.jobs_of(self.idle_step_loads) and (left := deadline - time.monotonic()) > 0:
+                self._collect(max(1, int(left * 1e6)))
+            self.idle_step_loads = []
         self._collect(0)
         sending = self.book.finished_sending(finished_req_ids)
         recving, self.book.recved = self.book.recved, set()
