@@ -17,16 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run with python -P too
-from vllm_ttft import BLOCK, HookClock, make_model  # noqa: E402
+from vllm_ttft import BLOCK, HookClock, make_model, run_child, tiny_llm  # noqa: E402
 
 MODES = ("none", "computed", "finished")
 
@@ -46,22 +44,12 @@ def prompts_of(round_: int, requests: int, prefix: int) -> list[tuple[list[int],
 
 def run_engine(args: argparse.Namespace) -> None:
     """One configuration, in this process; prints each round's seconds and token counts as JSON."""
-    os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from vllm import LLM, SamplingParams
-    from vllm.config import KVTransferConfig
+    from vllm import SamplingParams
 
-    kw = {}
-    if args.mode != "none":
-        kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
-                                                    kv_load_failure_policy="recompute",
-                                                    kv_connector_extra_config={"flexkv_store_mode": args.mode})
-    per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
-    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=2048, dtype="bfloat16",
-              enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
-              max_num_seqs=8, max_num_batched_tokens=args.chunk, seed=0, **kw)
-    llm.generate([{"prompt_token_ids": [7] * 64}], SamplingParams(max_tokens=1), use_tqdm=False)  # warm-up
-    clock = HookClock(llm) if kw else None
+    flexkv = {"flexkv_store_mode": args.mode} if args.mode != "none" else None
+    llm = tiny_llm(args.model, args.vllm_kv_tokens, flexkv, max_model_len=2048, max_num_seqs=8,
+                   max_num_batched_tokens=args.chunk)
+    clock = HookClock(llm) if flexkv is not None else None
     rounds = []
     for r in range(args.rounds):
         batch = prompts_of(r + 1000 * args.pass_index, args.requests, args.prefix)
@@ -106,16 +94,10 @@ def main() -> None:
                                                        "tokens_per_block": BLOCK}}))
         for pass_index in range(args.passes):
             for mode in MODES:
-                cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model),
-                       f"--pass-index={pass_index}"] + [
+                results[mode].append(run_child(__file__, ["--mode", mode, "--model", str(model),
+                                                          f"--pass-index={pass_index}"] + [
                     f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                    if k in ("rounds", "requests", "prefix", "chunk", "vllm_kv_tokens")]
-                env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
-                if proc.returncode != 0 or not lines:
-                    raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-                results[mode].append(json.loads(lines[-1][len("FLEXKV_RESULT "):]))
+                    if k in ("rounds", "requests", "prefix", "chunk", "vllm_kv_tokens")], config))
     rate = {m: statistics.median(process_rate(proc) for proc in results[m]) for m in MODES}
     per_pass = [process_rate(c) / process_rate(f) for c, f in zip(results["computed"], results["finished"])]
     print(f"vllm_throughput: {args.requests} requests per batch (half sharing a {args.prefix}-token prefix), "

@@ -76,31 +76,48 @@ def workload(conversations: int, turns: int, first: int, later: int, reply: int)
     return prompts
 
 
-def run_engine(args: argparse.Namespace) -> None:
-    """One configuration, in this process; prints the TTFT of every request as JSON."""
+def tiny_llm(model: str, kv_tokens: int, flexkv: dict[str, str] | None, **kw):
+    """An in-process vLLM engine (CPU build) of the tiny model with a KV cache of kv_tokens tokens, warmed up;
+    with FlexKV's connector when ``flexkv`` (its kv_connector_extra_config) is not None."""
     os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
 
-    kw = {}
-    if args.mode in ("flexkv", "server", "flexkv-large"):
+    if flexkv is not None:
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector="FlexKVConnectorV1", kv_role="kv_both",
                                                     kv_load_failure_policy="recompute",
-                                                    kv_connector_extra_config={"flexkv_load_mode": args.load_mode})
+                                                    kv_connector_extra_config=flexkv)
     per_token = 4 * 2 * 4 * 64 * 2  # layers x (K, V) x KV heads x head size x bf16
-    if args.mode.endswith("large"):
-        args.vllm_kv_tokens = args.large_kv_tokens
-    if args.retry:
-        kw["max_num_batched_tokens"] = args.chunk
-    max_len = max(2048, args.retry_tokens + 64) if args.retry else 2048
-    llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=max_len, dtype="bfloat16",
-              enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=args.vllm_kv_tokens * per_token,
-              max_num_seqs=4, seed=0, **kw)
+    llm = LLM(model=model, skip_tokenizer_init=True, block_size=BLOCK, dtype="bfloat16", enable_prefix_caching=True,
+              enforce_eager=True, kv_cache_memory_bytes=kv_tokens * per_token, seed=0, **kw)
+    llm.generate([{"prompt_token_ids": [7] * 64}], SamplingParams(max_tokens=1), use_tqdm=False)
+    return llm
+
+
+def run_child(script: str, args: list[str], config: Path) -> list[dict]:
+    """Runs a benchmark script's one-configuration mode in a process of its own with FlexKV's config at
+    ``config``; returns the JSON it printed on its FLEXKV_RESULT line."""
+    env = dict(os.environ, FLEXKV_CONFIG_PATH=str(config))
+    proc = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=3600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise SystemExit(f"{' '.join(args[:2])} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("FLEXKV_RESULT "):])
+
+
+def run_engine(args: argparse.Namespace) -> None:
+    """One configuration, in this process; prints the TTFT of every request as JSON."""
+    from vllm import SamplingParams
+
+    kv_tokens = args.large_kv_tokens if args.mode.endswith("large") else args.vllm_kv_tokens
+    flexkv = {"flexkv_load_mode": args.load_mode} if args.mode in ("flexkv", "server", "flexkv-large") else None
+    kw = {"max_num_batched_tokens": args.chunk} if args.retry else {}
+    llm = tiny_llm(args.model, kv_tokens, flexkv, max_model_len=max(2048, args.retry_tokens + 64) if args.retry
+                   else 2048, max_num_seqs=4, **kw)
     sp = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
     prompts = workload(args.conversations, args.turns, args.first, args.later, args.reply)
-    llm.generate([{"prompt_token_ids": [7] * 64}], sp, use_tqdm=False)  # warm-up
-    clock = HookClock(llm) if "kv_transfer_config" in kw else None
+    clock = HookClock(llm) if flexkv is not None else None
     ttft = []
     for turn, row in enumerate(prompts):
         for prompt in row:
@@ -205,16 +222,10 @@ def run_mode(mode: str, model: Path, config: dict, tmp: Path, args: argparse.Nam
     """One configuration's run in a process of its own: the TTFT of each request."""
     path = tmp / f"flexkv-{mode}.json"
     path.write_text(json.dumps(config))
-    cmd = [sys.executable, __file__, "--mode", mode, "--model", str(model)] + [
+    return run_child(__file__, ["--mode", mode, "--model", str(model)] + [
         f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
         if k in ("conversations", "turns", "first", "later", "reply", "vllm_kv_tokens", "retry_tokens",
-                 "chunk", "abort_after", "large_kv_tokens", "load_mode")] + (["--retry"] if args.retry else [])
-    env = dict(os.environ, FLEXKV_CONFIG_PATH=str(path))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=3600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("FLEXKV_RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise SystemExit(f"{mode} run failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("FLEXKV_RESULT "):])
+                 "chunk", "abort_after", "large_kv_tokens", "load_mode")] + (["--retry"] if args.retry else []), path)
 
 
 def median_summary(summaries: list[dict[str, float]]) -> dict[str, float]:

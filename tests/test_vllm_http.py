@@ -32,7 +32,7 @@ try:
 except ImportError as e:
     raise ImportError("the vLLM end-to-end tests need vLLM's CPU build: run ./build.sh --dev") from e
 
-from vllm_helpers import wait_http_up
+from vllm_helpers import post_completion, wait_http_up
 
 from kv_helpers import free_tcp_port
 
@@ -49,10 +49,7 @@ class Server:
         """The greedy answer's token ids to a prompt of token ids (/v1/completions)."""
         body = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
                 "return_token_ids": True}
-        req = urllib.request.Request(f"{self.url}/v1/completions", data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=300) as r:
-            return json.loads(r.read())["choices"][0]["token_ids"]
+        return post_completion(self.url, body, timeout=300)["choices"][0]["token_ids"]
 
     def chat(self, messages: list[dict[str, str]], *, stream: bool, salt: str | None = None) -> str:
         body: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": 12, "temperature": 0,

@@ -16,12 +16,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 from vllm_helpers import (
     BLOCK,
+    post_completion,
     processes_tagged,
     random_prompt,
     remove_vllm_dist_leftovers,
@@ -42,13 +42,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def post(port: int, body: dict, timeout: float = 120.0) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
 
 
 def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path, seed: int) -> None:
@@ -77,13 +70,13 @@ def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path,
         prompt = random_prompt(np.random.default_rng(seed), 6 * BLOCK + 9)
         body = {"model": str(tiny_model), "prompt": prompt, "max_tokens": 8, "temperature": 0,
                 "return_token_ids": True}
-        first = post(port, body)["choices"][0]["token_ids"]
+        first = post_completion(f"http://127.0.0.1:{port}", body)["choices"][0]["token_ids"]
         assert len(first) == 8
         t0 = time.monotonic()  # the answer's blocks reach FlexKV's server
         while query_stats(endpoint)["counters"]["put_new_blocks"] < 6:
             assert time.monotonic() - t0 < 30, query_stats(endpoint)
             time.sleep(0.1)
-        assert post(port, body)["choices"][0]["token_ids"] == first
+        assert post_completion(f"http://127.0.0.1:{port}", body)["choices"][0]["token_ids"] == first
         running = processes_tagged(tag)
         assert any("flexkv.core.serve_cmd" in p for p in running), running  # the embedded server
 

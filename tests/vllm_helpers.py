@@ -199,3 +199,14 @@ def wait_http_up(proc: subprocess.Popen, url: str, log: Path, timeout: float) ->
             assert time.monotonic() < deadline, (f"the OpenAI server did not answer {url} within {timeout} s:\n"
                                                  f"{log.read_text(errors='replace')[-6000:]}")
             time.sleep(0.5)
+
+
+def post_completion(base_url: str, body: dict, timeout: float = 120.0) -> dict:
+    """An OpenAI server's answer (parsed JSON) to ``body`` posted at ``base_url``/v1/completions."""
+    import json
+    import urllib.request
+
+    req = urllib.request.Request(f"{base_url}/v1/completions", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
