@@ -546,10 +546,37 @@ def write_json(tmp_path: Path, data: object, name: str = "c.json") -> Path:
     return write(tmp_path, name, json.dumps(data))
 
 
-def free_tcp_port() -> int:
-    """A TCP port nothing listens on now (metrics endpoints, vLLM's server)."""
+def free_tcp_ports(n: int) -> list[int]:
+    """n distinct TCP ports of 127.0.0.1 that nothing listens on now.
+
+    They are drawn below the kernel's ephemeral range: a port the kernel may hand out (as any outgoing
+    connection's source port) can be taken between this check and the server's bind, which fails it with
+    "Address already in use"."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    try:
+        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 10000 if low > 12000 else 1024
+    rng = random.Random()  # not the tests' seeded RNG: concurrent runs must not draw the same ports
+    held: list[socket.socket] = []
+    try:
+        while len(held) < n:
+            s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", rng.randrange(first, low)))
+            except OSError:
+                s.close()
+                continue
+            held.append(s)
+        return [int(s.getsockname()[1]) for s in held]
+    finally:
+        for s in held:
+            s.close()
+
+
+def free_tcp_port() -> int:
+    """A TCP port nothing listens on now (see free_tcp_ports)."""
+    return free_tcp_ports(1)[0]

@@ -19,21 +19,11 @@ from pathlib import Path
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
+from kv_helpers import free_tcp_ports
+
 ACCESS_KEY, SECRET_KEY = "flexkvtest", "flexkvtestsecret"
 READ_ACCESS_KEY, READ_SECRET_KEY = "flexkvread", "flexkvreadsecret"
 BUCKET = "flexkv-test"
-
-
-def free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 def weed_binary() -> str:
@@ -61,7 +51,7 @@ class Servers:
         self.root = root
         self.weed: subprocess.Popen[bytes] | None = None
         self.redis: subprocess.Popen[bytes] | None = None
-        ports = free_ports(13)
+        ports = free_tcp_ports(13)
         self.s3_port, self.redis_port = ports[0], ports[1]
         self._weed_ports = ports[2:]
         self.s3_url = f"http://127.0.0.1:{self.s3_port}"

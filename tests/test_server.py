@@ -36,7 +36,7 @@ from flexkv.core.remote_plane import query_stats
 from flexkv.core.server_launch import ServerSettings
 from flexkv.core.wire import ServerError, ServerUnavailable
 
-from kv_helpers import configs, engine_for, random_tokens
+from kv_helpers import configs, engine_for, free_tcp_port, random_tokens
 
 TPB = 16
 
@@ -178,12 +178,7 @@ def test_a_stale_socket_file_is_replaced_and_sigterm_removes_everything(tmp_path
 
 
 def test_tcp_needs_the_token(tmp_path: Path) -> None:
-    import socket as pysocket
-
-    with pysocket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    endpoint = f"tcp://127.0.0.1:{port}"
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
     proc = ServerProcess(tmp_path, server_config(tmp_path, endpoint, server_token="s3cret")).start()
     try:
         with pytest.raises(ServerError, match="server_token") as e:

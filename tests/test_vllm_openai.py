@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,12 @@ from vllm_helpers import (
 
 from flexkv.core.remote_plane import query_stats
 
+from kv_helpers import free_tcp_port
+
 try:
     import vllm  # noqa: F401  (installed by `./build.sh --dev`; these tests must run, never skip)
 except ImportError as e:
     raise ImportError("the vLLM end-to-end tests need vLLM's CPU build: run ./build.sh --dev") from e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path, seed: int) -> None:
@@ -53,7 +48,7 @@ def test_openai_server_stopped_by_ctrl_c_leaves_nothing_behind(tiny_model: Path,
                                   "cache_config": {"enable_cpu": True, "num_cpu_blocks": 128,
                                                    "tokens_per_block": BLOCK}}))
     tag = f"openai-{work.name}"
-    port = free_port()
+    port = free_tcp_port()
     log = work / "server.log"
     shm_before = shm_names()
     env = tagged_env(tag, FLEXKV_CONFIG_PATH=str(config), VLLM_CPU_OMP_THREADS_BIND="0|1",
