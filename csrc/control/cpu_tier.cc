@@ -14,6 +14,7 @@ MemfdRegion make_memory(int64_t num_blocks, uint64_t stride, bool huge_pages) {
   try {
     MemfdRegion r = MemfdRegion::create("flexkv-cpu-tier", bytes, huge_pages, &note);
     if (!note.empty()) log_line(LogLevel::kInfo, "FlexKV CPU tier: use_hugepage_cpu_buffer: " + note);
+    r.prefault_in_background();
     return r;
   } catch (const std::exception& e) {
     throw ConfigError("cache_config.num_cpu_blocks: the CPU tier (" + std::to_string(num_blocks) + " blocks x " +
@@ -33,7 +34,9 @@ CpuTier::CpuTier(int64_t num_blocks, uint64_t block_bytes, uint64_t block_align,
       memory_bytes_(region_.size()),
       server_(std::make_unique<RegionServer>(
           region_.fd(), RegionGeometry{memory_bytes_, num_blocks_, block_stride_, block_bytes_}, "flexkv-cpu")),
-      index_(static_cast<int32_t>(num_blocks), evict_ratio) {}
+      index_(static_cast<int32_t>(num_blocks), evict_ratio) {
+  server_->share_in_process(region_);  // an engine worker in this process copies through the same mapping
+}
 
 TierInfo CpuTier::info() const {
   return TierInfo{server_->name(), num_blocks_, block_stride_, block_bytes_, memory_bytes_};

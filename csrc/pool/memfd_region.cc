@@ -2,18 +2,25 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
+#include <thread>
 #include <utility>
 
 #ifndef MFD_HUGETLB
 #define MFD_HUGETLB 0x0004U
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
 #endif
 
 namespace flexkv {
@@ -139,6 +146,39 @@ MemfdRegion MemfdRegion::map(int fd, size_t bytes) {
   uint8_t* p = map_shared(fd, bytes);
   if (p == nullptr) throw std::runtime_error(std::string("cannot map the memory: ") + std::strerror(errno));
   return MemfdRegion(p, bytes, -1, false);
+}
+
+MemfdRegion MemfdRegion::alias() const {
+  MemfdRegion r;
+  r.mapping_ = mapping_;
+  r.hugetlb_ = hugetlb_;
+  return r;
+}
+
+void MemfdRegion::prefault_in_background() const {
+  if (!mapping_ || hugetlb_) return;
+  std::weak_ptr<Mapping> weak = mapping_;
+  std::thread([weak] {
+    // Below every thread of the engine: a busy machine lets the copies fault pages in themselves.
+    ::setpriority(PRIO_PROCESS, static_cast<id_t>(::syscall(SYS_gettid)), 19);
+    // Each call holds the process's mmap lock (for reading) while it runs: small chunks keep the engine's own
+    // mmap and munmap calls (large tensors) from waiting behind it for more than a fraction of a millisecond.
+    constexpr size_t kChunk = size_t{256} << 10;
+    const size_t page = static_cast<size_t>(::sysconf(_SC_PAGESIZE));
+    size_t off = 0;
+    while (auto m = weak.lock()) {
+      if (off >= m->size) return;
+      const size_t len = std::min(kChunk, m->size - off);
+      if (::madvise(m->data + off, len, MADV_POPULATE_WRITE) != 0) {
+        if (errno == EINTR || errno == EAGAIN) continue;
+        if (errno != EINVAL) return;  // e.g. no memory left: copies fault their pages in as before
+        // Kernels before 5.14: a read maps a shared memfd page writable (no write notification on it).
+        const volatile uint8_t* bytes = m->data + off;
+        for (size_t i = 0; i < len; i += page) static_cast<void>(bytes[i]);
+      }
+      off += len;
+    }
+  }).detach();
 }
 
 MemfdRegion::Mapping::~Mapping() {

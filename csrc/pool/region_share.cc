@@ -13,6 +13,8 @@
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <random>
 #include <stdexcept>
 #include <utility>
@@ -46,6 +48,31 @@ void close_all(std::vector<int>& fds) {
   fds.clear();
 }
 
+// Regions whose servers share them with mappers of this process, by server name.
+struct LocalShare {
+  MemfdRegion region;
+  RegionGeometry geometry;
+};
+std::mutex local_mu;
+std::map<std::string, LocalShare>& local_shares() {
+  static auto* shares = new std::map<std::string, LocalShare>();  // never destroyed: servers outlive exit order
+  return *shares;
+}
+
+// Throws unless `got` (what the owner announces) is `expected` (what the mapper was told) in every field.
+void check_geometry(const std::string& name, const RegionGeometry& got, const RegionGeometry& expected,
+                    const std::string& announced) {
+  if (got.size != expected.size || got.num_blocks != expected.num_blocks || got.block_stride != expected.block_stride ||
+      got.block_bytes != expected.block_bytes) {
+    char want[160];
+    std::snprintf(want, sizeof want, "size=%" PRIu64 " num_blocks=%" PRId64 " block_stride=%" PRIu64
+                  " block_bytes=%" PRIu64, expected.size, expected.num_blocks, expected.block_stride,
+                  expected.block_bytes);
+    throw std::runtime_error("the memory at " + name + " has " + announced + ", not the " + want +
+                             " this process was told: its tier info belongs to another cache");
+  }
+}
+
 }  // namespace
 
 RegionServer::RegionServer(int fd, const RegionGeometry& geometry, const std::string& prefix, uid_t owner_uid)
@@ -74,7 +101,16 @@ RegionServer::RegionServer(int fd, const RegionGeometry& geometry, const std::st
 
 RegionServer::~RegionServer() { stop(); }
 
+void RegionServer::share_in_process(const MemfdRegion& owner) {
+  std::lock_guard<std::mutex> lock(local_mu);
+  local_shares()[name_] = LocalShare{owner.alias(), geometry_};
+}
+
 void RegionServer::stop() {
+  {
+    std::lock_guard<std::mutex> lock(local_mu);
+    local_shares().erase(name_);
+  }
   if (thread_.joinable()) {
     const uint64_t one = 1;
     // The eventfd is non-blocking and its counter far from full: this write cannot block or fail.
@@ -141,6 +177,17 @@ void RegionServer::answer(int conn) {
 }
 
 MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& expected, double timeout_s) {
+  {
+    std::lock_guard<std::mutex> lock(local_mu);
+    auto it = local_shares().find(name);
+    if (it != local_shares().end()) {
+      const RegionGeometry& g = it->second.geometry;
+      check_geometry(name, g, expected, "size=" + std::to_string(g.size) + " num_blocks=" +
+                     std::to_string(g.num_blocks) + " block_stride=" + std::to_string(g.block_stride) +
+                     " block_bytes=" + std::to_string(g.block_bytes));
+      return it->second.region.alias();
+    }
+  }
   sockaddr_un addr;
   const socklen_t addr_len = abstract_address(name, &addr);
   const int sock = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -210,14 +257,10 @@ MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& exp
                " descriptor(s)");
   }
   const RegionGeometry got{size, num_blocks, stride, bytes};
-  if (got.size != expected.size || got.num_blocks != expected.num_blocks || got.block_stride != expected.block_stride ||
-      got.block_bytes != expected.block_bytes) {
-    char want[160];
-    std::snprintf(want, sizeof want, "size=%" PRIu64 " num_blocks=%" PRId64 " block_stride=%" PRIu64
-                  " block_bytes=%" PRIu64, expected.size, expected.num_blocks, expected.block_stride,
-                  expected.block_bytes);
-    throw fail("the memory at " + name + " has " + reply.substr(3) + ", not the " + want + " this process was "
-               "told: its tier info belongs to another cache");
+  try {
+    check_geometry(name, got, expected, reply.substr(3));
+  } catch (const std::runtime_error& e) {
+    throw fail(e.what());
   }
   if (got.size < static_cast<uint64_t>(got.num_blocks) * got.block_stride || got.block_bytes > got.block_stride) {
     throw fail("the memory at " + name + " announces an impossible geometry: " + reply);
@@ -226,6 +269,7 @@ MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& exp
     MemfdRegion region = MemfdRegion::map(fds[0], got.size);
     close_all(fds);
     ::close(sock);
+    region.prefault_in_background();  // this process copies into it
     return region;
   } catch (const std::exception& e) {
     throw fail("cannot map the memory from " + name + ": " + e.what());

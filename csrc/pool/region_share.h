@@ -45,6 +45,11 @@ class RegionServer {
   // Connections answered with the descriptor, and refused.
   uint64_t served() const { return served_.load(); }
   uint64_t refused() const { return refused_.load(); }
+  // Lets map_shared_region in this process take `owner` (the region whose
+  // descriptor this server hands out) instead of mapping the memory a second
+  // time: one set of page tables, already entered (see prefault_in_background).
+  // Until stop().
+  void share_in_process(const MemfdRegion& owner);
   // Stops the thread, unbinds the name and closes the duplicate. Never waits
   // for a peer (every answer is one non-blocking send). Idempotent.
   void stop();
@@ -65,9 +70,12 @@ class RegionServer {
 };
 
 // Connects to the server at `name` ("@..."), receives the descriptor, checks
-// the geometry it announces against `expected` (every field), maps the memory
-// and closes the descriptor. Waits at most timeout_s for the answer. Throws
-// std::runtime_error naming the cause and what to do.
+// the geometry it announces against `expected` (every field), maps the memory,
+// closes the descriptor and enters the mapping's pages in the background
+// (MemfdRegion::prefault_in_background). Waits at most timeout_s for the
+// answer. A server of this process that shares its owner's region
+// (share_in_process) gives that region's mapping instead, after the same
+// geometry check. Throws std::runtime_error naming the cause and what to do.
 MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& expected, double timeout_s);
 
 }  // namespace flexkv

@@ -4,7 +4,9 @@
 
 #include <chrono>
 #include <cstddef>
+#include <cstdio>
 #include <cstring>
+#include <fstream>
 #include <string>
 
 #include "check.h"
@@ -29,6 +31,23 @@ template <class F>
 bool eventually(F done) {
   for (int i = 0; i < 200 && !done(); ++i) ::usleep(5000);
   return done();
+}
+
+// Bytes of the mapping at `p` that this process's page tables map (its Rss in /proc/self/smaps).
+size_t resident_bytes(const void* p) {
+  std::ifstream smaps("/proc/self/smaps");
+  const auto at = reinterpret_cast<uintptr_t>(p);
+  std::string line;
+  bool in_it = false;
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2) {
+      in_it = lo <= at && at < hi;
+    } else if (in_it && line.compare(0, 4, "Rss:") == 0) {
+      return std::stoul(line.substr(4)) * 1024;
+    }
+  }
+  return 0;
 }
 
 flexkv::RegionGeometry geometry(size_t size) { return flexkv::RegionGeometry{size, int64_t(size / 4096), 4096, 4000}; }
@@ -98,11 +117,32 @@ TEST(cpu_tier_hands_out_its_blocks_and_stops_on_close) {
   CHECK(info.num_blocks == 8 && info.block_stride == 4096 && info.block_bytes == 3000 && info.size == 8 * 4096);
   std::memset(tier.block(3), 0x33, 3000);
   auto mapped = flexkv::map_shared_region(info.socket, info.geometry(), 5.0);
+  CHECK(mapped.data() == tier.block(0));  // in the owner's process: the owner's mapping, not a second one
   CHECK_EQ(mapped.data()[3 * 4096 + 2999], 0x33);
+  flexkv::TierInfo other = info;
+  other.num_blocks = 9;
+  CHECK(contains(error_of(info.socket, other.geometry()), "another cache"));  // checked there too
   tier.close();
   CHECK_EQ(mapped.data()[3 * 4096], 0x33);  // a mapper's pages outlive the owner's hold
   CHECK(contains(error_of(info.socket, info.geometry()), "nothing listens"));
   tier.close();  // idempotent
+}
+
+TEST(prefault_maps_every_page_and_keeps_the_contents) {
+  constexpr size_t kBytes = size_t{8} << 20;
+  auto owner = flexkv::MemfdRegion::create("flexkv-test", kBytes, false);
+  owner.data()[0] = 0x42;
+  owner.data()[kBytes - 1] = 0x24;
+  auto mapped = flexkv::MemfdRegion::map(owner.fd(), kBytes);
+  CHECK_EQ(resident_bytes(mapped.data()), 0u);  // nothing touched through this mapping yet
+  mapped.prefault_in_background();
+  bool all = false;
+  for (int i = 0; i < 2000 && !all; ++i, ::usleep(5000)) all = resident_bytes(mapped.data()) == kBytes;
+  CHECK(all);
+  CHECK(mapped.data()[0] == 0x42 && mapped.data()[kBytes - 1] == 0x24 && mapped.data()[kBytes / 2] == 0);
+  mapped.close();  // while or after the thread runs: it lets go of the mapping
+  owner.prefault_in_background();
+  owner.close();
 }
 
 TEST(huge_pages_fall_back_to_ordinary_pages_with_a_note) {

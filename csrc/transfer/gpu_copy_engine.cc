@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <climits>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -22,6 +24,14 @@ int alignment_of(uint64_t v) {
   if (v % 8 == 0) return 8;
   if (v % 4 == 0) return 4;
   return 1;
+}
+
+// Host ranges this process's engines pinned, by base, with how many engines use each: engines of one process
+// share a CPU tier's mapping (MemfdRegion::alias), and the range stays pinned until the last of them lets go.
+std::mutex pinned_mu;
+std::map<uint64_t, int>& pinned_users() {
+  static auto* users = new std::map<uint64_t, int>();  // never destroyed: engines may outlive exit order
+  return *users;
 }
 
 }  // namespace
@@ -121,25 +131,34 @@ void* GpuCopyEngine::stream(CopyDirection dir) const {
 CopyEngineBase::Pinned GpuCopyEngine::pin(uint64_t base, uint64_t bytes) {
   DeviceScope scope(options_.device);
   void* p = reinterpret_cast<void*>(base);
-  cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+  std::lock_guard<std::mutex> lock(pinned_mu);
+  auto shared = pinned_users().find(base);
   bool owned = true;
-  if (err == cudaErrorHostMemoryAlreadyRegistered) {
-    cudaGetLastError();  // pinned by someone else in this process: usable as it is, not ours to unpin
-    owned = false;
-  } else {
-    check(err, "cudaHostRegister of the CPU tier");
+  if (shared == pinned_users().end()) {
+    cudaError_t err = cudaHostRegister(p, bytes, cudaHostRegisterPortable | cudaHostRegisterMapped);
+    if (err == cudaErrorHostMemoryAlreadyRegistered) {
+      cudaGetLastError();  // pinned by someone else in this process: usable as it is, not ours to unpin
+      owned = false;
+    } else {
+      check(err, "cudaHostRegister of the CPU tier");
+    }
   }
   void* dev = nullptr;
-  err = cudaHostGetDevicePointer(&dev, p, 0);
+  cudaError_t err = cudaHostGetDevicePointer(&dev, p, 0);
   if (err != cudaSuccess) {
-    if (owned) cudaHostUnregister(p);
+    if (owned && shared == pinned_users().end()) cudaHostUnregister(p);
     check(err, "cudaHostGetDevicePointer");
   }
+  if (owned) ++pinned_users()[base];
   return Pinned{reinterpret_cast<uint64_t>(dev), owned};
 }
 
 void GpuCopyEngine::unpin(uint64_t base, const Pinned& pinned) {
   if (!pinned.owned) return;
+  std::lock_guard<std::mutex> lock(pinned_mu);
+  auto it = pinned_users().find(base);
+  if (it != pinned_users().end() && --it->second > 0) return;  // another engine of this process still copies
+  if (it != pinned_users().end()) pinned_users().erase(it);
   DeviceScope scope(options_.device);
   cudaHostUnregister(reinterpret_cast<void*>(base));
 }
