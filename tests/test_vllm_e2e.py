@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
+
 try:
     import vllm  # noqa: F401  (installed by `./build.sh --dev`; these tests must run, never skip)
 except ImportError as e:
@@ -26,15 +28,23 @@ def assert_same_outputs(reference: dict, got: dict) -> None:
         assert b["logprobs"] == a["logprobs"], f"turn {i}: logprobs differ"
 
 
-def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(vllm_run) -> None:
+@pytest.mark.parametrize("store_mode", ["computed", "finished"])
+def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(vllm_run, store_mode: str) -> None:
+    """Both store modes (kv_connector_extra_config flexkv_store_mode): blocks stored as they are computed, or
+    all of a request's when it finishes."""
     reference = vllm_run("chat", "none", LARGE_KV_MIB)
-    got = vllm_run("chat", "builtin")
+    got = vllm_run("chat", "builtin", extra=() if store_mode == "computed" else ("--store-mode", store_mode))
     assert_same_outputs(reference, got)
     assert got["flexkv"]["hit_tokens"] > 0, got["flexkv"]  # vLLM evicted, FlexKV served
     assert got["flexkv"]["failures"] == 0
     for a, b in zip(reference["turns"], got["turns"]):  # later turns: only the new tokens are computed
         assert b["cached"] == a["cached"]
     assert any(t["cached"] > 0 for t in got["turns"])
+    orders, requests = got["flexkv"]["store_orders"], len(got["turns"])
+    if store_mode == "finished":
+        assert orders == requests, orders  # one copy per request, when it ends
+    else:
+        assert orders > requests, orders  # a request's prompt blocks after its prefill, then what its decode filled
 
 
 def test_preempted_requests_resume_with_the_same_outputs(vllm_run) -> None:

@@ -45,6 +45,7 @@ def main() -> None:
                    help="fault injection: copies are seen done 16 steps late, as slow GPU copies would be (with "
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
     p.add_argument("--load-mode", choices=["async", "layerwise"], default="async")
+    p.add_argument("--store-mode", choices=["computed", "finished"], default="computed")
     p.add_argument("--prompts", help="scenario fresh: a JSON file of prompts (token id lists)")
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
@@ -71,8 +72,8 @@ def main() -> None:
             if args.connector != "module" or args.multiprocessing:
                 p.error("--late-reports needs --connector module without --multiprocessing")
             ktc.update(kv_connector="LateReportsConnector", kv_connector_module_path="vllm_fault_connector")
-        if args.load_mode != "async":
-            ktc["kv_connector_extra_config"] = {"flexkv_load_mode": args.load_mode}
+        extra = {"flexkv_load_mode": args.load_mode, "flexkv_store_mode": args.store_mode}
+        ktc["kv_connector_extra_config"] = {k: v for k, v in extra.items() if v not in ("async", "computed")}
         kw["kv_transfer_config"] = KVTransferConfig(**ktc)
     if args.max_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_batched_tokens

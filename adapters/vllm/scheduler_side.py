@@ -108,6 +108,7 @@ class SchedulerSide:
         # vLLM calls the scheduler side from its one scheduling thread: nothing here needs a lock.
         self.hit_tokens = 0
         self.stored_tokens = 0
+        self.store_orders = 0  # copies ordered into FlexKV (one per request and step that completed blocks)
         self.resumed_hit_tokens = 0  # hits of requests vLLM had preempted
         self.preempted: set[str] = set()
         self.preemptions = 0
@@ -309,6 +310,7 @@ class SchedulerSide:
         self.orders.append(CopyOrder(rid, sources.tolist(), host_ids.tolist(), store=True, order_id=order_id,
                                      tier=tier))
         self.stored_tokens += len(sources) * self.block_size
+        self.store_orders += 1
 
     def _track(self, so: Any) -> None:
         """Follows vLLM's block tables and computed tokens through the step's scheduler output."""
@@ -470,7 +472,7 @@ class SchedulerSide:
             logger.warning("FlexKV: shutting the connector's manager down failed: %s", e)
 
     def stats(self) -> dict[str, Any]:
-        out = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens,
+        out = {"hit_tokens": self.hit_tokens, "stored_tokens": self.stored_tokens, "store_orders": self.store_orders,
                "failures": self.misses.count + self.ledger.failed_orders,
                "resumed_hit_tokens": self.resumed_hit_tokens, "preemptions": self.preemptions,
                "flushed_orders": self.flushed_orders, "keyings": self.keyings, "token_keyings": self.token_keyings,
