@@ -47,6 +47,17 @@ def test_multi_turn_chat_matches_vllm_alone_and_hits_flexkv(vllm_run, store_mode
         assert orders > requests, orders  # a request's prompt blocks after its prefill, then what its decode filled
 
 
+def test_async_scheduling_matches_vllm_alone_and_hits_flexkv(vllm_run) -> None:
+    """vLLM's async scheduling (its scheduler a step ahead of the worker; the CPU build turns it off, the driver
+    turns it back on): the same outputs and hits as without it."""
+    reference = vllm_run("chat", "none", LARGE_KV_MIB)
+    got = vllm_run("chat", "builtin", extra=("--async-scheduling",))
+    assert got["async_scheduling"] and not reference["async_scheduling"]
+    assert_same_outputs(reference, got)
+    assert got["flexkv"]["hit_tokens"] > 0 and got["flexkv"]["failures"] == 0
+    assert [t["cached"] for t in got["turns"]] == [t["cached"] for t in reference["turns"]]
+
+
 def test_preempted_requests_resume_with_the_same_outputs(vllm_run) -> None:
     reference = vllm_run("batch", "none", LARGE_KV_MIB)
     got = vllm_run("batch", "builtin")

@@ -46,6 +46,8 @@ def main() -> None:
                         "--connector module: the connector of tests/vllm_fault_connector.py)")
     p.add_argument("--load-mode", choices=["async", "layerwise"], default="async")
     p.add_argument("--store-mode", choices=["computed", "finished"], default="computed")
+    p.add_argument("--async-scheduling", action="store_true",
+                   help="vLLM's async scheduling, which its CPU build turns off (see force_async_scheduling)")
     p.add_argument("--prompts", help="scenario fresh: a JSON file of prompts (token id lists)")
     p.add_argument("--drop-last-block", action="store_true",
                    help="fault injection: every load loses its last block, as if it was evicted meanwhile (with "
@@ -77,6 +79,10 @@ def main() -> None:
         kw["kv_transfer_config"] = KVTransferConfig(**ktc)
     if args.max_batched_tokens:
         kw["max_num_batched_tokens"] = args.max_batched_tokens
+    if args.async_scheduling:
+        if args.multiprocessing:
+            p.error("--async-scheduling needs the engine in this process (no --multiprocessing)")
+        force_async_scheduling()
     llm = LLM(model=args.model, skip_tokenizer_init=True, block_size=BLOCK, max_model_len=1536, dtype="bfloat16",
               enable_prefix_caching=True, enforce_eager=True, kv_cache_memory_bytes=int(args.kv_cache_mib * 2**20),
               max_num_seqs=8, seed=0, disable_log_stats=False, **kw)  # stats on: get_metrics counts preemptions
@@ -150,7 +156,22 @@ def main() -> None:
 
     result["flexkv"] = _flexkv_counters()
     result["preemptions"] = _preemptions(llm)
+    result["async_scheduling"] = bool(llm.llm_engine.vllm_config.scheduler_config.async_scheduling)
     print("FLEXKV_RESULT " + json.dumps(result), flush=True)
+
+
+def force_async_scheduling() -> None:
+    """vLLM's CPU platform turns async scheduling off in its config check ("not required on CPU"); this turns it
+    back on after that check, so that the scheduler runs a step ahead of the worker as on a GPU."""
+    from vllm.platforms.cpu import CpuPlatform
+
+    check = CpuPlatform.check_and_update_config.__func__
+
+    def check_then_async(cls, vllm_config) -> None:
+        check(cls, vllm_config)
+        vllm_config.scheduler_config.async_scheduling = True
+
+    CpuPlatform.check_and_update_config = classmethod(check_then_async)
 
 
 def shared_prefix_prompts(n: int, seed: int) -> list[list[int]]:
