@@ -160,7 +160,7 @@ def retry_after_abort(llm, sp, args: argparse.Namespace) -> list[dict]:
         engine.abort_request([f"long-{i}"])
         for _ in range(50):  # let the abort and the stores of its chunks be reported
             engine.step()
-        llm.reset_prefix_cache()
+        empty_vllm_cache(llm)
         out.append({"turn": -1, "tokens": len(prompt), "seconds": first_token_seconds(llm, prompt, sp)})
     return out
 
@@ -171,17 +171,36 @@ def paired_hits(llm, sp, prompts: list[list[list[int]]]) -> list[dict]:
     histories; then vLLM's own cache is emptied (FlexKV's kept) and the other half ("flexkv") send theirs, which
     FlexKV serves. The halves swap every turn (the "flexkv" half of a turn ran after the last reset, so vLLM
     holds its history at the next). Both halves send prompts of the same lengths."""
+    from flexkv.adapters.vllm.scheduler_side import live_schedulers
+
+    (scheduler,) = live_schedulers()
     out = []
     conversations = len(prompts[0])
     for turn, row in enumerate(prompts):
         halves = (range(turn % 2, conversations, 2), range(1 - turn % 2, conversations, 2))
         for served_by, half in zip(("vllm", "flexkv"), halves):
             if served_by == "flexkv":
-                llm.reset_prefix_cache()  # vLLM's own cache only: FlexKV keeps every conversation
+                empty_vllm_cache(llm)
             for c in half:
-                out.append({"turn": turn, "served_by": served_by, "tokens": len(row[c]),
-                            "seconds": first_token_seconds(llm, row[c], sp)})
+                hits = scheduler.hit_tokens
+                seconds = first_token_seconds(llm, row[c], sp)
+                hit = scheduler.hit_tokens - hits
+                if turn >= 1 and (hit > 0) != (served_by == "flexkv"):
+                    raise SystemExit(f"turn {turn}, conversation {c}: {hit} tokens hit FlexKV, "
+                                     f"but it should have been served by {served_by}")
+                out.append({"turn": turn, "served_by": served_by, "tokens": len(row[c]), "seconds": seconds,
+                            "flexkv_hit_tokens": hit})
     return out
+
+
+def empty_vllm_cache(llm) -> None:
+    """Empties vLLM's own prefix cache; FlexKV keeps every block. vLLM refuses while a block is in use (a finished
+    request's blocks stay allocated until FlexKV reports their stores), so the engine steps until it can."""
+    for _ in range(200):
+        if llm.reset_prefix_cache():
+            return
+        llm.llm_engine.step()
+    raise SystemExit("vLLM kept refusing to reset its prefix cache")
 
 
 _REQUESTS = iter(range(1 << 62))
