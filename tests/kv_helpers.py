@@ -556,7 +556,8 @@ def free_tcp_ports(n: int) -> list[int]:
     import socket
 
     try:
-        low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         low = 32768
     first = 10000 if low > 12000 else 1024

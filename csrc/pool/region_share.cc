@@ -59,17 +59,21 @@ std::map<std::string, LocalShare>& local_shares() {
   return *shares;
 }
 
+// "size=... num_blocks=... block_stride=... block_bytes=...": the geometry as the server's answer carries it.
+std::string geometry_text(const RegionGeometry& g) {
+  char text[160];
+  std::snprintf(text, sizeof text, "size=%" PRIu64 " num_blocks=%" PRId64 " block_stride=%" PRIu64
+                " block_bytes=%" PRIu64, g.size, g.num_blocks, g.block_stride, g.block_bytes);
+  return text;
+}
+
 // Throws unless `got` (what the owner announces) is `expected` (what the mapper was told) in every field.
-void check_geometry(const std::string& name, const RegionGeometry& got, const RegionGeometry& expected,
-                    const std::string& announced) {
+void check_geometry(const std::string& name, const RegionGeometry& got, const RegionGeometry& expected) {
   if (got.size != expected.size || got.num_blocks != expected.num_blocks || got.block_stride != expected.block_stride ||
       got.block_bytes != expected.block_bytes) {
-    char want[160];
-    std::snprintf(want, sizeof want, "size=%" PRIu64 " num_blocks=%" PRId64 " block_stride=%" PRIu64
-                  " block_bytes=%" PRIu64, expected.size, expected.num_blocks, expected.block_stride,
-                  expected.block_bytes);
-    throw std::runtime_error("the memory at " + name + " has " + announced + ", not the " + want +
-                             " this process was told: its tier info belongs to another cache");
+    throw std::runtime_error("the memory at " + name + " has " + geometry_text(got) + ", not the " +
+                             geometry_text(expected) + " this process was told: its tier info belongs to another "
+                             "cache");
   }
 }
 
@@ -157,9 +161,7 @@ void RegionServer::answer(int conn) {
     [[maybe_unused]] const ssize_t n = ::send(conn, line, std::strlen(line), MSG_DONTWAIT | MSG_NOSIGNAL);
     return;
   }
-  std::snprintf(line, sizeof line, "ok size=%" PRIu64 " num_blocks=%" PRId64 " block_stride=%" PRIu64
-                " block_bytes=%" PRIu64 "\n", geometry_.size, geometry_.num_blocks, geometry_.block_stride,
-                geometry_.block_bytes);
+  std::snprintf(line, sizeof line, "ok %s\n", geometry_text(geometry_).c_str());
   iovec iov{line, std::strlen(line)};
   alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
   msghdr msg{};
@@ -181,10 +183,7 @@ MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& exp
     std::lock_guard<std::mutex> lock(local_mu);
     auto it = local_shares().find(name);
     if (it != local_shares().end()) {
-      const RegionGeometry& g = it->second.geometry;
-      check_geometry(name, g, expected, "size=" + std::to_string(g.size) + " num_blocks=" +
-                     std::to_string(g.num_blocks) + " block_stride=" + std::to_string(g.block_stride) +
-                     " block_bytes=" + std::to_string(g.block_bytes));
+      check_geometry(name, it->second.geometry, expected);
       return it->second.region.alias();
     }
   }
@@ -258,7 +257,7 @@ MemfdRegion map_shared_region(const std::string& name, const RegionGeometry& exp
   }
   const RegionGeometry got{size, num_blocks, stride, bytes};
   try {
-    check_geometry(name, got, expected, reply.substr(3));
+    check_geometry(name, got, expected);
   } catch (const std::runtime_error& e) {
     throw fail(e.what());
   }
